@@ -1,0 +1,99 @@
+"""Quantization config: the single source of defaults for how KV lives on the device.
+
+A `QuantConfig` is immutable and has a canonical text form (`spec()`), which is what gets hashed
+into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is its inverse:
+
+    spec    := scheme (":" knob)*
+    scheme  := "fp" | "int8" | "int4" | "int3" | "int2"      (sets key and value bits together)
+    knob    := "k" BITS "v" BITS     bits for keys and values separately, e.g. k4v2
+             | "g" N                 key group: tokens per channel group (also the sealing unit)
+             | "gv" N                value group: head_dim elements per token group
+             | "r" N                 full-precision recent window, in tokens
+
+Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128`.
+
+Invariant: `QuantConfig.parse(c.spec()) == c` for every valid config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16 means "not quantized" (full precision)
+
+
+class QuantConfigError(ValueError):
+    """A KV spec or config value is invalid."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the KV cache is quantized on the device (KIVI layout: keys per channel, values per token)."""
+
+    key_bits: int = field(default=4, metadata={"doc": "Bits per key code: 2, 3, 4, 8, or 16 for full precision."})
+    value_bits: int = field(default=4, metadata={"doc": "Bits per value code: 2, 3, 4, 8, or 16 for full precision."})
+    key_group: int = field(
+        default=32,
+        metadata={"doc": "Tokens per key group (keys are grouped per channel along the token axis). "
+                         "A key group is sealed (quantized) only when full and outside the recent window."},
+    )
+    value_group: int = field(
+        default=32, metadata={"doc": "head_dim elements per value group (values are grouped per token)."}
+    )
+    residual: int = field(
+        default=128, metadata={"doc": "Full-precision recent window, in tokens (HF's residual_length)."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("key_bits", "value_bits"):
+            if getattr(self, name) not in SUPPORTED_BITS:
+                raise QuantConfigError(f"{name}={getattr(self, name)} is not one of {SUPPORTED_BITS}")
+        if not 1 <= self.key_group <= 4096:
+            raise QuantConfigError(f"key_group={self.key_group} must be in [1, 4096]")
+        if not 1 <= self.value_group <= 4096:
+            raise QuantConfigError(f"value_group={self.value_group} must be in [1, 4096]")
+        if not 0 <= self.residual <= 1 << 20:
+            raise QuantConfigError(f"residual={self.residual} must be in [0, 2^20]")
+
+    @property
+    def is_full_precision(self) -> bool:
+        return self.key_bits == 16 and self.value_bits == 16
+
+    def spec(self) -> str:
+        """Canonical spec string; stable across releases because it is hashed into fingerprints."""
+        if self.is_full_precision:
+            return "fp"
+        return f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"
+
+    @classmethod
+    def parse(cls, spec: str) -> "QuantConfig":
+        """Parse a KV spec (grammar in the module docstring). Raises QuantConfigError with the offending part."""
+        if not isinstance(spec, str) or not spec.strip():
+            raise QuantConfigError("empty KV spec")
+        parts = spec.strip().lower().split(":")
+        scheme, knobs = parts[0], parts[1:]
+        kw: dict[str, int] = {}
+        if scheme == "fp":
+            kw["key_bits"] = kw["value_bits"] = 16
+        elif re.fullmatch(r"int(2|3|4|8)?", scheme):
+            if scheme != "int":
+                kw["key_bits"] = kw["value_bits"] = int(scheme[3:])
+        else:
+            raise QuantConfigError(f"unknown KV scheme {scheme!r} in {spec!r}: expected fp or int8/int4/int3/int2")
+        for knob in knobs:
+            if m := re.fullmatch(r"k(\d+)v(\d+)", knob):
+                kw["key_bits"], kw["value_bits"] = int(m[1]), int(m[2])
+            elif m := re.fullmatch(r"gv(\d+)", knob):
+                kw["value_group"] = int(m[1])
+            elif m := re.fullmatch(r"g(\d+)", knob):
+                kw["key_group"] = int(m[1])
+            elif m := re.fullmatch(r"r(\d+)", knob):
+                kw["residual"] = int(m[1])
+            else:
+                raise QuantConfigError(f"unknown KV spec knob {knob!r} in {spec!r}")
+        return cls(**kw)
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,103 @@
+"""`QuantizedKVCache`: a transformers `Cache` whose layers hold bit-packed quantized KV.
+
+Works with `model(..., past_key_values=cache)` and `model.generate(..., past_key_values=cache)`.
+Export to a `KVState` (numpy, device-free) and import back are exact, so a session that leaves the
+device and comes back continues token for token as if it never left.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+
+from kvstore.config import QuantConfig
+from kvstore.quant.layer import QuantizedKVLayer
+from kvstore.quant.state import KVState
+
+# numpy has no bfloat16: such tensors travel as their raw 16-bit patterns.
+_BITCAST = {torch.bfloat16: torch.int16}
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)}
+
+
+class UnsupportedModelError(ValueError):
+    """The model's attention layout cannot be served by `QuantizedKVCache`."""
+
+
+def check_model_supported(model_config) -> int:
+    """Return the number of KV layers, or raise UnsupportedModelError with the reason."""
+    text = model_config.get_text_config(decoder=True)
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{model_config.model_type}: encoder-decoder models are not supported")
+    layer_types, _ = get_layer_types_and_kwargs(text)
+    bad = sorted(set(layer_types) - {"full_attention"})
+    if bad:
+        raise UnsupportedModelError(
+            f"{text.model_type}: layer types {bad} are not supported by the quantized cache yet (only full attention)"
+        )
+    return len(layer_types)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().contiguous().cpu()
+    if t.dtype in _BITCAST:
+        t = t.view(_BITCAST[t.dtype])
+    return t.numpy().copy()
+
+
+def _to_torch(a: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if dtype in _BITCAST:
+        t = t.view(dtype)
+    return t.to(device)
+
+
+class QuantizedKVCache(Cache):
+    """One `QuantizedKVLayer` per decoder layer, all sharing one `QuantConfig`."""
+
+    def __init__(self, quant: QuantConfig, num_layers: int):
+        super().__init__(layers=[QuantizedKVLayer(quant) for _ in range(num_layers)])
+        self.quant = quant
+
+    @classmethod
+    def for_model(cls, model, quant: QuantConfig) -> "QuantizedKVCache":
+        return cls(quant, check_model_supported(model.config))
+
+    def device_bytes(self) -> int:
+        """Device memory held by every layer, measured from tensor storages."""
+        return sum(layer.device_bytes() for layer in self.layers)
+
+    def export_state(self) -> KVState:
+        """Copy the cache to host memory as a `KVState` (numpy arrays, model dtype recorded)."""
+        tensors = [(name, _to_numpy(t)) for name, t in self._named_torch()]
+        meta = {
+            "num_layers": len(self.layers),
+            "layer_tokens": [layer.num_tokens for layer in self.layers],
+            "layer_dtypes": [str(layer.dtype) if layer.is_initialized else "" for layer in self.layers],
+            "tensor_dtypes": {name: str(t.dtype) for name, t in self._named_torch()},
+        }
+        return KVState(num_tokens=self.get_seq_length(), quant_spec=self.quant.spec(), meta=meta, tensors=tensors)
+
+    def _named_torch(self):
+        for i, layer in enumerate(self.layers):
+            for name, t in layer.tensors().items():
+                yield f"{i}.{name}", t
+
+    @classmethod
+    def from_state(cls, state: KVState, device: torch.device | str = "cpu") -> "QuantizedKVCache":
+        """Rebuild a cache from `export_state()` output; tensors are bit-identical to the exported ones."""
+        quant = QuantConfig.parse(state.quant_spec)
+        meta = state.meta
+        n_layers = int(meta["num_layers"])
+        cache = cls(quant, n_layers)
+        per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
+        tdt = meta["tensor_dtypes"]
+        for name, arr in state.tensors:
+            idx, _, field = name.partition(".")
+            per_layer[int(idx)][field] = _to_torch(arr, _DTYPES[tdt[name]], device)
+        for i in range(n_layers):
+            dtype = _DTYPES.get(meta["layer_dtypes"][i], torch.float32)
+            cache.layers[i] = QuantizedKVLayer.from_tensors(quant, int(meta["layer_tokens"][i]), per_layer[i], dtype)
+        if cache.get_seq_length() != state.num_tokens:
+            raise ValueError(f"state claims {state.num_tokens} tokens, layers hold {cache.get_seq_length()}")
+        return cache

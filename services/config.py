@@ -1,0 +1,152 @@
+"""Service configuration: dataclasses are the single source of defaults and documentation.
+
+Load order (later wins): defaults here → a TOML file (`--config` / `KVSTASH_CONFIG`) → environment
+variables `KVSTASH_<SECTION>__<FIELD>` (e.g. `KVSTASH_REDIS__URL`). `reference_markdown()` renders
+the README's config reference from these same dataclasses, so the docs cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from kvstore.config import QuantConfig
+
+
+def _f(default, doc: str):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m-instruct", "Model: the built-in default's name, an HF model folder, or a hub id.")
+    dtype: str = _f("float32", "Weights and activations dtype: float32, bfloat16 or float16.")
+    device: str = _f("auto", "Device: auto (cuda when present, else cpu), cpu, cuda, cuda:N.")
+    cache_dir: str = _f("", "Where pulled models are kept; empty means $KVSTASH_HOME/models (~/.kvstash/models).")
+
+
+@dataclass
+class KVConfig:
+    spec: str = _f("int4:k8v4:g32:r128", "On-device KV quantization spec (grammar in kvstore/config.py), e.g. int4, int8:r64, fp.")
+    codec_level: int = _f(3, "zstandard level used when offloading an idle session's KV.")
+
+
+@dataclass
+class SessionConfig:
+    idle_timeout_s: float = _f(300.0, "Offload a session's KV to Redis after this many seconds without a call.")
+    idle_check_interval_s: float = _f(5.0, "How often workers look for idle sessions.")
+    default_max_new_tokens: int = _f(128, "max_new_tokens when a request leaves it 0.")
+    max_new_tokens_limit: int = _f(4096, "Largest max_new_tokens a request may ask for.")
+    max_prompt_tokens: int = _f(8192, "Largest number of new input tokens in one call.")
+    max_session_tokens: int = _f(32768, "Largest token history of one session.")
+
+
+@dataclass
+class RedisConfig:
+    url: str = _f("", "Redis URL (redis:// or rediss://). Empty: `kvstash up` spawns a local redis-server.")
+    namespace: str = _f("kvstash", "Prefix of every Redis key.")
+    socket_timeout_s: float = _f(5.0, "Timeout of one Redis command.")
+    data_dir: str = _f("", "Data dir of a spawned redis-server; empty means $KVSTASH_HOME/redis.")
+
+
+@dataclass
+class RayConfig:
+    address: str = _f("", "Ray cluster address; empty starts a local Ray instance.")
+    namespace: str = _f("kvstash", "Ray namespace of the worker actors.")
+    num_workers: int = _f(1, "Worker actors to run (each loads the model once).")
+    num_cpus_per_worker: float = _f(1.0, "CPUs reserved per worker actor.")
+    num_gpus_per_worker: float = _f(-1.0, "GPUs per worker; -1 means 1 when the cluster has GPUs, else 0.")
+    local_num_cpus: int = _f(0, "CPUs of a local Ray instance; 0 means all cores.")
+
+
+@dataclass
+class GatewayConfig:
+    host: str = _f("127.0.0.1", "Interface the gRPC gateway binds.")
+    port: int = _f(50051, "gRPC port; 0 picks a free one.")
+    metrics_port: int = _f(9464, "Prometheus /metrics HTTP port; 0 picks a free one, -1 disables it.")
+    max_message_bytes: int = _f(4 << 20, "Largest gRPC message accepted, in bytes.")
+    api_keys_file: str = _f("", "TOML file mapping API keys to tenants ([keys] key = \"tenant\"); empty allows anonymous use as tenant 'default'.")
+    metrics_poll_interval_s: float = _f(2.0, "How often the gateway collects worker metrics.")
+
+
+@dataclass
+class KvstashConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+
+    @property
+    def quant(self) -> QuantConfig:
+        return QuantConfig.parse(self.kv.spec)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KvstashConfig":
+        cfg = cls()
+        for section, values in d.items():
+            _set_section(cfg, section, values)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> "KvstashConfig":
+        env = os.environ if env is None else env
+        path = path or env.get("KVSTASH_CONFIG") or None
+        d: dict[str, dict[str, Any]] = {}
+        if path:
+            d = tomllib.loads(Path(path).read_text())
+        for key, raw in env.items():
+            if key.startswith("KVSTASH_") and "__" in key:
+                section, _, name = key[len("KVSTASH_"):].lower().partition("__")
+                d.setdefault(section, {})[name] = raw
+        return cls.from_dict(d)
+
+    def validate(self) -> None:
+        self.quant  # raises QuantConfigError on a bad spec
+        if self.ray.num_workers < 1:
+            raise ValueError("ray.num_workers must be >= 1")
+        if self.session.default_max_new_tokens > self.session.max_new_tokens_limit:
+            raise ValueError("session.default_max_new_tokens exceeds session.max_new_tokens_limit")
+
+
+def _set_section(cfg: KvstashConfig, section: str, values: dict[str, Any]) -> None:
+    if section not in {f.name for f in dataclasses.fields(cfg)}:
+        raise ValueError(f"unknown config section [{section}]")
+    sub = getattr(cfg, section)
+    hints = get_type_hints(type(sub))
+    names = {f.name for f in dataclasses.fields(sub)}
+    for name, raw in values.items():
+        if name not in names:
+            raise ValueError(f"unknown config key {section}.{name}")
+        typ = hints[name]
+        try:
+            value = typ(raw) if not isinstance(raw, typ) else raw
+        except (TypeError, ValueError):
+            raise ValueError(f"config {section}.{name}={raw!r} is not a valid {typ.__name__}") from None
+        setattr(sub, name, value)
+
+
+def kvstash_home() -> Path:
+    return Path(os.environ.get("KVSTASH_HOME", Path.home() / ".kvstash"))
+
+
+def reference_markdown() -> str:
+    """The config reference table (README), rendered from the dataclasses."""
+    lines = ["| key | default | env | meaning |", "| --- | --- | --- | --- |"]
+    for sec in dataclasses.fields(KvstashConfig):
+        for f in dataclasses.fields(sec.default_factory()):
+            default = getattr(sec.default_factory(), f.name)
+            env = f"KVSTASH_{sec.name.upper()}__{f.name.upper()}"
+            lines.append(f"| `{sec.name}.{f.name}` | `{default!r}` | `{env}` | {f.metadata['doc']} |")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""`Router`: which worker serves a call.
+
+Placement, in order: (1) session affinity: the worker that holds the session hot (remembered, or found
+by asking the workers); (2) otherwise the least-loaded live worker, which restores the session from
+Redis. Workers are Ray named actors `kvstash-worker-<i>` in the configured namespace, created with
+`get_if_exists`, so a gateway restart (or a second gateway) finds the same workers, and on a Ray
+cluster the actors land wherever Ray places them.
+
+Invariant: a worker whose actor died is dropped from routing and from the affinity table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import ray
+
+from services.config import KvstashConfig
+from services.errors import Unavailable
+from services.metrics import WorkerMetricsCollector
+from services.worker.actor import ACTOR_PREFIX, WorkerActor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerHandle:
+    id: str
+    actor: object
+    load: dict = field(default_factory=dict)
+    alive: bool = True
+
+
+class Router:
+    def __init__(self, workers: list[WorkerHandle], collector: WorkerMetricsCollector | None = None):
+        self.workers = {w.id: w for w in workers}
+        self.affinity: dict[tuple[str, str], str] = {}
+        self.collector = collector or WorkerMetricsCollector()
+        self._rr = itertools.count()
+
+    @classmethod
+    async def start(cls, cfg: KvstashConfig, collector: WorkerMetricsCollector | None = None,
+                    ready_timeout_s: float = 600.0) -> "Router":
+        """Create (or find) the worker actors and wait until each has loaded its model."""
+        gpus = cfg.ray.num_gpus_per_worker
+        if gpus < 0:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        handles = []
+        for i in range(cfg.ray.num_workers):
+            wid = f"w{i}"
+            actor = WorkerActor.options(
+                name=f"{ACTOR_PREFIX}{i}", namespace=cfg.ray.namespace, get_if_exists=True,
+                num_cpus=cfg.ray.num_cpus_per_worker, num_gpus=gpus, max_restarts=0,
+            ).remote(wid, cfg.to_dict())
+            handles.append(WorkerHandle(wid, actor))
+        infos = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles)), ready_timeout_s)
+        for info in infos:
+            log.info("worker %s ready on %s", info["worker"], info["device"])
+        return cls(handles, collector)
+
+    def live(self) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.alive]
+
+    def mark_dead(self, worker: WorkerHandle) -> None:
+        if worker.alive:
+            log.error("worker %s is gone; dropping it from routing", worker.id)
+        worker.alive = False
+        self.affinity = {k: v for k, v in self.affinity.items() if v != worker.id}
+        self.collector.update(worker.id, None)
+
+    async def locate(self, tenant: str, session_id: str) -> WorkerHandle | None:
+        """The live worker holding the session hot, if any."""
+        wid = self.affinity.get((tenant, session_id))
+        if wid is not None and self.workers[wid].alive:
+            return self.workers[wid]
+        live = self.live()
+        results = await asyncio.gather(*(w.actor.holds.remote(tenant, session_id) for w in live), return_exceptions=True)
+        for w, r in zip(live, results):
+            if isinstance(r, ray.exceptions.RayActorError):
+                self.mark_dead(w)
+            elif r is True:
+                self.affinity[(tenant, session_id)] = w.id
+                return w
+        return None
+
+    async def place(self, tenant: str, session_id: str) -> WorkerHandle:
+        """Affinity first, else the least-loaded live worker (ties broken round-robin)."""
+        w = await self.locate(tenant, session_id)
+        if w is not None:
+            return w
+        live = self.live()
+        if not live:
+            raise Unavailable("no worker is available")
+        start = next(self._rr) % len(live)
+        rotated = live[start:] + live[:start]
+        w = min(rotated, key=lambda h: h.load.get("queue_depth", 0))
+        self.affinity[(tenant, session_id)] = w.id
+        return w
+
+    def forget(self, tenant: str, session_id: str) -> None:
+        self.affinity.pop((tenant, session_id), None)
+
+    async def poll(self) -> None:
+        """Refresh load and metrics of every live worker."""
+        live = self.live()
+        loads = await asyncio.gather(*(w.actor.load.remote() for w in live), return_exceptions=True)
+        snaps = await asyncio.gather(*(w.actor.metrics_snapshot.remote() for w in live), return_exceptions=True)
+        for w, load, snap in zip(live, loads, snaps):
+            if isinstance(load, ray.exceptions.RayActorError) or isinstance(snap, ray.exceptions.RayActorError):
+                self.mark_dead(w)
+                continue
+            if isinstance(load, dict):
+                w.load = load
+            if isinstance(snap, list):
+                self.collector.update(w.id, snap)

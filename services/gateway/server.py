@@ -1,0 +1,113 @@
+"""`Gateway`: the grpc.aio server (kvstash.v1, health, reflection) plus the Prometheus endpoint.
+
+It connects to Ray (a local instance or `ray.address`), finds or creates the worker actors through
+`Router.start`, and polls them for load and metrics in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from services.api.kvstash.v1 import kvstash_pb2 as pb
+from services.api.kvstash.v1 import kvstash_pb2_grpc as pb_grpc
+from services.config import KvstashConfig
+from services.gateway.auth import Authenticator
+from services.gateway.interceptors import ErrorInterceptor
+from services.gateway.router import Router
+from services.gateway.servicer import KvStashServicer
+from services.metrics import GatewayMetrics, WorkerMetricsCollector
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvStash"].full_name
+
+
+class Gateway:
+    def __init__(self, cfg: KvstashConfig):
+        self.cfg = cfg
+        self.registry = CollectorRegistry()
+        self.metrics = GatewayMetrics(self.registry)
+        self.collector = WorkerMetricsCollector()
+        self.registry.register(self.collector)
+        self.auth = Authenticator.from_file(cfg.gateway.api_keys_file)
+        self.router: Router | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._http = None
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        """Start workers, then serve. Returns the bound gRPC port."""
+        self.router = await Router.start(self.cfg, self.collector)
+        opts = [("grpc.max_receive_message_length", self.cfg.gateway.max_message_bytes),
+                ("grpc.max_send_message_length", self.cfg.gateway.max_message_bytes)]
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.metrics)], options=opts)
+        pb_grpc.add_KvStashServicer_to_server(KvStashServicer(self.cfg, self.router, self.auth, self.metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{self.cfg.gateway.host}:{self.cfg.gateway.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.cfg.gateway.host}:{self.cfg.gateway.port}")
+        await self.server.start()
+        if self.cfg.gateway.metrics_port >= 0:
+            self._http, _ = start_http_server(self.cfg.gateway.metrics_port, addr=self.cfg.gateway.host, registry=self.registry)
+            self.metrics_port = self._http.server_port
+        await self.poll_once()
+        self._poller = asyncio.create_task(self._poll_loop())
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("gateway on %s:%d, metrics on :%d", self.cfg.gateway.host, self.port, self.metrics_port)
+        return self.port
+
+    async def poll_once(self) -> None:
+        await self.router.poll()
+        self.metrics.workers.set(len(self.router.live()))
+        await self._poll_storage()
+
+    async def _poll_storage(self) -> None:
+        live = self.router.live()
+        if not live:
+            return
+        try:
+            res = await live[0].actor.storage_stats.remote()
+        except Exception:  # noqa: BLE001
+            return
+        up = "ok" in res
+        stats = res.get("ok", {})
+
+        def gauge(name: str, doc: str, value: float, **labels) -> dict:
+            return {"name": name, "doc": doc, "type": "gauge", "samples": [(name, labels, float(value))]}
+
+        families = [gauge("kvstash_storage_up", "1 when Redis answers, else 0.", up)]
+        if up:
+            families += [gauge("kvstash_kv_bytes", "KV bytes held per tier.", stats.get("bytes", 0), tier="redis"),
+                         gauge("kvstash_stored_sessions", "Sessions with a durable record in Redis.",
+                               stats.get("sessions", 0))]
+        self.collector.update("", families)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.gateway.metrics_poll_interval_s)
+            try:
+                await self.poll_once()
+            except Exception:  # noqa: BLE001
+                log.exception("metrics poll failed")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._poller:
+            self._poller.cancel()
+        if self.server:
+            await self.server.stop(grace)
+        if self._http:
+            self._http.shutdown()

@@ -1,0 +1,166 @@
+"""`KvStashServicer`: the kvstash.v1 API over the router and the worker actors.
+
+Every handler authenticates first (tenant from credentials, never from the request), validates its
+request (INVALID_ARGUMENT naming the field and limit), then routes. Errors are raised as
+`KvstashError`s; `ErrorInterceptor` turns them into statuses.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+
+import ray
+
+from services.api.kvstash.v1 import kvstash_pb2 as pb
+from services.api.kvstash.v1 import kvstash_pb2_grpc as pb_grpc
+from services.config import KvstashConfig
+from services.errors import InvalidArgument, NotFound, Unavailable, from_wire
+from services.gateway.auth import Authenticator
+from services.gateway.router import Router, WorkerHandle
+from services.metrics import GatewayMetrics
+from services.worker.engine import GenerateCall
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_SOURCES = {"new": pb.KV_SOURCE_NEW, "device": pb.KV_SOURCE_DEVICE, "restored": pb.KV_SOURCE_RESTORED,
+            "recomputed": pb.KV_SOURCE_RECOMPUTED}
+_STATES = {"active": pb.SESSION_STATE_ACTIVE, "cold": pb.SESSION_STATE_COLD}
+
+
+def _session_id(sid: str) -> str:
+    if not SESSION_ID_RE.match(sid):
+        raise InvalidArgument("session_id must be 1..128 characters of [A-Za-z0-9._-]")
+    return sid
+
+
+class KvStashServicer(pb_grpc.KvStashServicer):
+    def __init__(self, cfg: KvstashConfig, router: Router, auth: Authenticator, metrics: GatewayMetrics):
+        self.cfg, self.router, self.auth, self.metrics = cfg, router, auth, metrics
+
+    # ---- request validation -----------------------------------------------------------------------
+    def _input(self, msg, required: bool) -> dict | None:
+        kind = msg.WhichOneof("kind") if msg is not None else None
+        if kind is None:
+            if required:
+                raise InvalidArgument("input is required: set input.text, input.chat or input.token_ids")
+            return None
+        if kind == "text":
+            if not msg.text.strip():
+                raise InvalidArgument("input.text is empty")
+            return {"text": msg.text}
+        if kind == "chat":
+            if not msg.chat.messages:
+                raise InvalidArgument("input.chat has no messages")
+            out = []
+            for m in msg.chat.messages:
+                if m.role not in ("system", "user", "assistant"):
+                    raise InvalidArgument(f"input.chat role {m.role[:32]!r} must be system, user or assistant")
+                out.append({"role": m.role, "content": m.content})
+            return {"chat": out}
+        if not msg.token_ids.ids:
+            raise InvalidArgument("input.token_ids is empty")
+        return {"token_ids": list(msg.token_ids.ids)}
+
+    def _call(self, tenant: str, sid: str, create: bool, request, required: bool) -> GenerateCall:
+        limit = self.cfg.session.max_new_tokens_limit
+        if request.max_new_tokens < 0 or request.max_new_tokens > limit:
+            raise InvalidArgument(f"max_new_tokens={request.max_new_tokens} must be in [0, {limit}] (0 = default)")
+        s = request.sampling
+        if not math.isfinite(s.temperature) or not 0 <= s.temperature <= 100:
+            raise InvalidArgument("sampling.temperature must be in [0, 100]")
+        if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:
+            raise InvalidArgument("sampling.top_p must be in [0, 1]")
+        return GenerateCall(tenant=tenant, session_id=sid, create=create, input=self._input(request.input, required),
+                            max_new_tokens=request.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                            seed=s.seed if s.HasField("seed") else None)
+
+    # ---- streaming calls --------------------------------------------------------------------------
+    async def Generate(self, request, context):
+        tenant = self.auth.tenant(context.invocation_metadata())
+        sid = _session_id(request.session_id) if request.session_id else uuid.uuid4().hex
+        call = self._call(tenant, sid, create=True, request=request, required=True)
+        async for msg in self._stream("Generate", call, await self.router.place(tenant, sid)):
+            yield msg
+
+    async def ResumeSession(self, request, context):
+        tenant = self.auth.tenant(context.invocation_metadata())
+        call = self._call(tenant, _session_id(request.session_id), create=False, request=request, required=False)
+        async for msg in self._stream("ResumeSession", call, await self.router.place(tenant, call.session_id)):
+            yield msg
+
+    async def _stream(self, method: str, call: GenerateCall, worker: WorkerHandle):
+        t0 = last = time.perf_counter()
+        first = True
+        stream = worker.actor.generate.options(num_returns="streaming").remote(call.__dict__)
+        finished = False
+        try:
+            async for ref in stream:
+                ev = await ref
+                if ev["type"] == "tokens":
+                    now = time.perf_counter()
+                    (self.metrics.ttft if first else self.metrics.tpot).labels(method).observe(now - last if not first else now - t0)
+                    first, last = False, now
+                    yield pb.GenerateResponse(session_id=call.session_id, token_ids=ev["ids"], text=ev["text"])
+                elif ev["type"] == "done":
+                    finished = True
+                    u = ev["usage"]
+                    yield pb.GenerateResponse(session_id=call.session_id, finish_reason=ev["finish_reason"], usage=pb.Usage(
+                        prompt_tokens=u["prompt_tokens"], cached_tokens=u["cached_tokens"],
+                        generated_tokens=u["generated_tokens"], kv_source=_SOURCES[u["kv_source"]],
+                        session_tokens=u["session_tokens"]))
+                    return
+                else:
+                    finished = True
+                    if ev["error"]["code"] == "NOT_FOUND":
+                        self.router.forget(call.tenant, call.session_id)
+                    raise from_wire(ev["error"])
+        except ray.exceptions.RayActorError:
+            self.router.mark_dead(worker)
+            raise Unavailable("the worker serving this session died; retry (the session resumes from storage)") from None
+        finally:
+            if not finished:
+                ray.cancel(stream)
+
+    # ---- unary calls -----------------------------------------------------------------------------
+    async def _control(self, op: str, tenant: str, sid: str):
+        worker = await self.router.locate(tenant, sid) or (await self.router.place(tenant, sid))
+        try:
+            result = await getattr(worker.actor, op).remote(tenant, sid)
+        except ray.exceptions.RayActorError:
+            self.router.mark_dead(worker)
+            raise Unavailable("the worker died; retry") from None
+        if "error" in result:
+            if result["error"]["code"] == "NOT_FOUND":
+                self.router.forget(tenant, sid)
+            raise from_wire(result["error"])
+        return result["ok"]
+
+    def _info(self, d: dict) -> pb.SessionInfo:
+        cold = d["state"] == "cold"
+        return pb.SessionInfo(
+            session_id=d["session_id"], state=_STATES[d["state"]], tier=pb.TIER_REDIS if cold else pb.TIER_DEVICE,
+            token_count=d["token_count"], worker=d["worker"], created_at=d["created_at"], last_used_at=d["last_used_at"],
+            bytes=[pb.TierBytes(tier=pb.TIER_DEVICE, bytes=d["device_bytes"]),
+                   pb.TierBytes(tier=pb.TIER_REDIS, bytes=d["redis_bytes"])])
+
+    async def GetSession(self, request, context):
+        tenant = self.auth.tenant(context.invocation_metadata())
+        return self._info(await self._control("info", tenant, _session_id(request.session_id)))
+
+    async def EvictSession(self, request, context):
+        tenant = self.auth.tenant(context.invocation_metadata())
+        sid = _session_id(request.session_id)
+        await self._control("evict", tenant, sid)
+        self.router.forget(tenant, sid)
+        return self._info(await self._control("info", tenant, sid))
+
+    async def DeleteSession(self, request, context):
+        tenant = self.auth.tenant(context.invocation_metadata())
+        sid = _session_id(request.session_id)
+        deleted = await self._control("delete", tenant, sid)
+        self.router.forget(tenant, sid)
+        if not deleted:
+            raise NotFound(f"session {sid!r} not found")
+        return pb.DeleteSessionResponse(deleted=True)

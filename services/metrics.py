@@ -1,0 +1,99 @@
+"""Prometheus metrics: definitions for workers and gateway, and the bridge between them.
+
+Each worker actor keeps its own `CollectorRegistry` (`WorkerMetrics`). `snapshot()` turns it into plain
+data (names, types, labels, values: no objects), which crosses Ray; the gateway's
+`WorkerMetricsCollector` re-exposes every worker's samples with a `worker` label on the gateway's single
+`/metrics` endpoint. Names follow Prometheus conventions: `kvstash_` prefix, base units, `_total`, `_bytes`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WorkerMetrics:
+    """Metrics one worker exports (via the gateway)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.kv_bytes = Gauge("kvstash_kv_bytes", "KV bytes held per tier.", ["tier"], registry=r)
+        self.sessions = Gauge("kvstash_sessions", "Sessions known to this worker, per state.", ["state"], registry=r)
+        self.offloads = Counter("kvstash_offloads_total", "Sessions offloaded from the device to Redis.", registry=r)
+        self.offload_bytes = Counter("kvstash_offload_bytes_total", "Bytes written to Redis by offloads.", registry=r)
+        self.restores = Counter("kvstash_restores_total", "Sessions whose KV was restored from Redis.", registry=r)
+        self.recomputes = Counter(
+            "kvstash_recomputes_total", "Sessions whose KV was rebuilt from the token history.", ["reason"], registry=r
+        )
+        self.storage_errors = Counter("kvstash_storage_errors_total", "Failed Redis operations.", ["op"], registry=r)
+        self.prefill_tokens = Counter("kvstash_prefill_tokens_total", "Tokens run through prefill.", registry=r)
+        self.generated_tokens = Counter("kvstash_generated_tokens_total", "Tokens generated.", registry=r)
+        self.restore_seconds = Histogram(
+            "kvstash_restore_seconds", "Time to bring a cold session's KV back to the device.", ["source"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.compression_ratio = Gauge(
+            "kvstash_compression_ratio", "Raw KV bytes over stored bytes of the last offload, per stage.", ["stage"], registry=r
+        )
+        self.queue_depth = Gauge("kvstash_worker_queue_depth", "Requests running or waiting on this worker.", registry=r)
+        for reason in ("missing", "corrupt"):
+            self.recomputes.labels(reason)
+        for state in ("active", "cold"):
+            self.sessions.labels(state)
+
+    def snapshot(self) -> list[dict]:
+        """Plain-data copy of every sample (safe to send across processes)."""
+        out = []
+        for m in self.registry.collect():
+            out.append({
+                "name": m.name, "doc": m.documentation, "type": m.type,
+                "samples": [(s.name, dict(s.labels), float(s.value)) for s in m.samples],
+            })
+        return out
+
+
+class GatewayMetrics:
+    """Metrics the gateway measures itself (client-visible latency, request outcomes)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.ttft = Histogram("kvstash_time_to_first_token_seconds", "Time from request to first token.", ["method"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("kvstash_time_per_output_token_seconds", "Time between consecutive output tokens.",
+                              ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("kvstash_requests_total", "RPCs handled, by method and status code.", ["method", "code"],
+                                registry=r)
+        self.workers = Gauge("kvstash_workers", "Worker actors in routing.", registry=r)
+
+
+class WorkerMetricsCollector:
+    """Prometheus collector re-exposing worker snapshots with a `worker` label."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshots: dict[str, list[dict]] = {}
+
+    def update(self, worker: str, snapshot: list[dict] | None) -> None:
+        with self._lock:
+            if snapshot is None:
+                self._snapshots.pop(worker, None)
+            else:
+                self._snapshots[worker] = snapshot
+
+    def collect(self):
+        with self._lock:
+            snaps = dict(self._snapshots)
+        families: dict[str, Metric] = {}
+        for worker, snap in sorted(snaps.items()):
+            for fam in snap:
+                m = families.get(fam["name"])
+                if m is None:
+                    m = families[fam["name"]] = Metric(fam["name"], fam["doc"], fam["type"])
+                for name, labels, value in fam["samples"]:
+                    # Worker "" carries cluster-wide samples (e.g. the Redis tier), exported without a worker label.
+                    m.add_sample(name, {**labels, "worker": worker} if worker else dict(labels), value)
+        yield from families.values()

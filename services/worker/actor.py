@@ -1,0 +1,86 @@
+"""`WorkerActor`: the Ray actor around an `Engine`.
+
+Only plain data crosses Ray: dicts, lists, numbers and strings (never torch tensors, never exception
+objects: errors travel as `{"type": "error", "error": {"code", "message"}}`). `generate` is a streaming
+generator (`.options(num_returns="streaming")`); when its consumer goes away the generator is closed
+and the engine task is cancelled, freeing the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict
+
+import ray
+
+from services.config import KvstashConfig
+from services.errors import KvstashError, to_wire
+from services.worker.engine import Engine, GenerateCall
+
+log = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "kvstash-worker-"
+
+
+@ray.remote
+class WorkerActor:
+    def __init__(self, worker_id: str, cfg: dict):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.worker_id = worker_id
+        self.engine = Engine(KvstashConfig.from_dict(cfg), worker_id)
+
+    async def ready(self) -> dict:
+        return {"worker": self.worker_id, "fingerprint": self.engine.runner.fingerprint,
+                "device": str(self.engine.runner.device)}
+
+    async def generate(self, call: dict):
+        """Stream engine events for one call: `tokens`* then `done` or `error`."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        task_id = self.engine.submit(GenerateCall(**call), lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        finished = False
+        try:
+            while True:
+                ev = await events.get()
+                yield ev
+                if ev["type"] in ("done", "error"):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.engine.scheduler.cancel(task_id)
+
+    async def _control(self, fut) -> dict:
+        try:
+            return {"ok": await asyncio.wrap_future(fut)}
+        except KvstashError as e:
+            return {"error": to_wire(e)}
+
+    async def info(self, tenant: str, session_id: str) -> dict:
+        return await self._control(self.engine.info(tenant, session_id))
+
+    async def evict(self, tenant: str, session_id: str) -> dict:
+        return await self._control(self.engine.evict(tenant, session_id))
+
+    async def delete(self, tenant: str, session_id: str) -> dict:
+        return await self._control(self.engine.delete(tenant, session_id))
+
+    async def holds(self, tenant: str, session_id: str) -> bool:
+        return self.engine.holds(tenant, session_id)
+
+    async def load(self) -> dict:
+        return self.engine.load()
+
+    async def metrics_snapshot(self) -> list[dict]:
+        return self.engine.metrics_snapshot()
+
+    async def storage_stats(self) -> dict:
+        try:
+            return {"ok": self.engine.storage_stats()}
+        except Exception as e:  # noqa: BLE001
+            return {"error": {"code": "UNAVAILABLE", "message": f"storage unavailable: {type(e).__name__}"}}
+
+
+def call_dict(call: GenerateCall) -> dict:
+    return asdict(call)

@@ -1,0 +1,168 @@
+"""`Engine`: a worker's model, sessions and scheduler, independent of Ray (the actor wraps it).
+
+A generation request appends its input to the session's history, runs the not-yet-cached tokens
+through the model in one forward pass, then decodes one token per forward pass, yielding to the
+scheduler between passes. Each pass's length is appended to the session's schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import redis
+
+from kvstore.tiers.redis_tier import RedisTier
+from services.config import KvstashConfig, kvstash_home
+from services.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.metrics import WorkerMetrics
+from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
+from services.worker.model_store import ModelStore
+from services.worker.scheduler import Scheduler, Sink
+from services.worker.session_manager import NEW, SessionManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateCall:
+    """A Generate/ResumeSession call as the worker sees it (tenant already authenticated)."""
+
+    tenant: str
+    session_id: str
+    create: bool  # Generate may create; ResumeSession may not
+    input: dict | None  # {"text": str} | {"chat": [{"role", "content"}]} | {"token_ids": [int]} | None
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 0.0
+    seed: int | None = None
+
+
+def redis_client(cfg: KvstashConfig) -> redis.Redis:
+    return redis.Redis.from_url(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_s,
+                                socket_connect_timeout=cfg.redis.socket_timeout_s, decode_responses=False)
+
+
+class Engine:
+    def __init__(self, cfg: KvstashConfig, worker_id: str = "w0"):
+        self.cfg, self.worker_id = cfg, worker_id
+        self.metrics = WorkerMetrics()
+        store = ModelStore(cfg.model.cache_dir or kvstash_home() / "models")
+        self.runner = ModelRunner(cfg.model, store.resolve(cfg.model.name))
+        self.tier = RedisTier(redis_client(cfg), namespace=cfg.redis.namespace)
+        self.sessions = SessionManager(self.runner, self.tier, cfg.quant, self.metrics, cfg.kv.codec_level)
+        self.scheduler = Scheduler(on_idle=self._housekeeping, idle_interval_s=cfg.session.idle_check_interval_s)
+
+    def _housekeeping(self) -> None:
+        self.sessions.offload_idle(self.cfg.session.idle_timeout_s)
+        self.metrics.queue_depth.set(self.scheduler.depth)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def submit(self, call: GenerateCall, sink: Sink) -> int:
+        return self.scheduler.submit(lambda s: self._generate(call, s), sink)
+
+    def _encode_input(self, call: GenerateCall, history: list[int]) -> list[int]:
+        first = not history
+        inp = call.input or {}
+        if "text" in inp:
+            return self.runner.encode_text(inp["text"], first)
+        if "chat" in inp:
+            return self.runner.encode_chat(inp["chat"], first, history)
+        if "token_ids" in inp:
+            ids = list(inp["token_ids"])
+            bad = [i for i in ids if not 0 <= i < self.runner.vocab_size]
+            if bad:
+                raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary [0, {self.runner.vocab_size})")
+            return ids
+        return []
+
+    def _generate(self, call: GenerateCall, sink: Sink) -> Generator[None, None, None]:
+        limits = self.cfg.session
+        max_new = call.max_new_tokens or limits.default_max_new_tokens
+        if not 0 < max_new <= limits.max_new_tokens_limit:
+            raise InvalidArgument(f"max_new_tokens={call.max_new_tokens} must be in [0, {limits.max_new_tokens_limit}]")
+        s = self.sessions.acquire(call.tenant, call.session_id, create=call.create)
+        try:
+            new_ids = self._encode_input(call, s.tokens)
+            if not s.tokens and not new_ids:
+                raise InvalidArgument("the prompt is empty: a new session needs input")
+            if len(new_ids) > limits.max_prompt_tokens:
+                raise InvalidArgument(f"input has {len(new_ids)} tokens, over the limit max_prompt_tokens={limits.max_prompt_tokens}")
+            if len(s.tokens) + len(new_ids) + max_new > limits.max_session_tokens:
+                raise InvalidArgument(f"session would exceed max_session_tokens={limits.max_session_tokens}")
+            source = yield from self.sessions.ensure_kv(s)
+            cached = s.kv_tokens
+            s.tokens.extend(new_ids)
+            pending = s.tokens[s.kv_tokens:]
+            sampling = Sampling(call.temperature, call.top_p, call.seed)
+            gen = sampling.generator(self.runner.device)
+            detok, finish, produced = Detokenizer(self.runner), "length", 0
+            self.metrics.prefill_tokens.inc(len(pending))
+            for _ in range(max_new):
+                logits = self.runner.forward(s.cache, pending)
+                s.schedule.append(len(pending))
+                tok = self.runner.sample(logits, sampling, gen)
+                s.tokens.append(tok)
+                produced += 1
+                self.metrics.generated_tokens.inc()
+                sink({"type": "tokens", "ids": [tok], "text": detok.push(tok)})
+                if tok in self.runner.eos_ids:
+                    finish = "stop"
+                    break
+                pending = [tok]
+                yield
+            self.sessions.persist(s)
+            sink({"type": "done", "finish_reason": finish, "usage": {
+                "prompt_tokens": len(new_ids), "cached_tokens": cached if source != NEW else 0,
+                "generated_tokens": produced, "kv_source": source, "session_tokens": len(s.tokens)}})
+        finally:
+            self.sessions.release(s)
+
+    # ---- control operations (run on the engine thread) -------------------------------------------
+    def info(self, tenant: str, session_id: str) -> dict:
+        def op():
+            s = self.sessions.find(tenant, session_id)
+            if s is None:
+                raise NotFound(f"session {session_id!r} not found")
+            try:
+                redis_bytes = self.tier.session_bytes(tenant, session_id)
+            except Exception:  # noqa: BLE001
+                redis_bytes = s.redis_bytes
+            return {"session_id": session_id, "state": s.state.value, "token_count": len(s.tokens),
+                    "device_bytes": s.device_bytes(), "redis_bytes": redis_bytes,
+                    "worker": self.worker_id if s.cache is not None else "",
+                    "created_at": s.created_at, "last_used_at": s.last_used}
+        return self.scheduler.call(op)
+
+    def evict(self, tenant: str, session_id: str):
+        def op():
+            s = self.sessions.find(tenant, session_id)
+            if s is None:
+                raise NotFound(f"session {session_id!r} not found")
+            if s.busy:
+                raise FailedPrecondition(f"session {session_id!r} is busy with another request")
+            self.sessions.offload(s)
+            return True
+        return self.scheduler.call(op)
+
+    def delete(self, tenant: str, session_id: str):
+        return self.scheduler.call(lambda: self.sessions.delete(tenant, session_id))
+
+    def holds(self, tenant: str, session_id: str) -> bool:
+        return (tenant, session_id) in self.sessions.active
+
+    def load(self) -> dict:
+        return {"queue_depth": self.scheduler.depth, "device_bytes": sum(
+            s.device_bytes() for s in list(self.sessions.active.values())), "active_sessions": len(self.sessions.active)}
+
+    def metrics_snapshot(self) -> list[dict]:
+        self.metrics.queue_depth.set(self.scheduler.depth)
+        return self.metrics.snapshot()
+
+    def storage_stats(self) -> dict:
+        return self.tier.stats()
+
+    def close(self) -> None:
+        self.scheduler.stop()
+

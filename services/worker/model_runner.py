@@ -1,0 +1,148 @@
+"""`ModelRunner`: a transformers causal LM, its tokenizer, and one forward pass at a time.
+
+Invariants:
+- `forward(cache, ids)` appends exactly `len(ids)` positions to `cache` and returns the float32 logits
+  of the last position. Given the same cache state and ids it returns bit-identical logits (no
+  dropout, fixed thread count), which is what makes offload/resume and schedule replay exact.
+- `fingerprint` changes whenever weights, config or dtype change; KV stored under one fingerprint is
+  never loaded into a model with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.config import QuantConfig
+from kvstore.quant.cache import QuantizedKVCache, check_model_supported
+from services.config import ModelConfig
+from services.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Sampling:
+    """Per-request sampling; temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 0.0
+    seed: int | None = None
+
+    def generator(self, device) -> torch.Generator | None:
+        if self.temperature <= 0:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed if self.seed is not None else torch.seed())
+        return g
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, path: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if cfg.dtype not in _DTYPES:
+            raise ValueError(f"model.dtype={cfg.dtype!r} is not one of {sorted(_DTYPES)}")
+        self.device = pick_device(cfg.device)
+        self.dtype = _DTYPES[cfg.dtype]
+        self.name = cfg.name
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.num_layers = check_model_supported(self.model.config)
+        self.fingerprint = self._fingerprint()
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        log.info("loaded %s on %s (%s), fingerprint %s", cfg.name, self.device, cfg.dtype, self.fingerprint[:12])
+
+    def _fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=32, person=b"kvstash-model")
+        h.update(self.model.config.to_json_string(use_diff=False).encode())
+        h.update(str(self.dtype).encode())
+        for name, p in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    # ---- the forward pass ------------------------------------------------------------------------
+    def new_cache(self, quant: QuantConfig) -> QuantizedKVCache:
+        return QuantizedKVCache(quant, self.num_layers)
+
+    @torch.inference_mode()
+    def forward(self, cache: QuantizedKVCache, ids: list[int]) -> torch.Tensor:
+        """Run `ids` through the model on top of `cache`; return last-position logits [vocab] float32."""
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    @staticmethod
+    def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
+        if s.temperature <= 0 or gen is None:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / s.temperature, dim=-1)
+        if 0 < s.top_p < 1:
+            sorted_p, idx = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < s.top_p  # always keeps the top token
+            probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    # ---- tokenization -----------------------------------------------------------------------------
+    def encode_text(self, text: str, first: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=first)["input_ids"]
+
+    def encode_chat(self, messages: list[dict[str, str]], first: bool, history: list[int]) -> list[int]:
+        """Render chat turns with the model's template. For a continued session, only the new turns are
+        rendered (as a continuation of an earlier conversation), preceded by an end-of-turn token when the
+        previous assistant turn was cut off before it ended."""
+        tok = self.tokenizer
+        for m in messages:
+            if m["role"] not in ("system", "user", "assistant"):
+                raise InvalidArgument(f"chat role {m['role']!r} must be system, user or assistant")
+        if not tok.chat_template:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return self.encode_text(text, first)
+        if first:
+            return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        # Render [anchor] and [anchor + new]; the difference is exactly the new turns.
+        anchor = [{"role": "system", "content": "x"}]
+        base = tok.apply_chat_template(anchor, tokenize=False)
+        full = tok.apply_chat_template(anchor + messages, add_generation_prompt=True, tokenize=False)
+        if not full.startswith(base):
+            raise InvalidArgument("this model's chat template cannot continue a conversation incrementally")
+        ids = self.encode_text(full[len(base):], first=False)
+        if history and history[-1] not in self.eos_ids and self.eos_ids:
+            ids = [min(self.eos_ids)] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class Detokenizer:
+    """Incremental detokenization: emits only complete characters (holds back a partial UTF-8 tail)."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.runner.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.emitted = text[self.emitted:], len(text)
+        return delta

@@ -1,0 +1,64 @@
+"""`Session`: a tenant's conversation as one worker holds it.
+
+Invariants:
+- `tokens` is the whole history, the durable truth; the KV is a cache of it.
+- `schedule` lists the lengths of the forward passes that built the KV, in order, so the KV can be
+  rebuilt bit-exactly by replaying them. `sum(schedule) == cache.get_seq_length()` while the cache is
+  on the device, and `sum(schedule) <= len(tokens)` always (the last sampled token is not yet fed).
+- At most one request works on a session at a time (`busy`).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from kvstore.quant.cache import QuantizedKVCache
+from kvstore.tiers.manifest import SessionManifest
+
+
+class State(enum.Enum):
+    ACTIVE = "active"  # KV on the device
+    COLD = "cold"  # KV (and history) in Redis only
+
+
+@dataclass
+class Session:
+    tenant: str
+    session_id: str
+    tokens: list[int] = field(default_factory=list)
+    schedule: list[int] = field(default_factory=list)
+    cache: QuantizedKVCache | None = None
+    created_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    busy: bool = False
+    stored_kv_tokens: int = 0  # tokens covered by the KV copy in Redis (0: none)
+    redis_bytes: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant, self.session_id)
+
+    @property
+    def state(self) -> State:
+        return State.ACTIVE if self.cache is not None else State.COLD
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(self.schedule)
+
+    def device_bytes(self) -> int:
+        return self.cache.device_bytes() if self.cache is not None else 0
+
+    def manifest(self, fingerprint: str, quant_spec: str) -> SessionManifest:
+        return SessionManifest(
+            tenant=self.tenant, session_id=self.session_id, tokens=list(self.tokens), schedule=list(self.schedule),
+            kv_tokens=self.stored_kv_tokens, model_fingerprint=fingerprint, quant_spec=quant_spec,
+            created_at=self.created_at, updated_at=time.time(),
+        )
+
+    @classmethod
+    def from_manifest(cls, m: SessionManifest) -> "Session":
+        return cls(tenant=m.tenant, session_id=m.session_id, tokens=list(m.tokens), schedule=list(m.schedule),
+                   created_at=m.created_at, last_used=m.updated_at, stored_kv_tokens=m.kv_tokens)
