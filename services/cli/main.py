@@ -72,12 +72,6 @@ def cmd_chat(args) -> int:
     return run_chat(args.target, args.session, args.api_key, args.max_new_tokens)
 
 
-def cmd_bench(args) -> int:
-    from services.cli.bench import run_bench
-
-    return run_bench(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvstash", description=__doc__)
     p.add_argument("--log-level", default="INFO")

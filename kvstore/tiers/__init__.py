@@ -1,0 +1,1 @@
+"""Storage tiers: the session manifest (durable token history) and the Redis tier."""

@@ -1,0 +1,13 @@
+from kvstore.hashing import checksum, hash_fields
+
+
+def test_length_prefix_prevents_boundary_shifts():
+    assert hash_fields([b"ab", b"c"]) != hash_fields([b"a", b"bc"])
+    assert hash_fields(["x", 1]) == hash_fields(["x", 1])
+    assert hash_fields(["x"], person=b"a") != hash_fields(["x"], person=b"b")
+
+
+def test_checksum_is_deterministic_and_sensitive():
+    assert checksum(b"hello") == checksum(b"hello")
+    assert checksum(b"hello") != checksum(b"hellp")
+    assert len(checksum(b"")) == 16

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+import pytest
+
+from services.config import KvstashConfig, reference_markdown
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_defaults_are_valid():
+    cfg = KvstashConfig()
+    cfg.validate()
+    assert cfg.quant.spec()
+
+
+def test_toml_then_env_override(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[kv]\nspec = "int8"\n[ray]\nnum_workers = 3\n')
+    cfg = KvstashConfig.load(f, env={"KVSTASH_RAY__NUM_WORKERS": "2", "KVSTASH_SESSION__IDLE_TIMEOUT_S": "1.5"})
+    assert cfg.kv.spec == "int8" and cfg.ray.num_workers == 2 and cfg.session.idle_timeout_s == 1.5
+
+
+@pytest.mark.parametrize("d,needle", [
+    ({"nope": {}}, "unknown config section"),
+    ({"ray": {"nope": 1}}, "unknown config key ray.nope"),
+    ({"ray": {"num_workers": "many"}}, "not a valid int"),
+    ({"kv": {"spec": "int7"}}, "unknown KV scheme"),
+    ({"ray": {"num_workers": 0}}, "num_workers"),
+])
+def test_bad_config_is_rejected_clearly(d, needle):
+    with pytest.raises(ValueError, match=needle):
+        KvstashConfig.from_dict(d)
+
+
+def test_readme_config_reference_is_current():
+    assert reference_markdown() in README.read_text(), "README config reference is stale: paste `kvstash config`"
