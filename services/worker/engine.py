@@ -116,6 +116,11 @@ class Engine:
             sink({"type": "done", "finish_reason": finish, "usage": {
                 "prompt_tokens": len(new_ids), "cached_tokens": cached if source != NEW else 0,
                 "generated_tokens": produced, "kv_source": source, "session_tokens": len(s.tokens)}})
+        except Exception:
+            # A failure mid-forward may leave the cache half-updated: drop the device copy; the session
+            # continues from its durable record (and its KV is restored or rebuilt) on the next call.
+            self.sessions.invalidate(s)
+            raise
         finally:
             self.sessions.release(s)
 

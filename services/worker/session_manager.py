@@ -68,6 +68,11 @@ class SessionManager:
         s.busy = True
         return s
 
+    def invalidate(self, s: Session) -> None:
+        """Forget the device copy of a session whose state can no longer be trusted."""
+        s.cache = None
+        self.active.pop(s.key, None)
+
     def release(self, s: Session) -> None:
         s.busy = False
         s.last_used = time.time()

@@ -13,12 +13,13 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_stack(redis_server, tiny_model_dir, tmp_path_factory):
-    """kvstash up (real Ray, real gRPC) on the tiny model, with a real redis-server."""
+    """kvstash up (real Ray with two worker actors, real gRPC) on the tiny model, with a real redis-server."""
     svc = ServiceProcess(tmp_path_factory.mktemp("stack"), {
         "KVSTASH_MODEL__NAME": str(tiny_model_dir),
         "KVSTASH_KV__SPEC": TINY_SPEC,
         "KVSTASH_REDIS__URL": redis_server.url,
         "KVSTASH_REDIS__NAMESPACE": "kvtest",
+        "KVSTASH_RAY__NUM_WORKERS": "2",
         "KVSTASH_SESSION__IDLE_TIMEOUT_S": "8",
         "KVSTASH_SESSION__IDLE_CHECK_INTERVAL_S": "0.5",
         "KVSTASH_GATEWAY__METRICS_POLL_INTERVAL_S": "0.5",

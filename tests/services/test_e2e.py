@@ -215,3 +215,24 @@ def test_metrics_endpoint(client, tiny_stack, reference):
     assert metric_sum(m, "kvstash_offloads_total") >= 1
     assert metric_sum(m, "kvstash_storage_up") == 1
     assert metric_sum(m, "kvstash_time_to_first_token_seconds_count", method="Generate") >= 1
+
+
+def test_two_workers_share_the_load_and_sessions_move_between_them(client, reference):
+    placed, tokens = {}, {}
+    for _ in range(4):
+        out = client.generate(messages=PROMPT, max_new_tokens=K)
+        placed[out.session_id] = client.get_session(out.session_id).worker
+        tokens[out.session_id] = list(out.token_ids)
+    assert set(placed.values()) == {"w0", "w1"}, placed  # new sessions go to the least-loaded worker
+    for sid, worker in placed.items():
+        more = client.resume(sid, max_new_tokens=2)
+        assert more.usage.kv_source == pb.KV_SOURCE_DEVICE  # affinity: served where it is hot
+        assert client.get_session(sid).worker == worker
+        tokens[sid] += more.token_ids
+    # Once cold, a session resumes on whichever worker is least loaded, restored from Redis, still exact.
+    for sid in placed:
+        client.evict_session(sid)
+        rest = client.resume(sid, max_new_tokens=N - K - 2)
+        assert rest.usage.kv_source == pb.KV_SOURCE_RESTORED
+        assert tokens[sid] + list(rest.token_ids) == reference.token_ids
+        assert client.get_session(sid).worker in {"w0", "w1"}
