@@ -104,9 +104,12 @@ class ModelRunner:
         return self.tokenizer(text, add_special_tokens=first)["input_ids"]
 
     def encode_chat(self, messages: list[dict[str, str]], first: bool, history: list[int]) -> list[int]:
-        """Render chat turns with the model's template. For a continued session, only the new turns are
-        rendered (as a continuation of an earlier conversation), preceded by an end-of-turn token when the
-        previous assistant turn was cut off before it ended."""
+        """Render chat turns with the model's template.
+
+        For a continued session only the new turns are rendered, such that history + new tokens equal
+        what the template gives for the whole conversation: the previous assistant turn is closed as the
+        template closes it (the generated end-of-turn token counts; a cut-off turn gets the full closer).
+        """
         tok = self.tokenizer
         for m in messages:
             if m["role"] not in ("system", "user", "assistant"):
@@ -115,17 +118,21 @@ class ModelRunner:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
             return self.encode_text(text, first)
         if first:
-            return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        # Render [anchor] and [anchor + new]; the difference is exactly the new turns.
-        anchor = [{"role": "system", "content": "x"}]
+            return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"])
+        # Render an anchor conversation ending in an assistant turn, with and without the new turns;
+        # the difference is the new turns, and what follows the anchor's reply is the turn closer.
+        anchor = [{"role": "system", "content": "x"}, {"role": "user", "content": "y"},
+                  {"role": "assistant", "content": "z"}]
         base = tok.apply_chat_template(anchor, tokenize=False)
         full = tok.apply_chat_template(anchor + messages, add_generation_prompt=True, tokenize=False)
-        if not full.startswith(base):
+        if not full.startswith(base) or "z" not in base:
             raise InvalidArgument("this model's chat template cannot continue a conversation incrementally")
-        ids = self.encode_text(full[len(base):], first=False)
-        if history and history[-1] not in self.eos_ids and self.eos_ids:
-            ids = [min(self.eos_ids)] + ids
-        return ids
+        closer = base[base.rindex("z") + 1:]
+        if history and history[-1] in self.eos_ids:
+            eos_text = tok.decode([history[-1]])
+            closer = closer[len(eos_text):] if closer.startswith(eos_text) else closer
+        return self.encode_text(closer + full[len(base):], first=False)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

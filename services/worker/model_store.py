@@ -62,12 +62,12 @@ class ModelStore:
         return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
     def pull(self, name: str = DEFAULT_MODEL, force: bool = False) -> Path:
-        """Fetch and convert a built-in model; a no-op when it is already cached."""
+        """Fetch and convert a built-in model; a no-op when it is already cached (and not a stale conversion)."""
         if name not in BUILTINS:
             raise ValueError(f"{name!r} is not a built-in model ({', '.join(BUILTINS)}); name an HF folder or hub id instead")
         spec = BUILTINS[name]
         dest = self.builtin_path(name)
-        if (dest / "config.json").exists() and not force:
+        if (dest / "config.json").exists() and not force and "quantization_config" not in (dest / "config.json").read_text():
             log.info("model %s already in %s", name, dest)
             return dest
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     """Load a GGUF with transformers and save it as a safetensors folder (with its tokenizer).
 
     `save_pretrained` refuses GGUF-loaded models, so the model is rebuilt with `from_config` and
-    `load_state_dict` first.
+    `load_state_dict` first, from a config stripped of its GGUF `quantization_config`.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,7 +109,12 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     folder, file = str(gguf.parent), gguf.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The weights are dequantized to float32 here; a leftover GGUF quantization_config would make later
+    # loads treat the safetensors folder as a packed GGUF checkpoint.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing = model.load_state_dict(loaded.state_dict(), strict=True)
     if missing.missing_keys or missing.unexpected_keys:
         raise RuntimeError(f"GGUF conversion mismatch: {missing}")

@@ -1,0 +1,64 @@
+"""ModelRunner on the real SmolLM2 tokenizer and weights."""
+
+import pytest
+import torch
+
+from services.config import ModelConfig
+from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
+from tests.services.stack import smollm2_path
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return ModelRunner(ModelConfig(), str(smollm2_path()))
+
+
+def test_incremental_chat_equals_the_whole_conversation_rendered(runner):
+    tok = runner.tokenizer
+    q1 = [{"role": "user", "content": "What is the capital of Italy?"}]
+    answer = tok("Rome is the capital.", add_special_tokens=False)["input_ids"]
+    eos = min(runner.eos_ids)
+    history = runner.encode_chat(q1, first=True, history=[]) + answer + [eos]
+    q2 = [{"role": "user", "content": "And of Spain?"}]
+    ids = history + runner.encode_chat(q2, first=False, history=history)
+    whole = q1 + [{"role": "assistant", "content": "Rome is the capital."}] + q2
+    expect = tok.apply_chat_template(whole, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == list(expect)
+
+
+def test_cut_off_turn_is_closed(runner):
+    q = [{"role": "user", "content": "Hi"}]
+    history = runner.encode_chat(q, first=True, history=[]) + runner.encode_text("Hello there", first=False)
+    delta = runner.encode_chat(q, first=False, history=history)
+    assert delta[0] in runner.eos_ids  # the template's end-of-turn closes the cut-off reply
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_argmax(runner):
+    logits = torch.tensor([0.0, 5.0, 1.0, 0.5])
+    assert ModelRunner.sample(logits, Sampling(), None) == 1
+    s = Sampling(temperature=1.0, top_p=0.01, seed=3)
+    assert all(ModelRunner.sample(logits, s, s.generator("cpu")) == 1 for _ in range(5))
+    s = Sampling(temperature=2.0, seed=11)
+    a = [ModelRunner.sample(logits, s, g) for g in [s.generator("cpu")] for _ in range(20)]
+    b = [ModelRunner.sample(logits, s, g) for g in [s.generator("cpu")] for _ in range(20)]
+    assert a == b and len(set(a)) > 1
+
+
+def test_detokenizer_streams_whole_characters(runner):
+    ids = runner.tokenizer("héllo wörld ✓ done", add_special_tokens=False)["input_ids"]
+    d = Detokenizer(runner)
+    assert "".join(d.push(i) for i in ids) == runner.decode(ids)
+
+
+def test_fingerprint_is_stable_and_weight_sensitive(runner):
+    fp = runner.fingerprint
+    assert fp == runner._fingerprint() and len(fp) == 64
+    with torch.no_grad():
+        runner.model.model.norm.weight[0] += 1
+    try:
+        assert runner._fingerprint() != fp
+    finally:
+        with torch.no_grad():
+            runner.model.model.norm.weight[0] -= 1
