@@ -22,7 +22,7 @@ class WorkerMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.kv_bytes = Gauge("kvstash_kv_bytes", "KV bytes held per tier.", ["tier"], registry=r)
-        self.sessions = Gauge("kvstash_sessions", "Sessions known to this worker, per state.", ["state"], registry=r)
+        self.sessions = Gauge("kvstash_sessions", "Sessions on this worker's device, per state.", ["state"], registry=r)
         self.offloads = Counter("kvstash_offloads_total", "Sessions offloaded from the device to Redis.", registry=r)
         self.offload_bytes = Counter("kvstash_offload_bytes_total", "Bytes written to Redis by offloads.", registry=r)
         self.restores = Counter("kvstash_restores_total", "Sessions whose KV was restored from Redis.", registry=r)
@@ -42,8 +42,7 @@ class WorkerMetrics:
         self.queue_depth = Gauge("kvstash_worker_queue_depth", "Requests running or waiting on this worker.", registry=r)
         for reason in ("missing", "corrupt"):
             self.recomputes.labels(reason)
-        for state in ("active", "cold"):
-            self.sessions.labels(state)
+        self.sessions.labels("active")  # cold sessions live in Redis: see kvstash_stored_sessions
 
     def snapshot(self) -> list[dict]:
         """Plain-data copy of every sample (safe to send across processes)."""

@@ -1,1 +1,1 @@
-"""Lossless codecs over quantized KV, and the versioned container every stored object uses."""
+"""Binary codecs: the versioned container, the tensor bundle and the KV-state encoding (never pickle)."""

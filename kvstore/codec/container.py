@@ -1,40 +1,46 @@
-"""The versioned, checksummed binary container every stored object is wrapped in.
+"""The versioned binary container every stored object is wrapped in.
 
-Layout (little-endian):
+Layout (all integers little-endian, `struct`):
 
     offset  size  field
     0       4     magic b"KVST"
-    4       2     format version (FORMAT_VERSION)
-    6       1     kind (Kind)
-    7       1     codec (Codec) of the payload
-    8       4     meta length M
-    12      8     payload length P
-    20      16    checksum: blake2b-128 over bytes [0, 20) + meta + payload
-    36      M     meta: canonical JSON object (sorted keys, UTF-8)
-    36+M    P     payload
+    4       2     u16 format version (FORMAT_VERSION)
+    6       1     u8 kind   (Kind)
+    7       1     u8 codec  (Codec: how the payload is compressed; the caller (de)compresses)
+    8       4     u32 meta length in bytes
+    12      8     u64 payload length in bytes
+    20      16    checksum = kvstore.hashing.checksum(header[0:20] + meta + payload)
+    36      M     meta: canonical JSON object (sort_keys, compact separators, utf-8, no NaN/inf)
+    36+M    P     payload bytes
 
-Invariants: `unpack_container(pack_container(k, c, m, p)) == (k, c, m, p)`; any truncation, extension,
-flipped bit, unknown version/kind/codec or non-object meta raises `ContainerError` with what is wrong.
-Nothing here ever unpickles or evaluates stored bytes.
+Invariants:
+- `unpack_container(pack_container(k, c, m, p)) == (k, c, m, p)` for every JSON-object `m`.
+- Anything else is rejected with a `ContainerError` saying what is wrong: short or truncated data,
+  trailing bytes, bad magic, unsupported version, checksum mismatch (which covers kind, codec and
+  both lengths, so a flipped header byte is caught), unknown kind/codec, meta not a JSON object,
+  or a kind other than the one expected.
+- Nothing is ever unpickled; meta is plain JSON.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import math
 import struct
+from typing import Any
 
 from kvstore.hashing import checksum
 
 MAGIC = b"KVST"
 FORMAT_VERSION = 1
-_HEAD = struct.Struct("<4sHBBIQ")  # magic, version, kind, codec, meta length, payload length
-_SUM = 16
-HEADER_SIZE = _HEAD.size + _SUM
+_PREFIX = struct.Struct("<4sHBBIQ")  # magic, version, kind, codec, meta length, payload length
+_SUM_SIZE = 16
+HEADER_SIZE = _PREFIX.size + _SUM_SIZE  # 36 bytes
 
 
 class ContainerError(ValueError):
-    """A stored object is malformed, truncated, corrupt, or not what the caller expected."""
+    """Stored bytes are not a valid container (or not the one expected); the message says why."""
 
 
 class Kind(enum.IntEnum):
@@ -48,41 +54,86 @@ class Codec(enum.IntEnum):
     ZSTD = 1
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in JSON")
+
+
+def encode_meta(meta: dict) -> bytes:
+    """Canonical JSON of a meta object (sorted keys, compact, utf-8). Raises ContainerError if not encodable."""
+    if not isinstance(meta, dict):
+        raise ContainerError(f"container meta must be a dict, not {type(meta).__name__}")
+    try:
+        text = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ContainerError(f"container meta is not JSON-serializable: {e}") from None
+    return text.encode("utf-8")
+
+
 def pack_container(kind: Kind, codec: Codec, meta: dict, payload: bytes) -> bytes:
-    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    head = _HEAD.pack(MAGIC, FORMAT_VERSION, int(kind), int(codec), len(meta_bytes), len(payload))
-    return b"".join((head, checksum(head + meta_bytes + payload), meta_bytes, payload))
+    """Wrap `payload` (already compressed with `codec` by the caller) and `meta` in a checksummed container."""
+    try:
+        kind, codec = Kind(kind), Codec(codec)
+    except ValueError as e:
+        raise ContainerError(f"cannot pack: {e}") from None
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ContainerError(f"container payload must be bytes, not {type(payload).__name__}")
+    meta_b = encode_meta(meta)
+    payload = bytes(payload)
+    if len(meta_b) > 0xFFFFFFFF:
+        raise ContainerError(f"container meta is too large ({len(meta_b)} bytes)")
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, int(kind), int(codec), len(meta_b), len(payload))
+    body = b"".join((prefix, meta_b, payload))
+    digest = checksum(body)
+    return b"".join((prefix, digest, meta_b, payload))
 
 
 def unpack_container(data: bytes, expect_kind: Kind | None = None) -> tuple[Kind, Codec, dict, bytes]:
-    """Validate and split a container. Returns (kind, codec, meta, payload)."""
+    """Validate and open a container; returns (kind, codec, meta, payload) with the payload as stored."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ContainerError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
     if len(data) < HEADER_SIZE:
-        raise ContainerError(f"truncated container: {len(data)} bytes, header alone is {HEADER_SIZE}")
-    magic, version, kind, codec, meta_len, payload_len = _HEAD.unpack_from(data)
+        if len(data) >= 4 and data[:4] != MAGIC:
+            raise ContainerError(f"bad magic {data[:4]!r}: not a kvstash container")
+        raise ContainerError(f"truncated container: {len(data)} bytes, the header alone is {HEADER_SIZE}")
+    magic, version, kind_v, codec_v, meta_len, payload_len = _PREFIX.unpack_from(data, 0)
     if magic != MAGIC:
-        raise ContainerError(f"bad magic {magic!r}: not a kvstash object")
+        raise ContainerError(f"bad magic {magic!r}: not a kvstash container (expected {MAGIC!r})")
     if version != FORMAT_VERSION:
-        raise ContainerError(f"unsupported container version {version} (this build reads {FORMAT_VERSION})")
+        raise ContainerError(f"unsupported container version {version} (this build reads version {FORMAT_VERSION})")
     expected = HEADER_SIZE + meta_len + payload_len
-    if len(data) != expected:
-        what = "truncated" if len(data) < expected else "trailing bytes after"
-        raise ContainerError(f"{what} container: {len(data)} bytes, header says {expected}")
-    body = data[HEADER_SIZE:]
-    if checksum(data[:_HEAD.size] + body) != data[_HEAD.size:HEADER_SIZE]:
-        raise ContainerError("checksum mismatch: the object is corrupt")
+    if len(data) < expected:
+        raise ContainerError(f"truncated container: {len(data)} bytes, header announces {expected}")
+    if len(data) > expected:
+        raise ContainerError(f"{len(data) - expected} unexpected trailing bytes after the container")
+    stored_sum = data[_PREFIX.size:HEADER_SIZE]
+    body = memoryview(data)
+    h = bytearray(body[:_PREFIX.size])
+    h += body[HEADER_SIZE:]
+    if checksum(h) != stored_sum:
+        raise ContainerError("checksum mismatch: the container is corrupt")
     try:
-        kind, codec = Kind(kind), Codec(codec)
-    except ValueError as e:
-        raise ContainerError(f"unknown kind or codec: {e}") from None
-    if expect_kind is not None and kind != expect_kind:
-        raise ContainerError(f"expected a {expect_kind.name} object, found {kind.name}")
+        kind = Kind(kind_v)
+    except ValueError:
+        raise ContainerError(f"unknown container kind {kind_v}") from None
     try:
-        meta = json.loads(body[:meta_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ContainerError(f"meta is not valid JSON: {e}") from None
+        codec = Codec(codec_v)
+    except ValueError:
+        raise ContainerError(f"unknown container codec {codec_v}") from None
+    meta_b = data[HEADER_SIZE:HEADER_SIZE + meta_len]
+    try:
+        meta = json.loads(meta_b.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ContainerError(f"container meta is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
-        raise ContainerError("meta must be a JSON object")
-    return kind, codec, meta, body[meta_len:]
+        raise ContainerError(f"container meta must be a JSON object, got {type(meta).__name__}")
+    if expect_kind is not None and kind != expect_kind:
+        raise ContainerError(f"wrong container kind: expected a {Kind(expect_kind).name} object, found {kind.name}")
+    return kind, codec, meta, data[HEADER_SIZE + meta_len:]
+
+
+def finite_number(value: Any) -> bool:
+    """True for an int or a finite float (bools excluded) — a helper for meta validation."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value)

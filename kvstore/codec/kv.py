@@ -1,8 +1,18 @@
-"""Serialize a `KVState` losslessly: tensor bundle -> zstandard -> versioned container.
+"""Serialize a `KVState`: tensor bundle -> zstd -> versioned container (kind KV).
 
-Invariant: `decode_kv(encode_kv(s)).equals(s)` (bit-identical codes, scales and windows). The header
-meta carries the model fingerprint, the quant spec, the token count and every tensor's dtype and shape;
-a state for another model, a mismatched shape, a zstd error or an oversized payload raises ContainerError.
+Container meta (canonical JSON):
+    num_tokens          int >= 0
+    quant_spec          str (QuantConfig.spec())
+    model_fingerprint   str
+    meta                the state's own JSON metadata
+    shapes              {name: [dtype name, [dims...]]} for every tensor
+    raw_bytes           size of the uncompressed tensor bundle (bounds decompression)
+
+Invariants:
+- `decode_kv(encode_kv(s, ...)).equals(s)`: the round trip is bit-exact (tensor order included).
+- `decode_kv` never returns a state that does not match its header: fingerprint (when asked), shapes,
+  dtypes, sizes are all checked; decompression is bounded by `MAX_RAW_BYTES` and by `raw_bytes`.
+  Any problem raises ContainerError.
 """
 
 from __future__ import annotations
@@ -13,45 +23,99 @@ from kvstore.codec.container import Codec, ContainerError, Kind, pack_container,
 from kvstore.codec.tensors import decode_tensors, encode_tensors
 from kvstore.quant.state import KVState
 
-MAX_DECODED_BYTES = 4 << 30
+MAX_RAW_BYTES = 4 << 30  # refuse to decompress more than 4 GiB
+
+
+def _shapes(tensors) -> dict[str, list]:
+    return {name: [arr.dtype.name, [int(d) for d in arr.shape]] for name, arr in tensors}
 
 
 def encode_kv(state: KVState, *, model_fingerprint: str, level: int = 3) -> bytes:
+    """Encode `state` for storage. Raises ContainerError if it cannot be encoded (dtype, meta, size)."""
+    if not isinstance(model_fingerprint, str):
+        raise ContainerError("model_fingerprint must be a str")
+    if isinstance(state.num_tokens, bool) or not isinstance(state.num_tokens, int) or state.num_tokens < 0:
+        raise ContainerError(f"num_tokens must be an int >= 0, got {state.num_tokens!r}")
+    if not isinstance(state.quant_spec, str):
+        raise ContainerError("quant_spec must be a str")
     raw = encode_tensors(state.tensors)
+    if len(raw) > MAX_RAW_BYTES:
+        raise ContainerError(f"KV state is too large to store ({len(raw)} bytes > {MAX_RAW_BYTES})")
+    payload = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
     meta = {
-        "num_tokens": state.num_tokens, "quant_spec": state.quant_spec, "model_fingerprint": model_fingerprint,
-        "state_meta": state.meta, "raw_bytes": len(raw),
-        "shapes": {name: [str(a.dtype), list(a.shape)] for name, a in state.tensors},
+        "num_tokens": state.num_tokens,
+        "quant_spec": state.quant_spec,
+        "model_fingerprint": model_fingerprint,
+        "meta": state.meta,
+        "shapes": _shapes(state.tensors),
+        "raw_bytes": len(raw),
     }
-    return pack_container(Kind.KV, Codec.ZSTD, meta, zstandard.ZstdCompressor(level=level).compress(raw))
+    return pack_container(Kind.KV, Codec.ZSTD, meta, payload)
+
+
+def _decompress(payload: bytes, raw_bytes: int) -> bytes:
+    """Decompress one zstd frame whose declared content size must equal `raw_bytes` (<= MAX_RAW_BYTES).
+
+    libzstd enforces a declared content size, so memory is bounded by the check made before decompressing.
+    """
+    try:
+        params = zstandard.get_frame_parameters(payload)
+    except zstandard.ZstdError as e:
+        raise ContainerError(f"KV payload does not decompress: not a zstd frame ({e})") from None
+    size = params.content_size
+    if size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
+        raise ContainerError("KV payload does not decompress: the zstd frame does not declare its content size")
+    if size > MAX_RAW_BYTES:
+        raise ContainerError(f"KV payload declares {size} decoded bytes, over the {MAX_RAW_BYTES}-byte limit")
+    if size != raw_bytes:
+        raise ContainerError(f"KV payload decompressed to {size} bytes (zstd frame content size), "
+                             f"header says raw_bytes={raw_bytes}")
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        raw = dobj.decompress(payload)
+    except zstandard.ZstdError as e:
+        raise ContainerError(f"KV payload does not decompress: {e}") from None
+    if not dobj.eof:
+        raise ContainerError("KV payload does not decompress: the zstd frame is truncated")
+    if dobj.unused_data:
+        raise ContainerError(f"KV payload has {len(dobj.unused_data)} trailing bytes after its zstd frame")
+    if len(raw) != raw_bytes:
+        raise ContainerError(f"KV payload decompressed to {len(raw)} bytes, expected {raw_bytes}")
+    return raw
 
 
 def decode_kv(data: bytes, *, model_fingerprint: str | None = None) -> KVState:
+    """Decode a KV container. With `model_fingerprint`, refuse KV built by another model."""
     _, codec, meta, payload = unpack_container(data, expect_kind=Kind.KV)
-    try:
-        fp, raw_len = meta["model_fingerprint"], int(meta["raw_bytes"])
-        shapes, num_tokens, spec = meta["shapes"], int(meta["num_tokens"]), str(meta["quant_spec"])
-        state_meta = meta["state_meta"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ContainerError(f"KV header is missing or has a bad field: {e}") from None
-    if model_fingerprint is not None and fp != model_fingerprint:
-        raise ContainerError(f"KV was made by model {str(fp)[:12]}..., this model is {model_fingerprint[:12]}...")
-    if codec != Codec.ZSTD:
-        raise ContainerError(f"unsupported KV codec {codec.name}")
-    if not 0 <= raw_len <= MAX_DECODED_BYTES:
-        raise ContainerError(f"KV claims {raw_len} decoded bytes, over the {MAX_DECODED_BYTES} limit")
-    try:
-        # A streaming read bounds memory even if a hostile frame declares a huge content size.
-        with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
-            raw = reader.read(raw_len + 1)
-    except zstandard.ZstdError as e:
-        raise ContainerError(f"KV payload does not decompress: {e}") from None
-    if len(raw) != raw_len:
-        raise ContainerError(f"KV payload decompressed to {len(raw)} bytes, header says {raw_len}")
+    for key, typ in (("num_tokens", int), ("quant_spec", str), ("model_fingerprint", str), ("meta", dict),
+                     ("shapes", dict), ("raw_bytes", int)):
+        if key not in meta:
+            raise ContainerError(f"KV header is missing or has a bad field: no {key!r}")
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
+            raise ContainerError(f"KV header is missing or has a bad field: {key!r} must be {typ.__name__}, "
+                                 f"got {type(meta[key]).__name__}")
+    if meta["num_tokens"] < 0:
+        raise ContainerError(f"KV header is missing or has a bad field: num_tokens={meta['num_tokens']} is negative")
+    if model_fingerprint is not None and meta["model_fingerprint"] != model_fingerprint:
+        raise ContainerError(f"model fingerprint mismatch: KV was made by model {meta['model_fingerprint']!r}, "
+                             f"this model is {model_fingerprint!r}")
+    raw_bytes = meta["raw_bytes"]
+    if raw_bytes < 0:
+        raise ContainerError(f"KV header is missing or has a bad field: raw_bytes={raw_bytes} is negative")
+    if raw_bytes > MAX_RAW_BYTES:
+        raise ContainerError(f"KV claims {raw_bytes} decoded bytes, over the {MAX_RAW_BYTES}-byte limit")
+    if codec == Codec.ZSTD:
+        raw = _decompress(payload, raw_bytes)
+    else:  # Codec.RAW: the tensor bundle as is
+        if len(payload) != raw_bytes:
+            raise ContainerError(f"KV payload is {len(payload)} bytes, header says raw_bytes={raw_bytes}")
+        raw = payload
     tensors = decode_tensors(raw)
-    got = {name: [str(a.dtype), list(a.shape)] for name, a in tensors}
-    if got != shapes:
-        raise ContainerError("KV tensors do not match the shapes in the header")
-    if not isinstance(state_meta, dict):
-        raise ContainerError("KV state meta must be an object")
-    return KVState(num_tokens=num_tokens, quant_spec=spec, meta=state_meta, tensors=tensors)
+    shapes = _shapes(tensors)
+    if shapes != meta["shapes"]:
+        header = meta["shapes"]
+        names = sorted(set(shapes) ^ set(header)) or [n for n in shapes if shapes[n] != header[n]]
+        name = names[0]
+        raise ContainerError(f"KV tensors do not match the shapes in the header: tensor {name!r} is "
+                             f"{shapes.get(name, 'absent')} in the payload, {header.get(name, 'absent')} in the header")
+    return KVState(num_tokens=meta["num_tokens"], quant_spec=meta["quant_spec"], meta=meta["meta"], tensors=tensors)

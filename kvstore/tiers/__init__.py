@@ -1,1 +1,1 @@
-"""Storage tiers: the session manifest (durable token history) and the Redis tier."""
+"""Storage tiers: the durable session manifest and the Redis tier that holds it (and the encoded KV)."""

@@ -1,81 +1,148 @@
-"""`SessionManifest`: a session's durable record — its token history, the truth the KV is a cache of.
+"""`SessionManifest`: a session's durable record — its whole token history and how its KV was built.
 
-Stored as a MANIFEST container: ids, fingerprint, quant spec and timestamps in the JSON meta; the
-token ids (uint32) and the forward schedule (run-length pairs of uint32 (length, count)) in the payload.
+Stored as a container (kind MANIFEST, codec RAW). Meta holds the ids, quant spec, model fingerprint,
+timestamps and record lengths; the payload is the token ids as little-endian uint32, followed by the
+schedule run-length encoded as little-endian uint32 (value, count) pairs (a schedule is mostly 1,1,1...).
 
-Invariants (checked on encode and on decode):
-- `sum(schedule) <= len(tokens)`: the schedule lists the forward passes that built the KV in order;
-  the last sampled token is usually not fed yet.
-- `kv_tokens` (tokens covered by the stored KV copy, 0 if none) is a prefix sum of `schedule`, so the
-  KV beyond it can be rebuilt exactly by replaying the rest of the schedule.
-- token ids are in [0, 2^32).
+Invariants (checked by `validate` on encode and on decode; a violation raises ContainerError):
+- `tenant` and `session_id` match `[A-Za-z0-9._-]{1,128}`.
+- Every token id is an int in [0, 2^32); every schedule entry (a forward pass length) is in [1, 2^32).
+- `sum(schedule) <= len(tokens)`: the passes only ever fed tokens of the history.
+- `kv_tokens` (the tokens the stored KV covers; 0 if none) is 0 or a prefix sum of `schedule` — the KV
+  stops at a pass boundary — so `kv_tokens <= sum(schedule)`; it equals `sum(schedule)` right after an
+  offload, and is smaller when the history moved on after the KV was stored (replay covers the rest).
+- Timestamps are finite numbers; `decode(m.encode()) == m` (timestamps come back as floats).
+- The meta carries a manifest record version `v` (MANIFEST_VERSION); other versions are refused.
 """
 
 from __future__ import annotations
 
-import itertools
+import math
+import re
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
 
 MANIFEST_VERSION = 1
+ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_U32_LIMIT = 1 << 32
+
+
+def validate_id(value: object, what: str) -> str:
+    """A tenant or session id: non-empty, at most 128 chars of [A-Za-z0-9._-]. Raises ValueError."""
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
+        raise ValueError(f"{what} must be 1..128 characters of [A-Za-z0-9._-], got {value!r}")
+    return value
+
+
+def _int_list(values: object, what: str, low: int) -> list[int]:
+    if not isinstance(values, (list, tuple)):
+        raise ContainerError(f"manifest {what} must be a list of ints, not {type(values).__name__}")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ContainerError(f"manifest {what}[{i}]={v!r} is not an int")
+        if v < low:
+            kind = "a non-positive pass length" if low == 1 else "out of range [0, 2^32)"
+            raise ContainerError(f"manifest {what}[{i}]={v} is {kind}")
+        if v >= _U32_LIMIT:
+            raise ContainerError(f"manifest {what}[{i}]={v} is out of range (>= 2^32)")
+    return [int(v) for v in values]
+
+
+def _rle(values: list[int]) -> list[tuple[int, int]]:
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and runs[-1][0] == v and runs[-1][1] < _U32_LIMIT - 1:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return [(v, n) for v, n in runs]
 
 
 @dataclass
 class SessionManifest:
     tenant: str
     session_id: str
-    tokens: list[int]
-    schedule: list[int]
-    kv_tokens: int
+    tokens: list[int]  # the whole token history (the durable truth)
+    schedule: list[int]  # lengths of the forward passes that built the KV, in order
+    kv_tokens: int  # how many leading tokens the stored KV covers (0 if none)
     model_fingerprint: str
     quant_spec: str
-    created_at: float
+    created_at: float  # unix seconds
     updated_at: float
 
     def validate(self) -> None:
-        if any(n <= 0 for n in self.schedule):
-            raise ContainerError("manifest schedule has a non-positive pass length")
-        prefix = set(itertools.accumulate(self.schedule, initial=0))
-        if sum(self.schedule) > len(self.tokens):
-            raise ContainerError(f"manifest schedule covers {sum(self.schedule)} tokens, history has {len(self.tokens)}")
-        if self.kv_tokens not in prefix:
-            raise ContainerError(f"manifest kv_tokens={self.kv_tokens} is not a boundary of the schedule")
-        if self.tokens and not (0 <= min(self.tokens) and max(self.tokens) < 1 << 32):
-            raise ContainerError("manifest token id out of range")
+        """Check every invariant of the module docstring; raises ContainerError naming the first violation."""
+        try:
+            validate_id(self.tenant, "tenant")
+            validate_id(self.session_id, "session id")
+        except ValueError as e:
+            raise ContainerError(f"manifest {e}") from None
+        tokens = _int_list(self.tokens, "tokens", 0)
+        schedule = _int_list(self.schedule, "schedule", 1)
+        for name in ("model_fingerprint", "quant_spec"):
+            if not isinstance(getattr(self, name), str):
+                raise ContainerError(f"manifest {name} must be a str, not {type(getattr(self, name)).__name__}")
+        for name in ("created_at", "updated_at"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ContainerError(f"manifest {name}={v!r} must be a finite number")
+        total = sum(schedule)
+        if total > len(tokens):
+            raise ContainerError(f"manifest schedule covers {total} tokens, the history has only {len(tokens)}")
+        kv = self.kv_tokens
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 0:
+            raise ContainerError(f"manifest kv_tokens={kv!r} must be an int >= 0")
+        if kv != 0 and kv not in set(accumulate(schedule)):
+            raise ContainerError(f"manifest kv_tokens={kv} is not a boundary of the schedule (which covers {total})")
 
     def encode(self) -> bytes:
+        """The manifest container. Raises ContainerError (a ValueError) if an invariant does not hold."""
         self.validate()
-        runs = [(n, len(list(g))) for n, g in itertools.groupby(self.schedule)]
-        payload = np.asarray(self.tokens, dtype="<u4").tobytes() + np.asarray(runs, dtype="<u4").reshape(-1).tobytes()
-        meta = {"v": MANIFEST_VERSION, "tenant": self.tenant, "session_id": self.session_id,
-                "n_tokens": len(self.tokens), "n_runs": len(runs), "kv_tokens": self.kv_tokens,
-                "model_fingerprint": self.model_fingerprint, "quant_spec": self.quant_spec,
-                "created_at": self.created_at, "updated_at": self.updated_at}
-        return pack_container(Kind.MANIFEST, Codec.RAW, meta, payload)
+        tokens = np.asarray(self.tokens, dtype=np.int64).astype("<u4")
+        runs = _rle([int(v) for v in self.schedule])
+        run_arr = np.asarray(runs, dtype=np.int64).reshape(-1, 2).astype("<u4")
+        meta = {
+            "v": MANIFEST_VERSION, "tenant": self.tenant, "session_id": self.session_id,
+            "model_fingerprint": self.model_fingerprint, "quant_spec": self.quant_spec,
+            "created_at": float(self.created_at), "updated_at": float(self.updated_at),
+            "kv_tokens": int(self.kv_tokens), "n_tokens": int(tokens.size), "n_runs": len(runs),
+        }
+        return pack_container(Kind.MANIFEST, Codec.RAW, meta, tokens.tobytes() + run_arr.tobytes())
 
     @classmethod
     def decode(cls, data: bytes) -> "SessionManifest":
+        """Open and validate a manifest container; raises ContainerError on any problem."""
         _, codec, meta, payload = unpack_container(data, expect_kind=Kind.MANIFEST)
-        try:
-            if meta["v"] != MANIFEST_VERSION:
-                raise ContainerError(f"unsupported manifest version {meta['v']}")
-            n_tokens, n_runs = int(meta["n_tokens"]), int(meta["n_runs"])
-            if codec != Codec.RAW or n_tokens < 0 or n_runs < 0 or len(payload) != 4 * (n_tokens + 2 * n_runs):
-                raise ContainerError("manifest payload size does not match its header")
-            tokens = np.frombuffer(payload, dtype="<u4", count=n_tokens).tolist()
-            runs = np.frombuffer(payload, dtype="<u4", offset=4 * n_tokens).reshape(-1, 2).tolist()
-            if any(n == 0 or count == 0 for n, count in runs) or sum(n * c for n, c in runs) > n_tokens:
-                raise ContainerError("manifest schedule is inconsistent with its history")
-            m = cls(tenant=str(meta["tenant"]), session_id=str(meta["session_id"]), tokens=tokens,
-                    schedule=[n for n, count in runs for _ in range(count)], kv_tokens=int(meta["kv_tokens"]),
-                    model_fingerprint=str(meta["model_fingerprint"]), quant_spec=str(meta["quant_spec"]),
-                    created_at=float(meta["created_at"]), updated_at=float(meta["updated_at"]))
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, ContainerError):
-                raise
-            raise ContainerError(f"manifest header is missing or has a bad field: {e}") from None
+        if codec != Codec.RAW:
+            raise ContainerError(f"manifest codec must be RAW, got {codec.name}")
+        types = {"v": int, "tenant": str, "session_id": str, "model_fingerprint": str, "quant_spec": str,
+                 "created_at": (int, float), "updated_at": (int, float), "kv_tokens": int, "n_tokens": int,
+                 "n_runs": int}
+        for key, typ in types.items():
+            if key not in meta:
+                raise ContainerError(f"manifest header is missing or has a bad field: no {key!r}")
+            if isinstance(meta[key], bool) or not isinstance(meta[key], typ):
+                raise ContainerError(f"manifest header is missing or has a bad field: {key!r} is a "
+                                     f"{type(meta[key]).__name__}")
+        if meta["v"] != MANIFEST_VERSION:
+            raise ContainerError(f"unsupported manifest version {meta['v']} (this build reads {MANIFEST_VERSION})")
+        n_tokens, n_runs = meta["n_tokens"], meta["n_runs"]
+        if n_tokens < 0 or n_runs < 0 or len(payload) != 4 * n_tokens + 8 * n_runs:
+            raise ContainerError(f"manifest payload size {len(payload)} does not match its header "
+                                 f"(4*{n_tokens} token bytes + 8*{n_runs} schedule-run bytes)")
+        tokens = np.frombuffer(payload, dtype="<u4", count=n_tokens).tolist()
+        runs = np.frombuffer(payload, dtype="<u4", count=2 * n_runs, offset=4 * n_tokens).reshape(-1, 2).tolist()
+        # Bound the run-length expansion before materializing it: every pass feeds >= 1 token.
+        if any(v == 0 or n == 0 for v, n in runs) or sum(v * n for v, n in runs) > n_tokens:
+            raise ContainerError(f"manifest schedule is inconsistent with its history of {n_tokens} tokens")
+        schedule = [v for v, n in runs for _ in range(n)]
+        m = cls(tenant=meta["tenant"], session_id=meta["session_id"], tokens=tokens, schedule=schedule,
+                kv_tokens=meta["kv_tokens"], model_fingerprint=meta["model_fingerprint"],
+                quant_spec=meta["quant_spec"], created_at=float(meta["created_at"]),
+                updated_at=float(meta["updated_at"]))
         m.validate()
         return m

@@ -1,116 +1,150 @@
-"""`RedisTier`: the cold tier. One Redis hash per session, and atomic byte accounting.
+"""`RedisTier`: sessions in Redis — one hash per session plus atomically maintained byte statistics.
 
 Keys:
-    {ns}:sess:{<tenant>}:<session>   hash: field `m` = manifest container, field `kv` = KV container
-    {ns}:stats                       hash: `bytes` = sum of all session field lengths, `sessions` = count
+- `{ns}:sess:{<tenant>}:<session_id>`: a HASH with fields `m` (manifest container) and `kv` (KV container).
+  The braces make the tenant a Redis Cluster hash tag.
+- `{ns}:stats`: a HASH with `bytes` (sum of the lengths of every session hash's field values) and
+  `sessions` (number of session hashes that exist).
 
-The braces around the tenant are a Redis Cluster hash tag (a tenant's sessions share a slot).
-Every write and delete runs as one Lua script that also updates `{ns}:stats`, so the stats equal the
-stored bytes exactly, whatever interleaving of workers and failures (a script is atomic).
-The client must be created with `decode_responses=False`; values are never unpickled.
+Invariants:
+- Every write or delete that changes a session hash runs as ONE Lua script that also applies the size
+  delta (from HSTRLEN before and after) and the existence change to the stats hash, so `stats()` always
+  equals the true totals, whatever the interleaving of clients.
+- `put_session` writes manifest and KV together atomically: a reader never sees a KV without the manifest
+  describing it.
+- Tenant and session ids match `[A-Za-z0-9._-]{1,128}` (ValueError otherwise); a manifest read back is
+  checked to belong to the key it was read from (ContainerError otherwise).
+- The client must be created with `decode_responses=False` (values are binary).
 """
 
 from __future__ import annotations
 
-import re
-
 import redis
 
-from kvstore.tiers.manifest import SessionManifest
+from kvstore.codec.container import ContainerError
+from kvstore.tiers.manifest import SessionManifest, validate_id
 
-ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+F_MANIFEST = b"m"
+F_KV = b"kv"
 
-# KEYS[1] session hash, KEYS[2] stats hash; ARGV: field1, value1|"", del1 (0/1), field2, ...
-# A field with del=1 is removed; otherwise set to value. Returns the session's total bytes after.
-_PUT = """
-local existed = redis.call('EXISTS', KEYS[1])
+# KEYS[1] session hash, KEYS[2] stats hash.
+# ARGV[1] = n, then n (field, value) pairs to set, then the fields to delete.
+# Returns the bytes the session hash holds afterwards.
+_UPDATE_LUA = """
+local key, stats = KEYS[1], KEYS[2]
+local existed = redis.call('EXISTS', key)
+local n = tonumber(ARGV[1])
 local delta = 0
-for i = 1, #ARGV, 3 do
-  local field, value, del = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  delta = delta - redis.call('HSTRLEN', KEYS[1], field)
-  if del == '1' then
-    redis.call('HDEL', KEYS[1], field)
-  else
-    redis.call('HSET', KEYS[1], field, value)
-    delta = delta + string.len(value)
-  end
+for i = 1, n do
+  local f, v = ARGV[2 * i], ARGV[2 * i + 1]
+  delta = delta + string.len(v) - redis.call('HSTRLEN', key, f)
+  redis.call('HSET', key, f, v)
 end
-local exists = redis.call('EXISTS', KEYS[1])
-redis.call('HINCRBY', KEYS[2], 'bytes', delta)
-redis.call('HINCRBY', KEYS[2], 'sessions', exists - existed)
+for i = 2 * n + 2, #ARGV do
+  delta = delta - redis.call('HSTRLEN', key, ARGV[i])
+  redis.call('HDEL', key, ARGV[i])
+end
+local exists = redis.call('EXISTS', key)
+if delta ~= 0 then redis.call('HINCRBY', stats, 'bytes', delta) end
+if exists ~= existed then redis.call('HINCRBY', stats, 'sessions', exists - existed) end
+local total = 0
+for _, f in ipairs(redis.call('HKEYS', key)) do total = total + redis.call('HSTRLEN', key, f) end
+return total
+"""
+
+# KEYS[1] session hash, KEYS[2] stats hash. Returns 1 if the session existed.
+_DELETE_LUA = """
+local key, stats = KEYS[1], KEYS[2]
+if redis.call('EXISTS', key) == 0 then return 0 end
+local total = 0
+for _, f in ipairs(redis.call('HKEYS', key)) do total = total + redis.call('HSTRLEN', key, f) end
+redis.call('DEL', key)
+if total ~= 0 then redis.call('HINCRBY', stats, 'bytes', -total) end
+redis.call('HINCRBY', stats, 'sessions', -1)
+return 1
+"""
+
+# KEYS[1] session hash. Returns the bytes it holds.
+_BYTES_LUA = """
 local total = 0
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do total = total + redis.call('HSTRLEN', KEYS[1], f) end
 return total
 """
 
-_DELETE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local total = 0
-for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do total = total + redis.call('HSTRLEN', KEYS[1], f) end
-redis.call('DEL', KEYS[1])
-redis.call('HINCRBY', KEYS[2], 'bytes', -total)
-redis.call('HINCRBY', KEYS[2], 'sessions', -1)
-return 1
-"""
-
-
-def check_id(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
-        raise ValueError(f"{kind} must be 1..128 characters of [A-Za-z0-9._-]")
-    return value
-
 
 class RedisTier:
     def __init__(self, client: redis.Redis, namespace: str = "kvstash"):
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError("namespace must be a non-empty string")
         self.client = client
-        self.namespace = check_id("namespace", namespace)
+        self.namespace = namespace
         self.stats_key = f"{namespace}:stats"
-        self._put = client.register_script(_PUT)
-        self._delete = client.register_script(_DELETE)
+        self._update = client.register_script(_UPDATE_LUA)
+        self._delete = client.register_script(_DELETE_LUA)
+        self._bytes = client.register_script(_BYTES_LUA)
 
     def session_key(self, tenant: str, session_id: str) -> str:
-        return f"{self.namespace}:sess:{{{check_id('tenant', tenant)}}}:{check_id('session_id', session_id)}"
+        validate_id(tenant, "tenant")
+        validate_id(session_id, "session id")
+        return f"{self.namespace}:sess:{{{tenant}}}:{session_id}"
 
-    def _write(self, tenant: str, session_id: str, fields: list[tuple[str, bytes | None]]) -> int:
-        argv: list[bytes | str] = []
-        for name, value in fields:
-            argv += [name, value if value is not None else b"", "1" if value is None else "0"]
-        return int(self._put(keys=[self.session_key(tenant, session_id), self.stats_key], args=argv))
+    def _write(self, key: str, sets: list[tuple[bytes, bytes]], deletes: list[bytes]) -> int:
+        args: list = [len(sets)]
+        for field, value in sets:
+            args += [field, value]
+        args += deletes
+        return int(self._update(keys=[key, self.stats_key], args=args))
 
     def put_manifest(self, manifest: SessionManifest) -> int:
-        """Write the manifest (durable history) only; returns the bytes the session now holds."""
-        return self._write(manifest.tenant, manifest.session_id, [("m", manifest.encode())])
+        """Write field `m` only (a stored KV is kept). Returns the bytes this session now holds."""
+        key = self.session_key(manifest.tenant, manifest.session_id)
+        return self._write(key, [(F_MANIFEST, manifest.encode())], [])
 
     def put_session(self, manifest: SessionManifest, kv: bytes | None) -> int:
-        """Write manifest and KV together, atomically (kv None removes the KV field)."""
-        return self._write(manifest.tenant, manifest.session_id, [("m", manifest.encode()), ("kv", kv)])
+        """Write `m` and `kv` in one atomic step (`kv=None` deletes the field). Returns the bytes held."""
+        key = self.session_key(manifest.tenant, manifest.session_id)
+        m = manifest.encode()
+        if kv is None:
+            return self._write(key, [(F_MANIFEST, m)], [F_KV])
+        if not isinstance(kv, (bytes, bytearray, memoryview)):
+            raise TypeError(f"kv must be bytes or None, not {type(kv).__name__}")
+        return self._write(key, [(F_MANIFEST, m), (F_KV, bytes(kv))], [])
 
     def get_manifest(self, tenant: str, session_id: str) -> SessionManifest | None:
-        data = self.client.hget(self.session_key(tenant, session_id), "m")
-        return None if data is None else SessionManifest.decode(data)
+        """The stored manifest, None if there is none; ContainerError if it is corrupt or misfiled."""
+        raw = self.client.hget(self.session_key(tenant, session_id), F_MANIFEST)
+        if raw is None:
+            return None
+        m = SessionManifest.decode(raw)
+        if (m.tenant, m.session_id) != (tenant, session_id):
+            raise ContainerError(f"manifest stored under {tenant}/{session_id} belongs to {m.tenant}/{m.session_id}")
+        return m
 
     def get_kv(self, tenant: str, session_id: str) -> bytes | None:
-        return self.client.hget(self.session_key(tenant, session_id), "kv")
+        """The stored KV container bytes (not decoded), None if there is none."""
+        return self.client.hget(self.session_key(tenant, session_id), F_KV)
 
     def drop_kv(self, tenant: str, session_id: str) -> None:
-        self._write(tenant, session_id, [("kv", None)])
+        """Delete the stored KV (the manifest stays)."""
+        self._write(self.session_key(tenant, session_id), [], [F_KV])
 
     def delete_session(self, tenant: str, session_id: str) -> bool:
-        return bool(self._delete(keys=[self.session_key(tenant, session_id), self.stats_key]))
+        """Remove the session hash; True if it existed."""
+        key = self.session_key(tenant, session_id)
+        return bool(self._delete(keys=[key, self.stats_key], args=[]))
 
     def session_bytes(self, tenant: str, session_id: str) -> int:
-        key = self.session_key(tenant, session_id)
-        pipe = self.client.pipeline(transaction=False)
-        for field in ("m", "kv"):
-            pipe.hstrlen(key, field)
-        return sum(pipe.execute())
+        """Bytes of the session's field values (0 if it does not exist)."""
+        return int(self._bytes(keys=[self.session_key(tenant, session_id)], args=[]))
 
     def stats(self) -> dict[str, int]:
-        raw = self.client.hgetall(self.stats_key)
-        return {"bytes": int(raw.get(b"bytes", 0)), "sessions": int(raw.get(b"sessions", 0))}
+        """{"bytes": total field-value bytes of all sessions, "sessions": number of session hashes}."""
+        b, s = self.client.hmget(self.stats_key, ["bytes", "sessions"])
+        return {"bytes": int(b or 0), "sessions": int(s or 0)}
 
     def ping(self) -> bool:
+        """True when Redis answers."""
         try:
             return bool(self.client.ping())
-        except redis.RedisError:
+        except (redis.RedisError, OSError):
             return False

@@ -43,3 +43,70 @@ def test_rejects_bad_input():
     huge[dims_at:dims_at + 8] = (2**62).to_bytes(8, "little")
     with pytest.raises(ContainerError, match="truncated"):
         decode_tensors(bytes(huge))
+
+
+# ---- more dtypes, shapes and hostile bundles ---------------------------------------------------------
+
+import struct  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+ALL = DTYPES + [np.uint64, np.bool_]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(hnp.arrays(st.sampled_from(ALL), hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)),
+                max_size=5))
+def test_roundtrip_property(arrays):
+    tensors = [(f"n{i}-ü", a) for i, a in enumerate(arrays)]
+    out = decode_tensors(encode_tensors(tensors))
+    assert [n for n, _ in out] == [n for n, _ in tensors]
+    for (_, a), (_, b) in zip(tensors, out):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+        assert b.flags.writeable and b.flags.c_contiguous
+
+
+def test_empty_bundle_and_big_endian_input():
+    assert decode_tensors(encode_tensors([])) == []
+    be = np.arange(6, dtype=">f4").reshape(2, 3)
+    (_, b), = decode_tensors(encode_tensors([("be", be)]))
+    assert b.dtype == np.float32 and np.array_equal(b, be)
+
+
+def test_decoded_arrays_are_independent_copies():
+    a = np.arange(8, dtype=np.uint16)  # how bfloat16 bits travel
+    blob = encode_tensors([("bf16", a)])
+    (_, b), = decode_tensors(blob)
+    b[0] = 999  # writable, and not a view of the input buffer
+    assert decode_tensors(blob)[0][1][0] == 0 and blob == encode_tensors([("bf16", a)])
+
+
+def _bundle(*entries: bytes, count: int | None = None) -> bytes:
+    return struct.pack("<I", len(entries) if count is None else count) + b"".join(entries)
+
+
+def _entry(name: bytes, code: int, dims: tuple, data: bytes) -> bytes:
+    return struct.pack("<H", len(name)) + name + struct.pack(f"<BB{len(dims)}Q", code, len(dims), *dims) + data
+
+
+@pytest.mark.parametrize("blob,needle", [
+    (_bundle(_entry(b"a", 200, (1,), b"x")), "unknown dtype code 200"),
+    (_bundle(_entry(b"a", 2, (1,), b"x"), _entry(b"a", 2, (1,), b"y")), "duplicate tensor name"),
+    (_bundle(_entry(b"\xff", 2, (1,), b"x")), "not valid utf-8"),
+    (_bundle(_entry(b"a", 2, (1,) * 33, b"x")), "more than 32"),
+    (_bundle(count=1000), "truncated"),
+    (b"\x01\x00", "truncated"),
+    (_bundle(_entry(b"a", 2, (0, 2**63), b"")), "invalid shape"),
+])
+def test_hostile_bundles_are_rejected(blob, needle):
+    with pytest.raises(ContainerError, match=needle):
+        decode_tensors(blob)
+
+
+def test_encode_rejects_non_arrays_and_bad_names():
+    with pytest.raises(ContainerError, match="not a numpy array"):
+        encode_tensors([("a", [1, 2])])  # type: ignore[list-item]
+    with pytest.raises(ContainerError, match="name must be a str"):
+        encode_tensors([(1, np.zeros(1))])  # type: ignore[list-item]

@@ -46,3 +46,77 @@ def test_decode_rejects_lies_and_other_kinds():
         SessionManifest.decode(pack_container(kind, codec, {**meta, "n_runs": 1}, bomb))
     with pytest.raises(ContainerError, match="expected a MANIFEST"):
         SessionManifest.decode(pack_container(Kind.KV, Codec.RAW, meta, payload))
+
+
+# ---- more invariants, and a property round trip -----------------------------------------------------
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def test_stored_kv_may_lag_the_schedule_at_a_pass_boundary():
+    for kv in (0, 30, 31, 35):  # 0: no stored KV; 31 < 35: the history moved on after the last offload
+        m = _m(kv_tokens=kv)
+        assert SessionManifest.decode(m.encode()) == m
+
+
+def test_decoded_values_are_plain_python():
+    m = SessionManifest.decode(_m(tokens=[np.int64(5)] * 40).encode())
+    assert all(type(t) is int for t in m.tokens + m.schedule) and type(m.created_at) is float
+    assert SessionManifest.decode(_m(created_at=0, updated_at=0).encode()).created_at == 0.0
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"tenant": ""}, "tenant must be 1..128"),
+    ({"session_id": "a/b"}, "session id must be 1..128"),
+    ({"session_id": "x" * 129}, "session id must be 1..128"),
+    ({"tokens": [2**32], "schedule": [], "kv_tokens": 0}, "out of range"),
+    ({"tokens": [1.0], "schedule": [], "kv_tokens": 0}, "not an int"),
+    ({"schedule": [-3], "kv_tokens": 0}, "non-positive"),
+    ({"kv_tokens": -1}, "kv_tokens=-1"),
+    ({"kv_tokens": 36}, "not a boundary"),
+    ({"created_at": math.nan}, "finite"),
+    ({"updated_at": math.inf}, "finite"),
+    ({"quant_spec": None}, "quant_spec must be a str"),
+])
+def test_more_invariants_are_enforced(kw, needle):
+    with pytest.raises(ContainerError, match=needle):
+        _m(**kw).encode()
+    with pytest.raises(ValueError):  # ContainerError is a ValueError
+        _m(**kw).validate()
+
+
+def test_decode_rejects_corruption_and_bad_headers():
+    blob = _m().encode()
+    with pytest.raises(ContainerError, match="checksum"):
+        SessionManifest.decode(blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(ContainerError, match="truncated"):
+        SessionManifest.decode(blob[:-4])
+    kind, codec, meta, payload = unpack_container(blob)
+    with pytest.raises(ContainerError, match="codec must be RAW"):
+        SessionManifest.decode(pack_container(kind, Codec.ZSTD, meta, payload))
+    for change in ({"tenant": 5}, {"created_at": "now"}, {"n_runs": 1.5}):
+        with pytest.raises(ContainerError, match="missing or has a bad field"):
+            SessionManifest.decode(pack_container(kind, codec, {**meta, **change}, payload))
+    without = {k: v for k, v in meta.items() if k != "quant_spec"}
+    with pytest.raises(ContainerError, match="missing or has a bad field"):
+        SessionManifest.decode(pack_container(kind, codec, without, payload))
+    with pytest.raises(ContainerError, match="tenant must be"):
+        SessionManifest.decode(pack_container(kind, codec, {**meta, "tenant": "a b"}, payload))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_roundtrip_property(data):
+    schedule = data.draw(st.lists(st.integers(1, 5), max_size=30))
+    extra = data.draw(st.integers(0, 5))
+    tokens = data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=sum(schedule) + extra, max_size=sum(schedule) + extra))
+    bounds = [0] + [sum(schedule[:i + 1]) for i in range(len(schedule))]
+    m = SessionManifest(tenant=data.draw(st.from_regex(r"[A-Za-z0-9._-]{1,20}", fullmatch=True)), session_id="s-1",
+                        tokens=tokens, schedule=schedule, kv_tokens=data.draw(st.sampled_from(bounds)),
+                        model_fingerprint=data.draw(st.text(max_size=20)), quant_spec="int4",
+                        created_at=data.draw(st.floats(allow_nan=False, allow_infinity=False)), updated_at=1.0)
+    assert SessionManifest.decode(m.encode()) == m

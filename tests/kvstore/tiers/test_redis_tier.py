@@ -95,3 +95,70 @@ def test_ids_are_validated(tier, tenant, sid):
 
 def test_ping(tier):
     assert tier.ping() is True
+
+
+# ---- field-level semantics, misfiled records, server restarts ------------------------------------------
+
+from services.runtime.redis_server import RedisServer  # noqa: E402
+
+
+def test_put_session_without_kv_and_drop_kv_adjust_stats(tier):
+    tier.put_session(_m("a"), bytes(range(256)) * 10)
+    assert tier.get_kv("acme", "a") == bytes(range(256)) * 10
+    m_len = len(_m("a").encode())
+    assert tier.put_session(_m("a"), None) == m_len  # kv None removes the field
+    assert tier.get_kv("acme", "a") is None and tier.get_manifest("acme", "a") == _m("a")
+    assert tier.stats() == {"bytes": m_len, "sessions": 1}
+    tier.put_session(_m("a"), b"kv")
+    assert tier.put_manifest(_m("a", n=30)) == len(_m("a", n=30).encode()) + 2  # the KV is kept
+    tier.drop_kv("acme", "a")
+    tier.drop_kv("acme", "a")  # idempotent
+    assert tier.session_bytes("acme", "a") == len(_m("a", n=30).encode())
+    assert tier.stats() == {"bytes": _stored_bytes(tier), "sessions": 1}
+
+
+def test_missing_sessions(tier):
+    assert tier.get_manifest("acme", "nope") is None and tier.get_kv("acme", "nope") is None
+    assert tier.session_bytes("acme", "nope") == 0
+    tier.drop_kv("acme", "nope")
+    assert tier.stats() == {"bytes": 0, "sessions": 0}
+    assert tier.client.exists(tier.session_key("acme", "nope")) == 0
+
+
+def test_misfiled_manifest_is_detected(tier):
+    tier.put_session(_m("x"), b"kv")
+    tier.client.hset(tier.session_key("acme", "y"), "m", _m("x").encode())  # written behind the tier's back
+    with pytest.raises(ContainerError, match="belongs to acme/x"):
+        tier.get_manifest("acme", "y")
+
+
+def test_garbage_manifest_is_a_container_error(tier):
+    tier.put_session(_m("g"), None)
+    tier.client.hset(tier.session_key("acme", "g"), "m", b"\x80\x04\x95 not a container at all, 40+ bytes long")
+    with pytest.raises(ContainerError, match="bad magic"):
+        tier.get_manifest("acme", "g")
+
+
+def test_invalid_manifest_is_refused_before_writing(tier):
+    bad = _m("bad")
+    bad.kv_tokens = 3
+    with pytest.raises(ContainerError, match="not a boundary"):
+        tier.put_session(bad, b"kv")
+    bad = _m("bad", tenant="no spaces")
+    with pytest.raises(ValueError, match="must be 1..128"):
+        tier.put_manifest(bad)
+    assert tier.stats() == {"bytes": 0, "sessions": 0}
+
+
+def test_survives_a_redis_restart_and_reports_down(tmp_path):
+    """Lua scripts are flushed by a restart; the tier must reload them (and ping must say False when down)."""
+    with RedisServer(data_dir=str(tmp_path), appendonly=True) as server:
+        tier = RedisTier(redis.Redis.from_url(server.url, socket_timeout=2), namespace="restart")
+        tier.put_session(_m("r1"), b"k" * 100)
+        server.restart()
+        assert tier.get_kv("acme", "r1") == b"k" * 100
+        tier.put_session(_m("r2"), b"k" * 50)
+        assert tier.delete_session("acme", "r1") is True
+        assert tier.stats() == {"bytes": _stored_bytes(tier), "sessions": 1}
+        server.kill()
+        assert tier.ping() is False
