@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import tomllib
 from pathlib import Path
 
+from kvstore.tiers.manifest import ID_RE
 from services.errors import Unauthenticated
 
-TENANT_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 ANONYMOUS_TENANT = "default"
 
 
@@ -28,8 +27,8 @@ class Authenticator:
         self.open = keys is None
         self._tenants: dict[bytes, str] = {}
         for key, tenant in (keys or {}).items():
-            if not TENANT_RE.match(tenant):
-                raise ValueError(f"tenant name {tenant!r} must match {TENANT_RE.pattern}")
+            if not ID_RE.fullmatch(tenant):
+                raise ValueError(f"tenant name {tenant!r} must match {ID_RE.pattern}")
             self._tenants[_digest(key)] = tenant
 
     @classmethod

@@ -8,12 +8,12 @@ request (INVALID_ARGUMENT naming the field and limit), then routes. Errors are r
 from __future__ import annotations
 
 import math
-import re
 import time
 import uuid
 
 import ray
 
+from kvstore.tiers.manifest import ID_RE
 from services.api.kvstash.v1 import kvstash_pb2 as pb
 from services.api.kvstash.v1 import kvstash_pb2_grpc as pb_grpc
 from services.config import KvstashConfig
@@ -23,14 +23,13 @@ from services.gateway.router import Router, WorkerHandle
 from services.metrics import GatewayMetrics
 from services.worker.engine import GenerateCall
 
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _SOURCES = {"new": pb.KV_SOURCE_NEW, "device": pb.KV_SOURCE_DEVICE, "restored": pb.KV_SOURCE_RESTORED,
             "recomputed": pb.KV_SOURCE_RECOMPUTED}
 _STATES = {"active": pb.SESSION_STATE_ACTIVE, "cold": pb.SESSION_STATE_COLD}
 
 
 def _session_id(sid: str) -> str:
-    if not SESSION_ID_RE.match(sid):
+    if not ID_RE.fullmatch(sid):
         raise InvalidArgument("session_id must be 1..128 characters of [A-Za-z0-9._-]")
     return sid
 
