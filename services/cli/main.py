@@ -107,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(fn=cmd_chat)
 
     from services.cli.bench import add_bench_parser
+    from services.cli.eval import add_eval_parser
 
     add_bench_parser(sub)
+    add_eval_parser(sub)
     return p
 
 
