@@ -9,8 +9,9 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "g" N                 key group: tokens per channel group (also the sealing unit)
              | "gv" N                value group: head_dim elements per token group
              | "r" N                 full-precision recent window, in tokens
+             | "had"                 Hadamard-rotate head_dim before quantizing
 
-Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128`.
+Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had`.
 
 Invariant: `QuantConfig.parse(c.spec()) == c` for every valid config.
 """
@@ -45,6 +46,10 @@ class QuantConfig:
     residual: int = field(
         default=128, metadata={"doc": "Full-precision recent window, in tokens (HF's residual_length)."}
     )
+    rotate: bool = field(
+        default=False,
+        metadata={"doc": "Rotate head_dim by a normalized Hadamard matrix before quantizing (undone on read)."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
@@ -65,7 +70,8 @@ class QuantConfig:
         """Canonical spec string; stable across releases because it is hashed into fingerprints."""
         if self.is_full_precision:
             return "fp"
-        return f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"
+        base = f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"
+        return base + (":had" if self.rotate else "")
 
     @classmethod
     def parse(cls, spec: str) -> "QuantConfig":
@@ -74,7 +80,7 @@ class QuantConfig:
             raise QuantConfigError("empty KV spec")
         parts = spec.strip().lower().split(":")
         scheme, knobs = parts[0], parts[1:]
-        kw: dict[str, int] = {}
+        kw: dict[str, int | bool] = {}
         if scheme == "fp":
             kw["key_bits"] = kw["value_bits"] = 16
         elif re.fullmatch(r"int(2|3|4|8)?", scheme):
@@ -91,6 +97,8 @@ class QuantConfig:
                 kw["key_group"] = int(m[1])
             elif m := re.fullmatch(r"r(\d+)", knob):
                 kw["residual"] = int(m[1])
+            elif knob == "had":
+                kw["rotate"] = True
             else:
                 raise QuantConfigError(f"unknown KV spec knob {knob!r} in {spec!r}")
         return cls(**kw)

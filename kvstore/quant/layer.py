@@ -10,6 +10,9 @@ State, for a layer holding `n` tokens:
       (a side with 16 bits keeps its sealed tokens as a plain [B, H, n_sealed, D] tensor instead)
     window: the last `n - n_sealed` tokens in the model dtype, k_fp/v_fp [B, H, n - n_sealed, D]
 
+With `rotate`, sealed tokens are quantized in the Hadamard-rotated basis of head_dim and rotated back
+when read, so attention always sees the original basis.
+
 Invariants:
 - `n_sealed == floor(max(0, n - residual) / key_group) * key_group` after every `update`: the state is a
   function of the token positions alone, never of how the tokens were chunked into forward passes.
@@ -25,6 +28,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvstore.config import QuantConfig
 from kvstore.quant.pack import pack, unpack
 from kvstore.quant.quantize import dequantize, quantize
+from kvstore.quant.rotation import hadamard, hadamard_matrix
 
 _SIDES = ("k", "v")
 
@@ -49,6 +53,8 @@ class QuantizedKVLayer(CacheLayerMixin):
             raise ValueError(
                 f"value_group={self.config.value_group} does not divide head_dim={self.head_dim}"
             )
+        if self.config.rotate:
+            hadamard_matrix(self.head_dim)  # raises for a head_dim that is not a power of two
         empty = key_states[..., :0, :]
         self.keys, self.values = empty.clone(), empty.clone()  # the full-precision window
         self.is_initialized = True
@@ -114,7 +120,7 @@ class QuantizedKVLayer(CacheLayerMixin):
                 new[f"{side}_fp"] = x.contiguous()
                 continue
             group, dim = (cfg.key_group, -2) if side == "k" else (self._value_group, -1)
-            codes, scale, zero = quantize(x, bits, group, dim)
+            codes, scale, zero = quantize(hadamard(x) if cfg.rotate else x, bits, group, dim)
             new[f"{side}_codes"] = pack(codes, bits)
             new[f"{side}_scale"], new[f"{side}_zero"] = scale, zero
         for name, t in new.items():
@@ -135,7 +141,8 @@ class QuantizedKVLayer(CacheLayerMixin):
             bits = self.config.key_bits if side == "k" else self.config.value_bits
             codes = unpack(s[f"{side}_codes"], bits, self.head_dim)
             group, dim = (self.config.key_group, -2) if side == "k" else (self._value_group, -1)
-            out.append(dequantize(codes, s[f"{side}_scale"], s[f"{side}_zero"], group, dim, self.dtype))
+            x = dequantize(codes, s[f"{side}_scale"], s[f"{side}_zero"], group, dim, torch.float32)
+            out.append((hadamard(x) if self.config.rotate else x).to(self.dtype))  # the rotation is its own inverse
         return out[0], out[1]
 
     # ---- accounting and export -----------------------------------------------------------------

@@ -1,0 +1,34 @@
+"""Data-free rotation of head_dim: the normalized Walsh-Hadamard transform (pure functions).
+
+`hadamard(x)` multiplies the last dimension by H / sqrt(d), with H the Sylvester Hadamard matrix; it is
+orthonormal and its own inverse (`hadamard(hadamard(x)) == x` up to float rounding), so attention can run
+on un-rotated keys and values after `hadamard` is applied again. Spreading each channel's energy over all
+channels flattens outliers before group quantization. Requires d to be a power of two.
+
+Shapes: x [..., d] -> [..., d], same dtype (computed in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def hadamard_matrix(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The normalized d x d Sylvester Hadamard matrix (float32); d must be a power of two."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {d}")
+    key = (d, str(device))
+    if key not in _CACHE:
+        h = torch.ones(1, 1)
+        while h.shape[0] < d:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _CACHE[key] = (h / d**0.5).to(device)
+    return _CACHE[key]
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Rotate the last dimension by the normalized Hadamard matrix (an involution)."""
+    h = hadamard_matrix(x.shape[-1], x.device)
+    return (x.float() @ h).to(x.dtype)
