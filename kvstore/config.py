@@ -9,6 +9,7 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "g" N                 key group: tokens per channel group (also the sealing unit)
              | "gv" N                value group: head_dim elements per token group
              | "r" N                 full-precision recent window, in tokens
+             | "s" N                 attention sinks: the first N tokens stay in full precision
              | "had"                 Hadamard-rotate head_dim before quantizing
 
 Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had`.
@@ -46,6 +47,9 @@ class QuantConfig:
     residual: int = field(
         default=128, metadata={"doc": "Full-precision recent window, in tokens (HF's residual_length)."}
     )
+    sinks: int = field(
+        default=0, metadata={"doc": "Attention-sink tokens: the first S tokens stay in full precision."}
+    )
     rotate: bool = field(
         default=False,
         metadata={"doc": "Rotate head_dim by a normalized Hadamard matrix before quantizing (undone on read)."},
@@ -59,6 +63,8 @@ class QuantConfig:
             raise QuantConfigError(f"key_group={self.key_group} must be in [1, 4096]")
         if not 1 <= self.value_group <= 4096:
             raise QuantConfigError(f"value_group={self.value_group} must be in [1, 4096]")
+        if not 0 <= self.sinks <= 1 << 16:
+            raise QuantConfigError(f"sinks={self.sinks} must be in [0, 65536]")
         if not 0 <= self.residual <= 1 << 20:
             raise QuantConfigError(f"residual={self.residual} must be in [0, 2^20]")
 
@@ -71,7 +77,7 @@ class QuantConfig:
         if self.is_full_precision:
             return "fp"
         base = f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"
-        return base + (":had" if self.rotate else "")
+        return base + (f":s{self.sinks}" if self.sinks else "") + (":had" if self.rotate else "")
 
     @classmethod
     def parse(cls, spec: str) -> "QuantConfig":
@@ -97,6 +103,8 @@ class QuantConfig:
                 kw["key_group"] = int(m[1])
             elif m := re.fullmatch(r"r(\d+)", knob):
                 kw["residual"] = int(m[1])
+            elif m := re.fullmatch(r"s(\d+)", knob):
+                kw["sinks"] = int(m[1])
             elif knob == "had":
                 kw["rotate"] = True
             else:

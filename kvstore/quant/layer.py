@@ -4,17 +4,19 @@ Layout (KIVI): keys are quantized per channel in groups of `key_group` tokens al
 values per token in groups of `value_group` elements along head_dim.
 
 State, for a layer holding `n` tokens:
-    sealed region: the first `n_sealed` tokens, quantized and packed
+    sealed region: `n_sealed` tokens, quantized and packed
         k_codes [B, H, n_sealed, packed(D)] uint8   k_scale/k_zero [B, H, n_sealed / key_group, D] fp16
         v_codes [B, H, n_sealed, packed(D)] uint8   v_scale/v_zero [B, H, n_sealed, D / value_group] fp16
       (a side with 16 bits keeps its sealed tokens as a plain [B, H, n_sealed, D] tensor instead)
-    window: the last `n - n_sealed` tokens in the model dtype, k_fp/v_fp [B, H, n - n_sealed, D]
+    sinks: the first `n_sink = min(n, sinks)` tokens in the model dtype, k_sink/v_sink [B, H, n_sink, D]
+    sealed region: the next `n_sealed` tokens, laid out as above
+    window: the last `n - n_sink - n_sealed` tokens in the model dtype, k_win/v_win
 
 With `rotate`, sealed tokens are quantized in the Hadamard-rotated basis of head_dim and rotated back
 when read, so attention always sees the original basis.
 
 Invariants:
-- `n_sealed == floor(max(0, n - residual) / key_group) * key_group` after every `update`: the state is a
+- `n_sealed == floor(max(0, n - n_sink - residual) / key_group) * key_group` after every `update`: the state is a
   function of the token positions alone, never of how the tokens were chunked into forward passes.
 - A key group is sealed only when it is full and wholly outside the recent window.
 - Export then import gives bit-identical tensors (`export_tensors` / `from_tensors`).
@@ -70,8 +72,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.num_tokens += key_states.shape[-2]
+        self._take_sinks()
         self._seal()
-        if self.n_sealed == 0:
+        if self.n_sealed == 0 and self.n_sink == 0:
             return self.keys, self.values
         k_old, v_old = self.dequantized_sealed()
         return torch.cat([k_old, self.keys], dim=-2), torch.cat([v_old, self.values], dim=-2)
@@ -107,10 +110,25 @@ class QuantizedKVLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("QuantizedKVLayer does not support beam search")
 
-    # ---- sealing -------------------------------------------------------------------------------
+    # ---- sinks and sealing ------------------------------------------------------------------------
+    @property
+    def n_sink(self) -> int:
+        return self.sealed["k_sink"].shape[-2] if "k_sink" in self.sealed else 0
+
+    def _take_sinks(self) -> None:
+        """Move the first tokens into the sink region until it holds `sinks` tokens (nothing is sealed before)."""
+        take = min(self.config.sinks - self.n_sink, self.keys.shape[-2])
+        if take <= 0:
+            return
+        for side, win in (("k", self.keys), ("v", self.values)):
+            head = win[..., :take, :]
+            name = f"{side}_sink"
+            self.sealed[name] = head.clone() if name not in self.sealed else torch.cat([self.sealed[name], head], -2)
+        self.keys, self.values = self.keys[..., take:, :].clone(), self.values[..., take:, :].clone()
+
     def _seal(self) -> None:
         cfg = self.config
-        target = max(0, self.num_tokens - cfg.residual) // cfg.key_group * cfg.key_group
+        target = max(0, self.num_tokens - self.n_sink - cfg.residual) // cfg.key_group * cfg.key_group
         if target <= self.n_sealed:
             return
         m = target - self.n_sealed  # tokens to move from the window into the sealed region
@@ -131,19 +149,25 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.n_sealed = target
 
     def dequantized_sealed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sealed region as [B, H, n_sealed, D] tensors in the model dtype."""
+        """Sinks and sealed region as [B, H, n_sink + n_sealed, D] tensors in the model dtype."""
         out = []
         for side in _SIDES:
-            s = self.sealed
-            if f"{side}_fp" in s:
-                out.append(s[f"{side}_fp"])
-                continue
-            bits = self.config.key_bits if side == "k" else self.config.value_bits
-            codes = unpack(s[f"{side}_codes"], bits, self.head_dim)
-            group, dim = (self.config.key_group, -2) if side == "k" else (self._value_group, -1)
-            x = dequantize(codes, s[f"{side}_scale"], s[f"{side}_zero"], group, dim, torch.float32)
-            out.append((hadamard(x) if self.config.rotate else x).to(self.dtype))  # the rotation is its own inverse
+            parts = [self.sealed[f"{side}_sink"]] if f"{side}_sink" in self.sealed else []
+            if self.n_sealed:
+                parts.append(self._read_sealed(side))
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2))
         return out[0], out[1]
+
+    def _read_sealed(self, side: str) -> torch.Tensor:
+        """One side's sealed region, dequantized (and rotated back) to [B, H, n_sealed, D] in the model dtype."""
+        s = self.sealed
+        if f"{side}_fp" in s:
+            return s[f"{side}_fp"]
+        bits = self.config.key_bits if side == "k" else self.config.value_bits
+        codes = unpack(s[f"{side}_codes"], bits, self.head_dim)
+        group, dim = (self.config.key_group, -2) if side == "k" else (self._value_group, -1)
+        x = dequantize(codes, s[f"{side}_scale"], s[f"{side}_zero"], group, dim, torch.float32)
+        return (hadamard(x) if self.config.rotate else x).to(self.dtype)  # the rotation is its own inverse
 
     # ---- accounting and export -----------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -169,9 +193,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         layer.head_dim = layer.keys.shape[-1]
         layer.sealed = {n: t for n, t in tensors.items() if n not in ("k_win", "v_win")}
         layer.num_tokens = num_tokens
-        layer.n_sealed = num_tokens - layer.keys.shape[-2]
-        expected = max(0, num_tokens - config.residual) // config.key_group * config.key_group
-        if layer.n_sealed != expected:
-            raise ValueError(f"layer state holds {layer.n_sealed} sealed tokens, config implies {expected}")
+        n_sink = layer.n_sink
+        layer.n_sealed = num_tokens - n_sink - layer.keys.shape[-2]
+        expected = max(0, num_tokens - n_sink - config.residual) // config.key_group * config.key_group
+        if n_sink != min(num_tokens, config.sinks) or layer.n_sealed != expected:
+            raise ValueError(f"layer state holds {n_sink} sink and {layer.n_sealed} sealed tokens; "
+                             f"the config implies {min(num_tokens, config.sinks)} and {expected}")
         layer.is_initialized = True
         return layer

@@ -131,3 +131,25 @@ def test_unsupported_models_are_refused():
     with pytest.raises(UnsupportedModelError, match="sliding_attention"):
         check_model_supported(cfg)
     assert check_model_supported(_tiny_llama().config) == 2
+
+
+@pytest.mark.parametrize("spec", ["int4:g32:gv16:r16:s4", "int2:g32:gv16:r0:s5:had", "int4:g32:gv16:r40:s100"])
+def test_sinks_stay_exact_and_state_is_chunking_invariant(spec):
+    q = QuantConfig.parse(spec)
+    assert QuantConfig.parse(q.spec()) == q
+    k, v = _kv(150, 7)
+    states = []
+    for chunks in ([150], [1] * 150, [3, 2, 90, 55]):
+        c = QuantizedKVCache(q, 1)
+        keys, values = _feed(c, k, v, chunks)[-1]
+        layer = c.layers[0]
+        s = min(150, q.sinks)
+        assert layer.n_sink == s
+        assert layer.n_sealed == max(0, 150 - s - q.residual) // q.key_group * q.key_group
+        assert torch.equal(keys[:, :, :s], k[:, :, :s]) and torch.equal(values[:, :, :s], v[:, :, :s])
+        states.append(c.export_state())
+    assert all(st.equals(states[0]) for st in states[1:])
+    back = QuantizedKVCache.from_state(states[0])
+    assert back.export_state().equals(states[0])
+    ka, va = back.update(k[:, :, :3], v[:, :, :3], 0)
+    assert ka.shape[-2] == 153
