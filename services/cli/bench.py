@@ -14,7 +14,8 @@ import statistics
 import time
 from pathlib import Path
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wiki.test.raw"
+from services.cli.eval import DEFAULT_TEXT
+
 
 
 def add_bench_parser(sub) -> None:
@@ -49,13 +50,11 @@ def run_bench(args) -> int:
     from kvstore.quant.cache import QuantizedKVCache
     from kvstore.tiers.redis_tier import RedisTier
     from kvstore.tiers.manifest import SessionManifest
-    from services.config import ModelConfig, kvstash_home
+    from services.config import ModelConfig
     from services.runtime.redis_server import RedisServer
     from services.worker.model_runner import ModelRunner
-    from services.worker.model_store import ModelStore
 
-    runner = ModelRunner(ModelConfig(name=args.model, dtype=args.dtype),
-                         ModelStore(kvstash_home() / "models").resolve(args.model))
+    runner = ModelRunner.load(ModelConfig(name=args.model, dtype=args.dtype))
     text = Path(args.text).read_text(encoding="utf-8")
     all_ids = runner.tokenizer(text[:200_000], add_special_tokens=False)["input_ids"]
     server = None if args.redis_url else RedisServer().start()

@@ -19,8 +19,6 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wiki.test.raw"
 
 
@@ -70,19 +68,22 @@ def cache_bits(cache) -> tuple[float, float]:
     return (q_bits / q_elems if q_elems else 0.0), (all_bits / all_elems if all_elems else 0.0)
 
 
-@torch.inference_mode()
 def window_logprobs(runner, ids: list[int], spec, chunk: int):
     """Next-token log-probs [len(ids) - 1, vocab] of one window through a fresh cache, and the cache."""
+    import torch
+
     cache = runner.new_cache(spec)
     outs = []
-    for start in range(0, len(ids) - 1, chunk):
-        x = torch.tensor([ids[start:min(start + chunk, len(ids) - 1)]], device=runner.device)
-        logits = runner.model(input_ids=x, past_key_values=cache, use_cache=True).logits[0].float()
-        outs.append(torch.log_softmax(logits, dim=-1))
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 1, chunk):
+            x = torch.tensor([ids[start:min(start + chunk, len(ids) - 1)]], device=runner.device)
+            logits = runner.model(input_ids=x, past_key_values=cache, use_cache=True).logits[0].float()
+            outs.append(torch.log_softmax(logits, dim=-1))
     return torch.cat(outs), cache
 
 
 def evaluate_ppl(runner, ids: list[int], spec, window: int, chunk: int, progress: bool = False) -> PplResult:
+    import torch
     from tqdm import tqdm
 
     from kvstore.config import QuantConfig
@@ -113,15 +114,13 @@ def evaluate_ppl(runner, ids: list[int], spec, window: int, chunk: int, progress
 
 def run_eval(args) -> int:
     from kvstore.config import QuantConfig
-    from services.config import ModelConfig, kvstash_home
+    from services.config import ModelConfig
     from services.worker.model_runner import ModelRunner
-    from services.worker.model_store import ModelStore
 
     spec = QuantConfig.parse(args.kv)
     if args.chunk < 1 or args.window < 2 or args.tokens < 2:
         raise SystemExit("--chunk must be >= 1, --window and --tokens >= 2")
-    runner = ModelRunner(ModelConfig(name=args.model, dtype=args.dtype),
-                         ModelStore(kvstash_home() / "models").resolve(args.model))
+    runner = ModelRunner.load(ModelConfig(name=args.model, dtype=args.dtype))
     text = Path(args.text).read_text(encoding="utf-8")
     ids = runner.tokenizer(text[: args.tokens * 16], add_special_tokens=False)["input_ids"][: args.tokens]
     if len(ids) < args.tokens:

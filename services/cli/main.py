@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from services.config import KvstashConfig, kvstash_home, reference_markdown
+from services.config import KvstashConfig, reference_markdown
 
 
 def _load_config(args) -> KvstashConfig:
@@ -52,11 +52,10 @@ def cmd_up(args) -> int:
 
 
 def cmd_model_pull(args) -> int:
-    from services.worker.model_store import ModelStore
+    from services.worker.model_store import store_for
 
     cfg = _load_config(args)
-    store = ModelStore(cfg.model.cache_dir or kvstash_home() / "models")
-    path = store.pull(args.name, force=args.force)
+    path = store_for(cfg.model.cache_dir).pull(args.name, force=args.force)
     print(path)
     return 0
 

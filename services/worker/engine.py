@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import redis
 
 from kvstore.tiers.redis_tier import RedisTier
-from services.config import KvstashConfig, kvstash_home
+from services.config import KvstashConfig
 from services.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.metrics import WorkerMetrics
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
-from services.worker.model_store import ModelStore
 from services.worker.scheduler import Scheduler, Sink
 from services.worker.session_manager import NEW, SessionManager
 
@@ -48,8 +47,7 @@ class Engine:
     def __init__(self, cfg: KvstashConfig, worker_id: str = "w0"):
         self.cfg, self.worker_id = cfg, worker_id
         self.metrics = WorkerMetrics()
-        store = ModelStore(cfg.model.cache_dir or kvstash_home() / "models")
-        self.runner = ModelRunner(cfg.model, store.resolve(cfg.model.name))
+        self.runner = ModelRunner.load(cfg.model)
         self.tier = RedisTier(redis_client(cfg), namespace=cfg.redis.namespace)
         self.sessions = SessionManager(self.runner, self.tier, cfg.quant, self.metrics, cfg.kv.codec_level)
         self.scheduler = Scheduler(on_idle=self._housekeeping, idle_interval_s=cfg.session.idle_check_interval_s)

@@ -67,6 +67,13 @@ class ModelRunner:
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         log.info("loaded %s on %s (%s), fingerprint %s", cfg.name, self.device, cfg.dtype, self.fingerprint[:12])
 
+    @classmethod
+    def load(cls, cfg: ModelConfig) -> "ModelRunner":
+        """Resolve `cfg.name` (built-in, folder or hub id) through the model store and load it."""
+        from services.worker.model_store import store_for
+
+        return cls(cfg, store_for(cfg.cache_dir).resolve(cfg.name))
+
     def _fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=32, person=b"kvstash-model")
         h.update(self.model.config.to_json_string(use_diff=False).encode())

@@ -43,6 +43,13 @@ BUILTINS = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+def store_for(cache_dir: str = "") -> "ModelStore":
+    """The model store a config names (`model.cache_dir`, or $KVSTASH_HOME/models)."""
+    from services.config import kvstash_home
+
+    return ModelStore(cache_dir or kvstash_home() / "models")
+
+
 class ModelStore:
     def __init__(self, cache_dir: str | Path):
         self.cache_dir = Path(cache_dir)

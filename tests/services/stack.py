@@ -13,16 +13,14 @@ from pathlib import Path
 
 import torch
 
-from services.config import kvstash_home
-from services.worker.model_store import DEFAULT_MODEL, ModelStore
+from services.worker.model_store import DEFAULT_MODEL, store_for
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def smollm2_path() -> Path:
     """The pulled default model; setup pulls it, so its absence is a failure, not a skip."""
-    path = Path(ModelStore(kvstash_home() / "models").resolve(DEFAULT_MODEL))
-    return path
+    return Path(store_for().resolve(DEFAULT_MODEL))
 
 
 def make_tiny_model(dest: Path) -> Path:
