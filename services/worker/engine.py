@@ -15,7 +15,7 @@ import redis
 
 from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig
-from services.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.errors import InvalidArgument
 from services.metrics import WorkerMetrics
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from services.worker.scheduler import Scheduler, Sink
@@ -125,9 +125,7 @@ class Engine:
     # ---- control operations (run on the engine thread) -------------------------------------------
     def info(self, tenant: str, session_id: str) -> dict:
         def op():
-            s = self.sessions.find(tenant, session_id)
-            if s is None:
-                raise NotFound(f"session {session_id!r} not found")
+            s = self.sessions.get(tenant, session_id)
             try:
                 redis_bytes = self.tier.session_bytes(tenant, session_id)
             except Exception:  # noqa: BLE001
@@ -140,12 +138,7 @@ class Engine:
 
     def evict(self, tenant: str, session_id: str):
         def op():
-            s = self.sessions.find(tenant, session_id)
-            if s is None:
-                raise NotFound(f"session {session_id!r} not found")
-            if s.busy:
-                raise FailedPrecondition(f"session {session_id!r} is busy with another request")
-            self.sessions.offload(s)
+            self.sessions.offload(self.sessions.check_not_busy(self.sessions.get(tenant, session_id)))
             return True
         return self.scheduler.call(op)
 
@@ -156,8 +149,8 @@ class Engine:
         return (tenant, session_id) in self.sessions.active
 
     def load(self) -> dict:
-        return {"queue_depth": self.scheduler.depth, "device_bytes": sum(
-            s.device_bytes() for s in list(self.sessions.active.values())), "active_sessions": len(self.sessions.active)}
+        return {"queue_depth": self.scheduler.depth, "device_bytes": self.sessions.device_bytes(),
+                "active_sessions": len(self.sessions.active)}
 
     def metrics_snapshot(self) -> list[dict]:
         self.metrics.queue_depth.set(self.scheduler.depth)

@@ -57,16 +57,28 @@ class SessionManager:
             raise Unavailable(f"session storage is unavailable: {type(e).__name__}") from None
         return Session.from_manifest(m) if m is not None else None
 
-    def acquire(self, tenant: str, session_id: str, create: bool) -> Session:
+    def get(self, tenant: str, session_id: str) -> Session:
+        """Like `find`, but an unknown session is NotFound."""
         s = self.find(tenant, session_id)
         if s is None:
-            if not create:
-                raise NotFound(f"session {session_id!r} not found")
-            s = Session(tenant=tenant, session_id=session_id)
+            raise NotFound(f"session {session_id!r} not found")
+        return s
+
+    @staticmethod
+    def check_not_busy(s: Session) -> Session:
         if s.busy:
-            raise FailedPrecondition(f"session {session_id!r} is busy with another request")
+            raise FailedPrecondition(f"session {s.session_id!r} is busy with another request")
+        return s
+
+    def acquire(self, tenant: str, session_id: str, create: bool) -> Session:
+        s = self.find(tenant, session_id) if create else self.get(tenant, session_id)
+        s = self.check_not_busy(s or Session(tenant=tenant, session_id=session_id))
         s.busy = True
         return s
+
+    def device_bytes(self) -> int:
+        """Device bytes held by every active session (measured from tensor storages)."""
+        return sum(s.device_bytes() for s in list(self.active.values()))
 
     def invalidate(self, s: Session) -> None:
         """Forget the device copy of a session whose state can no longer be trusted."""
@@ -178,8 +190,8 @@ class SessionManager:
 
     def delete(self, tenant: str, session_id: str) -> bool:
         s = self.active.get((tenant, session_id))
-        if s is not None and s.busy:
-            raise FailedPrecondition(f"session {session_id!r} is busy with another request")
+        if s is not None:
+            self.check_not_busy(s)
         self.active.pop((tenant, session_id), None)
         try:
             stored = self.tier.delete_session(tenant, session_id)
@@ -190,5 +202,5 @@ class SessionManager:
         return stored or s is not None
 
     def _update_gauges(self) -> None:
-        self.metrics.kv_bytes.labels("device").set(sum(s.device_bytes() for s in self.active.values()))
+        self.metrics.kv_bytes.labels("device").set(self.device_bytes())
         self.metrics.sessions.labels("active").set(len(self.active))
