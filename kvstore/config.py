@@ -10,9 +10,14 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "gv" N                value group: head_dim elements per token group
              | "r" N                 full-precision recent window, in tokens
              | "s" N                 attention sinks: the first N tokens stay in full precision
-             | "had"                 Hadamard-rotate head_dim before quantizing
+             | "had" | "hadk" | "hadv" Hadamard-rotate head_dim before quantizing: keys and values, or one side
+             | "hadattn"             run attention in the rotated basis instead of rotating back (needs had*)
+             | "out" FRACTION        keep this fraction of each sealed block's values exactly (e.g. out0.01)
+             | "prerope"             quantize keys before RoPE (RoPE is re-applied on read)
+             | "lb" (K V)+           per-layer bits, two characters per layer (2, 3, 4, 8, or f for 16),
+                                     e.g. lb848442 for three layers; overrides k/v bits layer by layer
 
-Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had`.
+Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had:out0.01`.
 
 Invariant: `QuantConfig.parse(c.spec()) == c` for every valid config.
 """
@@ -24,6 +29,8 @@ import re
 from dataclasses import dataclass, field
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16 means "not quantized" (full precision)
+_BIT_CHAR = {2: "2", 3: "3", 4: "4", 8: "8", 16: "f"}
+_CHAR_BIT = {c: b for b, c in _BIT_CHAR.items()}
 
 
 class QuantConfigError(ValueError):
@@ -50,9 +57,26 @@ class QuantConfig:
     sinks: int = field(
         default=0, metadata={"doc": "Attention-sink tokens: the first S tokens stay in full precision."}
     )
-    rotate: bool = field(
+    rotate: str = field(
+        default="",
+        metadata={"doc": "Sides whose head_dim is rotated by a normalized Hadamard matrix before quantizing: "
+                         "'', 'k', 'v' or 'kv'."},
+    )
+    rotated_attention: bool = field(
         default=False,
-        metadata={"doc": "Rotate head_dim by a normalized Hadamard matrix before quantizing (undone on read)."},
+        metadata={"doc": "Attention runs in the rotated basis (queries rotated, outputs rotated back) "
+                         "instead of rotating the cache back on read."},
+    )
+    outliers: float = field(
+        default=0.0,
+        metadata={"doc": "Fraction of each sealed block's elements kept exactly in an fp16 side table "
+                         "(dense-and-sparse); 0 disables."},
+    )
+    pre_rope: bool = field(
+        default=False, metadata={"doc": "Quantize keys before RoPE; RoPE is applied again when they are read."}
+    )
+    layer_bits: tuple[tuple[int, int], ...] = field(
+        default=(), metadata={"doc": "Per-layer (key_bits, value_bits); empty means key_bits/value_bits everywhere."}
     )
 
     def __post_init__(self) -> None:
@@ -67,17 +91,40 @@ class QuantConfig:
             raise QuantConfigError(f"sinks={self.sinks} must be in [0, 65536]")
         if not 0 <= self.residual <= 1 << 20:
             raise QuantConfigError(f"residual={self.residual} must be in [0, 2^20]")
+        if self.rotate not in ("", "k", "v", "kv"):
+            raise QuantConfigError(f"rotate={self.rotate!r} must be '', 'k', 'v' or 'kv'")
+        if self.rotated_attention and not self.rotate:
+            raise QuantConfigError("hadattn (attention in the rotated basis) needs a rotation: had, hadk or hadv")
+        if not 0.0 <= self.outliers <= 0.25:
+            raise QuantConfigError(f"outliers={self.outliers} must be a fraction in [0, 0.25]")
+        for i, pair in enumerate(self.layer_bits):
+            if len(pair) != 2 or any(b not in SUPPORTED_BITS for b in pair):
+                raise QuantConfigError(f"layer_bits[{i}]={pair} must be two of {SUPPORTED_BITS}")
 
     @property
     def is_full_precision(self) -> bool:
-        return self.key_bits == 16 and self.value_bits == 16
+        return all(b == 16 for pair in self.layer_bits or [(self.key_bits, self.value_bits)] for b in pair)
+
+    def bits_for(self, layer: int) -> tuple[int, int]:
+        """(key_bits, value_bits) of one layer."""
+        if not self.layer_bits:
+            return self.key_bits, self.value_bits
+        if layer >= len(self.layer_bits):
+            raise QuantConfigError(f"layer_bits covers {len(self.layer_bits)} layers; layer {layer} has none")
+        return self.layer_bits[layer]
 
     def spec(self) -> str:
         """Canonical spec string; stable across releases because it is hashed into fingerprints."""
         if self.is_full_precision:
             return "fp"
-        base = f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"
-        return base + (f":s{self.sinks}" if self.sinks else "") + (":had" if self.rotate else "")
+        parts = [f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"]
+        parts += [f"s{self.sinks}"] if self.sinks else []
+        parts += [{"kv": "had", "k": "hadk", "v": "hadv"}[self.rotate]] if self.rotate else []
+        parts += ["hadattn"] if self.rotated_attention else []
+        parts += [f"out{self.outliers:g}"] if self.outliers else []
+        parts += ["prerope"] if self.pre_rope else []
+        parts += ["lb" + "".join(_BIT_CHAR[b] for pair in self.layer_bits for b in pair)] if self.layer_bits else []
+        return ":".join(parts)
 
     @classmethod
     def parse(cls, spec: str) -> "QuantConfig":
@@ -105,8 +152,17 @@ class QuantConfig:
                 kw["residual"] = int(m[1])
             elif m := re.fullmatch(r"s(\d+)", knob):
                 kw["sinks"] = int(m[1])
-            elif knob == "had":
-                kw["rotate"] = True
+            elif knob in ("had", "hadk", "hadv"):
+                kw["rotate"] = {"had": "kv", "hadk": "k", "hadv": "v"}[knob]
+            elif knob == "hadattn":
+                kw["rotated_attention"] = True
+            elif m := re.fullmatch(r"out(\d*\.?\d+(?:e-?\d+)?)", knob):
+                kw["outliers"] = float(m[1])
+            elif knob == "prerope":
+                kw["pre_rope"] = True
+            elif m := re.fullmatch(r"lb([2348f]{2})+", knob):
+                chars = knob[2:]
+                kw["layer_bits"] = tuple((_CHAR_BIT[chars[i]], _CHAR_BIT[chars[i + 1]]) for i in range(0, len(chars), 2))
             else:
                 raise QuantConfigError(f"unknown KV spec knob {knob!r} in {spec!r}")
         return cls(**kw)

@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from kvstore.config import QuantConfig
 from kvstore.quant.layer import QuantizedKVLayer
+from kvstore.quant.rope import Rope, RopeUnavailable
 from kvstore.quant.state import KVState
 
 # numpy has no bfloat16: such tensors travel as their raw 16-bit patterns.
@@ -24,18 +25,38 @@ class UnsupportedModelError(ValueError):
     """The model's attention layout cannot be served by `QuantizedKVCache`."""
 
 
+SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
 def check_model_supported(model_config) -> int:
-    """Return the number of KV layers, or raise UnsupportedModelError with the reason."""
+    """Return the number of KV layers, or raise UnsupportedModelError with the reason.
+
+    Sliding-window layers keep their whole history and rely on the model's sliding mask (the cache
+    reports every layer as full, so the mask is built over absolute positions); linear-attention,
+    chunked or shared-KV layouts are refused."""
     text = model_config.get_text_config(decoder=True)
     if getattr(model_config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{model_config.model_type}: encoder-decoder models are not supported")
     layer_types, _ = get_layer_types_and_kwargs(text)
-    bad = sorted(set(layer_types) - {"full_attention"})
+    bad = sorted(set(layer_types) - SUPPORTED_LAYER_TYPES)
     if bad:
         raise UnsupportedModelError(
-            f"{text.model_type}: layer types {bad} are not supported by the quantized cache yet (only full attention)"
+            f"{text.model_type}: layer types {bad} are not supported by the quantized cache "
+            f"(supported: {sorted(SUPPORTED_LAYER_TYPES)})"
         )
+    if getattr(text, "num_kv_shared_layers", 0):
+        raise UnsupportedModelError(f"{text.model_type}: layers sharing KV are not supported by the quantized cache")
     return len(layer_types)
+
+
+def rope_for(model, quant: QuantConfig) -> Rope | None:
+    """The model's RoPE when `quant` stores keys before RoPE, else None; raises when it cannot."""
+    if not quant.pre_rope:
+        return None
+    try:
+        return Rope.from_model(model)
+    except RopeUnavailable as e:
+        raise UnsupportedModelError(str(e)) from None
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -55,13 +76,17 @@ def _to_torch(a: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
 class QuantizedKVCache(Cache):
     """One `QuantizedKVLayer` per decoder layer, all sharing one `QuantConfig`."""
 
-    def __init__(self, quant: QuantConfig, num_layers: int):
-        super().__init__(layers=[QuantizedKVLayer(quant) for _ in range(num_layers)])
+    def __init__(self, quant: QuantConfig, num_layers: int, rope: Rope | None = None):
+        if quant.layer_bits and len(quant.layer_bits) != num_layers:
+            raise UnsupportedModelError(
+                f"the KV spec sets bits for {len(quant.layer_bits)} layers; the model has {num_layers}")
+        super().__init__(layers=[QuantizedKVLayer(quant, i, rope) for i in range(num_layers)])
         self.quant = quant
+        self.rope = rope
 
     @classmethod
     def for_model(cls, model, quant: QuantConfig) -> "QuantizedKVCache":
-        return cls(quant, check_model_supported(model.config))
+        return cls(quant, check_model_supported(model.config), rope_for(model, quant))
 
     def device_bytes(self) -> int:
         """Device memory held by every layer, measured from tensor storages."""
@@ -84,12 +109,14 @@ class QuantizedKVCache(Cache):
                 yield f"{i}.{name}", t
 
     @classmethod
-    def from_state(cls, state: KVState, device: torch.device | str = "cpu") -> "QuantizedKVCache":
-        """Rebuild a cache from `export_state()` output; tensors are bit-identical to the exported ones."""
+    def from_state(cls, state: KVState, device: torch.device | str = "cpu", rope: Rope | None = None) -> "QuantizedKVCache":
+        """Rebuild a cache from `export_state()` output; tensors are bit-identical to the exported ones.
+
+        `rope` is the model's (`rope_for`), needed when the spec stores keys before RoPE."""
         quant = QuantConfig.parse(state.quant_spec)
         meta = state.meta
         n_layers = int(meta["num_layers"])
-        cache = cls(quant, n_layers)
+        cache = cls(quant, n_layers, rope)
         per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
         tdt = meta["tensor_dtypes"]
         for name, arr in state.tensors:
@@ -97,7 +124,8 @@ class QuantizedKVCache(Cache):
             per_layer[int(idx)][field] = _to_torch(arr, _DTYPES[tdt[name]], device)
         for i in range(n_layers):
             dtype = _DTYPES.get(meta["layer_dtypes"][i], torch.float32)
-            cache.layers[i] = QuantizedKVLayer.from_tensors(quant, int(meta["layer_tokens"][i]), per_layer[i], dtype)
+            cache.layers[i] = QuantizedKVLayer.from_tensors(
+                quant, int(meta["layer_tokens"][i]), per_layer[i], dtype, layer_idx=i, rope=rope)
         if cache.get_seq_length() != state.num_tokens:
             raise ValueError(f"state claims {state.num_tokens} tokens, layers hold {cache.get_seq_length()}")
         return cache

@@ -4,22 +4,25 @@ Layout (KIVI): keys are quantized per channel in groups of `key_group` tokens al
 values per token in groups of `value_group` elements along head_dim.
 
 State, for a layer holding `n` tokens:
-    sealed region: `n_sealed` tokens, quantized and packed
+    sinks: the first `n_sink = min(n, sinks)` tokens in the model dtype, k_sink/v_sink [B, H, n_sink, D]
+    sealed region: the next `n_sealed` tokens, whole blocks of `key_group` tokens, each side sealed by
+      `side.seal` (names prefixed "k_"/"v_"):
         k_codes [B, H, n_sealed, packed(D)] uint8   k_scale/k_zero [B, H, n_sealed / key_group, D] fp16
         v_codes [B, H, n_sealed, packed(D)] uint8   v_scale/v_zero [B, H, n_sealed, D / value_group] fp16
-      (a side with 16 bits keeps its sealed tokens as a plain [B, H, n_sealed, D] tensor instead)
-    sinks: the first `n_sink = min(n, sinks)` tokens in the model dtype, k_sink/v_sink [B, H, n_sink, D]
-    sealed region: the next `n_sealed` tokens, laid out as above
+        with outliers: k_oidx/k_oval, v_oidx/v_oval [n_sealed / key_group, k]
+      (a 16-bit side keeps its sealed tokens as k_fp/v_fp [B, H, n_sealed, D] instead)
     window: the last `n - n_sink - n_sealed` tokens in the model dtype, k_win/v_win
 
-With `rotate`, sealed tokens are quantized in the Hadamard-rotated basis of head_dim and rotated back
-when read, so attention always sees the original basis.
+Options (from `QuantConfig`): per-layer bits (`bits_for(layer_idx)`); Hadamard rotation per side; keys
+sealed before RoPE (`pre_rope`: the window keeps post-RoPE keys, sealed keys are un-rotated by RoPE at
+their positions and re-rotated on read); and `rotated_attention`, where rotated sides are returned in the
+rotated basis (`returns_rotated`) for an attention that rotates queries and outputs instead.
 
 Invariants:
 - `n_sealed == floor(max(0, n - n_sink - residual) / key_group) * key_group` after every `update`: the state is a
   function of the token positions alone, never of how the tokens were chunked into forward passes.
 - A key group is sealed only when it is full and wholly outside the recent window.
-- Export then import gives bit-identical tensors (`export_tensors` / `from_tensors`).
+- Export then import gives bit-identical tensors (`tensors` / `from_tensors`).
 """
 
 from __future__ import annotations
@@ -28,34 +31,41 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvstore.config import QuantConfig
-from kvstore.quant.pack import pack, unpack
-from kvstore.quant.quantize import dequantize, quantize
+from kvstore.quant import side as sides
+from kvstore.quant.rope import Rope
 from kvstore.quant.rotation import hadamard, hadamard_matrix
-
-_SIDES = ("k", "v")
-
 
 class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, config: QuantConfig):
+    def __init__(self, config: QuantConfig, layer_idx: int = 0, rope: Rope | None = None):
         super().__init__()
         self.config = config
+        self.layer_idx = layer_idx
+        self.bits = config.bits_for(layer_idx)  # (key_bits, value_bits)
+        self.pre_rope = config.pre_rope and self.bits[0] != 16
+        if self.pre_rope and rope is None:
+            raise ValueError("prerope needs the model's RoPE (build the cache with QuantizedKVCache.for_model)")
+        self.rope = rope
         self.num_tokens = 0
         self.n_sealed = 0
         self.sealed: dict[str, torch.Tensor] = {}  # name -> tensor, names as in the module docstring
         self.head_dim = 0
+        rot = set(config.rotate) if config.rotated_attention else set()
+        # sides handed to attention in the rotated basis: keys only when RoPE is applied after un-rotating
+        self.returns_rotated = {"k": "k" in rot and not self.pre_rope and self.bits[0] != 16,
+                                "v": "v" in rot and self.bits[1] != 16}
 
     # ---- transformers Cache layer protocol -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.head_dim = key_states.shape[-1]
-        if self.config.value_bits != 16 and self.head_dim % self._value_group:
+        if self.bits[1] != 16 and self.head_dim % self._value_group:
             raise ValueError(
                 f"value_group={self.config.value_group} does not divide head_dim={self.head_dim}"
             )
-        if self.config.rotate:
+        if self.config.rotate and not self.config.is_full_precision:
             hadamard_matrix(self.head_dim)  # raises for a head_dim that is not a power of two
         empty = key_states[..., :0, :]
         self.keys, self.values = empty.clone(), empty.clone()  # the full-precision window
@@ -64,6 +74,12 @@ class QuantizedKVLayer(CacheLayerMixin):
     @property
     def _value_group(self) -> int:
         return min(self.config.value_group, self.head_dim)
+
+    def plan(self, side: str) -> sides.SidePlan:
+        cfg = self.config
+        group, dim = (cfg.key_group, -2) if side == "k" else (self._value_group, -1)
+        return sides.SidePlan(bits=self.bits[side == "v"], group=group, dim=dim, block=cfg.key_group,
+                              rotate=side in cfg.rotate, outliers=cfg.outliers)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append [B, H, q, D] keys/values; return all keys/values [B, H, n, D] for attention."""
@@ -74,10 +90,12 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.num_tokens += key_states.shape[-2]
         self._take_sinks()
         self._seal()
+        rk, rv = self.returns_rotated["k"], self.returns_rotated["v"]
+        k_win, v_win = (hadamard(self.keys) if rk else self.keys), (hadamard(self.values) if rv else self.values)
         if self.n_sealed == 0 and self.n_sink == 0:
-            return self.keys, self.values
-        k_old, v_old = self.dequantized_sealed()
-        return torch.cat([k_old, self.keys], dim=-2), torch.cat([v_old, self.values], dim=-2)
+            return k_win, v_win
+        k_old, v_old = self.dequantized_sealed(rotated=True)
+        return torch.cat([k_old, k_win], dim=-2), torch.cat([v_old, v_win], dim=-2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.num_tokens + query_length, 0
@@ -132,42 +150,40 @@ class QuantizedKVLayer(CacheLayerMixin):
         if target <= self.n_sealed:
             return
         m = target - self.n_sealed  # tokens to move from the window into the sealed region
-        new = {}
-        for side, x, bits in (("k", self.keys[..., :m, :], cfg.key_bits), ("v", self.values[..., :m, :], cfg.value_bits)):
-            if bits == 16:
-                new[f"{side}_fp"] = x.contiguous()
-                continue
-            group, dim = (cfg.key_group, -2) if side == "k" else (self._value_group, -1)
-            codes, scale, zero = quantize(hadamard(x) if cfg.rotate else x, bits, group, dim)
-            new[f"{side}_codes"] = pack(codes, bits)
-            new[f"{side}_scale"], new[f"{side}_zero"] = scale, zero
-        for name, t in new.items():
-            axis = -2  # every sealed tensor grows along its token (or token-group) axis
-            self.sealed[name] = t if name not in self.sealed else torch.cat([self.sealed[name], t], dim=axis)
+        k_new = self.keys[..., :m, :]
+        if self.pre_rope:
+            k_new = self.rope.invert(k_new, self.n_sink + self.n_sealed, self.layer_idx)
+        for side, x in (("k", k_new), ("v", self.values[..., :m, :])):
+            for name, t in sides.seal(x, self.plan(side)).items():
+                name = f"{side}_{name}"  # every sealed tensor grows along dim -2 (tokens or blocks)
+                self.sealed[name] = t if name not in self.sealed else torch.cat([self.sealed[name], t], dim=-2)
         self.keys = self.keys[..., m:, :].clone()  # clone: do not keep the old window's storage alive
         self.values = self.values[..., m:, :].clone()
         self.n_sealed = target
 
-    def dequantized_sealed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sinks and sealed region as [B, H, n_sink + n_sealed, D] tensors in the model dtype."""
+    def dequantized_sealed(self, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sinks and sealed region as [B, H, n_sink + n_sealed, D] tensors in the model dtype.
+
+        With `rotated`, sides in `returns_rotated` come in the rotated basis (what attention receives)."""
         out = []
-        for side in _SIDES:
-            parts = [self.sealed[f"{side}_sink"]] if f"{side}_sink" in self.sealed else []
+        for side in ("k", "v"):
+            rot = rotated and self.returns_rotated[side]
+            parts = []
+            if f"{side}_sink" in self.sealed:
+                sink = self.sealed[f"{side}_sink"]
+                parts.append(hadamard(sink) if rot else sink)
             if self.n_sealed:
-                parts.append(self._read_sealed(side))
+                parts.append(self._read_sealed(side, rot))
             out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2))
         return out[0], out[1]
 
-    def _read_sealed(self, side: str) -> torch.Tensor:
-        """One side's sealed region, dequantized (and rotated back) to [B, H, n_sealed, D] in the model dtype."""
-        s = self.sealed
-        if f"{side}_fp" in s:
-            return s[f"{side}_fp"]
-        bits = self.config.key_bits if side == "k" else self.config.value_bits
-        codes = unpack(s[f"{side}_codes"], bits, self.head_dim)
-        group, dim = (self.config.key_group, -2) if side == "k" else (self._value_group, -1)
-        x = dequantize(codes, s[f"{side}_scale"], s[f"{side}_zero"], group, dim, torch.float32)
-        return (hadamard(x) if self.config.rotate else x).to(self.dtype)  # the rotation is its own inverse
+    def _read_sealed(self, side: str, rotated: bool) -> torch.Tensor:
+        """One side's sealed region as [B, H, n_sealed, D] in the model dtype (original basis unless `rotated`)."""
+        t = {name[2:]: v for name, v in self.sealed.items() if name[0] == side and name[2:] != "sink"}
+        x = sides.read(t, self.plan(side), self.head_dim, rotated_out=rotated)
+        if side == "k" and self.pre_rope:
+            x = self.rope.apply(x, self.n_sink, self.layer_idx)
+        return x.to(self.dtype)
 
     # ---- accounting and export -----------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -182,10 +198,11 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     @classmethod
     def from_tensors(
-        cls, config: QuantConfig, num_tokens: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+        cls, config: QuantConfig, num_tokens: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+        layer_idx: int = 0, rope: Rope | None = None,
     ) -> "QuantizedKVLayer":
         """Rebuild a layer from `tensors()` output; the inverse of export, bit for bit."""
-        layer = cls(config)
+        layer = cls(config, layer_idx, rope)
         if not tensors:
             return layer
         layer.keys, layer.values = tensors["k_win"], tensors["v_win"]

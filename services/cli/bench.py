@@ -76,7 +76,7 @@ def run_bench(args) -> int:
 
                 def restore():
                     st = decode_kv(tier.get_kv("bench", f"s{n}"), model_fingerprint=runner.fingerprint)
-                    runner.forward(QuantizedKVCache.from_state(st, runner.device), ids[-1:])
+                    runner.forward(runner.restore_cache(st), ids[-1:])
 
                 def reprefill():
                     runner.forward(runner.new_cache(q), ids)

@@ -8,7 +8,7 @@ back from the cache, so quantization error propagates as in decoding), once with
 once with SPEC. Reported:
 - `ppl_ref`, `ppl`, `delta_ppl`: perplexity of the next-token predictions, fp cache vs SPEC;
 - `kl`: mean KL(p_ref || p_spec) of next-token distributions; `top1_agreement`: argmax agreement;
-- `bits_per_element`: bits of the quantized part (codes, scales, zeros) per quantized K/V element;
+- `bits_per_element`: bits of the sealed (quantized) region per K/V element: codes, scales, zeros, outliers;
 - `bits_per_element_total`: bits of the whole cache (window and all) per K/V element at window length.
 """
 
@@ -52,7 +52,11 @@ class PplResult:
 
 
 def cache_bits(cache) -> tuple[float, float]:
-    """(bits per quantized element, bits per element of the whole cache), measured from tensor storages."""
+    """(bits per sealed element, bits per element of the whole cache), measured from tensor storages.
+
+    The sealed region is everything quantized: codes, fp16 scales and zeros, outlier side tables (a
+    side a per-layer spec keeps at 16 bits counts at its dtype's size). The whole cache adds sinks and
+    the full-precision window."""
     q_bits = q_elems = all_bits = all_elems = 0
     for layer in cache.layers:
         if not layer.is_initialized:
@@ -61,10 +65,9 @@ def cache_bits(cache) -> tuple[float, float]:
         tensors = layer.tensors()
         all_bits += sum(t.untyped_storage().nbytes() * 8 for t in tensors.values())
         all_elems += 2 * b * h * layer.num_tokens * d
-        for side in ("k", "v"):
-            if f"{side}_codes" in tensors:  # this side is quantized: codes + fp16 scales + fp16 zeros
-                q_bits += sum(tensors[f"{side}_{n}"].untyped_storage().nbytes() * 8 for n in ("codes", "scale", "zero"))
-                q_elems += b * h * layer.n_sealed * d
+        sealed = [t for n, t in tensors.items() if n[2:] in ("codes", "scale", "zero", "oidx", "oval", "fp")]
+        q_bits += sum(t.untyped_storage().nbytes() * 8 for t in sealed)
+        q_elems += 2 * b * h * layer.n_sealed * d
     return (q_bits / q_elems if q_elems else 0.0), (all_bits / all_elems if all_elems else 0.0)
 
 
@@ -74,11 +77,9 @@ def window_logprobs(runner, ids: list[int], spec, chunk: int):
 
     cache = runner.new_cache(spec)
     outs = []
-    with torch.inference_mode():
-        for start in range(0, len(ids) - 1, chunk):
-            x = torch.tensor([ids[start:min(start + chunk, len(ids) - 1)]], device=runner.device)
-            logits = runner.model(input_ids=x, past_key_values=cache, use_cache=True).logits[0].float()
-            outs.append(torch.log_softmax(logits, dim=-1))
+    for start in range(0, len(ids) - 1, chunk):
+        logits = runner.logits(cache, ids[start:min(start + chunk, len(ids) - 1)])
+        outs.append(torch.log_softmax(logits, dim=-1))
     return torch.cat(outs), cache
 
 

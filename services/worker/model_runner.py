@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.config import QuantConfig
-from kvstore.quant.cache import QuantizedKVCache, check_model_supported
+from kvstore.quant import attention
+from kvstore.quant.cache import QuantizedKVCache, check_model_supported, rope_for
+from kvstore.quant.state import KVState
 from services.config import ModelConfig
 from services.errors import InvalidArgument
 
@@ -60,6 +62,7 @@ class ModelRunner:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.num_layers = check_model_supported(self.model.config)
+        attention.install(self.model)  # SDPA that also serves caches handing it rotated K/V
         self.fingerprint = self._fingerprint()
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
@@ -86,14 +89,30 @@ class ModelRunner:
 
     # ---- the forward pass ------------------------------------------------------------------------
     def new_cache(self, quant: QuantConfig) -> QuantizedKVCache:
-        return QuantizedKVCache(quant, self.num_layers)
+        """An empty cache; raises UnsupportedModelError when `quant` cannot serve this model."""
+        return QuantizedKVCache(quant, self.num_layers, self._rope(quant))
+
+    def restore_cache(self, state: KVState) -> QuantizedKVCache:
+        """The cache `state` was exported from, bit for bit, on this runner's device."""
+        return QuantizedKVCache.from_state(state, self.device, self._rope(QuantConfig.parse(state.quant_spec)))
+
+    def _rope(self, quant: QuantConfig):
+        if quant.pre_rope and not hasattr(self, "_rope_obj"):
+            self._rope_obj = rope_for(self.model, quant)
+        return self._rope_obj if quant.pre_rope else None
 
     @torch.inference_mode()
     def forward(self, cache: QuantizedKVCache, ids: list[int]) -> torch.Tensor:
         """Run `ids` through the model on top of `cache`; return last-position logits [vocab] float32."""
+        return self.logits(cache, ids, keep=1)[-1]
+
+    @torch.inference_mode()
+    def logits(self, cache: QuantizedKVCache, ids: list[int], keep: int = 0) -> torch.Tensor:
+        """Run `ids` on top of `cache`; float32 logits [len(ids) or keep, vocab] (keep=0: every position)."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float()
+        with attention.active(cache):
+            out = self.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        return out.logits[0].float()
 
     @staticmethod
     def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:

@@ -141,7 +141,7 @@ class SessionManager:
             if state.quant_spec != self.quant.spec() or state.num_tokens != s.stored_kv_tokens:
                 raise ContainerError(f"stored KV ({state.quant_spec}, {state.num_tokens} tokens) does not match "
                                      f"({self.quant.spec()}, {s.stored_kv_tokens} tokens)")
-            return QuantizedKVCache.from_state(state, self.runner.device), state.num_tokens, None
+            return self.runner.restore_cache(state), state.num_tokens, None
         except (ContainerError, ValueError, KeyError) as e:
             log.warning("stored KV of %s/%s rejected: %s", s.tenant, s.session_id, e)
             return None, 0, "corrupt"

@@ -11,6 +11,9 @@ from kvstore.config import QuantConfig, QuantConfigError
     ("int8:r64", QuantConfig(8, 8, residual=64)),
     ("int4:k4v2:g64:r128", QuantConfig(4, 2, key_group=64, residual=128)),
     ("INT3:gv16", QuantConfig(3, 3, value_group=16)),
+    ("int4:hadv:hadattn", QuantConfig(4, 4, rotate="v", rotated_attention=True)),
+    ("int2:out0.01:prerope", QuantConfig(2, 2, outliers=0.01, pre_rope=True)),
+    ("int4:lb84f2", QuantConfig(4, 4, layer_bits=((8, 4), (16, 2)))),
 ])
 def test_parse(spec, expect):
     assert QuantConfig.parse(spec) == expect
@@ -18,15 +21,29 @@ def test_parse(spec, expect):
 
 @pytest.mark.parametrize("spec,needle", [
     ("", "empty"), ("int5", "unknown KV scheme"), ("int4:x9", "unknown KV spec knob"),
-    ("int4:k5v4", "key_bits=5"), ("int4:g0", "key_group"),
+    ("int4:k5v4", "key_bits=5"), ("int4:g0", "key_group"), ("int4:hadattn", "needs a rotation"),
+    ("int4:out0.5", "outliers"), ("int4:lb845", "unknown KV spec knob"),
 ])
 def test_parse_rejects(spec, needle):
     with pytest.raises(QuantConfigError, match=needle):
         QuantConfig.parse(spec)
 
 
-@given(k=st.sampled_from([2, 3, 4, 8, 16]), v=st.sampled_from([2, 3, 4, 8, 16]),
-       g=st.integers(1, 4096), gv=st.integers(1, 4096), r=st.integers(0, 10000))
-def test_spec_roundtrip(k, v, g, gv, r):
-    c = QuantConfig(k, v, g, gv, r)
+BITS = st.sampled_from([2, 3, 4, 8, 16])
+
+
+@given(k=BITS, v=BITS, g=st.integers(1, 4096), gv=st.integers(1, 4096), r=st.integers(0, 10000),
+       rot=st.sampled_from(["", "k", "v", "kv"]), out=st.sampled_from([0.0, 0.005, 0.01, 1e-4, 0.25]),
+       pre=st.booleans(), lb=st.lists(st.tuples(BITS, BITS), max_size=5))
+def test_spec_roundtrip(k, v, g, gv, r, rot, out, pre, lb):
+    c = QuantConfig(k, v, g, gv, r, rotate=rot, rotated_attention=bool(rot), outliers=out, pre_rope=pre,
+                    layer_bits=tuple(lb))
     assert QuantConfig.parse(c.spec()) == c or c.is_full_precision
+
+
+def test_bits_for_layers():
+    assert QuantConfig.parse("int4:k8v2").bits_for(7) == (8, 2)
+    c = QuantConfig.parse("int4:lb84f2")
+    assert c.bits_for(0) == (8, 4) and c.bits_for(1) == (16, 2) and not c.is_full_precision
+    with pytest.raises(QuantConfigError, match="layer 2"):
+        c.bits_for(2)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3NextConfig
 
 from kvstore.config import QuantConfig
 from kvstore.quant.cache import QuantizedKVCache, UnsupportedModelError, check_model_supported
@@ -126,9 +126,9 @@ def test_generate_uses_the_cache(make):
 
 
 def test_unsupported_models_are_refused():
-    cfg = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
-    with pytest.raises(UnsupportedModelError, match="sliding_attention"):
+    cfg = Qwen3NextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(UnsupportedModelError, match="linear_attention"):
         check_model_supported(cfg)
     assert check_model_supported(_tiny_llama().config) == 2
 

@@ -1,0 +1,57 @@
+"""The `kvstash` attention function: SDPA that can run in a cache's rotated basis.
+
+A `QuantizedKVLayer` with `rotated_attention` hands attention some sides in the Hadamard-rotated basis
+(`layer.returns_rotated`). Because the rotation H is orthonormal, attention is unchanged when queries
+are rotated with keys, q·k = (qH)·(kH), and rotated values give a rotated output, softmax(.)·(VH) =
+(softmax(.)·V)H. So this function rotates the queries when keys come rotated and rotates the output
+back when values do; the cache then never rotates its sealed region back on read.
+
+`install(model)` registers the function (name "kvstash") and switches the model to it; a model forward
+run inside `active(cache)` lets the function find the cache's layers (a context variable, so
+concurrent threads each see their own cache). Outside `active`, or for caches that need nothing, it is
+plain SDPA.
+
+Shapes: query [B, Hq, q, D], key/value [B, Hkv, n, D]; output [B, q, Hq, D] (transformers' convention).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvstore.quant.rotation import hadamard
+
+NAME = "kvstash"
+_ACTIVE: ContextVar = ContextVar("kvstash_active_cache", default=None)
+
+
+@contextmanager
+def active(cache):
+    token = _ACTIVE.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE.reset(token)
+
+
+def kv_attention(module, query, key, value, attention_mask, **kwargs):
+    cache = _ACTIVE.get()
+    idx = getattr(module, "layer_idx", None)
+    rot = None
+    if cache is not None and idx is not None and idx < len(getattr(cache, "layers", ())):
+        rot = getattr(cache.layers[idx], "returns_rotated", None)
+    if rot and rot["k"]:
+        query = hadamard(query)
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if rot and rot["v"]:
+        out = hadamard(out)
+    return out, weights
+
+
+def install(model) -> None:
+    """Register the kvstash attention and make `model` use it (it falls back to SDPA by itself)."""
+    AttentionInterface.register(NAME, kv_attention)
+    model.set_attn_implementation(NAME)
