@@ -21,6 +21,7 @@ from contextvars import ContextVar
 
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from kvstore.quant.rotation import hadamard
 
@@ -52,6 +53,7 @@ def kv_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def install(model) -> None:
-    """Register the kvstash attention and make `model` use it (it falls back to SDPA by itself)."""
+    """Register the kvstash attention (and SDPA's masks for it) and make `model` use it."""
     AttentionInterface.register(NAME, kv_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # without it, chunked prefill loses its causal mask
     model.set_attn_implementation(NAME)

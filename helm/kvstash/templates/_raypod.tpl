@@ -1,0 +1,46 @@
+{{/* The pod spec of a Ray head or worker: dict ctx name resources gpus nodeSelector tolerations ports. */}}
+{{- define "kvstash.rayPodSpec" -}}
+{{- $ := .ctx -}}
+{{- $resources := deepCopy .resources }}
+{{- if gt (int .gpus) 0 }}
+{{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" (int .gpus)) ($resources.limits | default dict)) }}
+{{- end -}}
+automountServiceAccountToken: false
+{{- with $.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 1000
+  runAsGroup: 100
+  fsGroup: 100
+containers:
+  - name: {{ .name }}
+    image: {{ include "kvstash.rayImage" $ | quote }}
+    imagePullPolicy: {{ $.Values.ray.image.pullPolicy }}
+    {{- with .ports }}
+    ports:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    resources:
+      {{- toYaml $resources | nindent 6 }}
+    securityContext:
+      allowPrivilegeEscalation: false
+    volumeMounts:
+      - name: dshm
+        mountPath: /dev/shm
+volumes:
+  - name: dshm
+    emptyDir:
+      medium: Memory
+      sizeLimit: {{ $.Values.ray.shmSize }}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
