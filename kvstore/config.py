@@ -17,7 +17,8 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "lb" (K V)+           per-layer bits, two characters per layer (2, 3, 4, 8, or f for 16),
                                      e.g. lb848442 for three layers; overrides k/v bits layer by layer
 
-Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had:out0.01`.
+Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had:out0.01`. `QuantConfig.load` also takes a
+file holding a spec (plain text, or TOML with `spec = "..."`), e.g. one written by `kvstash eval alloc`.
 
 Invariant: `QuantConfig.parse(c.spec()) == c` for every valid config.
 """
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16 means "not quantized" (full precision)
 _BIT_CHAR = {2: "2", 3: "3", 4: "4", 8: "8", 16: "f"}
@@ -166,6 +169,20 @@ class QuantConfig:
             else:
                 raise QuantConfigError(f"unknown KV spec knob {knob!r} in {spec!r}")
         return cls(**kw)
+
+    @classmethod
+    def load(cls, spec_or_path: str) -> "QuantConfig":
+        """A spec string, or a file holding one: plain text, or TOML with `spec = "..."` (top level or [kv])."""
+        path = Path(spec_or_path)
+        if not (path.suffix in (".toml", ".txt", ".spec") and path.is_file()):
+            return cls.parse(spec_or_path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+            text = data.get("spec") or data.get("kv", {}).get("spec") or ""
+            if not text:
+                raise QuantConfigError(f"{path} has no `spec` key (top level or in [kv])")
+        return cls.parse(text.strip())
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)

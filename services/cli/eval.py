@@ -25,16 +25,26 @@ DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="quality evaluations against an in-process full-precision baseline")
     kinds = ev.add_subparsers(dest="eval_cmd", required=True)
-    p = kinds.add_parser("ppl", help="perplexity, KL and top-1 agreement of a KV spec vs the fp cache")
+    p = kinds.add_parser("ppl", help="perplexity, KL and top-1 agreement of KV specs vs the fp cache")
+    _common(p)
+    p.add_argument("--kv", required=True,
+                   help="KV spec, e.g. int4:k8v4:g32:r128, or a spec file; comma-separate several to compare")
+    p.add_argument("--baseline", action="append", default=[], choices=["hf-quanto", "hf-hqq"],
+                   help="also run transformers' QuantizedCache with the first spec's bits, group and window")
+    p.set_defaults(fn=run_eval)
+    from services.cli.alloc import add_alloc_parser
+
+    add_alloc_parser(kinds, _common)
+
+
+def _common(p) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, HF folder or hub id")
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="UTF-8 text file (default: WikiText-2 raw test)")
-    p.add_argument("--kv", required=True, help="KV spec, e.g. int4, int4:k8v4:g32:r128")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--chunk", type=int, default=32, help="tokens per forward pass")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(fn=run_eval)
+    p.add_argument("--json", action="store_true", help="print one JSON object per evaluated cache")
 
 
 @dataclass
@@ -71,69 +81,139 @@ def cache_bits(cache) -> tuple[float, float]:
     return (q_bits / q_elems if q_elems else 0.0), (all_bits / all_elems if all_elems else 0.0)
 
 
-def window_logprobs(runner, ids: list[int], spec, chunk: int):
-    """Next-token log-probs [len(ids) - 1, vocab] of one window through a fresh cache, and the cache."""
+def window_logprobs(runner, ids: list[int], cache, chunk: int):
+    """Next-token log-probs [len(ids) - 1, vocab] of one window fed through `cache` in chunks."""
     import torch
 
-    cache = runner.new_cache(spec)
     outs = []
     for start in range(0, len(ids) - 1, chunk):
         logits = runner.logits(cache, ids[start:min(start + chunk, len(ids) - 1)])
         outs.append(torch.log_softmax(logits, dim=-1))
-    return torch.cat(outs), cache
+    return torch.cat(outs)
+
+
+class Evaluator:
+    """Scores caches on the same windows against one full-precision reference pass (computed once)."""
+
+    def __init__(self, runner, ids: list[int], window: int, chunk: int, progress: bool = False):
+        self.runner, self.chunk, self.progress = runner, chunk, progress
+        self.windows = [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
+        self.window = window
+        self._ref = None
+
+    def reference(self):
+        """Per window: fp log-probs [n - 1, vocab] and the summed target NLL."""
+        import torch
+
+        from kvstore.config import QuantConfig
+
+        if self._ref is None:
+            fp = QuantConfig.parse("fp")
+            self._ref = []
+            for w in self._iter(self.windows, "eval fp"):
+                lp = window_logprobs(self.runner, w, self.runner.new_cache(fp), self.chunk)
+                self._ref.append(lp)
+        return self._ref
+
+    def _iter(self, items, desc):
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, disable=not self.progress, unit="window")
+
+    def score(self, label: str, make_cache, bits=None) -> PplResult:
+        """PplResult of caches from `make_cache()` (one per window); `bits(cache)` gives the bit figures."""
+        import torch
+
+        refs = self.reference()
+        nll_ref = nll = kl = agree = 0.0
+        count = 0
+        bits_q, bits_total = [], []
+        for w, lp_ref in zip(self._iter(self.windows, f"eval {label}"), refs):
+            targets = torch.tensor(w[1:], device=self.runner.device)
+            cache = make_cache()
+            lp = window_logprobs(self.runner, w, cache, self.chunk)
+            rows = torch.arange(len(targets), device=self.runner.device)
+            nll_ref -= float(lp_ref[rows, targets].sum())
+            nll -= float(lp[rows, targets].sum())
+            kl += float((lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp_min(0).sum())
+            agree += float((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
+            count += len(targets)
+            q, t = (bits or cache_bits)(cache)
+            bits_q.append(q)
+            bits_total.append(t)
+        ppl_ref, ppl = math.exp(nll_ref / count), math.exp(nll / count)
+        return PplResult(spec=label, tokens=count + len(self.windows), window=self.window, ppl_ref=ppl_ref,
+                         ppl=ppl, delta_ppl=ppl - ppl_ref, kl=kl / count, top1_agreement=agree / count,
+                         bits_per_element=sum(bits_q) / len(bits_q),
+                         bits_per_element_total=sum(bits_total) / len(bits_total))
+
+    def spec(self, spec) -> PplResult:
+        return self.score(spec.spec(), lambda: self.runner.new_cache(spec))
+
+    def hf(self, baseline: str, spec) -> PplResult:
+        """transformers' QuantizedCache (quanto or hqq backend) with `spec`'s key bits, key group and window.
+
+        Its bits are nominal: codes plus an fp16 scale and zero per group (its internals are not ours to
+        measure); the total adds the full-precision window at the model dtype's width."""
+        from transformers import QuantizedCache
+
+        backend = baseline.removeprefix("hf-")
+        nbits, group, residual = spec.key_bits, spec.key_group, spec.residual
+        width = self.runner.dtype.itemsize * 8
+
+        def bits(cache):
+            n = cache.get_seq_length()
+            sealed = n - min(n, residual) if residual else n
+            q = nbits + 32 / group
+            return q, (sealed * q + (n - sealed) * width) / max(n, 1)
+
+        label = f"{baseline}:int{nbits}:g{group}:r{residual}"
+        return self.score(label, lambda: QuantizedCache(backend=backend, config=self.runner.model.config, nbits=nbits,
+                                                        q_group_size=group, residual_length=residual), bits)
 
 
 def evaluate_ppl(runner, ids: list[int], spec, window: int, chunk: int, progress: bool = False) -> PplResult:
-    import torch
-    from tqdm import tqdm
+    return Evaluator(runner, ids, window, chunk, progress).spec(spec)
 
-    from kvstore.config import QuantConfig
 
-    ref_spec = QuantConfig.parse("fp")
-    nll_ref = nll = kl = agree = 0.0
-    count = 0
-    bits_q, bits_total = [], []
-    windows = [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
-    for w in tqdm(windows, desc=f"eval {spec.spec()}", disable=not progress, unit="window"):
-        targets = torch.tensor(w[1:], device=runner.device)
-        lp_ref, _ = window_logprobs(runner, w, ref_spec, chunk)
-        lp, cache = window_logprobs(runner, w, spec, chunk)
-        rows = torch.arange(len(targets), device=runner.device)
-        nll_ref -= float(lp_ref[rows, targets].sum())
-        nll -= float(lp[rows, targets].sum())
-        kl += float((lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp_min(0).sum())
-        agree += float((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
-        count += len(targets)
-        q, t = cache_bits(cache)
-        bits_q.append(q)
-        bits_total.append(t)
-    ppl_ref, ppl = math.exp(nll_ref / count), math.exp(nll / count)
-    return PplResult(spec=spec.spec(), tokens=count + len(windows), window=window, ppl_ref=ppl_ref, ppl=ppl,
-                     delta_ppl=ppl - ppl_ref, kl=kl / count, top1_agreement=agree / count,
-                     bits_per_element=sum(bits_q) / len(bits_q), bits_per_element_total=sum(bits_total) / len(bits_total))
+def load_ids(runner, path: str, tokens: int) -> list[int]:
+    text = Path(path).read_text(encoding="utf-8")
+    ids = runner.tokenizer(text[: tokens * 16], add_special_tokens=False)["input_ids"][:tokens]
+    if len(ids) < tokens:
+        raise SystemExit(f"{path} has only {len(ids)} tokens, fewer than --tokens {tokens}")
+    return ids
+
+
+def load_runner(args):
+    from services.config import ModelConfig
+    from services.worker.model_runner import ModelRunner
+
+    if args.chunk < 1 or args.window < 2 or args.tokens < 2:
+        raise SystemExit("--chunk must be >= 1, --window and --tokens >= 2")
+    return ModelRunner.load(ModelConfig(name=args.model, dtype=args.dtype))
+
+
+def print_results(results: list[PplResult], as_json: bool, header: str) -> None:
+    if as_json:
+        for r in results:
+            print(json.dumps(asdict(r)))
+        return
+    print(header)
+    print("| kv | ppl | ΔPPL | mean KL | top-1 agree | bits/elem (quantized) | bits/elem (total) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| fp (reference) | {results[0].ppl_ref:.3f} | 0 | 0 | 1 | - | - |")
+    for r in results:
+        print(f"| `{r.spec}` | {r.ppl:.3f} | {r.delta_ppl:+.3f} | {r.kl:.5f} | {r.top1_agreement:.4f} "
+              f"| {r.bits_per_element:.3f} | {r.bits_per_element_total:.3f} |")
 
 
 def run_eval(args) -> int:
     from kvstore.config import QuantConfig
-    from services.config import ModelConfig
-    from services.worker.model_runner import ModelRunner
 
-    spec = QuantConfig.parse(args.kv)
-    if args.chunk < 1 or args.window < 2 or args.tokens < 2:
-        raise SystemExit("--chunk must be >= 1, --window and --tokens >= 2")
-    runner = ModelRunner.load(ModelConfig(name=args.model, dtype=args.dtype))
-    text = Path(args.text).read_text(encoding="utf-8")
-    ids = runner.tokenizer(text[: args.tokens * 16], add_special_tokens=False)["input_ids"][: args.tokens]
-    if len(ids) < args.tokens:
-        raise SystemExit(f"{args.text} has only {len(ids)} tokens, fewer than --tokens {args.tokens}")
-    res = evaluate_ppl(runner, ids, spec, args.window, args.chunk, progress=not args.json)
-    if args.json:
-        print(json.dumps(asdict(res)))
-    else:
-        print(f"model {args.model}, {res.tokens} tokens in windows of {res.window}, chunk {args.chunk}")
-        print("| kv | ppl | ΔPPL | mean KL | top-1 agree | bits/elem (quantized) | bits/elem (total) |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        print(f"| fp (reference) | {res.ppl_ref:.3f} | 0 | 0 | 1 | - | - |")
-        print(f"| `{res.spec}` | {res.ppl:.3f} | {res.delta_ppl:+.3f} | {res.kl:.5f} | {res.top1_agreement:.4f} "
-              f"| {res.bits_per_element:.3f} | {res.bits_per_element_total:.3f} |")
+    specs = [QuantConfig.load(s) for s in args.kv.split(",")]
+    runner = load_runner(args)
+    ev = Evaluator(runner, load_ids(runner, args.text, args.tokens), args.window, args.chunk, progress=not args.json)
+    results = [ev.spec(s) for s in specs] + [ev.hf(b, specs[0]) for b in args.baseline]
+    print_results(results, args.json, f"model {args.model}, {results[0].tokens} tokens in windows of "
+                                      f"{args.window}, chunk {args.chunk}")
     return 0

@@ -47,3 +47,14 @@ def test_bits_for_layers():
     assert c.bits_for(0) == (8, 4) and c.bits_for(1) == (16, 2) and not c.is_full_precision
     with pytest.raises(QuantConfigError, match="layer 2"):
         c.bits_for(2)
+
+
+def test_load_reads_spec_files(tmp_path):
+    (tmp_path / "a.toml").write_text('[kv]\nspec = "int4:k8v4:r64"\n')
+    (tmp_path / "b.txt").write_text("int2:lb8442\n")
+    (tmp_path / "c.toml").write_text('other = 1\n')
+    assert QuantConfig.load(str(tmp_path / "a.toml")) == QuantConfig(8, 4, residual=64)
+    assert QuantConfig.load(str(tmp_path / "b.txt")).layer_bits == ((8, 4), (4, 2))
+    assert QuantConfig.load("int4:out0.01").outliers == 0.01
+    with pytest.raises(QuantConfigError, match="no `spec`"):
+        QuantConfig.load(str(tmp_path / "c.toml"))

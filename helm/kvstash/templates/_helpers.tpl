@@ -82,7 +82,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- else if kindIs "bool" . }}{{ . }}
 {{- else if kindIs "float64" . }}{{ if eq . (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
 {{- else if or (kindIs "int" .) (kindIs "int64" .) }}{{ . }}
-{{- else }}{{ fail (printf "config: a value of kind %s cannot go into config.toml" (kindOf .)) }}
+{{- else }}{{ include "kvstash.fail" (printf "config: a value of kind %s cannot go into config.toml" (kindOf .)) }}
 {{- end }}
 {{- end }}
 
@@ -104,35 +104,42 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
+{{/* Stop rendering with a message. `fail` alone is only logged by `helm lint` (lint mode), so the
+     include of a template that cannot exist makes lint fail too, carrying the same message. */}}
+{{- define "kvstash.fail" -}}
+{{- fail . }}
+{{- include (printf "INVALID VALUES: %s" .) dict }}
+{{- end }}
+
 {{/* Cross-field checks that values.schema.json cannot express. */}}
 {{- define "kvstash.validate" -}}
 {{- $w := .Values.ray.worker }}
 {{- if or (gt (int $w.minReplicas) (int $w.replicas)) (gt (int $w.replicas) (int $w.maxReplicas)) }}
-{{- fail (printf "ray.worker: need minReplicas <= replicas <= maxReplicas, got %v <= %v <= %v" $w.minReplicas $w.replicas $w.maxReplicas) }}
+{{- include "kvstash.fail" (printf "ray.worker: need minReplicas <= replicas <= maxReplicas, got %v <= %v <= %v" $w.minReplicas $w.replicas $w.maxReplicas) }}
 {{- end }}
 {{- $gpusPerActor := float64 .Values.config.ray.num_gpus_per_worker }}
 {{- if and (eq (int $w.gpus) 0) (gt $gpusPerActor 0.0) }}
-{{- fail (printf "config.ray.num_gpus_per_worker is %v but ray.worker.gpus is 0: worker actors would wait for a GPU forever (set it to 0 for a CPU-only group)" .Values.config.ray.num_gpus_per_worker) }}
+{{- include "kvstash.fail" (printf "config.ray.num_gpus_per_worker is %v but ray.worker.gpus is 0: worker actors would wait for a GPU forever (set it to 0 for a CPU-only group)" .Values.config.ray.num_gpus_per_worker) }}
 {{- end }}
 {{- $pods := ternary $w.maxReplicas $w.replicas .Values.ray.autoscaling.enabled }}
 {{- if and (gt (int $w.gpus) 0) (gt (mulf $gpusPerActor .Values.config.ray.num_workers) (mulf $pods $w.gpus)) }}
-{{- fail (printf "config.ray.num_workers x num_gpus_per_worker (%v x %v) needs more GPUs than the worker group offers (%v pods x %v)" .Values.config.ray.num_workers .Values.config.ray.num_gpus_per_worker $pods $w.gpus) }}
+{{- include "kvstash.fail" (printf "config.ray.num_workers x num_gpus_per_worker (%v x %v) needs more GPUs than the worker group offers (%v pods x %v)" .Values.config.ray.num_workers .Values.config.ray.num_gpus_per_worker $pods $w.gpus) }}
 {{- end }}
 {{- $s := .Values.config.session }}
 {{- if gt (int $s.default_max_new_tokens) (int $s.max_new_tokens_limit) }}
-{{- fail "config.session.default_max_new_tokens exceeds config.session.max_new_tokens_limit" }}
+{{- include "kvstash.fail" "config.session.default_max_new_tokens exceeds config.session.max_new_tokens_limit" }}
 {{- end }}
 {{- $a := .Values.gateway.autoscaling }}
 {{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) }}
-{{- fail (printf "gateway.autoscaling: minReplicas (%v) > maxReplicas (%v)" $a.minReplicas $a.maxReplicas) }}
+{{- include "kvstash.fail" (printf "gateway.autoscaling: minReplicas (%v) > maxReplicas (%v)" $a.minReplicas $a.maxReplicas) }}
 {{- end }}
 {{- if and (not .Values.redis.enabled) (not .Values.redis.external.url) (not .Values.redis.external.existingSecret) }}
-{{- fail "redis.enabled is false: set redis.external.url or redis.external.existingSecret" }}
+{{- include "kvstash.fail" "redis.enabled is false: set redis.external.url or redis.external.existingSecret" }}
 {{- end }}
 {{- if and .Values.redis.enabled (or .Values.redis.external.url .Values.redis.external.existingSecret) }}
-{{- fail "redis.external.* is set but redis.enabled is true: set redis.enabled=false to use an external Redis" }}
+{{- include "kvstash.fail" "redis.external.* is set but redis.enabled is true: set redis.enabled=false to use an external Redis" }}
 {{- end }}
 {{- if and .Values.apiKeys.keys .Values.apiKeys.existingSecret }}
-{{- fail "apiKeys: set keys or existingSecret, not both" }}
+{{- include "kvstash.fail" "apiKeys: set keys or existingSecret, not both" }}
 {{- end }}
 {{- end }}

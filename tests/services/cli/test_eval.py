@@ -65,3 +65,14 @@ def test_smollm2_int8_is_near_lossless_and_int2_is_not():
     assert abs(int8.delta_ppl) / int8.ppl_ref < 0.01 and int8.top1_agreement > 0.97  # stated bound: <1% PPL
     int2 = evaluate_ppl(runner, ids, QuantConfig.parse("int2:g32:gv32:r0"), window=512, chunk=32)
     assert int2.kl > 10 * int8.kl and int2.ppl > int8.ppl
+
+
+def test_hf_baseline_runs_on_the_same_tokens(tiny_runner):
+    from services.cli.eval import Evaluator
+
+    ev = Evaluator(tiny_runner, _ids(tiny_runner, 200), window=100, chunk=16)
+    ours = ev.spec(QuantConfig.parse("int4:g32:gv16:r0"))
+    hf = ev.hf("hf-hqq", QuantConfig.parse("int4:g32:gv16:r0"))
+    assert hf.ppl_ref == ours.ppl_ref  # one reference pass serves both
+    assert hf.spec == "hf-hqq:int4:g32:r0" and hf.bits_per_element == 4 + 32 / 32
+    assert 0 < hf.kl < 1 and hf.ppl != hf.ppl_ref

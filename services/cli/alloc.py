@@ -1,0 +1,119 @@
+"""`kvstash eval alloc`: quality-adaptive bits per layer and per K/V under a KL budget, against flat.
+
+    kvstash eval alloc --kl-budget 0.02 [--bits 2,3,4,8] [--base SPEC] [--out FILE] [--tokens N] ...
+
+1. Sensitivity: for every layer l, side s (K or V) and bit width b, the mean KL of next-token
+   distributions (vs the fp cache) when only (l, s) is quantized at b bits and everything else stays
+   full precision; measured with one forward pass per window (fast; the cache quantizes what it seals).
+2. Allocation: assuming KL adds up over (l, s), start everything at the fewest bits and greedily upgrade
+   the (l, s) with the best KL saved per extra bit until the estimate is within the budget.
+3. Verification: the allocation is evaluated for real (chunked, as `eval ppl`); when the measured KL
+   exceeds the budget the estimate's target is tightened by the ratio and step 2 repeats (at most 4 times).
+4. Flat: every (key bits, value bits) pair is evaluated the same way; the cheapest one within the budget
+   is the flat allocation at the same budget. Both are reported with measured bits per element.
+`--out` writes the adaptive spec to a file that `--kv FILE` (eval ppl, `kv.spec`) accepts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict
+
+
+def add_alloc_parser(kinds, common) -> None:
+    p = kinds.add_parser("alloc", help="pick bits per layer and K/V under a KL budget; compare with flat")
+    common(p)
+    p.add_argument("--kl-budget", type=float, default=0.02, help="mean KL(p_fp || p_kv) allowed")
+    p.add_argument("--bits", default="2,3,4,8", help="bit widths to choose from")
+    p.add_argument("--base", default="int4:g32:gv32:r128", help="spec whose groups, window and options are kept")
+    p.add_argument("--out", default="", help="write the adaptive spec to this file")
+    p.set_defaults(fn=run_alloc, tokens=1024)
+
+
+def side_cost(base, side: str, bits: int, head_dim: int) -> float:
+    """Nominal bits per element of one side: codes plus fp16 scale and zero per group."""
+    group = base.key_group if side == "k" else min(base.value_group, head_dim)
+    return bits + (32 / group if bits < 16 else 0)
+
+
+def greedy(sens: dict, layers: int, choices: list[int], cost, target: float) -> tuple[tuple[int, int], ...]:
+    """Cheapest-first allocation: sens[(l, s, b)] is the KL of quantizing (l, s) alone at b bits (0 at 16).
+
+    Returns layer_bits [(k, v)] * layers whose summed KL estimate is <= target (or the top choice everywhere)."""
+    choices = sorted(choices)
+    level = {(l, s): 0 for l in range(layers) for s in "kv"}
+    kl = lambda l, s, i: sens.get((l, s, choices[i]), 0.0)  # noqa: E731
+    estimate = lambda: sum(kl(l, s, i) for (l, s), i in level.items())  # noqa: E731
+    while estimate() > target:
+        best, gain = None, -1.0
+        for (l, s), i in level.items():
+            if i + 1 < len(choices):
+                g = (kl(l, s, i) - kl(l, s, i + 1)) / max(cost(s, choices[i + 1]) - cost(s, choices[i]), 1e-9)
+                if g > gain:
+                    best, gain = (l, s), g
+        if best is None or gain <= 0:
+            break
+        level[best] += 1
+    return tuple((choices[level[(l, "k")]], choices[level[(l, "v")]]) for l in range(layers))
+
+
+def run_alloc(args) -> int:
+    from kvstore.config import QuantConfig
+    from services.cli.eval import Evaluator, load_ids, load_runner
+
+    base = QuantConfig.load(args.base)
+    choices = sorted({int(b) for b in args.bits.split(",")})
+    runner = load_runner(args)
+    ids = load_ids(runner, args.text, args.tokens)
+    layers = runner.num_layers
+    text = runner.model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    fast = Evaluator(runner, ids, args.window, args.window, progress=False)
+    full = Evaluator(runner, ids, args.window, args.chunk, progress=False)
+    progress = not args.json
+
+    def spec_with(layer_bits):
+        return base.replace(layer_bits=tuple(layer_bits))
+
+    sens = {}
+    todo = [(l, s, b) for l in range(layers) for s in "kv" for b in choices if b < 16]
+    for n, (l, s, b) in enumerate(todo):
+        bits = [(16, 16)] * layers
+        bits[l] = (b, 16) if s == "k" else (16, b)
+        sens[(l, s, b)] = fast.spec(spec_with(bits)).kl
+        if progress and n % 10 == 0:
+            print(f"sensitivity {n + 1}/{len(todo)}", flush=True)
+
+    cost = lambda s, b: side_cost(base, s, b, head_dim)  # noqa: E731
+    target, adaptive = args.kl_budget, None
+    for _ in range(4):
+        alloc = greedy(sens, layers, choices, cost, target)
+        adaptive = full.spec(spec_with(alloc))
+        if adaptive.kl <= args.kl_budget:
+            break
+        target *= args.kl_budget / adaptive.kl
+    flat = None
+    for k, v in sorted(itertools.product(choices, choices), key=lambda kv: cost("k", kv[0]) + cost("v", kv[1])):
+        r = full.spec(base.replace(key_bits=k, value_bits=v, layer_bits=()))
+        if r.kl <= args.kl_budget:
+            flat = r
+            break
+    if args.out and adaptive is not None:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(adaptive.spec + "\n")
+    out = {"kl_budget": args.kl_budget, "adaptive": asdict(adaptive), "flat": asdict(flat) if flat else None,
+           "adaptive_within_budget": adaptive.kl <= args.kl_budget}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"KL budget {args.kl_budget} on {adaptive.tokens} tokens (windows of {args.window}, chunk {args.chunk})")
+        print("| allocation | spec | mean KL | ΔPPL | bits/elem (quantized) | bits/elem (total) |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
+        for name, r in (("adaptive", adaptive), ("flat", flat)):
+            if r is None:
+                print(f"| {name} | none within budget | | | | |")
+            else:
+                print(f"| {name} | `{r.spec}` | {r.kl:.5f} | {r.delta_ppl:+.3f} | {r.bits_per_element:.3f} "
+                      f"| {r.bits_per_element_total:.3f} |")
+    return 0
