@@ -35,6 +35,9 @@ class ModelConfig:
 class KVConfig:
     spec: str = _f("int4:k8v4:g32:r128", "On-device KV quantization spec (grammar in kvstore/config.py), e.g. int4, int8:r64, fp.")
     codec_level: int = _f(3, "zstandard level used when offloading an idle session's KV.")
+    quality_sample_rate: float = _f(
+        0.01, "Fraction of decode steps on which the worker probes quantization error per layer (0 disables)."
+    )
 
 
 @dataclass
@@ -86,7 +89,7 @@ class KvstashConfig:
 
     @property
     def quant(self) -> QuantConfig:
-        return QuantConfig.parse(self.kv.spec)
+        return QuantConfig.load(self.kv.spec)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -114,6 +117,8 @@ class KvstashConfig:
 
     def validate(self) -> None:
         self.quant  # raises QuantConfigError on a bad spec
+        if not 0.0 <= self.kv.quality_sample_rate <= 1.0:
+            raise ValueError("kv.quality_sample_rate must be in [0, 1]")
         if self.ray.num_workers < 1:
             raise ValueError("ray.num_workers must be >= 1")
         if self.session.default_max_new_tokens > self.session.max_new_tokens_limit:

@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+KL_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+ERROR_BUCKETS = (1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 class WorkerMetrics:
@@ -40,6 +42,15 @@ class WorkerMetrics:
             "kvstash_compression_ratio", "Raw KV bytes over stored bytes of the last offload, per stage.", ["stage"], registry=r
         )
         self.queue_depth = Gauge("kvstash_worker_queue_depth", "Requests running or waiting on this worker.", registry=r)
+        self.quality_samples = Counter(
+            "kvstash_quality_probes_total", "Decode steps probed for quantization quality.", registry=r)
+        self.quality_kl = Histogram(
+            "kvstash_quality_attention_kl", "KL(fp || quantized) of attention distributions on probed steps, per layer.",
+            ["layer"], buckets=KL_BUCKETS, registry=r)
+        self.quality_error = Histogram(
+            "kvstash_quality_attention_relative_error",
+            "Relative L2 error of attention outputs on probed steps, per layer.", ["layer"], buckets=ERROR_BUCKETS,
+            registry=r)
         for reason in ("missing", "corrupt"):
             self.recomputes.labels(reason)
         self.sessions.labels("active")  # cold sessions live in Redis: see kvstash_stored_sessions

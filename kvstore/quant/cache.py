@@ -83,6 +83,7 @@ class QuantizedKVCache(Cache):
         super().__init__(layers=[QuantizedKVLayer(quant, i, rope) for i in range(num_layers)])
         self.quant = quant
         self.rope = rope
+        self.probe: list[tuple[int, float, float]] | None = None  # set to [] to probe the next step's quality
 
     @classmethod
     def for_model(cls, model, quant: QuantConfig) -> "QuantizedKVCache":

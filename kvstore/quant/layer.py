@@ -185,6 +185,26 @@ class QuantizedKVLayer(CacheLayerMixin):
             x = self.rope.apply(x, self.n_sink, self.layer_idx)
         return x.to(self.dtype)
 
+    def probe_window(self) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """The window's oldest whole blocks, sealed and read back in the basis attention receives.
+
+        Returns (offset of those tokens in the K/V `update` returns, k, v [B, H, w, D]), or None when
+        the window has no whole block or the layer keeps everything in full precision. State is unchanged."""
+        w = self.keys.shape[-2] // self.config.key_group * self.config.key_group if self.is_initialized else 0
+        if w == 0 or self.bits == (16, 16):
+            return None
+        start = self.n_sink + self.n_sealed
+        out = []
+        for side, x in (("k", self.keys[..., :w, :]), ("v", self.values[..., :w, :])):
+            plan = self.plan(side)
+            pre = side == "k" and self.pre_rope
+            x = self.rope.invert(x, start, self.layer_idx) if pre else x
+            y = sides.read(sides.seal(x, plan), plan, self.head_dim, rotated_out=self.returns_rotated[side])
+            if plan.bits == 16 and self.returns_rotated[side]:
+                y = hadamard(y)
+            out.append((self.rope.apply(y, start, self.layer_idx) if pre else y).to(self.dtype))
+        return start, out[0], out[1]
+
     # ---- accounting and export -----------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer holds, by name (sealed region and window)."""

@@ -7,6 +7,8 @@ scheduler between passes. Each pass's length is appended to the session's schedu
 
 from __future__ import annotations
 
+import random
+
 import logging
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -48,9 +50,20 @@ class Engine:
         self.cfg, self.worker_id = cfg, worker_id
         self.metrics = WorkerMetrics()
         self.runner = ModelRunner.load(cfg.model)
+        self.runner.new_cache(cfg.quant)  # fail at start, not per request, when the spec cannot serve the model
         self.tier = RedisTier(redis_client(cfg), namespace=cfg.redis.namespace)
         self.sessions = SessionManager(self.runner, self.tier, cfg.quant, self.metrics, cfg.kv.codec_level)
+        self._probe_rng = random.Random(f"kvstash-probe-{worker_id}")  # which decode steps get probed
         self.scheduler = Scheduler(on_idle=self._housekeeping, idle_interval_s=cfg.session.idle_check_interval_s)
+
+    def _observe_quality(self, cache) -> None:
+        """Export the probe's per-layer attention KL and relative error (see kvstore.quant.probe)."""
+        results, cache.probe = cache.probe or [], None
+        if results:
+            self.metrics.quality_samples.inc()
+        for layer, kl, rel in results:
+            self.metrics.quality_kl.labels(str(layer)).observe(kl)
+            self.metrics.quality_error.labels(str(layer)).observe(rel)
 
     def _housekeeping(self) -> None:
         self.sessions.offload_idle(self.cfg.session.idle_timeout_s)
@@ -98,7 +111,11 @@ class Engine:
             detok, finish, produced = Detokenizer(self.runner), "length", 0
             self.metrics.prefill_tokens.inc(len(pending))
             for _ in range(max_new):
+                probing = len(pending) == 1 and self._probe_rng.random() < self.cfg.kv.quality_sample_rate
+                s.cache.probe = [] if probing else None
                 logits = self.runner.forward(s.cache, pending)
+                if probing:
+                    self._observe_quality(s.cache)
                 s.schedule.append(len(pending))
                 tok = self.runner.sample(logits, sampling, gen)
                 s.tokens.append(tok)

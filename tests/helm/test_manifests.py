@@ -24,7 +24,7 @@ CRD_SCHEMAS = {
 # Every optional part switched on, so that each template is validated at least once.
 ALL_ON = ("gateway.autoscaling.enabled=true", "monitoring.serviceMonitor.enabled=true",
           "monitoring.dashboard.enabled=true", "apiKeys.existingSecret=", "apiKeys.keys.k1=tenant-a",
-          "ray.autoscaling.enabled=true")
+          "ray.autoscaling.enabled=true", "ray.upgradeStrategy=Recreate")
 
 
 def crd_validator(doc):

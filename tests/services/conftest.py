@@ -23,6 +23,7 @@ def tiny_stack(redis_server, tiny_model_dir, tmp_path_factory):
         "KVSTASH_SESSION__IDLE_TIMEOUT_S": "8",
         "KVSTASH_SESSION__IDLE_CHECK_INTERVAL_S": "0.5",
         "KVSTASH_GATEWAY__METRICS_POLL_INTERVAL_S": "0.5",
+        "KVSTASH_KV__QUALITY_SAMPLE_RATE": "1",
     })
     svc.start()
     yield svc

@@ -217,6 +217,24 @@ def test_metrics_endpoint(client, tiny_stack, reference):
     assert metric_sum(m, "kvstash_time_to_first_token_seconds_count", method="Generate") >= 1
 
 
+def test_quality_probe_metrics_per_layer(client, tiny_stack):
+    """With kv.quality_sample_rate=1 every decode step whose window holds a whole key group is probed."""
+    client.generate("word " * 40, max_new_tokens=4)
+    deadline = time.monotonic() + 15
+    while True:
+        m = metrics(tiny_stack.metrics_url)
+        if metric_sum(m, "kvstash_quality_probes_total") >= 3:
+            break
+        assert time.monotonic() < deadline, "no quality probes exported"
+        time.sleep(0.3)
+    layers = {dict(ls)["layer"] for n, ls in m if n == "kvstash_quality_attention_kl_count"}
+    assert layers == {"0", "1"}  # the tiny model's two layers
+    for name in ("kvstash_quality_attention_kl_count", "kvstash_quality_attention_relative_error_count"):
+        assert metric_sum(m, name) >= 2 * 3
+    assert 0 < metric_sum(m, "kvstash_quality_attention_relative_error_sum") < metric_sum(
+        m, "kvstash_quality_attention_relative_error_count")  # mean relative error below 1
+
+
 def test_two_workers_share_the_load_and_sessions_move_between_them(client, reference):
     placed, tokens = {}, {}
     for _ in range(4):
