@@ -14,6 +14,7 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "hadattn"             run attention in the rotated basis instead of rotating back (needs had*)
              | "out" FRACTION        keep this fraction of each sealed block's values exactly (e.g. out0.01)
              | "prerope"             quantize keys before RoPE (RoPE is re-applied on read)
+             | "ev" FRACTION         token eviction rate at the window's edge (off by default), e.g. ev0.4
              | "lb" (K V)+           per-layer bits, two characters per layer (2, 3, 4, 8, or f for 16),
                                      e.g. lb848442 for three layers; overrides k/v bits layer by layer
 
@@ -78,6 +79,11 @@ class QuantConfig:
     pre_rope: bool = field(
         default=False, metadata={"doc": "Quantize keys before RoPE; RoPE is applied again when they are read."}
     )
+    evict: float = field(
+        default=0.0,
+        metadata={"doc": "Token eviction rate: of each key group of tokens leaving the recent window, this "
+                         "fraction with the least accumulated attention is dropped (all layers and heads at once)."},
+    )
     layer_bits: tuple[tuple[int, int], ...] = field(
         default=(), metadata={"doc": "Per-layer (key_bits, value_bits); empty means key_bits/value_bits everywhere."}
     )
@@ -100,6 +106,10 @@ class QuantConfig:
             raise QuantConfigError("hadattn (attention in the rotated basis) needs a rotation: had, hadk or hadv")
         if not 0.0 <= self.outliers <= 0.25:
             raise QuantConfigError(f"outliers={self.outliers} must be a fraction in [0, 0.25]")
+        if not 0.0 <= self.evict < 1.0:
+            raise QuantConfigError(f"evict={self.evict} must be a fraction in [0, 1)")
+        if self.evict and self.pre_rope:
+            raise QuantConfigError("token eviction (ev) and pre-RoPE keys (prerope) cannot be combined")
         for i, pair in enumerate(self.layer_bits):
             if len(pair) != 2 or any(b not in SUPPORTED_BITS for b in pair):
                 raise QuantConfigError(f"layer_bits[{i}]={pair} must be two of {SUPPORTED_BITS}")
@@ -118,7 +128,7 @@ class QuantConfig:
 
     def spec(self) -> str:
         """Canonical spec string; stable across releases because it is hashed into fingerprints."""
-        if self.is_full_precision:
+        if self.is_full_precision and not self.evict:
             return "fp"
         parts = [f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"]
         parts += [f"s{self.sinks}"] if self.sinks else []
@@ -126,6 +136,7 @@ class QuantConfig:
         parts += ["hadattn"] if self.rotated_attention else []
         parts += [f"out{self.outliers:g}"] if self.outliers else []
         parts += ["prerope"] if self.pre_rope else []
+        parts += [f"ev{self.evict:g}"] if self.evict else []
         parts += ["lb" + "".join(_BIT_CHAR[b] for pair in self.layer_bits for b in pair)] if self.layer_bits else []
         return ":".join(parts)
 
@@ -163,6 +174,8 @@ class QuantConfig:
                 kw["outliers"] = float(m[1])
             elif knob == "prerope":
                 kw["pre_rope"] = True
+            elif m := re.fullmatch(r"ev(\d*\.?\d+)", knob):
+                kw["evict"] = float(m[1])
             elif m := re.fullmatch(r"lb([2348f]{2})+", knob):
                 chars = knob[2:]
                 kw["layer_bits"] = tuple((_CHAR_BIT[chars[i]], _CHAR_BIT[chars[i + 1]]) for i in range(0, len(chars), 2))

@@ -10,7 +10,8 @@ back when values do; the cache then never rotates its sealed region back on read
 run inside `active(cache)` lets the function find the cache's layers (a context variable, so
 concurrent threads each see their own cache). Outside `active`, or for caches that need nothing, it is
 plain SDPA. When the active cache's `probe` is a list, one-query steps also run the quality probe
-(`kvstore.quant.probe`) per layer and append (layer, kl, rel_err) to it.
+(`kvstore.quant.probe`) per layer and append (layer, kl, rel_err) to it; a cache with an `evictor` gets
+each layer's attention probabilities added to its tokens' importance (`kvstore.quant.evict`).
 
 Shapes: query [B, Hq, q, D], key/value [B, Hkv, n, D]; output [B, q, Hq, D] (transformers' convention).
 """
@@ -24,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from kvstore.quant import probe
+from kvstore.quant import evict, probe
 from kvstore.quant.rotation import hadamard
 
 NAME = "kvstash"
@@ -51,6 +52,11 @@ def kv_attention(module, query, key, value, attention_mask, **kwargs):
     out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if rot and rot["v"]:
         out = hadamard(out)
+    if getattr(cache, "evictor", None) is not None and rot is not None:
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        cache.evictor.observe(evict.attention_probs(query, key, scaling))
+        if idx == len(cache.layers) - 1:
+            cache.end_step()
     if getattr(cache, "probe", None) is not None and rot is not None:
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         res = probe.measure(cache.layers[idx], query, key, value, scaling, attention_mask)

@@ -12,6 +12,7 @@ import torch
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from kvstore.config import QuantConfig
+from kvstore.quant.evict import Evictor
 from kvstore.quant.layer import QuantizedKVLayer
 from kvstore.quant.rope import Rope, RopeUnavailable
 from kvstore.quant.state import KVState
@@ -49,6 +50,14 @@ def check_model_supported(model_config) -> int:
     return len(layer_types)
 
 
+def check_spec_supported(model_config, quant: QuantConfig) -> None:
+    """Raise UnsupportedModelError when `quant` needs what the model's layout lacks."""
+    layer_types, _ = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
+    if quant.evict and "sliding_attention" in layer_types:
+        raise UnsupportedModelError("token eviction (ev) is not supported with sliding-window layers: "
+                                    "their masks need every position")
+
+
 def rope_for(model, quant: QuantConfig) -> Rope | None:
     """The model's RoPE when `quant` stores keys before RoPE, else None; raises when it cannot."""
     if not quant.pre_rope:
@@ -80,14 +89,24 @@ class QuantizedKVCache(Cache):
         if quant.layer_bits and len(quant.layer_bits) != num_layers:
             raise UnsupportedModelError(
                 f"the KV spec sets bits for {len(quant.layer_bits)} layers; the model has {num_layers}")
-        super().__init__(layers=[QuantizedKVLayer(quant, i, rope) for i in range(num_layers)])
+        self.evictor = Evictor(quant.evict, quant.residual, quant.key_group) if quant.evict else None
+        super().__init__(layers=[QuantizedKVLayer(quant, i, rope, self.evictor) for i in range(num_layers)])
         self.quant = quant
         self.rope = rope
         self.probe: list[tuple[int, float, float]] | None = None  # set to [] to probe the next step's quality
 
     @classmethod
     def for_model(cls, model, quant: QuantConfig) -> "QuantizedKVCache":
+        check_spec_supported(model.config, quant)
         return cls(quant, check_model_supported(model.config), rope_for(model, quant))
+
+    def end_step(self) -> None:
+        """After a forward pass's last attention: apply the eviction plan to every layer (no-op without one)."""
+        if self.evictor is not None:
+            decided, drop = self.evictor.decide()
+            for layer in self.layers:
+                if layer.is_initialized:
+                    layer.evict(decided, drop)
 
     def device_bytes(self) -> int:
         """Device memory held by every layer, measured from tensor storages."""
@@ -99,6 +118,8 @@ class QuantizedKVCache(Cache):
         meta = {
             "num_layers": len(self.layers),
             "layer_tokens": [layer.num_tokens for layer in self.layers],
+            "layer_staged": [layer.n_staged for layer in self.layers],
+            "layer_evicted": [layer.n_evicted for layer in self.layers],
             "layer_dtypes": [str(layer.dtype) if layer.is_initialized else "" for layer in self.layers],
             "tensor_dtypes": {name: str(t.dtype) for name, t in self._named_torch()},
         }
@@ -108,6 +129,8 @@ class QuantizedKVCache(Cache):
         for i, layer in enumerate(self.layers):
             for name, t in layer.tensors().items():
                 yield f"{i}.{name}", t
+        if self.evictor is not None and self.evictor.imp is not None:
+            yield "evict.imp", self.evictor.imp
 
     @classmethod
     def from_state(cls, state: KVState, device: torch.device | str = "cpu", rope: Rope | None = None) -> "QuantizedKVCache":
@@ -122,11 +145,17 @@ class QuantizedKVCache(Cache):
         tdt = meta["tensor_dtypes"]
         for name, arr in state.tensors:
             idx, _, field = name.partition(".")
-            per_layer[int(idx)][field] = _to_torch(arr, _DTYPES[tdt[name]], device)
+            t = _to_torch(arr, _DTYPES[tdt[name]], device)
+            if name == "evict.imp" and cache.evictor is not None:
+                cache.evictor.imp = t
+            else:
+                per_layer[int(idx)][field] = t
         for i in range(n_layers):
             dtype = _DTYPES.get(meta["layer_dtypes"][i], torch.float32)
             cache.layers[i] = QuantizedKVLayer.from_tensors(
-                quant, int(meta["layer_tokens"][i]), per_layer[i], dtype, layer_idx=i, rope=rope)
+                quant, int(meta["layer_tokens"][i]), per_layer[i], dtype, layer_idx=i, rope=rope,
+                evictor=cache.evictor, n_staged=int(meta.get("layer_staged", [0] * n_layers)[i]),
+                n_evicted=int(meta.get("layer_evicted", [0] * n_layers)[i]))
         if cache.get_seq_length() != state.num_tokens:
             raise ValueError(f"state claims {state.num_tokens} tokens, layers hold {cache.get_seq_length()}")
         return cache

@@ -19,8 +19,11 @@ their positions and re-rotated on read); and `rotated_attention`, where rotated 
 rotated basis (`returns_rotated`) for an attention that rotates queries and outputs instead.
 
 Invariants:
-- `n_sealed == floor(max(0, n - n_sink - residual) / key_group) * key_group` after every `update`: the state is a
-  function of the token positions alone, never of how the tokens were chunked into forward passes.
+- Without eviction, `n_sealed == floor(max(0, n - n_sink - residual) / key_group) * key_group` after every
+  `update`: the state is a function of the token positions alone, never of how they were chunked.
+- With eviction (`evictor`, see kvstore/quant/evict.py) the window is [staged | unjudged]: staged entries were
+  judged and kept and are sealed by whole blocks; `n_evicted` positions are gone, and `get_mask_sizes`
+  maps the held entries onto the last positions. `get_seq_length` still counts positions.
 - A key group is sealed only when it is full and wholly outside the recent window.
 - Export then import gives bit-identical tensors (`tensors` / `from_tensors`).
 """
@@ -32,6 +35,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvstore.config import QuantConfig
 from kvstore.quant import side as sides
+from kvstore.quant.evict import Evictor
 from kvstore.quant.rope import Rope
 from kvstore.quant.rotation import hadamard, hadamard_matrix
 
@@ -39,8 +43,12 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, config: QuantConfig, layer_idx: int = 0, rope: Rope | None = None):
+    def __init__(self, config: QuantConfig, layer_idx: int = 0, rope: Rope | None = None,
+                 evictor: Evictor | None = None):
         super().__init__()
+        self.evictor = evictor
+        self.n_staged = 0  # with eviction: window entries already judged and kept, waiting for a whole block
+        self.n_evicted = 0
         self.config = config
         self.layer_idx = layer_idx
         self.bits = config.bits_for(layer_idx)  # (key_bits, value_bits)
@@ -88,7 +96,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.num_tokens += key_states.shape[-2]
-        self._take_sinks()
+        taken = self._take_sinks()
+        if self.evictor is not None:
+            self.evictor.append(self.layer_idx, key_states.shape[-2], taken, self.keys.device)
         self._seal()
         rk, rv = self.returns_rotated["k"], self.returns_rotated["v"]
         k_win, v_win = (hadamard(self.keys) if rk else self.keys), (hadamard(self.values) if rv else self.values)
@@ -97,8 +107,14 @@ class QuantizedKVLayer(CacheLayerMixin):
         k_old, v_old = self.dequantized_sealed(rotated=True)
         return torch.cat([k_old, k_win], dim=-2), torch.cat([v_old, v_win], dim=-2)
 
+    @property
+    def stored_tokens(self) -> int:
+        """Token entries held (positions seen minus evicted ones)."""
+        return self.num_tokens - self.n_evicted
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.num_tokens + query_length, 0
+        # the held entries map to the last positions, so causal masking stays right after eviction
+        return self.stored_tokens + query_length, self.n_evicted
 
     def get_seq_length(self) -> int:
         return self.num_tokens
@@ -121,6 +137,8 @@ class QuantizedKVLayer(CacheLayerMixin):
             return
         if n > self.keys.shape[-2]:
             raise ValueError(f"cannot crop {n} tokens: only {self.keys.shape[-2]} are unsealed")
+        if self.evictor is not None and self.layer_idx == 0:
+            self.evictor.crop(n)
         self.keys = self.keys[..., :-n, :].clone()
         self.values = self.values[..., :-n, :].clone()
         self.num_tokens -= n
@@ -133,20 +151,40 @@ class QuantizedKVLayer(CacheLayerMixin):
     def n_sink(self) -> int:
         return self.sealed["k_sink"].shape[-2] if "k_sink" in self.sealed else 0
 
-    def _take_sinks(self) -> None:
+    def _take_sinks(self) -> int:
         """Move the first tokens into the sink region until it holds `sinks` tokens (nothing is sealed before)."""
         take = min(self.config.sinks - self.n_sink, self.keys.shape[-2])
         if take <= 0:
-            return
+            return 0
         for side, win in (("k", self.keys), ("v", self.values)):
             head = win[..., :take, :]
             name = f"{side}_sink"
             self.sealed[name] = head.clone() if name not in self.sealed else torch.cat([self.sealed[name], head], -2)
         self.keys, self.values = self.keys[..., take:, :].clone(), self.values[..., take:, :].clone()
+        return take
+
+    def evict(self, decided: int, drop: torch.Tensor | None) -> None:
+        """Apply the evictor's plan between steps: of the `decided` oldest unjudged window entries, drop
+        `drop` and stage the rest; then seal whole staged blocks."""
+        if not decided:
+            return
+        keep = torch.ones(decided, dtype=torch.bool, device=self.keys.device)
+        if drop is not None:
+            keep[drop.to(keep.device)] = False
+        w = self.keys.shape[-2]
+        idx = torch.cat([torch.arange(self.n_staged, device=keep.device), self.n_staged + keep.nonzero()[:, 0],
+                         torch.arange(self.n_staged + decided, w, device=keep.device)])
+        self.keys, self.values = self.keys.index_select(-2, idx), self.values.index_select(-2, idx)
+        self.n_staged += int(keep.sum())
+        self.n_evicted += decided - int(keep.sum())
+        self._seal()
 
     def _seal(self) -> None:
         cfg = self.config
-        target = max(0, self.num_tokens - self.n_sink - cfg.residual) // cfg.key_group * cfg.key_group
+        if self.evictor is not None:  # staged (judged and kept) entries are sealed by whole blocks
+            target = self.n_sealed + self.n_staged // cfg.key_group * cfg.key_group
+        else:
+            target = max(0, self.num_tokens - self.n_sink - cfg.residual) // cfg.key_group * cfg.key_group
         if target <= self.n_sealed:
             return
         m = target - self.n_sealed  # tokens to move from the window into the sealed region
@@ -160,6 +198,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.keys = self.keys[..., m:, :].clone()  # clone: do not keep the old window's storage alive
         self.values = self.values[..., m:, :].clone()
         self.n_sealed = target
+        self.n_staged = max(0, self.n_staged - m)
 
     def dequantized_sealed(self, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinks and sealed region as [B, H, n_sink + n_sealed, D] tensors in the model dtype.
@@ -219,10 +258,12 @@ class QuantizedKVLayer(CacheLayerMixin):
     @classmethod
     def from_tensors(
         cls, config: QuantConfig, num_tokens: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-        layer_idx: int = 0, rope: Rope | None = None,
+        layer_idx: int = 0, rope: Rope | None = None, evictor: Evictor | None = None, n_staged: int = 0,
+        n_evicted: int = 0,
     ) -> "QuantizedKVLayer":
         """Rebuild a layer from `tensors()` output; the inverse of export, bit for bit."""
-        layer = cls(config, layer_idx, rope)
+        layer = cls(config, layer_idx, rope, evictor)
+        layer.n_staged, layer.n_evicted = n_staged, n_evicted
         if not tensors:
             return layer
         layer.keys, layer.values = tensors["k_win"], tensors["v_win"]
@@ -231,8 +272,12 @@ class QuantizedKVLayer(CacheLayerMixin):
         layer.sealed = {n: t for n, t in tensors.items() if n not in ("k_win", "v_win")}
         layer.num_tokens = num_tokens
         n_sink = layer.n_sink
-        layer.n_sealed = num_tokens - n_sink - layer.keys.shape[-2]
-        expected = max(0, num_tokens - n_sink - config.residual) // config.key_group * config.key_group
+        layer.n_sealed = num_tokens - n_evicted - n_sink - layer.keys.shape[-2]
+        if evictor is not None:  # sealing follows the eviction decisions: only whole blocks, staged < a block
+            ok = layer.n_sealed % config.key_group == 0 and 0 <= n_staged < config.key_group
+            expected = layer.n_sealed if ok else -1
+        else:
+            expected = max(0, num_tokens - n_sink - config.residual) // config.key_group * config.key_group
         if n_sink != min(num_tokens, config.sinks) or layer.n_sealed != expected:
             raise ValueError(f"layer state holds {n_sink} sink and {layer.n_sealed} sealed tokens; "
                              f"the config implies {min(num_tokens, config.sinks)} and {expected}")

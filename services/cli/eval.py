@@ -59,6 +59,7 @@ class PplResult:
     top1_agreement: float
     bits_per_element: float
     bits_per_element_total: float
+    evicted_fraction: float = 0.0  # positions evicted at the end of a window, over the window's positions
 
 
 def cache_bits(cache) -> tuple[float, float]:
@@ -74,7 +75,7 @@ def cache_bits(cache) -> tuple[float, float]:
         b, h, _, d = layer.keys.shape
         tensors = layer.tensors()
         all_bits += sum(t.untyped_storage().nbytes() * 8 for t in tensors.values())
-        all_elems += 2 * b * h * layer.num_tokens * d
+        all_elems += 2 * b * h * layer.num_tokens * d  # per position: evicted ones count, at zero bits
         sealed = [t for n, t in tensors.items() if n[2:] in ("codes", "scale", "zero", "oidx", "oval", "fp")]
         q_bits += sum(t.untyped_storage().nbytes() * 8 for t in sealed)
         q_elems += 2 * b * h * layer.n_sealed * d
@@ -127,7 +128,7 @@ class Evaluator:
         refs = self.reference()
         nll_ref = nll = kl = agree = 0.0
         count = 0
-        bits_q, bits_total = [], []
+        bits_q, bits_total, evicted = [], [], []
         for w, lp_ref in zip(self._iter(self.windows, f"eval {label}"), refs):
             targets = torch.tensor(w[1:], device=self.runner.device)
             cache = make_cache()
@@ -141,11 +142,13 @@ class Evaluator:
             q, t = (bits or cache_bits)(cache)
             bits_q.append(q)
             bits_total.append(t)
+            evicted.append(getattr(cache.layers[0], "n_evicted", 0) / max(1, len(w) - 1))
         ppl_ref, ppl = math.exp(nll_ref / count), math.exp(nll / count)
         return PplResult(spec=label, tokens=count + len(self.windows), window=self.window, ppl_ref=ppl_ref,
                          ppl=ppl, delta_ppl=ppl - ppl_ref, kl=kl / count, top1_agreement=agree / count,
                          bits_per_element=sum(bits_q) / len(bits_q),
-                         bits_per_element_total=sum(bits_total) / len(bits_total))
+                         bits_per_element_total=sum(bits_total) / len(bits_total),
+                         evicted_fraction=sum(evicted) / len(evicted))
 
     def spec(self, spec) -> PplResult:
         return self.score(spec.spec(), lambda: self.runner.new_cache(spec))
