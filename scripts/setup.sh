@@ -30,6 +30,9 @@ uv pip install -q -p "$VENV/bin/python" "${FIND_LINKS[@]}" -e '.[dev]'
 "$VENV/bin/python" -c "import torch, transformers, ray, grpc, redis, zstandard, prometheus_client" \
   || { echo "[setup] FATAL: the Python environment is incomplete" >&2; exit 1; }
 
+echo "[setup] helm (for the chart's offline validation)"
+scripts/install_helm.sh
+
 echo "[setup] model pull (cached after the first run)"
 "$VENV/bin/kvstash" --log-level WARNING model pull
 echo "[setup] done"

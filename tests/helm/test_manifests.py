@@ -120,7 +120,12 @@ def test_ray_autoscaling_comes_from_values():
     assert rc["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] == 90
     (group,) = rc["spec"]["workerGroupSpecs"]
     assert (group["minReplicas"], group["maxReplicas"]) == (1, 6)
-    assert "autoscalerOptions" not in one(render("default"), "RayCluster")["spec"]
+    # KubeRay runs the autoscaler as a sidecar of the head pod: it needs the service account token.
+    assert rc["spec"]["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert group["template"]["spec"]["automountServiceAccountToken"] is False
+    off = one(render("default"), "RayCluster")["spec"]
+    assert "autoscalerOptions" not in off
+    assert off["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is False
 
 
 def test_servicemonitor_scrapes_the_gateway_metrics_port():

@@ -1,11 +1,12 @@
-{{/* The pod spec of a Ray head or worker: dict ctx name resources gpus nodeSelector tolerations ports. */}}
+{{/* The pod spec of a Ray head or worker: dict ctx name resources gpus nodeSelector tolerations ports
+     serviceAccountToken (the head's autoscaler sidecar talks to the Kubernetes API). */}}
 {{- define "kvstash.rayPodSpec" -}}
 {{- $ := .ctx -}}
 {{- $resources := deepCopy .resources }}
 {{- if gt (int .gpus) 0 }}
 {{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" (int .gpus)) ($resources.limits | default dict)) }}
 {{- end -}}
-automountServiceAccountToken: false
+automountServiceAccountToken: {{ .serviceAccountToken | default false }}
 {{- with $.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
