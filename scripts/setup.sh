@@ -8,6 +8,7 @@ VENV="${KVSTASH_VENV:-.venv}"
 
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v promtool >/dev/null || need_apt+=(prometheus)  # promtool and a real server, for tests/deploy
 command -v python3.11 >/dev/null || command -v python3 >/dev/null || need_apt+=(python3)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[setup] apt-get install ${need_apt[*]}"
@@ -16,6 +17,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 command -v redis-server >/dev/null || { echo "[setup] FATAL: redis-server is not installed" >&2; exit 1; }
+command -v promtool >/dev/null || { echo "[setup] FATAL: promtool (Debian package prometheus) is not installed" >&2; exit 1; }
 
 if ! command -v uv >/dev/null; then
   echo "[setup] pip install uv"

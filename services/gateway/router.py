@@ -6,7 +6,10 @@ Redis. Workers are Ray named actors `kvstash-worker-<i>` in the configured names
 `get_if_exists`, so a gateway restart (or a second gateway) finds the same workers, and on a Ray
 cluster the actors land wherever Ray places them.
 
-Invariant: a worker whose actor died is dropped from routing and from the affinity table.
+Invariants: a worker whose actor died is dropped from routing and from the affinity table; `poll` then
+creates it again under the same name and returns it to routing once its model is loaded. On an external
+Ray cluster (`ray.address` set) the actors are detached, so they outlive the gateway that created them:
+gateways can restart, roll or run side by side, all finding the same workers by name.
 """
 
 from __future__ import annotations
@@ -35,11 +38,15 @@ class WorkerHandle:
 
 
 class Router:
-    def __init__(self, workers: list[WorkerHandle], collector: WorkerMetricsCollector | None = None):
+    def __init__(self, workers: list[WorkerHandle], collector: WorkerMetricsCollector | None = None,
+                 spawn=None, ready_timeout_s: float = 600.0):
         self.workers = {w.id: w for w in workers}
         self.affinity: dict[tuple[str, str], str] = {}
         self.collector = collector or WorkerMetricsCollector()
         self._rr = itertools.count()
+        self._spawn = spawn  # worker index -> actor handle (None: dead workers stay dead)
+        self._ready_timeout_s = ready_timeout_s
+        self._reviving: dict[str, asyncio.Task] = {}
 
     @classmethod
     async def start(cls, cfg: KvstashConfig, collector: WorkerMetricsCollector | None = None,
@@ -48,18 +55,19 @@ class Router:
         gpus = cfg.ray.num_gpus_per_worker
         if gpus < 0:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        handles = []
-        for i in range(cfg.ray.num_workers):
-            wid = f"w{i}"
-            actor = WorkerActor.options(
+
+        def spawn(i: int):
+            return WorkerActor.options(
                 name=f"{ACTOR_PREFIX}{i}", namespace=cfg.ray.namespace, get_if_exists=True,
+                lifetime="detached" if cfg.ray.address else None,
                 num_cpus=cfg.ray.num_cpus_per_worker, num_gpus=gpus, max_restarts=0,
-            ).remote(wid, cfg.to_dict())
-            handles.append(WorkerHandle(wid, actor))
+            ).remote(f"w{i}", cfg.to_dict())
+
+        handles = [WorkerHandle(f"w{i}", spawn(i)) for i in range(cfg.ray.num_workers)]
         infos = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles)), ready_timeout_s)
         for info in infos:
             log.info("worker %s ready on %s", info["worker"], info["device"])
-        return cls(handles, collector)
+        return cls(handles, collector, spawn, ready_timeout_s)
 
     def live(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.alive]
@@ -103,8 +111,33 @@ class Router:
     def forget(self, tenant: str, session_id: str) -> None:
         self.affinity.pop((tenant, session_id), None)
 
+    def _revive(self, w: WorkerHandle) -> None:
+        """Create a dead worker's actor again (same name) and put it back once its model is loaded."""
+        if self._spawn is None or w.id in self._reviving:
+            return
+
+        async def run():
+            try:
+                try:  # a dead actor keeps its name until killed; free it for the new one
+                    ray.kill(w.actor, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+                actor = self._spawn(int(w.id[1:]))
+                await asyncio.wait_for(actor.ready.remote(), self._ready_timeout_s)
+                w.actor, w.load, w.alive = actor, {}, True
+                log.warning("worker %s is back", w.id)
+            except Exception as e:  # noqa: BLE001  (the next poll tries again)
+                log.error("worker %s could not be created again: %s", w.id, e)
+            finally:
+                self._reviving.pop(w.id, None)
+
+        self._reviving[w.id] = asyncio.get_running_loop().create_task(run())
+
     async def poll(self) -> None:
-        """Refresh load and metrics of every live worker."""
+        """Refresh load and metrics of every live worker; start reviving dead ones."""
+        for w in self.workers.values():
+            if not w.alive:
+                self._revive(w)
         live = self.live()
         loads = await asyncio.gather(*(w.actor.load.remote() for w in live), return_exceptions=True)
         snaps = await asyncio.gather(*(w.actor.metrics_snapshot.remote() for w in live), return_exceptions=True)

@@ -69,7 +69,12 @@ class Gateway:
 
     async def poll_once(self) -> None:
         await self.router.poll()
-        self.metrics.workers.set(len(self.router.live()))
+        live = len(self.router.live())
+        self.metrics.workers.set(live)
+        if self._poller is not None:  # after start: health follows whether any worker can serve
+            status = health_pb2.HealthCheckResponse.SERVING if live else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, status)
         await self._poll_storage()
 
     async def _poll_storage(self) -> None:
