@@ -51,7 +51,8 @@ class Kind(enum.IntEnum):
 
 class Codec(enum.IntEnum):
     RAW = 0
-    ZSTD = 1
+    ZSTD = 1  # zstd over the tensor bundle as is
+    ZSTD_STREAMS = 2  # zstd over the bundle of stream-transformed tensors (kvstore.codec.streams)
 
 
 def _reject_constant(name: str) -> Any:

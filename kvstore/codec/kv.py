@@ -1,4 +1,7 @@
-"""Serialize a `KVState`: tensor bundle -> zstd -> versioned container (kind KV).
+"""Serialize a `KVState`: stream transforms -> tensor bundle -> zstd -> versioned container (kind KV).
+
+Codec ZSTD_STREAMS (the default) first applies the lossless transforms of `kvstore.codec.streams`
+(channel-major key codes, byte planes); codec ZSTD (older containers) compresses the bundle as is.
 
 Container meta (canonical JSON):
     num_tokens          int >= 0
@@ -19,8 +22,11 @@ from __future__ import annotations
 
 import zstandard
 
+import numpy as np
+
+from kvstore.codec import streams
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
-from kvstore.codec.tensors import decode_tensors, encode_tensors
+from kvstore.codec.tensors import DTYPE_CODES, decode_tensors, encode_tensors
 from kvstore.quant.state import KVState
 
 MAX_RAW_BYTES = 4 << 30  # refuse to decompress more than 4 GiB
@@ -30,7 +36,7 @@ def _shapes(tensors) -> dict[str, list]:
     return {name: [arr.dtype.name, [int(d) for d in arr.shape]] for name, arr in tensors}
 
 
-def encode_kv(state: KVState, *, model_fingerprint: str, level: int = 3) -> bytes:
+def encode_kv(state: KVState, *, model_fingerprint: str, level: int = 3, codec: Codec = Codec.ZSTD_STREAMS) -> bytes:
     """Encode `state` for storage. Raises ContainerError if it cannot be encoded (dtype, meta, size)."""
     if not isinstance(model_fingerprint, str):
         raise ContainerError("model_fingerprint must be a str")
@@ -38,7 +44,16 @@ def encode_kv(state: KVState, *, model_fingerprint: str, level: int = 3) -> byte
         raise ContainerError(f"num_tokens must be an int >= 0, got {state.num_tokens!r}")
     if not isinstance(state.quant_spec, str):
         raise ContainerError("quant_spec must be a str")
-    raw = encode_tensors(state.tensors)
+    tensors = state.tensors
+    for name, arr in tensors:
+        if not isinstance(arr, np.ndarray) or arr.dtype.newbyteorder("<").name not in DTYPE_CODES:
+            raise ContainerError(f"tensor {name!r} has an unsupported dtype {getattr(arr, 'dtype', type(arr))}")
+    if codec == Codec.ZSTD_STREAMS:
+        ctx = streams.StreamContext.of(state.quant_spec, {n: a.shape for n, a in tensors})
+        tensors = [(n, streams.forward(n, a, ctx)) for n, a in tensors]
+    elif codec != Codec.ZSTD:
+        raise ContainerError(f"cannot encode KV with codec {codec!r}")
+    raw = encode_tensors(tensors)
     if len(raw) > MAX_RAW_BYTES:
         raise ContainerError(f"KV state is too large to store ({len(raw)} bytes > {MAX_RAW_BYTES})")
     payload = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
@@ -50,7 +65,7 @@ def encode_kv(state: KVState, *, model_fingerprint: str, level: int = 3) -> byte
         "shapes": _shapes(state.tensors),
         "raw_bytes": len(raw),
     }
-    return pack_container(Kind.KV, Codec.ZSTD, meta, payload)
+    return pack_container(Kind.KV, codec, meta, payload)
 
 
 def _decompress(payload: bytes, raw_bytes: int) -> bytes:
@@ -84,6 +99,16 @@ def _decompress(payload: bytes, raw_bytes: int) -> bytes:
     return raw
 
 
+def _inverse_streams(tensors, meta) -> list[tuple[str, np.ndarray]]:
+    header = meta["shapes"]
+    try:
+        shapes = {n: tuple(int(d) for d in header[n][1]) for n, _ in tensors}
+        ctx = streams.StreamContext.of(meta["quant_spec"], shapes)
+        return [(n, streams.inverse(n, a, np.dtype(header[n][0]), shapes[n], ctx)) for n, a in tensors]
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise ContainerError(f"KV streams do not match the shapes in the header: {e}") from None
+
+
 def decode_kv(data: bytes, *, model_fingerprint: str | None = None) -> KVState:
     """Decode a KV container. With `model_fingerprint`, refuse KV built by another model."""
     _, codec, meta, payload = unpack_container(data, expect_kind=Kind.KV)
@@ -104,13 +129,15 @@ def decode_kv(data: bytes, *, model_fingerprint: str | None = None) -> KVState:
         raise ContainerError(f"KV header is missing or has a bad field: raw_bytes={raw_bytes} is negative")
     if raw_bytes > MAX_RAW_BYTES:
         raise ContainerError(f"KV claims {raw_bytes} decoded bytes, over the {MAX_RAW_BYTES}-byte limit")
-    if codec == Codec.ZSTD:
+    if codec in (Codec.ZSTD, Codec.ZSTD_STREAMS):
         raw = _decompress(payload, raw_bytes)
     else:  # Codec.RAW: the tensor bundle as is
         if len(payload) != raw_bytes:
             raise ContainerError(f"KV payload is {len(payload)} bytes, header says raw_bytes={raw_bytes}")
         raw = payload
     tensors = decode_tensors(raw)
+    if codec == Codec.ZSTD_STREAMS:
+        tensors = _inverse_streams(tensors, meta)
     shapes = _shapes(tensors)
     if shapes != meta["shapes"]:
         header = meta["shapes"]

@@ -1,6 +1,7 @@
 """`kvstash bench`: speed and memory measurements, each against a baseline run in the same process.
 
     kvstash bench resume --history 512,2048 --kv fp,int8:r128,int4:r128 [--dtype float32] [--json]
+    kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]   (see services/cli/bench_codec.py)
 
 For each history length and KV spec: the device KV bytes per token (measured from tensor storages),
 the Redis bytes of the offloaded session (written to a real redis-server, spawned unless --redis-url),
@@ -17,7 +18,6 @@ from pathlib import Path
 from services.cli.eval import DEFAULT_TEXT
 
 
-
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (speed, memory) against in-process baselines")
     kinds = bench.add_subparsers(dest="bench_cmd", required=True)
@@ -31,6 +31,9 @@ def add_bench_parser(sub) -> None:
     r.add_argument("--redis-url", default="")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=lambda args: run_bench(args))
+    from services.cli.bench_codec import add_codec_parser
+
+    add_codec_parser(kinds, str(DEFAULT_TEXT))
 
 
 def _median_time(fn, reps: int) -> float:
