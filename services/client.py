@@ -60,15 +60,19 @@ def _sampling(temperature: float, top_p: float, seed: int | None) -> pb.Sampling
 
 
 def generate_request(prompt=None, *, messages=None, token_ids=None, session_id: str = "", max_new_tokens: int = 0,
-                     temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None) -> pb.GenerateRequest:
+                     temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None,
+                     stop: list[str] | None = None) -> pb.GenerateRequest:
     return pb.GenerateRequest(session_id=session_id, input=make_input(prompt, messages, token_ids),
-                              max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed))
+                              max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed),
+                              stop=stop or [])
 
 
 def resume_request(session_id: str, prompt=None, *, messages=None, token_ids=None, max_new_tokens: int = 0,
-                   temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None) -> pb.ResumeSessionRequest:
+                   temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None,
+                   stop: list[str] | None = None) -> pb.ResumeSessionRequest:
     return pb.ResumeSessionRequest(session_id=session_id, input=make_input(prompt, messages, token_ids),
-                                   max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed))
+                                   max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed),
+                                   stop=stop or [])
 
 
 class KvstashClient:

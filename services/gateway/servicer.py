@@ -22,6 +22,7 @@ from services.gateway.auth import Authenticator
 from services.gateway.router import Router, WorkerHandle
 from services.metrics import GatewayMetrics
 from services.worker.engine import GenerateCall
+from services.worker.stops import MAX_STOP_CHARS, MAX_STOPS
 
 _SOURCES = {"new": pb.KV_SOURCE_NEW, "device": pb.KV_SOURCE_DEVICE, "restored": pb.KV_SOURCE_RESTORED,
             "recomputed": pb.KV_SOURCE_RECOMPUTED}
@@ -71,9 +72,14 @@ class KvStashServicer(pb_grpc.KvStashServicer):
             raise InvalidArgument("sampling.temperature must be in [0, 100]")
         if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:
             raise InvalidArgument("sampling.top_p must be in [0, 1]")
+        if len(request.stop) > MAX_STOPS:
+            raise InvalidArgument(f"stop has {len(request.stop)} sequences, over the limit of {MAX_STOPS}")
+        for st in request.stop:
+            if not 1 <= len(st) <= MAX_STOP_CHARS:
+                raise InvalidArgument(f"each stop sequence must be 1..{MAX_STOP_CHARS} characters")
         return GenerateCall(tenant=tenant, session_id=sid, create=create, input=self._input(request.input, required),
                             max_new_tokens=request.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                            seed=s.seed if s.HasField("seed") else None)
+                            seed=s.seed if s.HasField("seed") else None, stop=list(request.stop))
 
     # ---- streaming calls --------------------------------------------------------------------------
     async def Generate(self, request, context):

@@ -11,7 +11,7 @@ import random
 
 import logging
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -22,6 +22,7 @@ from services.metrics import WorkerMetrics
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from services.worker.scheduler import Scheduler, Sink
 from services.worker.session_manager import NEW, SessionManager
+from services.worker.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class GenerateCall:
     temperature: float = 0.0
     top_p: float = 0.0
     seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop sequences (validated by the gateway)
 
 
 def redis_client(cfg: KvstashConfig) -> redis.Redis:
@@ -109,6 +111,7 @@ class Engine:
             sampling = Sampling(call.temperature, call.top_p, call.seed)
             gen = sampling.generator(self.runner.device)
             detok, finish, produced = Detokenizer(self.runner), "length", 0
+            stops = StopMatcher(call.stop)
             self.metrics.prefill_tokens.inc(len(pending))
             for _ in range(max_new):
                 probing = len(pending) == 1 and self._probe_rng.random() < self.cfg.kv.quality_sample_rate
@@ -121,12 +124,18 @@ class Engine:
                 s.tokens.append(tok)
                 produced += 1
                 self.metrics.generated_tokens.inc()
-                sink({"type": "tokens", "ids": [tok], "text": detok.push(tok)})
+                text, hit = stops.push(detok.push(tok))
+                sink({"type": "tokens", "ids": [tok], "text": text})
+                if hit:
+                    finish = "stop_sequence"
+                    break
                 if tok in self.runner.eos_ids:
                     finish = "stop"
                     break
                 pending = [tok]
                 yield
+            if rest := stops.flush():
+                sink({"type": "tokens", "ids": [], "text": rest})
             self.sessions.persist(s)
             sink({"type": "done", "finish_reason": finish, "usage": {
                 "prompt_tokens": len(new_ids), "cached_tokens": cached if source != NEW else 0,

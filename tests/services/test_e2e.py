@@ -159,6 +159,8 @@ def test_delete_of_a_hot_session(client, rdb):
     (lambda c: c.generate("hi", temperature=-1.0), "INVALID_ARGUMENT", "temperature"),
     (lambda c: c.generate(token_ids=[10**9]), "INVALID_ARGUMENT", "outside the vocabulary"),
     (lambda c: c.generate(messages=[{"role": "robot", "content": "x"}]), "INVALID_ARGUMENT", "role"),
+    (lambda c: c.generate("hi", stop=["x"] * 9), "INVALID_ARGUMENT", "over the limit of 8"),
+    (lambda c: c.generate("hi", stop=["y" * 257]), "INVALID_ARGUMENT", "1..256 characters"),
     (lambda c: c.evict_session("nope"), "NOT_FOUND", "not found"),
 ])
 def test_bad_input_gets_a_clear_status_and_the_gateway_keeps_serving(client, call, code, needle):
@@ -215,6 +217,17 @@ def test_metrics_endpoint(client, tiny_stack, reference):
     assert metric_sum(m, "kvstash_offloads_total") >= 1
     assert metric_sum(m, "kvstash_storage_up") == 1
     assert metric_sum(m, "kvstash_time_to_first_token_seconds_count", method="Generate") >= 1
+
+
+def test_stop_sequences_cut_the_text_and_the_session_goes_on(client, reference):
+    words = reference.text.split()
+    stop = next(w for w in words[3:] if len(w) >= 3)  # a word the greedy run really produces, not at the start
+    out = client.generate(messages=PROMPT, max_new_tokens=N, stop=["@@never@@", stop])
+    assert out.finish_reason == "stop_sequence"
+    assert out.text == reference.text[:reference.text.find(stop)]  # cut just before the stop, never streamed
+    assert out.token_ids == reference.token_ids[:len(out.token_ids)] and len(out.token_ids) < N
+    more = client.resume(out.session_id, max_new_tokens=3)  # the tokens that produced the stop stay in history
+    assert more.token_ids == reference.token_ids[len(out.token_ids):len(out.token_ids) + 3]
 
 
 def test_quality_probe_metrics_per_layer(client, tiny_stack):
