@@ -48,6 +48,8 @@ class SessionConfig:
     max_new_tokens_limit: int = _f(4096, "Largest max_new_tokens a request may ask for.")
     max_prompt_tokens: int = _f(8192, "Largest number of new input tokens in one call.")
     max_session_tokens: int = _f(32768, "Largest token history of one session.")
+    max_requests_per_worker: int = _f(
+        16, "Generate/Resume calls a worker runs at once; more get RESOURCE_EXHAUSTED with a retry-after-ms hint.")
 
 
 @dataclass
@@ -119,6 +121,8 @@ class KvstashConfig:
         self.quant  # raises QuantConfigError on a bad spec
         if not 0.0 <= self.kv.quality_sample_rate <= 1.0:
             raise ValueError("kv.quality_sample_rate must be in [0, 1]")
+        if self.session.max_requests_per_worker < 1:
+            raise ValueError("session.max_requests_per_worker must be >= 1")
         if self.ray.num_workers < 1:
             raise ValueError("ray.num_workers must be >= 1")
         if self.session.default_max_new_tokens > self.session.max_new_tokens_limit:

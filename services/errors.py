@@ -13,9 +13,10 @@ class KvstashError(Exception):
 
     code = "INTERNAL"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
+        self.retry_after_s = retry_after_s  # sent as trailing metadata `retry-after-ms` when set
 
 
 class InvalidArgument(KvstashError):
@@ -51,8 +52,13 @@ _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondit
 
 
 def to_wire(exc: KvstashError) -> dict:
-    return {"code": exc.code, "message": exc.message}
+    d = {"code": exc.code, "message": exc.message}
+    if exc.retry_after_s is not None:
+        d["retry_after_s"] = float(exc.retry_after_s)
+    return d
 
 
 def from_wire(d: dict) -> KvstashError:
-    return _BY_CODE.get(d.get("code"), Internal)(str(d.get("message", "")))
+    retry = d.get("retry_after_s")
+    return _BY_CODE.get(d.get("code"), Internal)(str(d.get("message", "")),
+                                                 float(retry) if isinstance(retry, (int, float)) else None)

@@ -42,6 +42,8 @@ class WorkerMetrics:
             "kvstash_compression_ratio", "Raw KV bytes over stored bytes of the last offload, per stage.", ["stage"], registry=r
         )
         self.queue_depth = Gauge("kvstash_worker_queue_depth", "Requests running or waiting on this worker.", registry=r)
+        self.rejected = Counter(
+            "kvstash_rejected_requests_total", "Calls refused because the worker was at its request limit.", registry=r)
         self.quality_samples = Counter(
             "kvstash_quality_probes_total", "Decode steps probed for quantization quality.", registry=r)
         self.quality_kl = Histogram(

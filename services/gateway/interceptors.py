@@ -1,7 +1,8 @@
 """`ErrorInterceptor`: the one place where exceptions become gRPC status codes.
 
-`KvstashError` subclasses map to their `code`; anything else becomes INTERNAL with a generic message
-(the details go to the log, never to the client). Every call is counted in `kvstash_requests_total`.
+`KvstashError` subclasses map to their `code` (with trailing metadata `retry-after-ms` when the error
+carries a retry hint); anything else becomes INTERNAL with a generic message (the details go to the
+log, never to the client). Every call is counted in `kvstash_requests_total`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     async def _fail(self, context, method: str, e: Exception) -> None:
         if isinstance(e, KvstashError):
             code, message = grpc.StatusCode[e.code], e.message
+            if e.retry_after_s is not None:  # a hint for clients that back off (RESOURCE_EXHAUSTED, UNAVAILABLE)
+                context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
         else:
             log.error("%s failed", method, exc_info=e)
             code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})"

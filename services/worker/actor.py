@@ -38,7 +38,11 @@ class WorkerActor:
         """Stream engine events for one call: `tokens`* then `done` or `error`."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        task_id = self.engine.submit(GenerateCall(**call), lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        try:
+            task_id = self.engine.submit(GenerateCall(**call), lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        except KvstashError as e:
+            yield {"type": "error", "error": to_wire(e)}
+            return
         finished = False
         try:
             while True:

@@ -17,7 +17,7 @@ import redis
 
 from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig
-from services.errors import InvalidArgument
+from services.errors import InvalidArgument, ResourceExhausted
 from services.metrics import WorkerMetrics
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from services.worker.scheduler import Scheduler, Sink
@@ -73,6 +73,12 @@ class Engine:
 
     # ---- generation ----------------------------------------------------------------------------
     def submit(self, call: GenerateCall, sink: Sink) -> int:
+        """Schedule a call; ResourceExhausted (with a retry hint) when the worker is at its limit."""
+        limit = self.cfg.session.max_requests_per_worker
+        if self.scheduler.depth >= limit:
+            self.metrics.rejected.inc()
+            raise ResourceExhausted(f"worker {self.worker_id} is running its limit of {limit} requests "
+                                    "(session.max_requests_per_worker); retry shortly", retry_after_s=1.0)
         return self.scheduler.submit(lambda s: self._generate(call, s), sink)
 
     def _encode_input(self, call: GenerateCall, history: list[int]) -> list[int]:

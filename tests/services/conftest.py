@@ -24,6 +24,7 @@ def tiny_stack(redis_server, tiny_model_dir, tmp_path_factory):
         "KVSTASH_SESSION__IDLE_CHECK_INTERVAL_S": "0.5",
         "KVSTASH_GATEWAY__METRICS_POLL_INTERVAL_S": "0.5",
         "KVSTASH_KV__QUALITY_SAMPLE_RATE": "1",
+        "KVSTASH_SESSION__MAX_REQUESTS_PER_WORKER": "3",
     })
     svc.start()
     yield svc

@@ -3,6 +3,7 @@
 Every exactness check compares against an uninterrupted greedy run of the same prompt.
 """
 
+import asyncio
 import time
 import urllib.request
 
@@ -217,6 +218,33 @@ def test_metrics_endpoint(client, tiny_stack, reference):
     assert metric_sum(m, "kvstash_offloads_total") >= 1
     assert metric_sum(m, "kvstash_storage_up") == 1
     assert metric_sum(m, "kvstash_time_to_first_token_seconds_count", method="Generate") >= 1
+
+
+def test_backpressure_refuses_with_a_retry_hint(tiny_stack):
+    """Each of the 2 workers runs at most 3 calls (session.max_requests_per_worker); the rest are refused."""
+    from services.api.kvstash.v1 import kvstash_pb2_grpc as pb_grpc
+    from services.client import generate_request
+
+    async def one(stub):
+        try:
+            async for _ in stub.Generate(generate_request("count slowly: one two three", max_new_tokens=300)):
+                pass
+            return "OK", None
+        except grpc.aio.AioRpcError as e:
+            return e.code().name, dict(e.trailing_metadata() or ())
+
+    async def burst():
+        async with grpc.aio.insecure_channel(tiny_stack.target) as ch:
+            stub = pb_grpc.KvStashStub(ch)
+            return await asyncio.gather(*(one(stub) for _ in range(12)))
+
+    results = asyncio.run(burst())
+    codes = [c for c, _ in results]
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert 1 <= codes.count("OK") <= 6 and codes.count("RESOURCE_EXHAUSTED") >= 6
+    assert all(md.get("retry-after-ms") == "1000" for c, md in results if c == "RESOURCE_EXHAUSTED")
+    with KvstashClient(tiny_stack.target, timeout=120) as c:  # capacity comes back
+        assert c.generate("hello again", max_new_tokens=2).finish_reason
 
 
 def test_stop_sequences_cut_the_text_and_the_session_goes_on(client, reference):
