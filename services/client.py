@@ -109,6 +109,15 @@ class KvstashClient:
     def evict_session(self, session_id: str) -> pb.SessionInfo:
         return self.stub.EvictSession(pb.EvictSessionRequest(session_id=session_id), **self._kw())
 
+    def list_sessions(self, page_size: int = 0) -> Iterator[pb.SessionInfo]:
+        """Every session of the caller's tenant, following page tokens."""
+        token = ""
+        while True:
+            page = self.stub.ListSessions(pb.ListSessionsRequest(page_size=page_size, page_token=token), **self._kw())
+            yield from page.sessions
+            if not (token := page.next_page_token):
+                return
+
     def delete_session(self, session_id: str) -> bool:
         return self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), **self._kw()).deleted
 
@@ -152,6 +161,16 @@ class AsyncKvstashClient:
 
     async def get_session(self, session_id: str) -> pb.SessionInfo:
         return await self.stub.GetSession(pb.GetSessionRequest(session_id=session_id), **self._kw())
+
+    async def list_sessions(self, page_size: int = 0) -> list[pb.SessionInfo]:
+        """Every session of the caller's tenant, following page tokens."""
+        out, token = [], ""
+        while True:
+            page = await self.stub.ListSessions(pb.ListSessionsRequest(page_size=page_size, page_token=token),
+                                                **self._kw())
+            out += page.sessions
+            if not (token := page.next_page_token):
+                return out
 
     async def evict_session(self, session_id: str) -> pb.SessionInfo:
         return await self.stub.EvictSession(pb.EvictSessionRequest(session_id=session_id), **self._kw())

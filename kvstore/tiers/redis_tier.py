@@ -137,6 +137,35 @@ class RedisTier:
         """Bytes of the session's field values (0 if it does not exist)."""
         return int(self._bytes(keys=[self.session_key(tenant, session_id)], args=[]))
 
+    def list_sessions(self, tenant: str, cursor: int = 0, limit: int = 50) -> tuple[int, list[tuple[SessionManifest, int]]]:
+        """One page of a tenant's sessions: (next cursor, 0 at the end; [(manifest, bytes held)]).
+
+        SCAN over the tenant's key pattern (the tenant id has no glob characters), so a page may hold
+        fewer than `limit` sessions and the order is Redis's; every session present for the whole
+        listing appears at least once. Manifests are read in one pipelined round trip per page."""
+        validate_id(tenant, "tenant")
+        pattern = f"{self.namespace}:sess:{{{tenant}}}:*"
+        keys: list[bytes] = []
+        while True:
+            cursor, batch = self.client.scan(cursor=cursor, match=pattern, count=max(limit, 10))
+            keys += batch
+            if cursor == 0 or len(keys) >= limit:
+                break
+        pipe = self.client.pipeline(transaction=False)
+        for k in keys:
+            pipe.hget(k, F_MANIFEST)
+            self._bytes(keys=[k], args=[], client=pipe)
+        raw = pipe.execute()
+        out = []
+        for i in range(len(keys)):
+            m, size = raw[2 * i], raw[2 * i + 1]
+            if m is None:  # deleted between SCAN and HGET
+                continue
+            manifest = SessionManifest.decode(m)
+            if manifest.tenant == tenant:
+                out.append((manifest, int(size)))
+        return int(cursor), out
+
     def stats(self) -> dict[str, int]:
         """{"bytes": total field-value bytes of all sessions, "sessions": number of session hashes}."""
         b, s = self.client.hmget(self.stats_key, ["bytes", "sessions"])

@@ -1,7 +1,8 @@
 """`Router`: which worker serves a call.
 
 Placement, in order: (1) session affinity: the worker that holds the session hot (remembered, or found
-by asking the workers); (2) otherwise the least-loaded live worker, which restores the session from
+by asking the workers); (2) otherwise the least-loaded live worker (fewest streams this gateway has open
+on it, then the smallest polled queue depth), which restores the session from
 Redis. Workers are Ray named actors `kvstash-worker-<i>` in the configured namespace, created with
 `get_if_exists`, so a gateway restart (or a second gateway) finds the same workers, and on a Ray
 cluster the actors land wherever Ray places them.
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 class WorkerHandle:
     id: str
     actor: object
-    load: dict = field(default_factory=dict)
+    load: dict = field(default_factory=dict)  # the worker's last polled load (queue depth, KV bytes)
     alive: bool = True
+    inflight: int = 0  # streams this gateway has open on the worker (exact, not polled)
 
 
 class Router:
@@ -104,7 +106,8 @@ class Router:
             raise Unavailable("no worker is available")
         start = next(self._rr) % len(live)
         rotated = live[start:] + live[:start]
-        w = min(rotated, key=lambda h: h.load.get("queue_depth", 0))
+        # this gateway's open streams first (exact and current), then the polled depth (other gateways' load)
+        w = min(rotated, key=lambda h: (h.inflight, h.load.get("queue_depth", 0)))
         self.affinity[(tenant, session_id)] = w.id
         return w
 

@@ -100,6 +100,7 @@ class KvStashServicer(pb_grpc.KvStashServicer):
         first = True
         stream = worker.actor.generate.options(num_returns="streaming").remote(call.__dict__)
         finished = False
+        worker.inflight += 1
         try:
             async for ref in stream:
                 ev = await ref
@@ -125,6 +126,7 @@ class KvStashServicer(pb_grpc.KvStashServicer):
             self.router.mark_dead(worker)
             raise Unavailable("the worker serving this session died; retry (the session resumes from storage)") from None
         finally:
+            worker.inflight -= 1
             if not finished:
                 ray.cancel(stream)
 
@@ -160,6 +162,32 @@ class KvStashServicer(pb_grpc.KvStashServicer):
         await self._control("evict", tenant, sid)
         self.router.forget(tenant, sid)
         return self._info(await self._control("info", tenant, sid))
+
+    async def ListSessions(self, request, context):
+        tenant = self.auth.tenant(context.invocation_metadata())
+        size = request.page_size or 50
+        if not 1 <= size <= 100:
+            raise InvalidArgument(f"page_size={request.page_size} must be in [0, 100] (0 = 50)")
+        token = request.page_token
+        if token and not (token.isdigit() and len(token) <= 20 and int(token) < 1 << 64):
+            raise InvalidArgument("page_token is not a token this server issued")
+        live = self.router.live()
+        if not live:
+            raise Unavailable("no worker is available")
+        try:
+            result = await live[0].actor.list_sessions.remote(tenant, int(token or 0), size)
+        except ray.exceptions.RayActorError:
+            self.router.mark_dead(live[0])
+            raise Unavailable("the worker died; retry") from None
+        if "error" in result:
+            raise from_wire(result["error"])
+        page = result["ok"]
+        return pb.ListSessionsResponse(
+            sessions=[pb.SessionInfo(session_id=d["session_id"], token_count=d["token_count"],
+                                     created_at=d["created_at"], last_used_at=d["last_used_at"],
+                                     bytes=[pb.TierBytes(tier=pb.TIER_REDIS, bytes=d["redis_bytes"])])
+                      for d in page["sessions"]],
+            next_page_token=str(page["cursor"]) if page["cursor"] else "")
 
     async def DeleteSession(self, request, context):
         tenant = self.auth.tenant(context.invocation_metadata())

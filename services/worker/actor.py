@@ -79,6 +79,16 @@ class WorkerActor:
     async def metrics_snapshot(self) -> list[dict]:
         return self.engine.metrics_snapshot()
 
+    async def list_sessions(self, tenant: str, cursor: int, limit: int) -> dict:
+        loop = asyncio.get_running_loop()
+        try:
+            nxt, page = await loop.run_in_executor(None, self.engine.tier.list_sessions, tenant, cursor, limit)
+        except Exception as e:  # noqa: BLE001
+            return {"error": {"code": "UNAVAILABLE", "message": f"storage unavailable: {type(e).__name__}"}}
+        return {"ok": {"cursor": nxt, "sessions": [
+            {"session_id": m.session_id, "token_count": len(m.tokens), "created_at": m.created_at,
+             "last_used_at": m.updated_at, "redis_bytes": size} for m, size in page]}}
+
     async def storage_stats(self) -> dict:
         try:
             return {"ok": self.engine.storage_stats()}

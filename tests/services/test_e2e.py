@@ -247,6 +247,16 @@ def test_backpressure_refuses_with_a_retry_hint(tiny_stack):
         assert c.generate("hello again", max_new_tokens=2).finish_reason
 
 
+def test_list_sessions_pages_and_is_tenant_scoped(client, tiny_stack):
+    mine = {client.generate(f"list me {i}", max_new_tokens=2).session_id for i in range(7)}
+    listed = {s.session_id: s for s in client.list_sessions(page_size=3)}
+    assert mine <= set(listed)
+    assert all(listed[sid].token_count > 2 and listed[sid].bytes[0].bytes > 0 for sid in mine)
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.list_sessions(page_size=101))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in e.value.details()
+
+
 def test_stop_sequences_cut_the_text_and_the_session_goes_on(client, reference):
     words = reference.text.split()
     stop = next(w for w in words[3:] if len(w) >= 3)  # a word the greedy run really produces, not at the start

@@ -162,3 +162,25 @@ def test_survives_a_redis_restart_and_reports_down(tmp_path):
         assert tier.stats() == {"bytes": _stored_bytes(tier), "sessions": 1}
         server.kill()
         assert tier.ping() is False
+
+
+def test_list_sessions_pages_through_one_tenant_only(redis_server):
+    import redis as _redis
+
+    from kvstore.tiers.manifest import SessionManifest
+    from kvstore.tiers.redis_tier import RedisTier
+
+    tier = RedisTier(_redis.Redis.from_url(redis_server.url), namespace="kvlist")
+    for tenant, n in (("acme", 23), ("other", 5)):
+        for i in range(n):
+            tier.put_manifest(SessionManifest(tenant, f"s{i}", [1, 2, 3], [3], 0, "fp", "fp", 1.0, 2.0))
+    seen, cursor, pages = [], 0, 0
+    while True:
+        cursor, page = tier.list_sessions("acme", cursor, limit=5)
+        seen += [m.session_id for m, size in page if size > 0]
+        pages += 1
+        if cursor == 0:
+            break
+    assert sorted(set(seen)) == sorted(f"s{i}" for i in range(23)) and pages > 1
+    assert all(m.tenant == "other" for m in (p for p, _ in tier.list_sessions("other", 0, 100)[1]))
+    assert tier.list_sessions("nobody", 0, 10) == (0, [])

@@ -60,6 +60,11 @@ class KvStashStub:
                 request_serializer=kvstash_dot_v1_dot_kvstash__pb2.EvictSessionRequest.SerializeToString,
                 response_deserializer=kvstash_dot_v1_dot_kvstash__pb2.SessionInfo.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/kvstash.v1.KvStash/ListSessions',
+                request_serializer=kvstash_dot_v1_dot_kvstash__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=kvstash_dot_v1_dot_kvstash__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class KvStashServicer:
@@ -102,6 +107,13 @@ class KvStashServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """Lists the caller's sessions, a page at a time (from the durable store).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvStashServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +141,11 @@ def add_KvStashServicer_to_server(servicer, server):
                     servicer.EvictSession,
                     request_deserializer=kvstash_dot_v1_dot_kvstash__pb2.EvictSessionRequest.FromString,
                     response_serializer=kvstash_dot_v1_dot_kvstash__pb2.SessionInfo.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=kvstash_dot_v1_dot_kvstash__pb2.ListSessionsRequest.FromString,
+                    response_serializer=kvstash_dot_v1_dot_kvstash__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +284,33 @@ class KvStash:
             '/kvstash.v1.KvStash/EvictSession',
             kvstash_dot_v1_dot_kvstash__pb2.EvictSessionRequest.SerializeToString,
             kvstash_dot_v1_dot_kvstash__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstash.v1.KvStash/ListSessions',
+            kvstash_dot_v1_dot_kvstash__pb2.ListSessionsRequest.SerializeToString,
+            kvstash_dot_v1_dot_kvstash__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
