@@ -109,6 +109,9 @@ class KvstashClient:
     def evict_session(self, session_id: str) -> pb.SessionInfo:
         return self.stub.EvictSession(pb.EvictSessionRequest(session_id=session_id), **self._kw())
 
+    def pin_session(self, session_id: str, pinned: bool = True) -> pb.SessionInfo:
+        return self.stub.PinSession(pb.PinSessionRequest(session_id=session_id, pinned=pinned), **self._kw())
+
     def list_sessions(self, page_size: int = 0) -> Iterator[pb.SessionInfo]:
         """Every session of the caller's tenant, following page tokens."""
         token = ""
@@ -161,6 +164,9 @@ class AsyncKvstashClient:
 
     async def get_session(self, session_id: str) -> pb.SessionInfo:
         return await self.stub.GetSession(pb.GetSessionRequest(session_id=session_id), **self._kw())
+
+    async def pin_session(self, session_id: str, pinned: bool = True) -> pb.SessionInfo:
+        return await self.stub.PinSession(pb.PinSessionRequest(session_id=session_id, pinned=pinned), **self._kw())
 
     async def list_sessions(self, page_size: int = 0) -> list[pb.SessionInfo]:
         """Every session of the caller's tenant, following page tokens."""

@@ -73,6 +73,7 @@ class SessionManifest:
     quant_spec: str
     created_at: float  # unix seconds
     updated_at: float
+    pinned: bool = False  # kept on the device: never offloaded for idleness (PinSession)
 
     def validate(self) -> None:
         """Check every invariant of the module docstring; raises ContainerError naming the first violation."""
@@ -111,6 +112,8 @@ class SessionManifest:
             "created_at": float(self.created_at), "updated_at": float(self.updated_at),
             "kv_tokens": int(self.kv_tokens), "n_tokens": int(tokens.size), "n_runs": len(runs),
         }
+        if self.pinned:
+            meta["pinned"] = True  # optional key: absent in older manifests means False
         return pack_container(Kind.MANIFEST, Codec.RAW, meta, tokens.tobytes() + run_arr.tobytes())
 
     @classmethod
@@ -143,6 +146,6 @@ class SessionManifest:
         m = cls(tenant=meta["tenant"], session_id=meta["session_id"], tokens=tokens, schedule=schedule,
                 kv_tokens=meta["kv_tokens"], model_fingerprint=meta["model_fingerprint"],
                 quant_spec=meta["quant_spec"], created_at=float(meta["created_at"]),
-                updated_at=float(meta["updated_at"]))
+                updated_at=float(meta["updated_at"]), pinned=meta.get("pinned", False) is True)
         m.validate()
         return m

@@ -149,6 +149,7 @@ class KvStashServicer(pb_grpc.KvStashServicer):
         return pb.SessionInfo(
             session_id=d["session_id"], state=_STATES[d["state"]], tier=pb.TIER_REDIS if cold else pb.TIER_DEVICE,
             token_count=d["token_count"], worker=d["worker"], created_at=d["created_at"], last_used_at=d["last_used_at"],
+            pinned=d.get("pinned", False),
             bytes=[pb.TierBytes(tier=pb.TIER_DEVICE, bytes=d["device_bytes"]),
                    pb.TierBytes(tier=pb.TIER_REDIS, bytes=d["redis_bytes"])])
 
@@ -161,6 +162,19 @@ class KvStashServicer(pb_grpc.KvStashServicer):
         sid = _session_id(request.session_id)
         await self._control("evict", tenant, sid)
         self.router.forget(tenant, sid)
+        return self._info(await self._control("info", tenant, sid))
+
+    async def PinSession(self, request, context):
+        tenant = self.auth.tenant(context.invocation_metadata())
+        sid = _session_id(request.session_id)
+        worker = await self.router.locate(tenant, sid) or (await self.router.place(tenant, sid))
+        try:
+            result = await worker.actor.pin.remote(tenant, sid, bool(request.pinned))
+        except ray.exceptions.RayActorError:
+            self.router.mark_dead(worker)
+            raise Unavailable("the worker died; retry") from None
+        if "error" in result:
+            raise from_wire(result["error"])
         return self._info(await self._control("info", tenant, sid))
 
     async def ListSessions(self, request, context):

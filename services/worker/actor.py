@@ -64,6 +64,9 @@ class WorkerActor:
     async def info(self, tenant: str, session_id: str) -> dict:
         return await self._control(self.engine.info(tenant, session_id))
 
+    async def pin(self, tenant: str, session_id: str, pinned: bool) -> dict:
+        return await self._control(self.engine.pin(tenant, session_id, pinned))
+
     async def evict(self, tenant: str, session_id: str) -> dict:
         return await self._control(self.engine.evict(tenant, session_id))
 

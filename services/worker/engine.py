@@ -165,7 +165,16 @@ class Engine:
             return {"session_id": session_id, "state": s.state.value, "token_count": len(s.tokens),
                     "device_bytes": s.device_bytes(), "redis_bytes": redis_bytes,
                     "worker": self.worker_id if s.cache is not None else "",
-                    "created_at": s.created_at, "last_used_at": s.last_used}
+                    "created_at": s.created_at, "last_used_at": s.last_used, "pinned": s.pinned}
+        return self.scheduler.call(op)
+
+    def pin(self, tenant: str, session_id: str, pinned: bool):
+        """Set the session's pin (durably, in its manifest); a pinned session is never offloaded for idleness."""
+        def op():
+            s = self.sessions.get(tenant, session_id)
+            s.pinned = pinned
+            self.tier.put_manifest(s.manifest(self.runner.fingerprint, self.sessions.quant.spec()))
+            return pinned
         return self.scheduler.call(op)
 
     def evict(self, tenant: str, session_id: str):

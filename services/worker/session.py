@@ -35,6 +35,7 @@ class Session:
     busy: bool = False
     stored_kv_tokens: int = 0  # tokens covered by the KV copy in Redis (0: none)
     redis_bytes: int = 0
+    pinned: bool = False  # never offloaded for idleness (durable: kept in the manifest)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -55,10 +56,10 @@ class Session:
         return SessionManifest(
             tenant=self.tenant, session_id=self.session_id, tokens=list(self.tokens), schedule=list(self.schedule),
             kv_tokens=self.stored_kv_tokens, model_fingerprint=fingerprint, quant_spec=quant_spec,
-            created_at=self.created_at, updated_at=time.time(),
+            created_at=self.created_at, updated_at=time.time(), pinned=self.pinned,
         )
 
     @classmethod
     def from_manifest(cls, m: SessionManifest) -> "Session":
         return cls(tenant=m.tenant, session_id=m.session_id, tokens=list(m.tokens), schedule=list(m.schedule),
-                   created_at=m.created_at, last_used=m.updated_at, stored_kv_tokens=m.kv_tokens)
+                   created_at=m.created_at, last_used=m.updated_at, stored_kv_tokens=m.kv_tokens, pinned=m.pinned)

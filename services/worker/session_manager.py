@@ -180,7 +180,7 @@ class SessionManager:
     def offload_idle(self, idle_timeout_s: float) -> int:
         now, n = time.time(), 0
         for s in list(self.active.values()):
-            if not s.busy and now - s.last_used >= idle_timeout_s:
+            if not s.busy and not s.pinned and now - s.last_used >= idle_timeout_s:
                 try:
                     self.offload(s)
                     n += 1

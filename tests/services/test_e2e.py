@@ -247,6 +247,22 @@ def test_backpressure_refuses_with_a_retry_hint(tiny_stack):
         assert c.generate("hello again", max_new_tokens=2).finish_reason
 
 
+def test_pinned_sessions_outlive_the_idle_timer(client):
+    pinned = client.generate("pin me", max_new_tokens=2).session_id
+    free = client.generate("leave me", max_new_tokens=2).session_id
+    info = client.pin_session(pinned)
+    assert info.pinned and info.state == pb.SESSION_STATE_ACTIVE
+    deadline = time.monotonic() + 30  # idle timeout 8 s in this stack
+    while client.get_session(free).state != pb.SESSION_STATE_COLD:
+        assert time.monotonic() < deadline, "the unpinned session was never offloaded"
+        time.sleep(0.5)
+    assert client.get_session(pinned).state == pb.SESSION_STATE_ACTIVE and client.get_session(pinned).pinned
+    assert not client.pin_session(pinned, False).pinned
+    with pytest.raises(grpc.RpcError) as e:
+        client.pin_session("no-such-session")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_list_sessions_pages_and_is_tenant_scoped(client, tiny_stack):
     mine = {client.generate(f"list me {i}", max_new_tokens=2).session_id for i in range(7)}
     listed = {s.session_id: s for s in client.list_sessions(page_size=3)}

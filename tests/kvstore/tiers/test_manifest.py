@@ -120,3 +120,15 @@ def test_roundtrip_property(data):
                         model_fingerprint=data.draw(st.text(max_size=20)), quant_spec="int4",
                         created_at=data.draw(st.floats(allow_nan=False, allow_infinity=False)), updated_at=1.0)
     assert SessionManifest.decode(m.encode()) == m
+
+
+def test_pinned_is_durable_and_optional():
+    from kvstore.codec.container import unpack_container
+
+    m = SessionManifest("acme", "s1", [1, 2, 3], [3], 3, "fp" * 8, "fp", 1.0, 2.0, pinned=True)
+    blob = m.encode()
+    assert SessionManifest.decode(blob).pinned is True
+    assert unpack_container(blob)[2]["pinned"] is True
+    m.pinned = False
+    assert "pinned" not in unpack_container(m.encode())[2]  # older readers see the same header as before
+    assert SessionManifest.decode(m.encode()).pinned is False

@@ -153,7 +153,7 @@ class GetSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "state", "tier", "token_count", "bytes", "worker", "created_at", "last_used_at")
+    __slots__ = ("session_id", "state", "tier", "token_count", "bytes", "worker", "created_at", "last_used_at", "pinned")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class SessionInfo(_message.Message):
     WORKER_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     state: SessionState
     tier: Tier
@@ -170,7 +171,8 @@ class SessionInfo(_message.Message):
     worker: str
     created_at: float
     last_used_at: float
-    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., tier: _Optional[_Union[Tier, str]] = ..., token_count: _Optional[int] = ..., bytes: _Optional[_Iterable[_Union[TierBytes, _Mapping]]] = ..., worker: _Optional[str] = ..., created_at: _Optional[float] = ..., last_used_at: _Optional[float] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., tier: _Optional[_Union[Tier, str]] = ..., token_count: _Optional[int] = ..., bytes: _Optional[_Iterable[_Union[TierBytes, _Mapping]]] = ..., worker: _Optional[str] = ..., created_at: _Optional[float] = ..., last_used_at: _Optional[float] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class DeleteSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -205,3 +207,11 @@ class ListSessionsResponse(_message.Message):
     sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
     next_page_token: str
     def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class PinSessionRequest(_message.Message):
+    __slots__ = ("session_id", "pinned")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    pinned: bool
+    def __init__(self, session_id: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...

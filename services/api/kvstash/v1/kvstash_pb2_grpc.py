@@ -60,6 +60,11 @@ class KvStashStub:
                 request_serializer=kvstash_dot_v1_dot_kvstash__pb2.EvictSessionRequest.SerializeToString,
                 response_deserializer=kvstash_dot_v1_dot_kvstash__pb2.SessionInfo.FromString,
                 _registered_method=True)
+        self.PinSession = channel.unary_unary(
+                '/kvstash.v1.KvStash/PinSession',
+                request_serializer=kvstash_dot_v1_dot_kvstash__pb2.PinSessionRequest.SerializeToString,
+                response_deserializer=kvstash_dot_v1_dot_kvstash__pb2.SessionInfo.FromString,
+                _registered_method=True)
         self.ListSessions = channel.unary_unary(
                 '/kvstash.v1.KvStash/ListSessions',
                 request_serializer=kvstash_dot_v1_dot_kvstash__pb2.ListSessionsRequest.SerializeToString,
@@ -107,6 +112,13 @@ class KvStashServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PinSession(self, request, context):
+        """Pins a session (it stays on the device: never offloaded for idleness) or unpins it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListSessions(self, request, context):
         """Lists the caller's sessions, a page at a time (from the durable store).
         """
@@ -140,6 +152,11 @@ def add_KvStashServicer_to_server(servicer, server):
             'EvictSession': grpc.unary_unary_rpc_method_handler(
                     servicer.EvictSession,
                     request_deserializer=kvstash_dot_v1_dot_kvstash__pb2.EvictSessionRequest.FromString,
+                    response_serializer=kvstash_dot_v1_dot_kvstash__pb2.SessionInfo.SerializeToString,
+            ),
+            'PinSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinSession,
+                    request_deserializer=kvstash_dot_v1_dot_kvstash__pb2.PinSessionRequest.FromString,
                     response_serializer=kvstash_dot_v1_dot_kvstash__pb2.SessionInfo.SerializeToString,
             ),
             'ListSessions': grpc.unary_unary_rpc_method_handler(
@@ -283,6 +300,33 @@ class KvStash:
             target,
             '/kvstash.v1.KvStash/EvictSession',
             kvstash_dot_v1_dot_kvstash__pb2.EvictSessionRequest.SerializeToString,
+            kvstash_dot_v1_dot_kvstash__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstash.v1.KvStash/PinSession',
+            kvstash_dot_v1_dot_kvstash__pb2.PinSessionRequest.SerializeToString,
             kvstash_dot_v1_dot_kvstash__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
