@@ -7,8 +7,9 @@
    full precision; measured with one forward pass per window (fast; the cache quantizes what it seals).
 2. Allocation: assuming KL adds up over (l, s), start everything at the fewest bits and greedily upgrade
    the (l, s) with the best KL saved per extra bit until the estimate is within the budget.
-3. Verification: the allocation is evaluated for real (chunked, as `eval ppl`); when the measured KL
-   exceeds the budget the estimate's target is tightened by the ratio and step 2 repeats (at most 4 times).
+3. Verification: the allocation is evaluated for real (chunked, as `eval ppl`). The additive estimate
+   is rescaled by budget / measured KL and step 2 repeats (at most 4 times), tightening when over the
+   budget and relaxing when well under it; the cheapest verified allocation within the budget wins.
 4. Flat: every (key bits, value bits) pair is evaluated the same way; the cheapest one within the budget
    is the flat allocation at the same budget. Both are reported with measured bits per element.
 `--out` writes the adaptive spec to a file that `--kv FILE` (eval ppl, `kv.spec`) accepts.
@@ -24,7 +25,7 @@ from dataclasses import asdict
 def add_alloc_parser(kinds, common) -> None:
     p = kinds.add_parser("alloc", help="pick bits per layer and K/V under a KL budget; compare with flat")
     common(p)
-    p.add_argument("--kl-budget", type=float, default=0.02, help="mean KL(p_fp || p_kv) allowed")
+    p.add_argument("--kl-budget", default="0.02", help="mean KL(p_fp || p_kv) allowed; comma-separate several")
     p.add_argument("--bits", default="2,3,4,8", help="bit widths to choose from")
     p.add_argument("--base", default="int4:g32:gv32:r128", help="spec whose groups, window and options are kept")
     p.add_argument("--out", default="", help="write the adaptive spec to this file")
@@ -58,6 +59,27 @@ def greedy(sens: dict, layers: int, choices: list[int], cost, target: float) -> 
     return tuple((choices[level[(l, "k")]], choices[level[(l, "v")]]) for l in range(layers))
 
 
+def allocate(full, sens, layers, choices, cost, budget: float, spec_with, base) -> dict:
+    """Adaptive (verified, rescaled estimate) and flat allocations within `budget`, as eval results."""
+    target, best, tried = budget, None, set()
+    for _ in range(4):
+        alloc = greedy(sens, layers, choices, cost, target)
+        if alloc in tried:
+            break
+        tried.add(alloc)
+        r = full.spec(spec_with(alloc))
+        if r.kl <= budget and (best is None or r.bits_per_element < best.bits_per_element):
+            best = r
+        target *= budget / max(r.kl, 1e-12)
+    flat = None
+    for k, v in sorted(itertools.product(choices, choices), key=lambda kv: cost("k", kv[0]) + cost("v", kv[1])):
+        r = full.spec(base.replace(key_bits=k, value_bits=v, layer_bits=()))
+        if r.kl <= budget:
+            flat = r
+            break
+    return {"kl_budget": budget, "adaptive": asdict(best) if best else None, "flat": asdict(flat) if flat else None}
+
+
 def run_alloc(args) -> int:
     from kvstore.config import QuantConfig
     from services.cli.eval import Evaluator, load_ids, load_runner
@@ -86,34 +108,24 @@ def run_alloc(args) -> int:
             print(f"sensitivity {n + 1}/{len(todo)}", flush=True)
 
     cost = lambda s, b: side_cost(base, s, b, head_dim)  # noqa: E731
-    target, adaptive = args.kl_budget, None
-    for _ in range(4):
-        alloc = greedy(sens, layers, choices, cost, target)
-        adaptive = full.spec(spec_with(alloc))
-        if adaptive.kl <= args.kl_budget:
-            break
-        target *= args.kl_budget / adaptive.kl
-    flat = None
-    for k, v in sorted(itertools.product(choices, choices), key=lambda kv: cost("k", kv[0]) + cost("v", kv[1])):
-        r = full.spec(base.replace(key_bits=k, value_bits=v, layer_bits=()))
-        if r.kl <= args.kl_budget:
-            flat = r
-            break
-    if args.out and adaptive is not None:
+    results = [allocate(full, sens, layers, choices, cost, budget, spec_with, base)
+               for budget in (float(x) for x in str(args.kl_budget).split(","))]
+    if args.out and results[0]["adaptive"] is not None:
         with open(args.out, "w", encoding="utf-8") as f:
-            f.write(adaptive.spec + "\n")
-    out = {"kl_budget": args.kl_budget, "adaptive": asdict(adaptive), "flat": asdict(flat) if flat else None,
-           "adaptive_within_budget": adaptive.kl <= args.kl_budget}
+            f.write(results[0]["adaptive"]["spec"] + "\n")
     if args.json:
-        print(json.dumps(out))
-    else:
-        print(f"KL budget {args.kl_budget} on {adaptive.tokens} tokens (windows of {args.window}, chunk {args.chunk})")
-        print("| allocation | spec | mean KL | ΔPPL | bits/elem (quantized) | bits/elem (total) |")
-        print("| --- | --- | ---: | ---: | ---: | ---: |")
-        for name, r in (("adaptive", adaptive), ("flat", flat)):
+        for out in results:
+            print(json.dumps(out))
+        return 0
+    print(f"{len(ids)} calibration tokens (windows of {args.window}, chunk {args.chunk})")
+    print("| KL budget | allocation | spec | mean KL | ΔPPL | bits/elem (sealed) | bits/elem (total) |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: |")
+    for out in results:
+        for name in ("adaptive", "flat"):
+            r = out[name]
             if r is None:
-                print(f"| {name} | none within budget | | | | |")
+                print(f"| {out['kl_budget']} | {name} | none within budget | | | | |")
             else:
-                print(f"| {name} | `{r.spec}` | {r.kl:.5f} | {r.delta_ppl:+.3f} | {r.bits_per_element:.3f} "
-                      f"| {r.bits_per_element_total:.3f} |")
+                print(f"| {out['kl_budget']} | {name} | `{r['spec']}` | {r['kl']:.5f} | {r['delta_ppl']:+.3f} "
+                      f"| {r['bits_per_element']:.3f} | {r['bits_per_element_total']:.3f} |")
     return 0
