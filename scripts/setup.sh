@@ -9,6 +9,7 @@ VENV="${KVSTASH_VENV:-.venv}"
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v promtool >/dev/null || need_apt+=(prometheus)  # promtool and a real server, for tests/deploy
+command -v openssl >/dev/null || need_apt+=(openssl)        # certificates for the TLS test
 command -v python3.11 >/dev/null || command -v python3 >/dev/null || need_apt+=(python3)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[setup] apt-get install ${need_apt[*]}"

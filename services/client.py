@@ -59,6 +59,14 @@ def _sampling(temperature: float, top_p: float, seed: int | None) -> pb.Sampling
     return s
 
 
+def _tls(ca_file: str) -> grpc.ChannelCredentials:
+    """TLS credentials trusting `ca_file` (PEM), or the system roots when it is empty."""
+    if not ca_file:
+        return grpc.ssl_channel_credentials()
+    with open(ca_file, "rb") as f:
+        return grpc.ssl_channel_credentials(root_certificates=f.read())
+
+
 def generate_request(prompt=None, *, messages=None, token_ids=None, session_id: str = "", max_new_tokens: int = 0,
                      temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None,
                      stop: list[str] | None = None) -> pb.GenerateRequest:
@@ -76,8 +84,10 @@ def resume_request(session_id: str, prompt=None, *, messages=None, token_ids=Non
 
 
 class KvstashClient:
-    def __init__(self, target: str, api_key: str | None = None, timeout: float | None = None):
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, target: str, api_key: str | None = None, timeout: float | None = None,
+                 tls_ca_file: str | None = None):
+        self.channel = (grpc.secure_channel(target, _tls(tls_ca_file)) if tls_ca_file is not None
+                        else grpc.insecure_channel(target))
         self.stub = pb_grpc.KvStashStub(self.channel)
         self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
         self.timeout = timeout
@@ -135,8 +145,10 @@ class KvstashClient:
 
 
 class AsyncKvstashClient:
-    def __init__(self, target: str, api_key: str | None = None, timeout: float | None = None):
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(self, target: str, api_key: str | None = None, timeout: float | None = None,
+                 tls_ca_file: str | None = None):
+        self.channel = (grpc.aio.secure_channel(target, _tls(tls_ca_file)) if tls_ca_file is not None
+                        else grpc.aio.insecure_channel(target))
         self.stub = pb_grpc.KvStashStub(self.channel)
         self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
         self.timeout = timeout

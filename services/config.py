@@ -54,7 +54,8 @@ class SessionConfig:
 
 @dataclass
 class RedisConfig:
-    url: str = _f("", "Redis URL (redis:// or rediss://). Empty: `kvstash up` spawns a local redis-server.")
+    url: str = _f("", "Redis URL: redis://[:password@]host:port/db, or rediss:// for TLS (AUTH via the password). "
+                      "Empty: `kvstash up` spawns a local redis-server.")
     namespace: str = _f("kvstash", "Prefix of every Redis key.")
     socket_timeout_s: float = _f(5.0, "Timeout of one Redis command.")
     data_dir: str = _f("", "Data dir of a spawned redis-server; empty means $KVSTASH_HOME/redis.")
@@ -78,6 +79,8 @@ class GatewayConfig:
     max_message_bytes: int = _f(4 << 20, "Largest gRPC message accepted, in bytes.")
     api_keys_file: str = _f("", "TOML file mapping API keys to tenants ([keys] key = \"tenant\"); empty allows anonymous use as tenant 'default'.")
     metrics_poll_interval_s: float = _f(2.0, "How often the gateway collects worker metrics.")
+    tls_cert_file: str = _f("", "PEM certificate chain for gRPC over TLS; empty serves plaintext.")
+    tls_key_file: str = _f("", "PEM private key of tls_cert_file.")
 
 
 @dataclass
@@ -121,6 +124,8 @@ class KvstashConfig:
         self.quant  # raises QuantConfigError on a bad spec
         if not 0.0 <= self.kv.quality_sample_rate <= 1.0:
             raise ValueError("kv.quality_sample_rate must be in [0, 1]")
+        if bool(self.gateway.tls_cert_file) != bool(self.gateway.tls_key_file):
+            raise ValueError("gateway.tls_cert_file and gateway.tls_key_file must be set together")
         if self.session.max_requests_per_worker < 1:
             raise ValueError("session.max_requests_per_worker must be >= 1")
         if self.ray.num_workers < 1:

@@ -53,7 +53,14 @@ class Gateway:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{self.cfg.gateway.host}:{self.cfg.gateway.port}")
+        address = f"{self.cfg.gateway.host}:{self.cfg.gateway.port}"
+        gw = self.cfg.gateway
+        if gw.tls_cert_file:
+            with open(gw.tls_key_file, "rb") as k, open(gw.tls_cert_file, "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.cfg.gateway.host}:{self.cfg.gateway.port}")
         await self.server.start()
@@ -71,10 +78,9 @@ class Gateway:
         await self.router.poll()
         live = len(self.router.live())
         self.metrics.workers.set(live)
-        if self._poller is not None:  # after start: health follows whether any worker can serve
+        if self._poller is not None:  # after start: the API's health follows whether any worker can serve
             status = health_pb2.HealthCheckResponse.SERVING if live else health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", SERVICE_NAME):
-                await self.health.set(name, status)
+            await self.health.set(SERVICE_NAME, status)  # "" (the process itself) stays SERVING: liveness
         await self._poll_storage()
 
     async def _poll_storage(self) -> None:

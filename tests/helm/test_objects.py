@@ -25,6 +25,21 @@ def test_gateway_probes_use_grpc_health_on_the_grpc_port(profile):
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "must outlast the workers' 600 s load"
 
 
+def test_tls_gateway_probes_the_tcp_port_and_mounts_its_certificate():
+    docs = render("default", ("config.gateway.tls_cert_file=/etc/kvstash/tls/tls.crt",
+                              "config.gateway.tls_key_file=/etc/kvstash/tls/tls.key",
+                              "gateway.extraVolumes[0].name=tls", "gateway.extraVolumes[0].secret.secretName=gw-tls",
+                              "gateway.extraVolumeMounts[0].name=tls",
+                              "gateway.extraVolumeMounts[0].mountPath=/etc/kvstash/tls"))
+    dep = one(docs, "Deployment")
+    gw = container(dep, "gateway")
+    grpc_port = next(p["containerPort"] for p in gw["ports"] if p["name"] == "grpc")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):  # k8s gRPC probes cannot speak TLS
+        assert gw[probe]["tcpSocket"]["port"] == grpc_port and "grpc" not in gw[probe], probe
+    assert {"name": "tls", "mountPath": "/etc/kvstash/tls"} in gw["volumeMounts"]
+    assert {"name": "tls", "secret": {"secretName": "gw-tls"}} in dep["spec"]["template"]["spec"]["volumes"]
+
+
 def test_gateway_runs_kvstash_up_with_ports_and_resources():
     docs = render("default", ("gateway.ports.grpc=6000",))
     gw = container(one(docs, "Deployment"), "gateway")

@@ -143,3 +143,16 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- include "kvstash.fail" "apiKeys: set keys or existingSecret, not both" }}
 {{- end }}
 {{- end }}
+
+{{/* Probe action of the gateway: gRPC health on (port, service), or a TCP check when TLS is on (args: list port service tlsCert). */}}
+{{- define "kvstash.gatewayProbe" -}}
+{{- $port := index . 0 -}}
+{{- if index . 2 -}}
+tcpSocket:
+  port: {{ $port }}
+{{- else -}}
+grpc:
+  port: {{ $port }}
+  service: {{ index . 1 | quote }}
+{{- end -}}
+{{- end }}

@@ -1,5 +1,5 @@
-"""A worker actor killed (SIGKILL) is dropped from routing, health turns NOT_SERVING while no worker can
-serve, the gateway creates the actor again, and sessions continue exactly from their durable history."""
+"""A worker actor killed (SIGKILL) is dropped from routing, the API's health (kvstash.v1.KvStash) turns
+NOT_SERVING while no worker can serve (the server's own, "", stays SERVING for liveness), the gateway creates the actor again, and sessions continue exactly from their durable history."""
 
 import os
 import signal
@@ -46,9 +46,9 @@ def _worker_pids(root: int) -> list[int]:
     return pids
 
 
-def _health(target: str) -> int:
+def _health(target: str, service: str = "kvstash.v1.KvStash") -> int:
     with grpc.insecure_channel(target) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,7 @@ def test_killed_worker_comes_back_and_sessions_continue(one_worker):
         while True:  # health goes NOT_SERVING until the actor is back, then SERVING again
             status = _health(one_worker.target)
             saw_not_serving |= status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert _health(one_worker.target, "") == health_pb2.HealthCheckResponse.SERVING  # liveness holds
             if saw_not_serving and status == health_pb2.HealthCheckResponse.SERVING:
                 break
             assert time.monotonic() < deadline, one_worker.log_tail()
