@@ -3,8 +3,9 @@
 Keys:
 - `{ns}:sess:{<tenant>}:<session_id>`: a HASH with fields `m` (manifest container) and `kv` (KV container).
   The braces make the tenant a Redis Cluster hash tag.
-- `{ns}:stats`: a HASH with `bytes` (sum of the lengths of every session hash's field values) and
-  `sessions` (number of session hashes that exist).
+- `{ns}:stats:{<tenant>}`: a HASH per tenant with `bytes` (sum of the lengths of the tenant's session
+  hashes' field values) and `sessions` (number of the tenant's session hashes). It shares the session
+  keys' hash tag, so every script touches keys of one Redis Cluster slot; `stats()` sums the tenants.
 
 Invariants:
 - Every write or delete that changes a session hash runs as ONE Lua script that also applies the size
@@ -78,7 +79,7 @@ class RedisTier:
             raise ValueError("namespace must be a non-empty string")
         self.client = client
         self.namespace = namespace
-        self.stats_key = f"{namespace}:stats"
+        self._stats_pattern = f"{namespace}:stats:*"
         self._update = client.register_script(_UPDATE_LUA)
         self._delete = client.register_script(_DELETE_LUA)
         self._bytes = client.register_script(_BYTES_LUA)
@@ -88,27 +89,31 @@ class RedisTier:
         validate_id(session_id, "session id")
         return f"{self.namespace}:sess:{{{tenant}}}:{session_id}"
 
-    def _write(self, key: str, sets: list[tuple[bytes, bytes]], deletes: list[bytes]) -> int:
+    def stats_key(self, tenant: str) -> str:
+        validate_id(tenant, "tenant")
+        return f"{self.namespace}:stats:{{{tenant}}}"
+
+    def _write(self, tenant: str, key: str, sets: list[tuple[bytes, bytes]], deletes: list[bytes]) -> int:
         args: list = [len(sets)]
         for field, value in sets:
             args += [field, value]
         args += deletes
-        return int(self._update(keys=[key, self.stats_key], args=args))
+        return int(self._update(keys=[key, self.stats_key(tenant)], args=args))
 
     def put_manifest(self, manifest: SessionManifest) -> int:
         """Write field `m` only (a stored KV is kept). Returns the bytes this session now holds."""
         key = self.session_key(manifest.tenant, manifest.session_id)
-        return self._write(key, [(F_MANIFEST, manifest.encode())], [])
+        return self._write(manifest.tenant, key, [(F_MANIFEST, manifest.encode())], [])
 
     def put_session(self, manifest: SessionManifest, kv: bytes | None) -> int:
         """Write `m` and `kv` in one atomic step (`kv=None` deletes the field). Returns the bytes held."""
         key = self.session_key(manifest.tenant, manifest.session_id)
         m = manifest.encode()
         if kv is None:
-            return self._write(key, [(F_MANIFEST, m)], [F_KV])
+            return self._write(manifest.tenant, key, [(F_MANIFEST, m)], [F_KV])
         if not isinstance(kv, (bytes, bytearray, memoryview)):
             raise TypeError(f"kv must be bytes or None, not {type(kv).__name__}")
-        return self._write(key, [(F_MANIFEST, m), (F_KV, bytes(kv))], [])
+        return self._write(manifest.tenant, key, [(F_MANIFEST, m), (F_KV, bytes(kv))], [])
 
     def get_manifest(self, tenant: str, session_id: str) -> SessionManifest | None:
         """The stored manifest, None if there is none; ContainerError if it is corrupt or misfiled."""
@@ -126,12 +131,12 @@ class RedisTier:
 
     def drop_kv(self, tenant: str, session_id: str) -> None:
         """Delete the stored KV (the manifest stays)."""
-        self._write(self.session_key(tenant, session_id), [], [F_KV])
+        self._write(tenant, self.session_key(tenant, session_id), [], [F_KV])
 
     def delete_session(self, tenant: str, session_id: str) -> bool:
         """Remove the session hash; True if it existed."""
         key = self.session_key(tenant, session_id)
-        return bool(self._delete(keys=[key, self.stats_key], args=[]))
+        return bool(self._delete(keys=[key, self.stats_key(tenant)], args=[]))
 
     def session_bytes(self, tenant: str, session_id: str) -> int:
         """Bytes of the session's field values (0 if it does not exist)."""
@@ -168,8 +173,20 @@ class RedisTier:
 
     def stats(self) -> dict[str, int]:
         """{"bytes": total field-value bytes of all sessions, "sessions": number of session hashes}."""
-        b, s = self.client.hmget(self.stats_key, ["bytes", "sessions"])
-        return {"bytes": int(b or 0), "sessions": int(s or 0)}
+        total = {"bytes": 0, "sessions": 0}
+        keys = list(self.client.scan_iter(match=self._stats_pattern, count=500))
+        pipe = self.client.pipeline(transaction=False)
+        for k in keys:
+            pipe.hmget(k, ["bytes", "sessions"])
+        for b, n in pipe.execute():
+            total["bytes"] += int(b or 0)
+            total["sessions"] += int(n or 0)
+        return total
+
+    def tenant_stats(self, tenant: str) -> dict[str, int]:
+        """{"bytes", "sessions"} of one tenant (one round trip)."""
+        b, n = self.client.hmget(self.stats_key(tenant), ["bytes", "sessions"])
+        return {"bytes": int(b or 0), "sessions": int(n or 0)}
 
     def ping(self) -> bool:
         """True when Redis answers."""

@@ -184,3 +184,23 @@ def test_list_sessions_pages_through_one_tenant_only(redis_server):
     assert sorted(set(seen)) == sorted(f"s{i}" for i in range(23)) and pages > 1
     assert all(m.tenant == "other" for m in (p for p, _ in tier.list_sessions("other", 0, 100)[1]))
     assert tier.list_sessions("nobody", 0, 10) == (0, [])
+
+
+def test_every_script_touches_one_cluster_slot_and_stats_are_per_tenant(redis_server):
+    import redis as _redis
+    from redis.crc import key_slot
+
+    from kvstore.tiers.manifest import SessionManifest
+    from kvstore.tiers.redis_tier import RedisTier
+
+    tier = RedisTier(_redis.Redis.from_url(redis_server.url), namespace="kvslot")
+    assert key_slot(tier.session_key("acme", "s1").encode()) == key_slot(tier.stats_key("acme").encode())
+    assert key_slot(tier.stats_key("acme").encode()) != key_slot(tier.stats_key("zeta-corp").encode())
+    for tenant, n in (("acme", 3), ("zeta-corp", 2)):
+        for i in range(n):
+            tier.put_session(SessionManifest(tenant, f"s{i}", [1, 2], [2], 0, "fp", "fp", 1.0, 2.0), b"x" * 10)
+    a, z = tier.tenant_stats("acme"), tier.tenant_stats("zeta-corp")
+    assert a["sessions"] == 3 and z["sessions"] == 2 and a["bytes"] > z["bytes"] > 20
+    assert tier.stats() == {"bytes": a["bytes"] + z["bytes"], "sessions": 5}
+    tier.delete_session("acme", "s0")
+    assert tier.tenant_stats("acme")["sessions"] == 2 and tier.stats()["sessions"] == 4
