@@ -84,6 +84,14 @@ class GatewayConfig:
 
 
 @dataclass
+class QuotaConfig:
+    max_sessions: int = _f(0, "Sessions one tenant may hold (stored in Redis); 0 means no limit.")
+    max_stored_bytes: int = _f(0, "Redis bytes one tenant's sessions may hold; 0 means no limit.")
+    max_tokens_per_minute: int = _f(
+        0, "Prompt + generated tokens one tenant may use per minute, per gateway; 0 means no limit.")
+
+
+@dataclass
 class KvstashConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     kv: KVConfig = field(default_factory=KVConfig)
@@ -91,6 +99,7 @@ class KvstashConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
 
     @property
     def quant(self) -> QuantConfig:

@@ -19,6 +19,7 @@ from services.api.kvstash.v1 import kvstash_pb2_grpc as pb_grpc
 from services.config import KvstashConfig
 from services.errors import InvalidArgument, NotFound, Unavailable, from_wire
 from services.gateway.auth import Authenticator
+from services.gateway.quota import TokenRate
 from services.gateway.router import Router, WorkerHandle
 from services.metrics import GatewayMetrics
 from services.worker.engine import GenerateCall
@@ -38,6 +39,7 @@ def _session_id(sid: str) -> str:
 class KvStashServicer(pb_grpc.KvStashServicer):
     def __init__(self, cfg: KvstashConfig, router: Router, auth: Authenticator, metrics: GatewayMetrics):
         self.cfg, self.router, self.auth, self.metrics = cfg, router, auth, metrics
+        self.rate = TokenRate(cfg.quota.max_tokens_per_minute)
 
     # ---- request validation -----------------------------------------------------------------------
     def _input(self, msg, required: bool) -> dict | None:
@@ -96,6 +98,7 @@ class KvStashServicer(pb_grpc.KvStashServicer):
             yield msg
 
     async def _stream(self, method: str, call: GenerateCall, worker: WorkerHandle):
+        self.rate.check(call.tenant)
         t0 = last = time.perf_counter()
         first = True
         stream = worker.actor.generate.options(num_returns="streaming").remote(call.__dict__)
@@ -112,6 +115,7 @@ class KvStashServicer(pb_grpc.KvStashServicer):
                 elif ev["type"] == "done":
                     finished = True
                     u = ev["usage"]
+                    self.rate.add(call.tenant, u["prompt_tokens"] + u["generated_tokens"])
                     yield pb.GenerateResponse(session_id=call.session_id, finish_reason=ev["finish_reason"], usage=pb.Usage(
                         prompt_tokens=u["prompt_tokens"], cached_tokens=u["cached_tokens"],
                         generated_tokens=u["generated_tokens"], kv_source=_SOURCES[u["kv_source"]],

@@ -58,6 +58,22 @@ class Engine:
         self._probe_rng = random.Random(f"kvstash-probe-{worker_id}")  # which decode steps get probed
         self.scheduler = Scheduler(on_idle=self._housekeeping, idle_interval_s=cfg.session.idle_check_interval_s)
 
+    def _check_quota(self, tenant: str, new: bool) -> None:
+        """quota.max_sessions (for a new session) and quota.max_stored_bytes, from the tenant's Redis stats."""
+        q = self.cfg.quota
+        if not (q.max_stored_bytes or (new and q.max_sessions)):
+            return
+        try:
+            st = self.tier.tenant_stats(tenant)
+        except Exception:  # noqa: BLE001 - storage down: the history cannot be stored either; do not block on it
+            return
+        if new and q.max_sessions and st["sessions"] >= q.max_sessions:
+            raise ResourceExhausted(f"tenant holds {st['sessions']} sessions, the limit is quota.max_sessions="
+                                    f"{q.max_sessions}: delete some first")
+        if q.max_stored_bytes and st["bytes"] >= q.max_stored_bytes:
+            raise ResourceExhausted(f"tenant stores {st['bytes']} bytes, the limit is quota.max_stored_bytes="
+                                    f"{q.max_stored_bytes}: delete some sessions first")
+
     def _observe_quality(self, cache) -> None:
         """Export the probe's per-layer attention KL and relative error (see kvstore.quant.probe)."""
         results, cache.probe = cache.probe or [], None
@@ -102,6 +118,11 @@ class Engine:
         if not 0 < max_new <= limits.max_new_tokens_limit:
             raise InvalidArgument(f"max_new_tokens={call.max_new_tokens} must be in [0, {limits.max_new_tokens_limit}]")
         s = self.sessions.acquire(call.tenant, call.session_id, create=call.create)
+        try:  # refused before anything ran: the session's device copy stays valid
+            self._check_quota(call.tenant, new=not s.tokens)
+        except ResourceExhausted:
+            self.sessions.release(s)
+            raise
         try:
             new_ids = self._encode_input(call, s.tokens)
             if not s.tokens and not new_ids:
