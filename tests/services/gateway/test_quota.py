@@ -1,4 +1,5 @@
-"""Per-tenant quotas: sessions and stored bytes (worker, from Redis stats), tokens per minute (gateway)."""
+"""Per-tenant quotas: sessions and stored bytes (worker, from Redis stats), tokens per minute (gateway);
+with API keys: tenant isolation, UNAUTHENTICATED and FAILED_PRECONDITION over real gRPC."""
 
 import grpc
 import pytest
@@ -54,7 +55,7 @@ def test_quotas_are_enforced_per_tenant(redis_server, tiny_model_dir, tmp_path):
                 a.generate("three", max_new_tokens=2)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota.max_sessions=2" in e.value.details()
             assert len(a.resume(s1, max_new_tokens=2).token_ids) == 2  # existing sessions go on
-            b.generate("another tenant", max_new_tokens=2)  # the quota is per tenant
+            bs = b.generate("another tenant", max_new_tokens=2).session_id  # the quota is per tenant
             assert a.delete_session(s1)
             last = a.generate("three, after a delete", max_new_tokens=2).session_id
             with pytest.raises(grpc.RpcError) as e:  # tokens per minute (prompt + generated), at the gateway
@@ -63,6 +64,22 @@ def test_quotas_are_enforced_per_tenant(redis_server, tiny_model_dir, tmp_path):
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "quota.max_tokens_per_minute=60" in e.value.details()
             assert 0 < int(dict(e.value.trailing_metadata())["retry-after-ms"]) <= 60000
-            b.generate("beta is not limited by alpha's use", max_new_tokens=2)
+            b.resume(bs, max_new_tokens=2)  # beta is not limited by alpha's use
+            # isolation: another tenant's session is indistinguishable from one that never existed
+            with pytest.raises(grpc.RpcError) as e:
+                b.get_session(last)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            for key in (None, "wrong-key"):
+                with KvstashClient(svc.target, api_key=key, timeout=30) as anon, pytest.raises(grpc.RpcError) as e:
+                    anon.generate("who am i", max_new_tokens=1)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # a session serves one call at a time: a second concurrent call is FAILED_PRECONDITION
+            busy = bs
+            stream = b.resume_stream(busy, max_new_tokens=200)
+            next(stream)  # the first call holds the session now
+            with pytest.raises(grpc.RpcError) as e:
+                b.resume(busy, max_new_tokens=1)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "busy" in e.value.details()
+            stream.cancel()
     finally:
         svc.stop()
