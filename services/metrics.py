@@ -80,6 +80,9 @@ class GatewayMetrics:
         self.requests = Counter("kvstash_requests_total", "RPCs handled, by method and status code.", ["method", "code"],
                                 registry=r)
         self.workers = Gauge("kvstash_workers", "Worker actors in routing.", registry=r)
+        self.tenant_tokens = Counter(
+            "kvstash_tenant_tokens_total", "Tokens per tenant (bounded: tenants come from the API keys file), by kind.",
+            ["tenant", "kind"], registry=r)
 
 
 class WorkerMetricsCollector:

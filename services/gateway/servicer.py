@@ -116,6 +116,8 @@ class KvStashServicer(pb_grpc.KvStashServicer):
                     finished = True
                     u = ev["usage"]
                     self.rate.add(call.tenant, u["prompt_tokens"] + u["generated_tokens"])
+                    self.metrics.tenant_tokens.labels(call.tenant, "prompt").inc(u["prompt_tokens"])
+                    self.metrics.tenant_tokens.labels(call.tenant, "generated").inc(u["generated_tokens"])
                     yield pb.GenerateResponse(session_id=call.session_id, finish_reason=ev["finish_reason"], usage=pb.Usage(
                         prompt_tokens=u["prompt_tokens"], cached_tokens=u["cached_tokens"],
                         generated_tokens=u["generated_tokens"], kv_source=_SOURCES[u["kv_source"]],

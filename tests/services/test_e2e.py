@@ -218,6 +218,7 @@ def test_metrics_endpoint(client, tiny_stack, reference):
     assert metric_sum(m, "kvstash_offloads_total") >= 1
     assert metric_sum(m, "kvstash_storage_up") == 1
     assert metric_sum(m, "kvstash_time_to_first_token_seconds_count", method="Generate") >= 1
+    assert metric_sum(m, "kvstash_tenant_tokens_total", tenant="default", kind="generated") >= 8
 
 
 def test_backpressure_refuses_with_a_retry_hint(tiny_stack):
