@@ -137,18 +137,24 @@ class KvStashServicer(pb_grpc.KvStashServicer):
                 ray.cancel(stream)
 
     # ---- unary calls -----------------------------------------------------------------------------
-    async def _control(self, op: str, tenant: str, sid: str):
-        worker = await self.router.locate(tenant, sid) or (await self.router.place(tenant, sid))
+    async def _on(self, worker: WorkerHandle, op: str, *args):
+        """Run actor method `op` on `worker`; its {"ok"} result, or its error raised (UNAVAILABLE if it died)."""
         try:
-            result = await getattr(worker.actor, op).remote(tenant, sid)
+            result = await getattr(worker.actor, op).remote(*args)
         except ray.exceptions.RayActorError:
             self.router.mark_dead(worker)
             raise Unavailable("the worker died; retry") from None
         if "error" in result:
-            if result["error"]["code"] == "NOT_FOUND":
-                self.router.forget(tenant, sid)
             raise from_wire(result["error"])
         return result["ok"]
+
+    async def _control(self, op: str, tenant: str, sid: str, *args):
+        worker = await self.router.locate(tenant, sid) or (await self.router.place(tenant, sid))
+        try:
+            return await self._on(worker, op, tenant, sid, *args)
+        except NotFound:
+            self.router.forget(tenant, sid)
+            raise
 
     def _info(self, d: dict) -> pb.SessionInfo:
         cold = d["state"] == "cold"
@@ -173,14 +179,7 @@ class KvStashServicer(pb_grpc.KvStashServicer):
     async def PinSession(self, request, context):
         tenant = self.auth.tenant(context.invocation_metadata())
         sid = _session_id(request.session_id)
-        worker = await self.router.locate(tenant, sid) or (await self.router.place(tenant, sid))
-        try:
-            result = await worker.actor.pin.remote(tenant, sid, bool(request.pinned))
-        except ray.exceptions.RayActorError:
-            self.router.mark_dead(worker)
-            raise Unavailable("the worker died; retry") from None
-        if "error" in result:
-            raise from_wire(result["error"])
+        await self._control("pin", tenant, sid, bool(request.pinned))
         return self._info(await self._control("info", tenant, sid))
 
     async def ListSessions(self, request, context):
@@ -194,14 +193,7 @@ class KvStashServicer(pb_grpc.KvStashServicer):
         live = self.router.live()
         if not live:
             raise Unavailable("no worker is available")
-        try:
-            result = await live[0].actor.list_sessions.remote(tenant, int(token or 0), size)
-        except ray.exceptions.RayActorError:
-            self.router.mark_dead(live[0])
-            raise Unavailable("the worker died; retry") from None
-        if "error" in result:
-            raise from_wire(result["error"])
-        page = result["ok"]
+        page = await self._on(live[0], "list_sessions", tenant, int(token or 0), size)
         return pb.ListSessionsResponse(
             sessions=[pb.SessionInfo(session_id=d["session_id"], token_count=d["token_count"],
                                      created_at=d["created_at"], last_used_at=d["last_used_at"],
