@@ -52,13 +52,12 @@ def kv_attention(module, query, key, value, attention_mask, **kwargs):
     out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if rot and rot["v"]:
         out = hadamard(out)
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     if getattr(cache, "evictor", None) is not None and rot is not None:
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         cache.evictor.observe(evict.attention_probs(query, key, scaling))
         if idx == len(cache.layers) - 1:
             cache.end_step()
     if getattr(cache, "probe", None) is not None and rot is not None:
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         res = probe.measure(cache.layers[idx], query, key, value, scaling, attention_mask)
         if res is not None:
             cache.probe.append((idx, *res))

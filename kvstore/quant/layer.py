@@ -39,6 +39,7 @@ from kvstore.quant.evict import Evictor
 from kvstore.quant.rope import Rope
 from kvstore.quant.rotation import hadamard, hadamard_matrix
 
+
 class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True

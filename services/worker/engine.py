@@ -7,9 +7,8 @@ scheduler between passes. Each pass's length is appended to the session's schedu
 
 from __future__ import annotations
 
-import random
-
 import logging
+import random
 from collections.abc import Generator
 from dataclasses import dataclass, field
 

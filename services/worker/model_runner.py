@@ -18,7 +18,7 @@ import torch
 
 from kvstore.config import QuantConfig
 from kvstore.quant import attention
-from kvstore.quant.cache import QuantizedKVCache, check_model_supported, rope_for
+from kvstore.quant.cache import QuantizedKVCache, check_model_supported, check_spec_supported, rope_for
 from kvstore.quant.state import KVState
 from services.config import ModelConfig
 from services.errors import InvalidArgument
@@ -63,6 +63,7 @@ class ModelRunner:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.num_layers = check_model_supported(self.model.config)
         attention.install(self.model)  # SDPA that also serves caches handing it rotated K/V
+        self._rope_obj = None
         self.fingerprint = self._fingerprint()
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
@@ -90,6 +91,7 @@ class ModelRunner:
     # ---- the forward pass ------------------------------------------------------------------------
     def new_cache(self, quant: QuantConfig) -> QuantizedKVCache:
         """An empty cache; raises UnsupportedModelError when `quant` cannot serve this model."""
+        check_spec_supported(self.model.config, quant)
         return QuantizedKVCache(quant, self.num_layers, self._rope(quant))
 
     def restore_cache(self, state: KVState) -> QuantizedKVCache:
@@ -97,9 +99,12 @@ class ModelRunner:
         return QuantizedKVCache.from_state(state, self.device, self._rope(QuantConfig.parse(state.quant_spec)))
 
     def _rope(self, quant: QuantConfig):
-        if quant.pre_rope and not hasattr(self, "_rope_obj"):
+        """The model's RoPE (built once) when `quant` stores keys before RoPE, else None."""
+        if not quant.pre_rope:
+            return None
+        if self._rope_obj is None:
             self._rope_obj = rope_for(self.model, quant)
-        return self._rope_obj if quant.pre_rope else None
+        return self._rope_obj
 
     @torch.inference_mode()
     def forward(self, cache: QuantizedKVCache, ids: list[int]) -> torch.Tensor:
