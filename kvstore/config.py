@@ -128,8 +128,12 @@ class QuantConfig:
 
     def spec(self) -> str:
         """Canonical spec string; stable across releases because it is hashed into fingerprints."""
-        if self.is_full_precision and not self.evict:
-            return "fp"
+        if self.is_full_precision and not self.evict:  # only the knobs that shape a full-precision cache
+            defaults = QuantConfig()
+            return ":".join(["fp"] + [f"{c}{v}" for c, v, d in (("g", self.key_group, defaults.key_group),
+                                                               ("gv", self.value_group, defaults.value_group),
+                                                               ("r", self.residual, defaults.residual),
+                                                               ("s", self.sinks, 0)) if v != d])
         parts = [f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"]
         parts += [f"s{self.sinks}"] if self.sinks else []
         parts += [{"kv": "had", "k": "hadk", "v": "hadv"}[self.rotate]] if self.rotate else []

@@ -19,7 +19,8 @@ from kvstore.quant.state import KVState
 
 # numpy has no bfloat16: such tensors travel as their raw 16-bit patterns.
 _BITCAST = {torch.bfloat16: torch.int16}
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)}
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int16,
+                               torch.int32)}  # int16/int32: outlier indices
 
 
 class UnsupportedModelError(ValueError):
@@ -108,6 +109,11 @@ class QuantizedKVCache(Cache):
                 if layer.is_initialized:
                     layer.evict(decided, drop)
 
+    def seal_all(self) -> None:
+        """Seal every layer's whole window groups now (see `QuantizedKVLayer.seal_all`)."""
+        for layer in self.layers:
+            layer.seal_all()
+
     def device_bytes(self) -> int:
         """Device memory held by every layer, measured from tensor storages."""
         return sum(layer.device_bytes() for layer in self.layers)
@@ -120,6 +126,7 @@ class QuantizedKVCache(Cache):
             "layer_tokens": [layer.num_tokens for layer in self.layers],
             "layer_staged": [layer.n_staged for layer in self.layers],
             "layer_evicted": [layer.n_evicted for layer in self.layers],
+            "layer_forced": [layer.forced for layer in self.layers],
             "layer_dtypes": [str(layer.dtype) if layer.is_initialized else "" for layer in self.layers],
             "tensor_dtypes": {name: str(t.dtype) for name, t in self._named_torch()},
         }
@@ -155,7 +162,8 @@ class QuantizedKVCache(Cache):
             cache.layers[i] = QuantizedKVLayer.from_tensors(
                 quant, int(meta["layer_tokens"][i]), per_layer[i], dtype, layer_idx=i, rope=rope,
                 evictor=cache.evictor, n_staged=int(meta.get("layer_staged", [0] * n_layers)[i]),
-                n_evicted=int(meta.get("layer_evicted", [0] * n_layers)[i]))
+                n_evicted=int(meta.get("layer_evicted", [0] * n_layers)[i]),
+                forced=int(meta.get("layer_forced", [0] * n_layers)[i]))
         if cache.get_seq_length() != state.num_tokens:
             raise ValueError(f"state claims {state.num_tokens} tokens, layers hold {cache.get_seq_length()}")
         return cache

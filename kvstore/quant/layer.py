@@ -24,7 +24,10 @@ Invariants:
 - With eviction (`evictor`, see kvstore/quant/evict.py) the window is [staged | unjudged]: staged entries were
   judged and kept and are sealed by whole blocks; `n_evicted` positions are gone, and `get_mask_sizes`
   maps the held entries onto the last positions. `get_seq_length` still counts positions.
-- A key group is sealed only when it is full and wholly outside the recent window.
+- A key group is sealed only when it is full and wholly outside the recent window — or by `seal_all`
+  (adopting a stored prefix), after which `n_sealed == max(window rule, forced)`.
+- A key group's sealed bits depend only on its own tokens' keys/values and positions, never on how many
+  groups were sealed at once.
 - Export then import gives bit-identical tensors (`tensors` / `from_tensors`).
 """
 
@@ -59,6 +62,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.rope = rope
         self.num_tokens = 0
         self.n_sealed = 0
+        self.forced = 0  # sealed tokens forced by seal_all (a floor under the window rule)
         self.sealed: dict[str, torch.Tensor] = {}  # name -> tensor, names as in the module docstring
         self.head_dim = 0
         rot = set(config.rotate) if config.rotated_attention else set()
@@ -126,7 +130,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.sealed = {}
-        self.num_tokens = self.n_sealed = 0
+        self.num_tokens = self.n_sealed = self.forced = 0
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -188,18 +192,41 @@ class QuantizedKVLayer(CacheLayerMixin):
             target = max(0, self.num_tokens - self.n_sink - cfg.residual) // cfg.key_group * cfg.key_group
         if target <= self.n_sealed:
             return
-        m = target - self.n_sealed  # tokens to move from the window into the sealed region
+        self._seal_tokens(target - self.n_sealed)
+
+    def _seal_tokens(self, m: int) -> None:
+        """Move the window's first `m` tokens (whole key groups) into the sealed region."""
         k_new = self.keys[..., :m, :]
         if self.pre_rope:
             k_new = self.rope.invert(k_new, self.n_sink + self.n_sealed, self.layer_idx)
         for side, x in (("k", k_new), ("v", self.values[..., :m, :])):
-            for name, t in sides.seal(x, self.plan(side)).items():
+            plan = self.plan(side)
+            # Rotation and outlier selection reduce over many elements; seal them one key group at a time so
+            # a group's bits never depend on how many groups were sealed together (prefix blocks rely on it).
+            step = self.config.key_group if plan.bits != 16 and (plan.rotate or plan.outliers) else m
+            pieces = [sides.seal(x[..., i:i + step, :], plan) for i in range(0, m, step)]
+            for name in pieces[0]:
+                t = pieces[0][name] if len(pieces) == 1 else torch.cat([p[name] for p in pieces], dim=-2)
                 name = f"{side}_{name}"  # every sealed tensor grows along dim -2 (tokens or blocks)
                 self.sealed[name] = t if name not in self.sealed else torch.cat([self.sealed[name], t], dim=-2)
         self.keys = self.keys[..., m:, :].clone()  # clone: do not keep the old window's storage alive
         self.values = self.values[..., m:, :].clone()
-        self.n_sealed = target
+        self.n_sealed += m
         self.n_staged = max(0, self.n_staged - m)
+
+    def seal_all(self) -> None:
+        """Seal every whole key group of the window now (a prefix adopted from stored blocks is all sealed).
+
+        Afterwards `n_sealed` may exceed what the window rule implies; `forced` records that floor, and
+        sealing resumes by the rule once the window has grown past it."""
+        if self.evictor is not None:
+            raise ValueError("seal_all is not supported with token eviction")
+        if not self.is_initialized:
+            return
+        m = self.keys.shape[-2] // self.config.key_group * self.config.key_group
+        if m:
+            self._seal_tokens(m)
+        self.forced = self.n_sealed
 
     def dequantized_sealed(self, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinks and sealed region as [B, H, n_sink + n_sealed, D] tensors in the model dtype.
@@ -260,11 +287,11 @@ class QuantizedKVLayer(CacheLayerMixin):
     def from_tensors(
         cls, config: QuantConfig, num_tokens: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
         layer_idx: int = 0, rope: Rope | None = None, evictor: Evictor | None = None, n_staged: int = 0,
-        n_evicted: int = 0,
+        n_evicted: int = 0, forced: int = 0,
     ) -> "QuantizedKVLayer":
         """Rebuild a layer from `tensors()` output; the inverse of export, bit for bit."""
         layer = cls(config, layer_idx, rope, evictor)
-        layer.n_staged, layer.n_evicted = n_staged, n_evicted
+        layer.n_staged, layer.n_evicted, layer.forced = n_staged, n_evicted, forced
         if not tensors:
             return layer
         layer.keys, layer.values = tensors["k_win"], tensors["v_win"]
@@ -279,6 +306,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             expected = layer.n_sealed if ok else -1
         else:
             expected = max(0, num_tokens - n_sink - config.residual) // config.key_group * config.key_group
+            expected = max(expected, forced)
         if n_sink != min(num_tokens, config.sinks) or layer.n_sealed != expected:
             raise ValueError(f"layer state holds {n_sink} sink and {layer.n_sealed} sealed tokens; "
                              f"the config implies {min(num_tokens, config.sinks)} and {expected}")
