@@ -68,7 +68,7 @@ def encode_kv(state: KVState, *, model_fingerprint: str, level: int = 3, codec: 
     return pack_container(Kind.KV, codec, meta, payload)
 
 
-def _decompress(payload: bytes, raw_bytes: int) -> bytes:
+def decompress_exact(payload: bytes, raw_bytes: int) -> bytes:
     """Decompress one zstd frame whose declared content size must equal `raw_bytes` (<= MAX_RAW_BYTES).
 
     libzstd enforces a declared content size, so memory is bounded by the check made before decompressing.
@@ -130,7 +130,7 @@ def decode_kv(data: bytes, *, model_fingerprint: str | None = None) -> KVState:
     if raw_bytes > MAX_RAW_BYTES:
         raise ContainerError(f"KV claims {raw_bytes} decoded bytes, over the {MAX_RAW_BYTES}-byte limit")
     if codec in (Codec.ZSTD, Codec.ZSTD_STREAMS):
-        raw = _decompress(payload, raw_bytes)
+        raw = decompress_exact(payload, raw_bytes)
     else:  # Codec.RAW: the tensor bundle as is
         if len(payload) != raw_bytes:
             raise ContainerError(f"KV payload is {len(payload)} bytes, header says raw_bytes={raw_bytes}")

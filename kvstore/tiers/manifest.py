@@ -1,32 +1,43 @@
-"""`SessionManifest`: a session's durable record — its whole token history and how its KV was built.
+"""`SessionManifest`: a session's durable record — its whole token history, how its KV was built, and
+which stored blocks hold that KV.
 
 Stored as a container (kind MANIFEST, codec RAW). Meta holds the ids, quant spec, model fingerprint,
-timestamps and record lengths; the payload is the token ids as little-endian uint32, followed by the
-schedule run-length encoded as little-endian uint32 (value, count) pairs (a schedule is mostly 1,1,1...).
+timestamps and record lengths; the payload is the token ids as little-endian uint32, then the schedule
+run-length encoded as little-endian uint32 (value, count) pairs (a schedule is mostly 1,1,1...), then
+(version 2) one 65-byte record per stored KV block: a flags byte (bit 0: public scope), the block's key
+digest and its content hash. The blocks are the sealed blocks in order, then the tail (window etc.).
+
+Schedule entries are forward-pass lengths, or `SEAL` (0): "seal the whole window now", which marks where
+a session adopted a stored prefix (kvstore.prefix); replaying the schedule reproduces the KV bit for bit.
 
 Invariants (checked by `validate` on encode and on decode; a violation raises ContainerError):
 - `tenant` and `session_id` match `[A-Za-z0-9._-]{1,128}`.
-- Every token id is an int in [0, 2^32); every schedule entry (a forward pass length) is in [1, 2^32).
+- Every token id is an int in [0, 2^32); every schedule entry is a forward pass length in [1, 2^32) or SEAL.
 - `sum(schedule) <= len(tokens)`: the passes only ever fed tokens of the history.
 - `kv_tokens` (the tokens the stored KV covers; 0 if none) is 0 or a prefix sum of `schedule` — the KV
   stops at a pass boundary — so `kv_tokens <= sum(schedule)`; it equals `sum(schedule)` right after an
   offload, and is smaller when the history moved on after the KV was stored (replay covers the rest).
 - Timestamps are finite numbers; `decode(m.encode()) == m` (timestamps come back as floats).
-- The meta carries a manifest record version `v` (MANIFEST_VERSION); other versions are refused.
+- `blocks` is empty or lists the sealed blocks then the tail (`tail` true) of a KV covering kv_tokens > 0.
+- The meta carries a manifest record version `v`: MANIFEST_VERSION is written; version 1 (no block
+  records) is still read, as a history without stored KV. Other versions are refused.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import numpy as np
 
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+READ_VERSIONS = (1, 2)
+SEAL = 0  # schedule entry: seal the whole window (a stored prefix was adopted here)
+_REF = 65  # bytes per block record: flags, key digest, content hash
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _U32_LIMIT = 1 << 32
 
@@ -62,6 +73,24 @@ def _rle(values: list[int]) -> list[tuple[int, int]]:
     return [(v, n) for v, n in runs]
 
 
+@dataclass(frozen=True)
+class BlockRef:
+    """One stored block a session's KV uses: where it is (scope and key) and what it must hold."""
+
+    key: bytes  # 32-byte key digest (a chain hash or a content key)
+    content: bytes  # 32-byte content hash of the block's tensors
+    public: bool = False  # stored in the public scope (shared across tenants)
+
+    def pack(self) -> bytes:
+        return bytes([1 if self.public else 0]) + self.key + self.content
+
+    @classmethod
+    def unpack(cls, b: bytes) -> "BlockRef":
+        if b[0] not in (0, 1):
+            raise ContainerError(f"manifest block record has unknown flags {b[0]}")
+        return cls(key=bytes(b[1:33]), content=bytes(b[33:65]), public=b[0] == 1)
+
+
 @dataclass
 class SessionManifest:
     tenant: str
@@ -74,6 +103,7 @@ class SessionManifest:
     created_at: float  # unix seconds
     updated_at: float
     pinned: bool = False  # kept on the device: never offloaded for idleness (PinSession)
+    blocks: list[BlockRef] = field(default_factory=list)  # the stored KV: sealed blocks in order, then the tail
 
     def validate(self) -> None:
         """Check every invariant of the module docstring; raises ContainerError naming the first violation."""
@@ -83,7 +113,7 @@ class SessionManifest:
         except ValueError as e:
             raise ContainerError(f"manifest {e}") from None
         tokens = _int_list(self.tokens, "tokens", 0)
-        schedule = _int_list(self.schedule, "schedule", 1)
+        schedule = _int_list(self.schedule, "schedule", SEAL)
         for name in ("model_fingerprint", "quant_spec"):
             if not isinstance(getattr(self, name), str):
                 raise ContainerError(f"manifest {name} must be a str, not {type(getattr(self, name)).__name__}")
@@ -99,6 +129,11 @@ class SessionManifest:
             raise ContainerError(f"manifest kv_tokens={kv!r} must be an int >= 0")
         if kv != 0 and kv not in set(accumulate(schedule)):
             raise ContainerError(f"manifest kv_tokens={kv} is not a boundary of the schedule (which covers {total})")
+        if self.blocks and kv == 0:
+            raise ContainerError("manifest lists stored blocks but kv_tokens is 0")
+        for i, r in enumerate(self.blocks):
+            if not (isinstance(r, BlockRef) and len(r.key) == 32 and len(r.content) == 32):
+                raise ContainerError(f"manifest block record {i} is malformed")
 
     def encode(self) -> bytes:
         """The manifest container. Raises ContainerError (a ValueError) if an invariant does not hold."""
@@ -111,10 +146,12 @@ class SessionManifest:
             "model_fingerprint": self.model_fingerprint, "quant_spec": self.quant_spec,
             "created_at": float(self.created_at), "updated_at": float(self.updated_at),
             "kv_tokens": int(self.kv_tokens), "n_tokens": int(tokens.size), "n_runs": len(runs),
+            "n_blocks": len(self.blocks),
         }
         if self.pinned:
             meta["pinned"] = True  # optional key: absent in older manifests means False
-        return pack_container(Kind.MANIFEST, Codec.RAW, meta, tokens.tobytes() + run_arr.tobytes())
+        refs = b"".join(r.pack() for r in self.blocks)
+        return pack_container(Kind.MANIFEST, Codec.RAW, meta, tokens.tobytes() + run_arr.tobytes() + refs)
 
     @classmethod
     def decode(cls, data: bytes) -> "SessionManifest":
@@ -131,21 +168,29 @@ class SessionManifest:
             if isinstance(meta[key], bool) or not isinstance(meta[key], typ):
                 raise ContainerError(f"manifest header is missing or has a bad field: {key!r} is a "
                                      f"{type(meta[key]).__name__}")
-        if meta["v"] != MANIFEST_VERSION:
-            raise ContainerError(f"unsupported manifest version {meta['v']} (this build reads {MANIFEST_VERSION})")
+        if meta["v"] not in READ_VERSIONS:
+            raise ContainerError(f"unsupported manifest version {meta['v']} (this build reads {READ_VERSIONS})")
         n_tokens, n_runs = meta["n_tokens"], meta["n_runs"]
-        if n_tokens < 0 or n_runs < 0 or len(payload) != 4 * n_tokens + 8 * n_runs:
+        n_blocks = meta.get("n_blocks", 0) if meta["v"] >= 2 else 0
+        if isinstance(n_blocks, bool) or not isinstance(n_blocks, int):
+            raise ContainerError("manifest header is missing or has a bad field: 'n_blocks'")
+        if n_tokens < 0 or n_runs < 0 or n_blocks < 0 or len(payload) != 4 * n_tokens + 8 * n_runs + _REF * n_blocks:
             raise ContainerError(f"manifest payload size {len(payload)} does not match its header "
-                                 f"(4*{n_tokens} token bytes + 8*{n_runs} schedule-run bytes)")
+                                 f"(4*{n_tokens} token bytes + 8*{n_runs} schedule-run bytes + "
+                                 f"{_REF}*{n_blocks} block records)")
         tokens = np.frombuffer(payload, dtype="<u4", count=n_tokens).tolist()
         runs = np.frombuffer(payload, dtype="<u4", count=2 * n_runs, offset=4 * n_tokens).reshape(-1, 2).tolist()
         # Bound the run-length expansion before materializing it: every pass feeds >= 1 token.
-        if any(v == 0 or n == 0 for v, n in runs) or sum(v * n for v, n in runs) > n_tokens:
+        seals = sum(n for v, n in runs if v == SEAL)
+        if any(n == 0 for _, n in runs) or sum(v * n for v, n in runs) > n_tokens or seals > max(1, n_tokens):
             raise ContainerError(f"manifest schedule is inconsistent with its history of {n_tokens} tokens")
         schedule = [v for v, n in runs for _ in range(n)]
+        at = 4 * n_tokens + 8 * n_runs
+        blocks = [BlockRef.unpack(payload[at + _REF * i: at + _REF * (i + 1)]) for i in range(n_blocks)]
+        kv_tokens = meta["kv_tokens"] if meta["v"] >= 2 else 0  # a v1 record's KV lived elsewhere: recompute
         m = cls(tenant=meta["tenant"], session_id=meta["session_id"], tokens=tokens, schedule=schedule,
-                kv_tokens=meta["kv_tokens"], model_fingerprint=meta["model_fingerprint"],
+                kv_tokens=kv_tokens, model_fingerprint=meta["model_fingerprint"],
                 quant_spec=meta["quant_spec"], created_at=float(meta["created_at"]),
-                updated_at=float(meta["updated_at"]), pinned=meta.get("pinned", False) is True)
+                updated_at=float(meta["updated_at"]), pinned=meta.get("pinned", False) is True, blocks=blocks)
         m.validate()
         return m

@@ -26,7 +26,7 @@ def test_schedule_is_run_length_encoded():
 @pytest.mark.parametrize("kw,needle", [
     ({"schedule": [50]}, "covers 50 tokens"),
     ({"kv_tokens": 5}, "not a boundary"),
-    ({"schedule": [0, 1], "kv_tokens": 0}, "non-positive"),
+    ({"schedule": [-1, 1], "kv_tokens": 0}, "out of range"),
     ({"tokens": [-1], "schedule": [], "kv_tokens": 0}, "out of range"),
 ])
 def test_invariants_are_enforced(kw, needle):
@@ -37,7 +37,7 @@ def test_invariants_are_enforced(kw, needle):
 def test_decode_rejects_lies_and_other_kinds():
     blob = _m().encode()
     kind, codec, meta, payload = unpack_container(blob)
-    for change, needle in (({"n_tokens": 41}, "payload size"), ({"v": 2}, "manifest version"),
+    for change, needle in (({"n_tokens": 41}, "payload size"), ({"v": 3}, "manifest version"),
                            ({"kv_tokens": 7}, "not a boundary")):
         with pytest.raises(ContainerError, match=needle):
             SessionManifest.decode(pack_container(kind, codec, {**meta, **change}, payload))
@@ -75,7 +75,7 @@ def test_decoded_values_are_plain_python():
     ({"session_id": "x" * 129}, "session id must be 1..128"),
     ({"tokens": [2**32], "schedule": [], "kv_tokens": 0}, "out of range"),
     ({"tokens": [1.0], "schedule": [], "kv_tokens": 0}, "not an int"),
-    ({"schedule": [-3], "kv_tokens": 0}, "non-positive"),
+    ({"schedule": [-3], "kv_tokens": 0}, "out of range"),
     ({"kv_tokens": -1}, "kv_tokens=-1"),
     ({"kv_tokens": 36}, "not a boundary"),
     ({"created_at": math.nan}, "finite"),
@@ -132,3 +132,29 @@ def test_pinned_is_durable_and_optional():
     m.pinned = False
     assert "pinned" not in unpack_container(m.encode())[2]  # older readers see the same header as before
     assert SessionManifest.decode(m.encode()).pinned is False
+
+
+def test_block_records_round_trip_and_seal_markers_are_schedule_entries():
+    from kvstore.tiers.manifest import SEAL, BlockRef
+
+    refs = [BlockRef(bytes([i]) * 32, bytes([i + 1]) * 32, public=i == 0) for i in range(3)]
+    m = _m(schedule=[8, 8, SEAL, 14, 1], kv_tokens=31, blocks=refs)
+    back = SessionManifest.decode(m.encode())
+    assert back == m and back.blocks[0].public and not back.blocks[1].public
+    with pytest.raises(ContainerError, match="kv_tokens is 0"):
+        _m(kv_tokens=0, blocks=refs).encode()
+    kind, codec, meta, payload = unpack_container(m.encode())
+    with pytest.raises(ContainerError, match="payload size"):
+        SessionManifest.decode(pack_container(kind, codec, {**meta, "n_blocks": 4}, payload))
+    bad = bytearray(payload)
+    bad[4 * 40 + 8 * meta["n_runs"]] = 7  # unknown flags in the first block record
+    with pytest.raises(ContainerError, match="unknown flags"):
+        SessionManifest.decode(pack_container(kind, codec, meta, bytes(bad)))
+
+
+def test_version_1_records_are_read_as_histories_without_stored_kv():
+    m = _m()
+    kind, codec, meta, payload = unpack_container(m.encode())
+    meta = {k: v for k, v in meta.items() if k != "n_blocks"} | {"v": 1}
+    old = SessionManifest.decode(pack_container(kind, codec, meta, payload))
+    assert old.tokens == m.tokens and old.schedule == m.schedule and old.kv_tokens == 0 and old.blocks == []

@@ -1,90 +1,184 @@
-"""RedisTier against a real redis-server."""
+"""RedisTier against a real redis-server: manifests, shared blocks with reference counts, exact stats."""
 
 import random
+import time
 import uuid
+from collections import Counter
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from kvstore.codec.container import ContainerError
-from kvstore.tiers.manifest import SessionManifest
-from kvstore.tiers.redis_tier import RedisTier
+from kvstore.tiers.manifest import BlockRef, SessionManifest
+from kvstore.tiers.redis_tier import BlockRefused, RedisTier, StaleManifest
+from services.runtime.redis_server import RedisServer
 
 
 @pytest.fixture
 def tier(redis_server):
     client = redis.Redis.from_url(redis_server.url)
-    ns = "t" + uuid.uuid4().hex[:8]  # a fresh namespace per test
-    return RedisTier(client, namespace=ns)
+    return RedisTier(client, namespace="t" + uuid.uuid4().hex[:8])  # a fresh namespace per test
 
 
-def _m(sid, n=20, tenant="acme"):
-    return SessionManifest(tenant=tenant, session_id=sid, tokens=list(range(n)), schedule=[n - 1], kv_tokens=n - 1,
-                           model_fingerprint="f" * 64, quant_spec="int4", created_at=1.0, updated_at=2.0)
+def _ref(i: int, public: bool = False, content: int | None = None) -> BlockRef:
+    return BlockRef(key=i.to_bytes(32, "little"), content=(i if content is None else content).to_bytes(32, "big"),
+                    public=public)
 
 
-def _stored_bytes(tier):
-    total = 0
-    for key in tier.client.scan_iter(f"{tier.namespace}:sess:*"):
-        total += sum(tier.client.hstrlen(key, f) for f in tier.client.hkeys(key))
-    return total
+def _data(refs) -> dict[bytes, bytes]:
+    return {r.key: bytes([r.key[0]]) * (100 + r.key[0]) for r in refs}
 
 
-def test_put_get_roundtrip_bit_exact(tier):
-    kv = bytes(random.Random(0).randbytes(5000))
-    held = tier.put_session(_m("s1"), kv)
-    assert tier.get_manifest("acme", "s1") == _m("s1")
-    assert tier.get_kv("acme", "s1") == kv
-    assert held == tier.session_bytes("acme", "s1") == len(kv) + len(_m("s1").encode())
+def _m(sid, n=20, tenant="acme", blocks=()):
+    return SessionManifest(tenant=tenant, session_id=sid, tokens=list(range(n)), schedule=[n - 1],
+                           kv_tokens=n - 1 if blocks else 0, model_fingerprint="f" * 64, quant_spec="int4",
+                           created_at=1.0, updated_at=2.0, blocks=list(blocks))
+
+
+def _stored(tier) -> dict:
+    """What is really in Redis: bytes, sessions and blocks per the tier's accounting rules, and block counts."""
+    c, ns = tier.client, tier.namespace
+    total, sessions, blocks, refs = 0, 0, 0, {}
+    for key in c.scan_iter(f"{ns}:sess:*"):
+        total += sum(c.hstrlen(key, f) for f in c.hkeys(key))
+        sessions += 1
+    for key in c.scan_iter(f"{ns}:blk:*"):
+        total += c.hstrlen(key, "d") + c.hstrlen(key, "c")
+        blocks += 1
+        refs[key.decode()] = int(c.hget(key, "r"))
+    total += sum(len(k) + len(v) for k, v in c.hgetall(tier.public_key).items())
+    return {"bytes": total, "sessions": sessions, "blocks": blocks, "refs": refs}
+
+
+def _true_refs(tier, live: dict) -> dict:
+    counts = Counter()
+    for (tenant, _), m in live.items():
+        for r in m.blocks:
+            counts[tier.block_key(tenant, r)] += 1
+    return dict(counts)
+
+
+def test_commit_and_read_back_bit_exact(tier):
+    refs = [_ref(1), _ref(2), _ref(3, public=True)]
+    held = tier.commit(_m("s1", blocks=refs), [], _data(refs)).bytes
+    assert tier.get_manifest("acme", "s1") == _m("s1", blocks=refs)
+    assert tier.get_blocks("acme", refs) == [_data(refs)[r.key] for r in refs]
+    assert held == len(_m("s1", blocks=refs).encode())
+    assert tier.session_bytes("acme", "s1", refs) == held + sum(len(d) + 32 for d in _data(refs).values())
     assert tier.session_key("acme", "s1") == f"{tier.namespace}:sess:{{acme}}:s1"
+    assert tier.block_key("acme", refs[2]).startswith(f"{tier.namespace}:blk:{{~public}}:")
 
 
-def test_stats_track_every_operation_exactly(tier):
+def test_shared_blocks_are_stored_once_and_survive_one_owner_s_deletion(tier):
+    shared = [_ref(1), _ref(2)]
+    a, b = shared + [_ref(10)], shared + [_ref(20)]
+    tier.commit(_m("a", blocks=a), [], _data(a))
+    tier.commit(_m("b", blocks=b), [], {r.key: d for r, d in zip(b, _data(b).values()) if r not in shared})
+    st = _stored(tier)
+    assert st["blocks"] == 4 and st["refs"][tier.block_key("acme", shared[0])] == 2
+    assert tier.delete_session("acme", "a") is True
+    assert tier.get_blocks("acme", b) == [_data(b)[r.key] for r in b]  # b is intact
+    assert tier.get_blocks("acme", [_ref(10)]) == [None]  # a's own block is collected
+    assert tier.delete_session("acme", "b") is True
+    assert _stored(tier) == {"bytes": 0, "sessions": 0, "blocks": 0, "refs": {}}
+    assert tier.stats() == {"bytes": 0, "sessions": 0, "blocks": 0}
+
+
+def test_conflicting_or_missing_blocks_are_refused_and_nothing_is_written(tier):
+    tier.commit(_m("a", blocks=[_ref(1)]), [], _data([_ref(1)]))
+    before = _stored(tier)
+    other = _ref(1, content=99)  # same key, other bits: must not share
+    with pytest.raises(BlockRefused) as e:
+        tier.commit(_m("b", blocks=[other, _ref(2)]), [], {})
+    assert e.value.conflicts == [other] and e.value.missing == [_ref(2)]
+    pub = _ref(7, public=True)
+    with pytest.raises(BlockRefused):
+        tier.commit(_m("c", blocks=[pub, _ref(1, content=98)]), [], _data([pub]))
+    assert _stored(tier) == before and tier.get_manifest("acme", "b") is None
+    assert tier.stats() == {k: before[k] for k in ("bytes", "sessions", "blocks")}
+
+
+def test_stale_manifests_are_refused(tier):
+    done = tier.commit(_m("a"), [])
+    with pytest.raises(StaleManifest):
+        tier.commit(_m("a", n=30), [], expect_sha="0" * 40)
+    assert tier.get_manifest("acme", "a") == _m("a")
+    tier.commit(_m("a", n=30), [], expect_sha=done.sha1)  # the writer's own tag is current
+    assert tier.get_manifest("acme", "a") == _m("a", n=30)
+
+
+def test_stats_and_reference_counts_track_every_operation_exactly(tier):
     rng = random.Random(1)
-    live = set()
-    for step in range(200):
-        sid = f"s{rng.randrange(8)}"
-        op = rng.choice(["put", "put", "manifest", "drop", "delete"])
-        if op == "put":
-            tier.put_session(_m(sid, n=rng.randrange(2, 60)), rng.randbytes(rng.randrange(0, 3000)))
-            live.add(sid)
-        elif op == "manifest":
-            tier.put_manifest(_m(sid, n=rng.randrange(2, 60)))
-            live.add(sid)
-        elif op == "drop":
-            tier.drop_kv("acme", sid)
+    pool = [_ref(i, public=i % 5 == 0) for i in range(1, 16)]
+    live: dict = {}
+    for step in range(150):
+        tenant, sid = rng.choice(["acme", "zeta"]), f"s{rng.randrange(6)}"
+        if rng.random() < 0.75:
+            blocks = rng.sample(pool, rng.randrange(0, 6))
+            prev = live.get((tenant, sid))
+            tier.commit(_m(sid, n=rng.randrange(2, 60), tenant=tenant, blocks=blocks),
+                        prev.blocks if prev else [], _data(blocks))
+            live[(tenant, sid)] = _m(sid, tenant=tenant, blocks=blocks)
         else:
-            assert tier.delete_session("acme", sid) == (sid in live)
-            live.discard(sid)
-        stats = tier.stats()
-        assert stats["bytes"] == _stored_bytes(tier), f"step {step} ({op})"
-        assert stats["sessions"] == len(live)
+            assert tier.delete_session(tenant, sid) == ((tenant, sid) in live)
+            live.pop((tenant, sid), None)
+        st = _stored(tier)
+        assert tier.stats() == {k: st[k] for k in ("bytes", "sessions", "blocks")}, f"step {step}"
+        assert st["refs"] == _true_refs(tier, live), f"step {step}"
+    parts = [tier.tenant_stats(t) for t in ("acme", "zeta", None)]
+    assert tier.stats() == {k: sum(p[k] for p in parts) for k in parts[0]}
 
 
-def test_delete_removes_the_key(tier):
-    tier.put_session(_m("gone"), b"kv")
-    key = tier.session_key("acme", "gone")
-    assert tier.client.exists(key) == 1
-    assert tier.delete_session("acme", "gone") is True
-    assert tier.client.exists(key) == 0
-    assert tier.delete_session("acme", "gone") is False
-    assert tier.get_manifest("acme", "gone") is None and tier.get_kv("acme", "gone") is None
+def test_collect_repairs_leaked_counts_and_removes_orphans(tier):
+    refs = [_ref(1), _ref(2, public=True)]
+    tier.commit(_m("a", blocks=refs), [], _data(refs))
+    tier.client.hincrby(tier.block_key("acme", refs[1]), "r", 3)  # counts leaked by crashed writers
+    orphan = _ref(5, public=True)
+    tier._run_refs("add", "acme", [orphan], _data([orphan]), int(time.time()))  # a writer died before its manifest commit
+    assert tier.collect(grace_s=3600) == {"fixed": 2, "deleted": 0}  # the orphan is too recent to delete
+    assert tier.collect(grace_s=0)["deleted"] == 1
+    st = _stored(tier)
+    assert st["refs"] == {tier.block_key("acme", r): 1 for r in refs}
+    assert tier.stats() == {k: st[k] for k in ("bytes", "sessions", "blocks")}
 
 
-def test_tenants_are_separate_keys(tier):
-    tier.put_session(_m("same", tenant="a"), b"A")
-    tier.put_session(_m("same", tenant="b"), b"B")
-    assert tier.get_kv("a", "same") == b"A" and tier.get_kv("b", "same") == b"B"
+def test_ttl_applies_to_blocks_never_to_manifests(redis_server):
+    tier = RedisTier(redis.Redis.from_url(redis_server.url), namespace="ttl" + uuid.uuid4().hex[:6], ttl_s=500)
+    tier.commit(_m("a", blocks=[_ref(1)]), [], _data([_ref(1)]))
+    assert 0 < tier.client.ttl(tier.block_key("acme", _ref(1))) <= 500
+    assert tier.client.ttl(tier.session_key("acme", "a")) == -1
 
 
-def test_corrupt_manifest_is_detected(tier):
-    tier.put_session(_m("c"), b"kv")
+def test_every_script_touches_one_cluster_slot(tier):
+    slot = key_slot(tier.session_key("acme", "s1").encode())
+    assert slot == key_slot(tier.stats_key("acme").encode()) == key_slot(tier.block_key("acme", _ref(1)).encode())
+    pub = key_slot(tier.block_key("acme", _ref(2, public=True)).encode())
+    assert pub == key_slot(tier.stats_key(None).encode()) == key_slot(tier.block_key("zeta", _ref(2, public=True)).encode())
+    assert slot != key_slot(tier.stats_key("zeta-corp").encode())
+
+
+def test_tenants_are_separate_scopes(tier):
+    tier.commit(_m("same", tenant="a", blocks=[_ref(1)]), [], {_ref(1).key: b"A" * 50})
+    tier.commit(_m("same", tenant="b", blocks=[_ref(1)]), [], {_ref(1).key: b"B" * 50})
+    assert tier.get_blocks("a", [_ref(1)]) == [b"A" * 50] and tier.get_blocks("b", [_ref(1)]) == [b"B" * 50]
+
+
+def test_corrupt_misfiled_and_garbage_manifests_are_detected(tier):
+    tier.commit(_m("c"), [])
     key = tier.session_key("acme", "c")
     raw = bytearray(tier.client.hget(key, "m"))
     raw[-1] ^= 0xFF
     tier.client.hset(key, "m", bytes(raw))
     with pytest.raises(ContainerError, match="checksum"):
         tier.get_manifest("acme", "c")
+    tier.client.hset(tier.session_key("acme", "y"), "m", _m("x").encode())
+    with pytest.raises(ContainerError, match="belongs to acme/x"):
+        tier.get_manifest("acme", "y")
+    tier.client.hset(tier.session_key("acme", "g"), "m", b"\x80\x04\x95 not a container at all, 40+ bytes long")
+    with pytest.raises(ContainerError, match="bad magic"):
+        tier.get_manifest("acme", "g")
+    assert tier.delete_session("acme", "g") is True  # a corrupt record can still be deleted
 
 
 @pytest.mark.parametrize("tenant,sid", [("", "s"), ("a b", "s"), ("t", "x" * 129), ("t", "s}:x"), ("{t}", "s")])
@@ -93,87 +187,46 @@ def test_ids_are_validated(tier, tenant, sid):
         tier.session_key(tenant, sid)
 
 
-def test_ping(tier):
-    assert tier.ping() is True
-
-
-# ---- field-level semantics, misfiled records, server restarts ------------------------------------------
-
-from services.runtime.redis_server import RedisServer  # noqa: E402
-
-
-def test_put_session_without_kv_and_drop_kv_adjust_stats(tier):
-    tier.put_session(_m("a"), bytes(range(256)) * 10)
-    assert tier.get_kv("acme", "a") == bytes(range(256)) * 10
-    m_len = len(_m("a").encode())
-    assert tier.put_session(_m("a"), None) == m_len  # kv None removes the field
-    assert tier.get_kv("acme", "a") is None and tier.get_manifest("acme", "a") == _m("a")
-    assert tier.stats() == {"bytes": m_len, "sessions": 1}
-    tier.put_session(_m("a"), b"kv")
-    assert tier.put_manifest(_m("a", n=30)) == len(_m("a", n=30).encode()) + 2  # the KV is kept
-    tier.drop_kv("acme", "a")
-    tier.drop_kv("acme", "a")  # idempotent
-    assert tier.session_bytes("acme", "a") == len(_m("a", n=30).encode())
-    assert tier.stats() == {"bytes": _stored_bytes(tier), "sessions": 1}
-
-
-def test_missing_sessions(tier):
-    assert tier.get_manifest("acme", "nope") is None and tier.get_kv("acme", "nope") is None
-    assert tier.session_bytes("acme", "nope") == 0
-    tier.drop_kv("acme", "nope")
-    assert tier.stats() == {"bytes": 0, "sessions": 0}
-    assert tier.client.exists(tier.session_key("acme", "nope")) == 0
-
-
-def test_misfiled_manifest_is_detected(tier):
-    tier.put_session(_m("x"), b"kv")
-    tier.client.hset(tier.session_key("acme", "y"), "m", _m("x").encode())  # written behind the tier's back
-    with pytest.raises(ContainerError, match="belongs to acme/x"):
-        tier.get_manifest("acme", "y")
-
-
-def test_garbage_manifest_is_a_container_error(tier):
-    tier.put_session(_m("g"), None)
-    tier.client.hset(tier.session_key("acme", "g"), "m", b"\x80\x04\x95 not a container at all, 40+ bytes long")
-    with pytest.raises(ContainerError, match="bad magic"):
-        tier.get_manifest("acme", "g")
-
-
 def test_invalid_manifest_is_refused_before_writing(tier):
     bad = _m("bad")
     bad.kv_tokens = 3
     with pytest.raises(ContainerError, match="not a boundary"):
-        tier.put_session(bad, b"kv")
-    bad = _m("bad", tenant="no spaces")
+        tier.commit(bad, [])
     with pytest.raises(ValueError, match="must be 1..128"):
-        tier.put_manifest(bad)
-    assert tier.stats() == {"bytes": 0, "sessions": 0}
+        tier.commit(_m("bad", tenant="no spaces"), [])
+    assert tier.stats() == {"bytes": 0, "sessions": 0, "blocks": 0}
+
+
+def test_legacy_kv_field_is_dropped_and_accounted_on_rewrite(tier):
+    key = tier.session_key("acme", "old")
+    tier.commit(_m("old"), [])
+    tier.client.hset(key, "kv", b"x" * 1000)  # what a format-1 writer left
+    tier.client.hincrby(tier.stats_key("acme"), "bytes", 1000)
+    tier.commit(_m("old", n=30), [])
+    assert tier.client.hkeys(key) == [b"m"]
+    st = _stored(tier)
+    assert tier.stats() == {k: st[k] for k in ("bytes", "sessions", "blocks")}
 
 
 def test_survives_a_redis_restart_and_reports_down(tmp_path):
     """Lua scripts are flushed by a restart; the tier must reload them (and ping must say False when down)."""
     with RedisServer(data_dir=str(tmp_path), appendonly=True) as server:
         tier = RedisTier(redis.Redis.from_url(server.url, socket_timeout=2), namespace="restart")
-        tier.put_session(_m("r1"), b"k" * 100)
+        tier.commit(_m("r1", blocks=[_ref(1)]), [], _data([_ref(1)]))
         server.restart()
-        assert tier.get_kv("acme", "r1") == b"k" * 100
-        tier.put_session(_m("r2"), b"k" * 50)
+        assert tier.get_blocks("acme", [_ref(1)]) == [_data([_ref(1)])[_ref(1).key]]
+        tier.commit(_m("r2"), [])
         assert tier.delete_session("acme", "r1") is True
-        assert tier.stats() == {"bytes": _stored_bytes(tier), "sessions": 1}
+        st = _stored(tier)
+        assert tier.stats() == {k: st[k] for k in ("bytes", "sessions", "blocks")} and st["sessions"] == 1
         server.kill()
         assert tier.ping() is False
 
 
-def test_list_sessions_pages_through_one_tenant_only(redis_server):
-    import redis as _redis
-
-    from kvstore.tiers.manifest import SessionManifest
-    from kvstore.tiers.redis_tier import RedisTier
-
-    tier = RedisTier(_redis.Redis.from_url(redis_server.url), namespace="kvlist")
+def test_list_sessions_pages_through_one_tenant_only(tier):
     for tenant, n in (("acme", 23), ("other", 5)):
         for i in range(n):
-            tier.put_manifest(SessionManifest(tenant, f"s{i}", [1, 2, 3], [3], 0, "fp", "fp", 1.0, 2.0))
+            tier.commit(SessionManifest(tenant, f"s{i}", [1, 2, 3], [3], 0, "fp", "fp", 1.0, 2.0), [])
     seen, cursor, pages = [], 0, 0
     while True:
         cursor, page = tier.list_sessions("acme", cursor, limit=5)
@@ -182,25 +235,28 @@ def test_list_sessions_pages_through_one_tenant_only(redis_server):
         if cursor == 0:
             break
     assert sorted(set(seen)) == sorted(f"s{i}" for i in range(23)) and pages > 1
-    assert all(m.tenant == "other" for m in (p for p, _ in tier.list_sessions("other", 0, 100)[1]))
+    assert all(m.tenant == "other" for m, _ in tier.list_sessions("other", 0, 100)[1])
     assert tier.list_sessions("nobody", 0, 10) == (0, [])
 
 
-def test_every_script_touches_one_cluster_slot_and_stats_are_per_tenant(redis_server):
-    import redis as _redis
-    from redis.crc import key_slot
-
-    from kvstore.tiers.manifest import SessionManifest
-    from kvstore.tiers.redis_tier import RedisTier
-
-    tier = RedisTier(_redis.Redis.from_url(redis_server.url), namespace="kvslot")
-    assert key_slot(tier.session_key("acme", "s1").encode()) == key_slot(tier.stats_key("acme").encode())
-    assert key_slot(tier.stats_key("acme").encode()) != key_slot(tier.stats_key("zeta-corp").encode())
-    for tenant, n in (("acme", 3), ("zeta-corp", 2)):
-        for i in range(n):
-            tier.put_session(SessionManifest(tenant, f"s{i}", [1, 2], [2], 0, "fp", "fp", 1.0, 2.0), b"x" * 10)
-    a, z = tier.tenant_stats("acme"), tier.tenant_stats("zeta-corp")
-    assert a["sessions"] == 3 and z["sessions"] == 2 and a["bytes"] > z["bytes"] > 20
-    assert tier.stats() == {"bytes": a["bytes"] + z["bytes"], "sessions": 5}
-    tier.delete_session("acme", "s0")
-    assert tier.tenant_stats("acme")["sessions"] == 2 and tier.stats()["sessions"] == 4
+def test_public_prefixes_hold_their_blocks_across_tenants(tier):
+    pub = [_ref(1, public=True), _ref(2, public=True)]
+    assert tier.publish(pub, _data(pub)) is True
+    assert tier.publish(pub, {}) is False  # registered once
+    assert tier.public_prefixes() == {pub[-1].key.hex(): [r.key for r in pub]}
+    for tenant in ("a", "b"):
+        own = [_ref(10)]
+        tier.commit(_m("s", tenant=tenant, blocks=pub + own), [], _data(own))
+    st = _stored(tier)
+    assert st["refs"][tier.block_key("x", pub[0])] == 3 and st["blocks"] == 4  # stored once, shared by both
+    assert tier.stats() == {k: st[k] for k in ("bytes", "sessions", "blocks")}
+    tier.delete_session("a", "s")
+    tier.delete_session("b", "s")
+    assert tier.collect(grace_s=0) == {"fixed": 0, "deleted": 0}  # the registry still references them
+    assert tier.get_blocks("a", pub) == [_data(pub)[r.key] for r in pub]
+    assert tier.unpublish(pub[-1].key.hex()) is True and tier.unpublish(pub[-1].key.hex()) is False
+    st = _stored(tier)
+    assert st == {"bytes": 0, "sessions": 0, "blocks": 0, "refs": {}}
+    assert tier.stats() == {"bytes": 0, "sessions": 0, "blocks": 0}
+    with pytest.raises(ValueError, match="public blocks"):
+        tier.publish([_ref(3)], {})
