@@ -134,6 +134,11 @@ class KvstashClient:
     def delete_session(self, session_id: str) -> bool:
         return self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), **self._kw()).deleted
 
+    def mark_public_prefix(self, prompt=None, *, messages=None, token_ids=None) -> pb.MarkPublicPrefixResponse:
+        """Operators: share a prompt prefix (e.g. a system prompt) with every tenant."""
+        return self.stub.MarkPublicPrefix(pb.MarkPublicPrefixRequest(input=make_input(prompt, messages, token_ids)),
+                                          **self._kw())
+
     def close(self) -> None:
         self.channel.close()
 
@@ -195,6 +200,11 @@ class AsyncKvstashClient:
 
     async def delete_session(self, session_id: str) -> bool:
         return (await self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), **self._kw())).deleted
+
+    async def mark_public_prefix(self, prompt=None, *, messages=None, token_ids=None) -> pb.MarkPublicPrefixResponse:
+        """Operators: share a prompt prefix (e.g. a system prompt) with every tenant."""
+        return await self.stub.MarkPublicPrefix(
+            pb.MarkPublicPrefixRequest(input=make_input(prompt, messages, token_ids)), **self._kw())
 
     async def close(self) -> None:
         await self.channel.close()

@@ -41,6 +41,28 @@ class KVConfig:
 
 
 @dataclass
+class PrefixConfig:
+    enabled: bool = _f(True, "Share KV of common prompt prefixes: dedup stored blocks across sessions and adopt a "
+                             "stored prefix instead of prefilling it (tenant-private unless marked public).")
+    block_tokens: int = _f(0, "Tokens per stored KV block, a multiple of the key group; 0 means one key group.")
+    prefill_chunk: int = _f(512, "Prefills run in passes ending at multiples of this many tokens (a multiple of "
+                                 "block_tokens); the complete passes from position 0 are what sessions share.")
+    trie_bytes: int = _f(256 << 20, "Host bytes of hot prefix blocks each worker keeps (the prefix trie); 0 disables it.")
+    salt_key: str = _f("", "Secret mixed into every tenant's prefix salt (set it from a secret; empty is allowed).")
+
+
+@dataclass
+class TiersConfig:
+    device_bytes: int = _f(0, "KV bytes a worker may hold on its device; beyond it least-recently-used idle "
+                              "sessions are offloaded. 0 means no budget (only the idle timeout).")
+    host_bytes: int = _f(512 << 20, "Bytes of encoded KV blocks a worker keeps in host memory (warm tier), "
+                                    "so a resume on the same worker skips Redis; 0 disables it.")
+    collect_interval_s: float = _f(3600.0, "How often a worker repairs block reference counts and removes "
+                                           "unreferenced blocks in Redis (0 disables; one worker suffices).")
+    collect_grace_s: float = _f(600.0, "An unreferenced block younger than this is kept (a writer may be mid-commit).")
+
+
+@dataclass
 class SessionConfig:
     idle_timeout_s: float = _f(300.0, "Offload a session's KV to Redis after this many seconds without a call.")
     idle_check_interval_s: float = _f(5.0, "How often workers look for idle sessions.")
@@ -58,6 +80,8 @@ class RedisConfig:
                       "Empty: `kvstash up` spawns a local redis-server.")
     namespace: str = _f("kvstash", "Prefix of every Redis key.")
     socket_timeout_s: float = _f(5.0, "Timeout of one Redis command.")
+    kv_ttl_s: int = _f(0, "Expiry of stored KV blocks, renewed on use (0: none). With maxmemory-policy "
+                          "volatile-lru Redis then evicts only KV, never a session's durable history.")
     data_dir: str = _f("", "Data dir of a spawned redis-server; empty means $KVSTASH_HOME/redis.")
 
 
@@ -81,6 +105,11 @@ class GatewayConfig:
     metrics_poll_interval_s: float = _f(2.0, "How often the gateway collects worker metrics.")
     tls_cert_file: str = _f("", "PEM certificate chain for gRPC over TLS; empty serves plaintext.")
     tls_key_file: str = _f("", "PEM private key of tls_cert_file.")
+    admin_tenants: str = _f("", "Comma-separated tenants allowed operator calls (MarkPublicPrefix); without an API "
+                                "keys file the anonymous tenant is an operator.")
+    prefix_tokens_per_request: int = _f(
+        256, "Routing: a new session goes to the worker holding the longest prefix of its prompt hot unless that "
+             "worker is busier; each request running or queued there counts as this many prefix tokens.")
 
 
 @dataclass
@@ -95,6 +124,8 @@ class QuotaConfig:
 class KvstashConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     kv: KVConfig = field(default_factory=KVConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    tiers: TiersConfig = field(default_factory=TiersConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -129,8 +160,18 @@ class KvstashConfig:
                 d.setdefault(section, {})[name] = raw
         return cls.from_dict(d)
 
+    @property
+    def block_tokens(self) -> int:
+        return self.prefix.block_tokens or self.quant.key_group
+
     def validate(self) -> None:
-        self.quant  # raises QuantConfigError on a bad spec
+        quant = self.quant  # raises QuantConfigError on a bad spec
+        if self.block_tokens % quant.key_group or self.block_tokens <= 0:
+            raise ValueError(f"prefix.block_tokens={self.prefix.block_tokens} must be a multiple of the key group "
+                             f"({quant.key_group})")
+        if self.prefix.prefill_chunk <= 0 or self.prefix.prefill_chunk % self.block_tokens:
+            raise ValueError(f"prefix.prefill_chunk={self.prefix.prefill_chunk} must be a positive multiple of "
+                             f"the block size ({self.block_tokens})")
         if not 0.0 <= self.kv.quality_sample_rate <= 1.0:
             raise ValueError("kv.quality_sample_rate must be in [0, 1]")
         if bool(self.gateway.tls_cert_file) != bool(self.gateway.tls_key_file):
@@ -154,10 +195,21 @@ def _set_section(cfg: KvstashConfig, section: str, values: dict[str, Any]) -> No
             raise ValueError(f"unknown config key {section}.{name}")
         typ = hints[name]
         try:
-            value = typ(raw) if not isinstance(raw, typ) else raw
+            value = _parse_bool(raw) if typ is bool else (typ(raw) if not isinstance(raw, typ) else raw)
         except (TypeError, ValueError):
             raise ValueError(f"config {section}.{name}={raw!r} is not a valid {typ.__name__}") from None
         setattr(sub, name, value)
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 def kvstash_home() -> Path:

@@ -43,12 +43,20 @@ class Unauthenticated(KvstashError):
     code = "UNAUTHENTICATED"
 
 
+class PermissionDenied(KvstashError):
+    code = "PERMISSION_DENIED"
+
+
+class DeadlineExceeded(KvstashError):
+    code = "DEADLINE_EXCEEDED"
+
+
 class Internal(KvstashError):
     code = "INTERNAL"
 
 
 _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted,
-                                      Unavailable, Unauthenticated, Internal)}
+                                      Unavailable, Unauthenticated, PermissionDenied, DeadlineExceeded, Internal)}
 
 
 def to_wire(exc: KvstashError) -> dict:

@@ -53,8 +53,24 @@ class WorkerMetrics:
             "kvstash_quality_attention_relative_error",
             "Relative L2 error of attention outputs on probed steps, per layer.", ["layer"], buckets=ERROR_BUCKETS,
             registry=r)
+        self.load_decisions = Counter(
+            "kvstash_load_decisions_total", "Stored KV blocks loaded or recomputed instead, by path (resume, prefix) "
+            "and decision (load, recompute), as the measured-cost model chose.", ["path", "decision"], registry=r)
+        self.prefix_lookups = Counter(
+            "kvstash_prefix_lookups_total", "New sessions that looked for a stored prefix, by result (hit, miss).",
+            ["result"], registry=r)
+        self.prefix_hit_tokens = Counter(
+            "kvstash_prefix_hit_tokens_total", "Prompt tokens whose KV was adopted from a stored prefix instead of "
+            "prefilled, by the tier it came from (device: the worker's hot prefix trie; redis).", ["tier"], registry=r)
         for reason in ("missing", "corrupt"):
             self.recomputes.labels(reason)
+        for path in ("resume", "prefix"):
+            for decision in ("load", "recompute"):
+                self.load_decisions.labels(path, decision)
+        for result in ("hit", "miss"):
+            self.prefix_lookups.labels(result)
+        for tier in ("device", "redis"):
+            self.prefix_hit_tokens.labels(tier)
         self.sessions.labels("active")  # cold sessions live in Redis: see kvstash_stored_sessions
 
     def snapshot(self) -> list[dict]:
@@ -80,6 +96,9 @@ class GatewayMetrics:
         self.requests = Counter("kvstash_requests_total", "RPCs handled, by method and status code.", ["method", "code"],
                                 registry=r)
         self.workers = Gauge("kvstash_workers", "Worker actors in routing.", registry=r)
+        self.prefix_routed = Gauge(
+            "kvstash_prefix_routed_sessions", "New sessions this gateway placed on a worker for its hot prompt "
+            "prefix rather than by load alone (since the gateway started).", registry=r)
         self.tenant_tokens = Counter(
             "kvstash_tenant_tokens_total", "Tokens per tenant (bounded: tenants come from the API keys file), by kind.",
             ["tenant", "kind"], registry=r)

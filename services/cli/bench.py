@@ -1,11 +1,18 @@
 """`kvstash bench`: speed and memory measurements, each against a baseline run in the same process.
 
     kvstash bench resume --history 512,2048 --kv fp,int8:r128,int4:r128 [--dtype float32] [--json]
-    kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]   (see services/cli/bench_codec.py)
+    kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]   (services/cli/bench_codec.py)
+    kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--json] (services/cli/bench_dedup.py)
+    kvstash bench load [--concurrency 1,2,4,8] [--seconds 20] [--json]        (services/cli/bench_load.py)
 
-For each history length and KV spec: the device KV bytes per token (measured from tensor storages),
-the Redis bytes of the offloaded session (written to a real redis-server, spawned unless --redis-url),
-and the latency to the next token's logits by restoring from Redis versus re-prefilling the history.
+`resume`: for each history length and KV spec, a session's cache is built by the worker's canonical
+prefill, offloaded through the worker's own `KVStore` to a real redis-server (spawned unless --redis-url;
+the host tier is off, so every resume reads Redis), and measured:
+- device KV bytes per token (from tensor storages) and Redis bytes of the offloaded session;
+- restore: read the manifest, fetch every block in one pipelined round trip, check, decode, rebuild the
+  cache — the cache is then bit-identical to the offloaded one (asserted) — versus re-prefill: the same
+  history run through the model again, as a server without a KV tier would;
+- `resume_speedup` = re-prefill / restore; and the time to the next token's logits both ways.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from services.cli.eval import DEFAULT_TEXT
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (speed, memory) against in-process baselines")
     kinds = bench.add_subparsers(dest="bench_cmd", required=True)
-    r = kinds.add_parser("resume", help="device bytes/token, Redis bytes/session, resume vs re-prefill latency")
+    r = kinds.add_parser("resume", help="device bytes/token, Redis bytes/session, restore vs re-prefill latency")
     r.add_argument("--model", default="smollm2-135m-instruct")
     r.add_argument("--dtype", default="float32")
     r.add_argument("--history", default="512,2048", help="comma-separated history lengths in tokens")
@@ -32,11 +39,15 @@ def add_bench_parser(sub) -> None:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=lambda args: run_bench(args))
     from services.cli.bench_codec import add_codec_parser
+    from services.cli.bench_dedup import add_dedup_parser
+    from services.cli.bench_load import add_load_parser
 
     add_codec_parser(kinds, str(DEFAULT_TEXT))
+    add_dedup_parser(kinds, str(DEFAULT_TEXT))
+    add_load_parser(kinds)
 
 
-def _median_time(fn, reps: int) -> float:
+def median_time(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -45,53 +56,74 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def run_bench(args) -> int:
+def worker_store(runner, redis_url: str, spec: str, namespace: str, **sections):
+    """A worker's `KVStore` (host tier off) on `runner` and a Redis URL, as the service builds it."""
     import redis
 
-    from kvstore.codec.kv import decode_kv, encode_kv
-    from kvstore.config import QuantConfig
-    from kvstore.quant.cache import QuantizedKVCache
     from kvstore.tiers.redis_tier import RedisTier
-    from kvstore.tiers.manifest import SessionManifest
+    from services.config import KvstashConfig
+    from services.metrics import WorkerMetrics
+    from services.worker.kv_store import KVStore
+
+    cfg = KvstashConfig.from_dict({"kv": {"spec": spec}, "tiers": {"host_bytes": 0}, **sections})
+    tier = RedisTier(redis.Redis.from_url(redis_url), namespace=namespace)
+    return KVStore(runner, tier, cfg, WorkerMetrics()), tier
+
+
+def prefill(runner, store, ids):
+    """A fresh cache and schedule after the worker's canonical prefill of `ids`."""
+    from kvstore.prefix.canonical import passes
+
+    cache, schedule, pos = runner.new_cache(store.quant), [], 0
+    for n in passes(0, len(ids), store.chunk):
+        runner.forward(cache, ids[pos:pos + n])
+        schedule.append(n)
+        pos += n
+    return cache, schedule
+
+
+def run_bench(args) -> int:
     from services.config import ModelConfig
     from services.runtime.redis_server import RedisServer
     from services.worker.model_runner import ModelRunner
+    from services.worker.session import Session
 
     runner = ModelRunner.load(ModelConfig(name=args.model, dtype=args.dtype))
     text = Path(args.text).read_text(encoding="utf-8")
     all_ids = runner.tokenizer(text[:200_000], add_special_tokens=False)["input_ids"]
     server = None if args.redis_url else RedisServer().start()
-    tier = RedisTier(redis.Redis.from_url(args.redis_url or server.url), namespace="kvstash-bench")
     rows = []
     try:
         for n in (int(x) for x in args.history.split(",")):
             ids = all_ids[:n]
-            prefill_s = _median_time(lambda: runner.forward(runner.new_cache(QuantConfig.parse("fp")), ids), args.reps)
             for spec in args.kv.split(","):
-                q = QuantConfig.parse(spec)
-                cache = runner.new_cache(q)
-                runner.forward(cache, ids[:-1])
-                state = cache.export_state()
-                blob = encode_kv(state, model_fingerprint=runner.fingerprint)
-                m = SessionManifest(tenant="bench", session_id=f"s{n}", tokens=ids, schedule=[n - 1], kv_tokens=n - 1,
-                                    model_fingerprint=runner.fingerprint, quant_spec=q.spec(), created_at=0, updated_at=0)
-                redis_bytes = tier.put_session(m, blob)
+                store, tier = worker_store(runner, args.redis_url or server.url, spec, "kvstash-bench")
+                cache, schedule = prefill(runner, store, ids[:-1])
+                s = Session("bench", f"s{n}", tokens=list(ids), schedule=schedule, cache=cache)
+                before = cache.export_state()
+                redis_bytes = store.save(s)
 
                 def restore():
-                    st = decode_kv(tier.get_kv("bench", f"s{n}"), model_fingerprint=runner.fingerprint)
-                    runner.forward(runner.restore_cache(st), ids[-1:])
+                    record = tier.get_record("bench", s.session_id)
+                    cold = Session.from_manifest(*record)
+                    restored, why = store.load(cold)
+                    assert restored is not None, why
+                    return restored
 
-                def reprefill():
-                    runner.forward(runner.new_cache(q), ids)
-
+                assert restore().export_state().equals(before), "restored cache differs from the offloaded one"
+                restore_s = median_time(restore, args.reps)
+                reprefill_s = median_time(lambda: prefill(runner, store, ids[:-1]), args.reps)
+                next_restore = median_time(lambda: runner.forward(restore(), ids[-1:]), args.reps)
+                next_prefill = median_time(lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:]),
+                                           args.reps)
                 rows.append({
-                    "history": n, "kv": spec, "dtype": args.dtype,
-                    "device_bytes_per_token": cache.device_bytes() / (n - 1),
-                    "raw_state_bytes": state.nbytes, "redis_bytes_per_session": redis_bytes,
-                    "resume_s": _median_time(restore, args.reps), "reprefill_s": _median_time(reprefill, args.reps),
-                    "fp_prefill_s": prefill_s,
+                    "history": n, "kv": spec, "dtype": args.dtype, "blocks": len(s.blocks),
+                    "device_bytes_per_token": cache.device_bytes() / (n - 1), "raw_state_bytes": before.nbytes,
+                    "redis_bytes_per_session": redis_bytes, "restore_s": restore_s, "reprefill_s": reprefill_s,
+                    "resume_speedup": reprefill_s / restore_s, "next_token_restore_s": next_restore,
+                    "next_token_reprefill_s": next_prefill,
                 })
-                tier.delete_session("bench", f"s{n}")
+                tier.delete_session("bench", s.session_id)
     finally:
         if server:
             server.stop()
@@ -99,9 +131,11 @@ def run_bench(args) -> int:
         print(json.dumps(rows, indent=1))
     else:
         print(f"model {args.model} ({args.dtype}), {runner.device}")
-        print("| history | kv | device B/token | Redis B/session | resume s | re-prefill s | speedup |")
-        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| history | kv | device B/token | Redis B/session | restore s | re-prefill s | speedup | "
+              "next token: restore s / re-prefill s |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
             print(f"| {r['history']} | `{r['kv']}` | {r['device_bytes_per_token']:.0f} | {r['redis_bytes_per_session']} "
-                  f"| {r['resume_s']:.4f} | {r['reprefill_s']:.4f} | {r['reprefill_s'] / r['resume_s']:.1f}x |")
+                  f"| {r['restore_s']:.4f} | {r['reprefill_s']:.3f} | {r['resume_speedup']:.1f}x "
+                  f"| {r['next_token_restore_s']:.3f} / {r['next_token_reprefill_s']:.3f} |")
     return 0

@@ -1,4 +1,4 @@
-"""`kvstash` command line: up | chat | model pull | config | bench | eval."""
+"""`kvstash` command line: up | chat | model pull | config | public-prefix | bench | eval."""
 
 from __future__ import annotations
 
@@ -71,6 +71,21 @@ def cmd_chat(args) -> int:
     return run_chat(args.target, args.session, args.api_key, args.max_new_tokens)
 
 
+def cmd_public_prefix(args) -> int:
+    from services.client import KvstashClient
+
+    text = open(args.file, encoding="utf-8").read() if args.file else args.text
+    if text is None:
+        print("give --file or --text", file=sys.stderr)
+        return 2
+    with KvstashClient(args.target, api_key=args.api_key, timeout=600) as c:
+        res = (c.mark_public_prefix(messages=[{"role": "system", "content": text}]) if args.system
+               else c.mark_public_prefix(text))
+    print(json.dumps({"prompt_tokens": res.prompt_tokens, "shared_tokens": res.shared_tokens,
+                      "newly_registered": res.newly_registered}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvstash", description=__doc__)
     p.add_argument("--log-level", default="INFO")
@@ -104,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--api-key", default=None)
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.set_defaults(fn=cmd_chat)
+
+    pub = sub.add_parser("public-prefix", help="operators: share a prompt prefix (a system prompt) with every tenant")
+    pub.add_argument("--target", default="127.0.0.1:50051")
+    pub.add_argument("--api-key", default=None)
+    pub.add_argument("--file", help="read the prefix text from this file")
+    pub.add_argument("--text", help="the prefix text")
+    pub.add_argument("--system", action="store_true", help="render it as a chat system turn (what chats start with)")
+    pub.set_defaults(fn=cmd_public_prefix)
 
     from services.cli.bench import add_bench_parser
     from services.cli.eval import add_eval_parser

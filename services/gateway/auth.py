@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 
 from kvstore.tiers.manifest import ID_RE
-from services.errors import Unauthenticated
+from services.errors import PermissionDenied, Unauthenticated
 
 ANONYMOUS_TENANT = "default"
 
@@ -23,8 +23,9 @@ def _digest(key: str) -> bytes:
 
 
 class Authenticator:
-    def __init__(self, keys: dict[str, str] | None):
+    def __init__(self, keys: dict[str, str] | None, admins: str = ""):
         self.open = keys is None
+        self.admins = {t.strip() for t in admins.split(",") if t.strip()}
         self._tenants: dict[bytes, str] = {}
         for key, tenant in (keys or {}).items():
             if not ID_RE.fullmatch(tenant):
@@ -32,14 +33,14 @@ class Authenticator:
             self._tenants[_digest(key)] = tenant
 
     @classmethod
-    def from_file(cls, path: str) -> "Authenticator":
+    def from_file(cls, path: str, admins: str = "") -> "Authenticator":
         if not path:
-            return cls(None)
+            return cls(None, admins)
         data = tomllib.loads(Path(path).read_text())
         keys = data.get("keys")
         if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
             raise ValueError(f"{path}: expected a [keys] table of \"api key\" = \"tenant\"")
-        return cls(keys)
+        return cls(keys, admins)
 
     def tenant(self, metadata) -> str:
         """The tenant of a call's metadata (iterable of (key, value)); raises Unauthenticated."""
@@ -53,3 +54,10 @@ class Authenticator:
             if hmac.compare_digest(known, digest):
                 return tenant
         raise Unauthenticated("unknown API key")
+
+    def admin(self, metadata) -> str:
+        """The tenant of an operator call; PermissionDenied for a tenant not in gateway.admin_tenants."""
+        tenant = self.tenant(metadata)
+        if not self.open and tenant not in self.admins:
+            raise PermissionDenied("this call is for operators (gateway.admin_tenants)")
+        return tenant

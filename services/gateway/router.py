@@ -1,9 +1,12 @@
 """`Router`: which worker serves a call.
 
 Placement, in order: (1) session affinity: the worker that holds the session hot (remembered, or found
-by asking the workers); (2) otherwise the least-loaded live worker (fewest streams this gateway has open
-on it, then the smallest polled queue depth), which restores the session from
-Redis. Workers are Ray named actors `kvstash-worker-<i>` in the configured namespace, created with
+by asking the workers); (2) for a new session, prefix locality: each live worker is asked how many of
+the prompt's tokens it holds hot (its prefix trie), and the best score wins — hot tokens minus
+`gateway.prefix_tokens_per_request` for every request running or queued there, so a long shared prefix
+outweighs a little load but a busy worker loses to an idle one; (3) otherwise the least-loaded live
+worker (fewest streams this gateway has open on it, then the smallest polled queue depth), which
+restores the session from Redis. Workers are Ray named actors `kvstash-worker-<i>` in the configured namespace, created with
 `get_if_exists`, so a gateway restart (or a second gateway) finds the same workers, and on a Ray
 cluster the actors land wherever Ray places them.
 
@@ -41,7 +44,7 @@ class WorkerHandle:
 
 class Router:
     def __init__(self, workers: list[WorkerHandle], collector: WorkerMetricsCollector | None = None,
-                 spawn=None, ready_timeout_s: float = 600.0):
+                 spawn=None, ready_timeout_s: float = 600.0, tokens_per_request: int = 256):
         self.workers = {w.id: w for w in workers}
         self.affinity: dict[tuple[str, str], str] = {}
         self.collector = collector or WorkerMetricsCollector()
@@ -49,6 +52,8 @@ class Router:
         self._spawn = spawn  # worker index -> actor handle (None: dead workers stay dead)
         self._ready_timeout_s = ready_timeout_s
         self._reviving: dict[str, asyncio.Task] = {}
+        self.tokens_per_request = tokens_per_request
+        self.prefix_routed = 0  # new sessions placed for prefix locality against plain least-loaded
 
     @classmethod
     async def start(cls, cfg: KvstashConfig, collector: WorkerMetricsCollector | None = None,
@@ -69,7 +74,7 @@ class Router:
         infos = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles)), ready_timeout_s)
         for info in infos:
             log.info("worker %s ready on %s", info["worker"], info["device"])
-        return cls(handles, collector, spawn, ready_timeout_s)
+        return cls(handles, collector, spawn, ready_timeout_s, cfg.gateway.prefix_tokens_per_request)
 
     def live(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.alive]
@@ -96,8 +101,15 @@ class Router:
                 return w
         return None
 
-    async def place(self, tenant: str, session_id: str) -> WorkerHandle:
-        """Affinity first, else the least-loaded live worker (ties broken round-robin)."""
+    @staticmethod
+    def busy(h: WorkerHandle) -> int:
+        """Requests on a worker: this gateway's open streams, or the polled depth when that is larger
+        (other gateways' traffic)."""
+        return max(h.inflight, h.load.get("queue_depth", 0))
+
+    async def place(self, tenant: str, session_id: str, new_input: dict | None = None) -> WorkerHandle:
+        """Affinity first; then, for a new session's `new_input`, prefix locality; else the least loaded
+        live worker (ties broken round-robin)."""
         w = await self.locate(tenant, session_id)
         if w is not None:
             return w
@@ -108,8 +120,23 @@ class Router:
         rotated = live[start:] + live[:start]
         # this gateway's open streams first (exact and current), then the polled depth (other gateways' load)
         w = min(rotated, key=lambda h: (h.inflight, h.load.get("queue_depth", 0)))
+        if new_input is not None and len(live) > 1:
+            hot = await self._hot_tokens(rotated, tenant, new_input)
+            if any(hot):
+                score = {h.id: n - self.tokens_per_request * self.busy(h) for h, n in zip(rotated, hot)}
+                best = max(rotated, key=lambda h: score[h.id])
+                if score[best.id] > score[w.id]:
+                    w = best
+                    self.prefix_routed += 1
         self.affinity[(tenant, session_id)] = w.id
         return w
+
+    async def _hot_tokens(self, workers: list[WorkerHandle], tenant: str, new_input: dict) -> list[int]:
+        """Each worker's hot prefix tokens for the prompt (0 for a worker that is slow to answer)."""
+        calls = [w.actor.prefix_match.remote(tenant, new_input) for w in workers]
+        done = await asyncio.gather(*(asyncio.wait_for(asyncio.wrap_future(c.future()), 1.0) for c in calls),
+                                    return_exceptions=True)
+        return [r if isinstance(r, int) else 0 for r in done]
 
     def forget(self, tenant: str, session_id: str) -> None:
         self.affinity.pop((tenant, session_id), None)

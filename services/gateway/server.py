@@ -34,7 +34,7 @@ class Gateway:
         self.metrics = GatewayMetrics(self.registry)
         self.collector = WorkerMetricsCollector()
         self.registry.register(self.collector)
-        self.auth = Authenticator.from_file(cfg.gateway.api_keys_file)
+        self.auth = Authenticator.from_file(cfg.gateway.api_keys_file, cfg.gateway.admin_tenants)
         self.router: Router | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -78,6 +78,7 @@ class Gateway:
         await self.router.poll()
         live = len(self.router.live())
         self.metrics.workers.set(live)
+        self.metrics.prefix_routed.set(self.router.prefix_routed)
         if self._poller is not None:  # after start: the API's health follows whether any worker can serve
             status = health_pb2.HealthCheckResponse.SERVING if live else health_pb2.HealthCheckResponse.NOT_SERVING
             await self.health.set(SERVICE_NAME, status)  # "" (the process itself) stays SERVING: liveness
@@ -101,7 +102,9 @@ class Gateway:
         if up:
             families += [gauge("kvstash_kv_bytes", "KV bytes held per tier.", stats.get("bytes", 0), tier="redis"),
                          gauge("kvstash_stored_sessions", "Sessions with a durable record in Redis.",
-                               stats.get("sessions", 0))]
+                               stats.get("sessions", 0)),
+                         gauge("kvstash_stored_blocks", "KV blocks in Redis, each stored once however many "
+                               "sessions share it.", stats.get("blocks", 0))]
         self.collector.update("", families)
 
     async def _poll_loop(self) -> None:

@@ -7,6 +7,7 @@ request (INVALID_ARGUMENT naming the field and limit), then routes. Errors are r
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -26,7 +27,8 @@ from services.worker.engine import GenerateCall
 from services.worker.stops import MAX_STOP_CHARS, MAX_STOPS
 
 _SOURCES = {"new": pb.KV_SOURCE_NEW, "device": pb.KV_SOURCE_DEVICE, "restored": pb.KV_SOURCE_RESTORED,
-            "recomputed": pb.KV_SOURCE_RECOMPUTED}
+            "recomputed": pb.KV_SOURCE_RECOMPUTED, "prefix": pb.KV_SOURCE_PREFIX}
+_TIERS = {"": pb.TIER_UNSPECIFIED, "device": pb.TIER_DEVICE, "host": pb.TIER_HOST, "redis": pb.TIER_REDIS}
 _STATES = {"active": pb.SESSION_STATE_ACTIVE, "cold": pb.SESSION_STATE_COLD}
 
 
@@ -65,7 +67,7 @@ class KvStashServicer(pb_grpc.KvStashServicer):
             raise InvalidArgument("input.token_ids is empty")
         return {"token_ids": list(msg.token_ids.ids)}
 
-    def _call(self, tenant: str, sid: str, create: bool, request, required: bool) -> GenerateCall:
+    def _call(self, tenant: str, sid: str, create: bool, request, required: bool, context=None) -> GenerateCall:
         limit = self.cfg.session.max_new_tokens_limit
         if request.max_new_tokens < 0 or request.max_new_tokens > limit:
             raise InvalidArgument(f"max_new_tokens={request.max_new_tokens} must be in [0, {limit}] (0 = default)")
@@ -79,21 +81,24 @@ class KvStashServicer(pb_grpc.KvStashServicer):
         for st in request.stop:
             if not 1 <= len(st) <= MAX_STOP_CHARS:
                 raise InvalidArgument(f"each stop sequence must be 1..{MAX_STOP_CHARS} characters")
+        remaining = context.time_remaining() if context is not None else None
         return GenerateCall(tenant=tenant, session_id=sid, create=create, input=self._input(request.input, required),
                             max_new_tokens=request.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                            seed=s.seed if s.HasField("seed") else None, stop=list(request.stop))
+                            seed=s.seed if s.HasField("seed") else None, stop=list(request.stop),
+                            deadline=time.time() + remaining if remaining is not None else None)
 
     # ---- streaming calls --------------------------------------------------------------------------
     async def Generate(self, request, context):
         tenant = self.auth.tenant(context.invocation_metadata())
         sid = _session_id(request.session_id) if request.session_id else uuid.uuid4().hex
-        call = self._call(tenant, sid, create=True, request=request, required=True)
-        async for msg in self._stream("Generate", call, await self.router.place(tenant, sid)):
+        call = self._call(tenant, sid, create=True, request=request, required=True, context=context)
+        async for msg in self._stream("Generate", call, await self.router.place(tenant, sid, call.input)):
             yield msg
 
     async def ResumeSession(self, request, context):
         tenant = self.auth.tenant(context.invocation_metadata())
-        call = self._call(tenant, _session_id(request.session_id), create=False, request=request, required=False)
+        call = self._call(tenant, _session_id(request.session_id), create=False, request=request, required=False,
+                          context=context)
         async for msg in self._stream("ResumeSession", call, await self.router.place(tenant, call.session_id)):
             yield msg
 
@@ -121,7 +126,7 @@ class KvStashServicer(pb_grpc.KvStashServicer):
                     yield pb.GenerateResponse(session_id=call.session_id, finish_reason=ev["finish_reason"], usage=pb.Usage(
                         prompt_tokens=u["prompt_tokens"], cached_tokens=u["cached_tokens"],
                         generated_tokens=u["generated_tokens"], kv_source=_SOURCES[u["kv_source"]],
-                        session_tokens=u["session_tokens"]))
+                        session_tokens=u["session_tokens"], cached_tier=_TIERS[u.get("cached_tier", "")]))
                     return
                 else:
                     finished = True
@@ -200,6 +205,19 @@ class KvStashServicer(pb_grpc.KvStashServicer):
                                      bytes=[pb.TierBytes(tier=pb.TIER_REDIS, bytes=d["redis_bytes"])])
                       for d in page["sessions"]],
             next_page_token=str(page["cursor"]) if page["cursor"] else "")
+
+    async def MarkPublicPrefix(self, request, context):
+        self.auth.admin(context.invocation_metadata())
+        inp = self._input(request.input, required=True)
+        live = self.router.live()
+        if not live:
+            raise Unavailable("no worker is available")
+        worker = min(live, key=self.router.busy)
+        res = await self._on(worker, "mark_public", inp)
+        others = [w for w in self.router.live() if w is not worker]
+        await asyncio.gather(*(w.actor.refresh_public.remote() for w in others), return_exceptions=True)
+        return pb.MarkPublicPrefixResponse(prompt_tokens=res["prompt_tokens"], shared_tokens=res["tokens"],
+                                           newly_registered=res["registered"])
 
     async def DeleteSession(self, request, context):
         tenant = self.auth.tenant(context.invocation_metadata())

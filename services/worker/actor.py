@@ -55,6 +55,23 @@ class WorkerActor:
             if not finished:
                 self.engine.scheduler.cancel(task_id)
 
+    async def mark_public(self, input: dict) -> dict:
+        """Share a prompt prefix with every tenant (runs as an engine task between other sessions' steps)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self.engine.mark_public(input, lambda ev: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(ev)))
+        ev = await done
+        return {"error": ev["error"]} if ev["type"] == "error" else {"ok": ev}
+
+    async def prefix_match(self, tenant: str, input: dict) -> int:
+        try:
+            return int(await asyncio.wrap_future(self.engine.prefix_match(tenant, input)))
+        except Exception:  # noqa: BLE001 - a routing hint only
+            return 0
+
+    async def refresh_public(self) -> dict:
+        return await self._control(self.engine.refresh_public())
+
     async def _control(self, fut) -> dict:
         try:
             return {"ok": await asyncio.wrap_future(fut)}

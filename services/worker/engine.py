@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import redis
 
+from kvstore.prefix.canonical import passes
 from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig
-from services.errors import InvalidArgument, ResourceExhausted
+from services.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted
 from services.metrics import WorkerMetrics
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from services.worker.scheduler import Scheduler, Sink
@@ -39,6 +41,7 @@ class GenerateCall:
     top_p: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop sequences (validated by the gateway)
+    deadline: float | None = None  # unix time after which the call is abandoned (the client's gRPC deadline)
 
 
 def redis_client(cfg: KvstashConfig) -> redis.Redis:
@@ -52,8 +55,17 @@ class Engine:
         self.metrics = WorkerMetrics()
         self.runner = ModelRunner.load(cfg.model)
         self.runner.new_cache(cfg.quant)  # fail at start, not per request, when the spec cannot serve the model
-        self.tier = RedisTier(redis_client(cfg), namespace=cfg.redis.namespace)
-        self.sessions = SessionManager(self.runner, self.tier, cfg.quant, self.metrics, cfg.kv.codec_level)
+        self.tier = RedisTier(redis_client(cfg), namespace=cfg.redis.namespace, ttl_s=cfg.redis.kv_ttl_s)
+        self.sessions = SessionManager(self.runner, self.tier, cfg, self.metrics)
+        self._next_collect = time.monotonic() + cfg.tiers.collect_interval_s
+        try:
+            self.sessions.store.refresh_public()
+            policy = self.tier.client.config_get("maxmemory-policy").get(b"maxmemory-policy", b"").decode()
+            if policy.startswith("allkeys"):
+                log.error("Redis maxmemory-policy is %s: Redis may evict session manifests (their durable "
+                          "history) under memory pressure. Use volatile-lru with redis.kv_ttl_s > 0.", policy)
+        except Exception as e:  # noqa: BLE001 - Redis down at start (the housekeeping loop retries) or no CONFIG
+            log.warning("could not read Redis settings at start: %s", e)
         self._probe_rng = random.Random(f"kvstash-probe-{worker_id}")  # which decode steps get probed
         self.scheduler = Scheduler(on_idle=self._housekeeping, idle_interval_s=cfg.session.idle_check_interval_s)
 
@@ -83,8 +95,20 @@ class Engine:
             self.metrics.quality_error.labels(str(layer)).observe(rel)
 
     def _housekeeping(self) -> None:
-        self.sessions.offload_idle(self.cfg.session.idle_timeout_s)
+        self.sessions.offload_idle()
+        try:
+            self.sessions.store.refresh_public()
+        except Exception as e:  # noqa: BLE001 - storage down: keep the registry we have
+            log.warning("could not refresh public prefixes: %s", e)
         self.metrics.queue_depth.set(self.scheduler.depth)
+        every = self.cfg.tiers.collect_interval_s
+        if every > 0 and time.monotonic() >= self._next_collect:
+            self._next_collect = time.monotonic() + every
+            try:
+                res = self.tier.collect(self.cfg.tiers.collect_grace_s)
+                log.info("block collection: %s", res)
+            except Exception as e:  # noqa: BLE001 - storage down: try again next time
+                log.warning("block collection failed: %s", e)
 
     # ---- generation ----------------------------------------------------------------------------
     def submit(self, call: GenerateCall, sink: Sink) -> int:
@@ -111,6 +135,11 @@ class Engine:
             return ids
         return []
 
+    @staticmethod
+    def _check_deadline(call: GenerateCall) -> None:
+        if call.deadline is not None and time.time() > call.deadline:
+            raise DeadlineExceeded("the call's deadline passed before it finished")
+
     def _generate(self, call: GenerateCall, sink: Sink) -> Generator[None, None, None]:
         limits = self.cfg.session
         max_new = call.max_new_tokens or limits.default_max_new_tokens
@@ -130,22 +159,40 @@ class Engine:
                 raise InvalidArgument(f"input has {len(new_ids)} tokens, over the limit max_prompt_tokens={limits.max_prompt_tokens}")
             if len(s.tokens) + len(new_ids) + max_new > limits.max_session_tokens:
                 raise InvalidArgument(f"session would exceed max_session_tokens={limits.max_session_tokens}")
-            source = yield from self.sessions.ensure_kv(s)
-            cached = s.kv_tokens
             s.tokens.extend(new_ids)
-            pending = s.tokens[s.kv_tokens:]
+            origin = yield from self.sessions.ensure_kv(s)
+            source, cached = origin.source, origin.cached_tokens
+            pos = s.kv_tokens
+            chunks = passes(pos, len(s.tokens), self.sessions.store.chunk)
+            if not chunks:
+                raise Internal("the session has no token to continue from")
+            t_prefill = time.perf_counter()
+            for n in chunks[:-1]:  # prefill in passes ending at chunk multiples (what sessions share)
+                self._check_deadline(call)
+                self.runner.forward(s.cache, s.tokens[pos:pos + n])
+                s.schedule.append(n)
+                pos += n
+                yield
+            pending = s.tokens[pos:]
             sampling = Sampling(call.temperature, call.top_p, call.seed)
             gen = sampling.generator(self.runner.device)
             detok, finish, produced = Detokenizer(self.runner), "length", 0
             stops = StopMatcher(call.stop)
-            self.metrics.prefill_tokens.inc(len(pending))
-            for _ in range(max_new):
+            self.metrics.prefill_tokens.inc(len(s.tokens) - s.kv_tokens)
+            for step in range(max_new):
+                self._check_deadline(call)
                 probing = len(pending) == 1 and self._probe_rng.random() < self.cfg.kv.quality_sample_rate
                 s.cache.probe = [] if probing else None
                 logits = self.runner.forward(s.cache, pending)
                 if probing:
                     self._observe_quality(s.cache)
                 s.schedule.append(len(pending))
+                if step == 0:
+                    if len(s.tokens) - cached >= self.sessions.store.block_tokens:  # a prefill, not a decode step
+                        self.sessions.store.cost.observe_prefill(len(s.tokens) - cached,
+                                                                 time.perf_counter() - t_prefill)
+                    if source == NEW:
+                        self.sessions.register_prefix(s)
                 tok = self.runner.sample(logits, sampling, gen)
                 s.tokens.append(tok)
                 produced += 1
@@ -164,8 +211,8 @@ class Engine:
                 sink({"type": "tokens", "ids": [], "text": rest})
             self.sessions.persist(s)
             sink({"type": "done", "finish_reason": finish, "usage": {
-                "prompt_tokens": len(new_ids), "cached_tokens": cached if source != NEW else 0,
-                "generated_tokens": produced, "kv_source": source, "session_tokens": len(s.tokens)}})
+                "prompt_tokens": len(new_ids), "cached_tokens": cached, "generated_tokens": produced,
+                "kv_source": source, "session_tokens": len(s.tokens), "cached_tier": origin.tier}})
         except Exception:
             # A failure mid-forward may leave the cache half-updated: drop the device copy; the session
             # continues from its durable record (and its KV is restored or rebuilt) on the next call.
@@ -179,7 +226,7 @@ class Engine:
         def op():
             s = self.sessions.get(tenant, session_id)
             try:
-                redis_bytes = self.tier.session_bytes(tenant, session_id)
+                redis_bytes = self.tier.session_bytes(tenant, session_id, s.blocks)
             except Exception:  # noqa: BLE001
                 redis_bytes = s.redis_bytes
             return {"session_id": session_id, "state": s.state.value, "token_count": len(s.tokens),
@@ -191,11 +238,41 @@ class Engine:
     def pin(self, tenant: str, session_id: str, pinned: bool):
         """Set the session's pin (durably, in its manifest); a pinned session is never offloaded for idleness."""
         def op():
-            s = self.sessions.get(tenant, session_id)
+            s = self.sessions.get(tenant, session_id)  # a busy session is the running call's own object
             s.pinned = pinned
-            self.tier.put_manifest(s.manifest(self.runner.fingerprint, self.sessions.quant.spec()))
+            done = self.tier.commit(s.manifest(self.runner.fingerprint, self.sessions.quant.spec()), s.blocks,
+                                    expect_sha=s.manifest_sha or "*")  # not persist(): a pin must not fail silently
+            s.manifest_sha = done.sha1
             return pinned
         return self.scheduler.call(op)
+
+    def mark_public(self, input: dict, sink: Sink) -> int:
+        """Schedule sharing a prompt prefix with every tenant (MarkPublicPrefix); the sink gets `done` with
+        {"tokens", "registered"} or `error`. Chat input is rendered as the conversation's opening turns."""
+        def task(sink: Sink) -> Generator[None, None, None]:
+            if "chat" in input:
+                ids = self.runner.render_chat(input["chat"])
+            else:
+                ids = self._encode_input(GenerateCall("", "", False, input), [])
+            try:
+                n, new = yield from self.sessions.store.mark_public(ids)
+            except ValueError as e:
+                raise InvalidArgument(str(e)) from None
+            sink({"type": "done", "tokens": n, "registered": new, "prompt_tokens": len(ids)})
+        return self.scheduler.submit(task, sink)
+
+    def prefix_match(self, tenant: str, input: dict):
+        """Future: prompt tokens of `input` (as a new session's) this worker holds hot, for routing."""
+        def op():
+            try:
+                ids = self._encode_input(GenerateCall(tenant, "", True, input), [])
+            except InvalidArgument:
+                return 0
+            return self.sessions.store.hot_tokens(tenant, ids)
+        return self.scheduler.call(op)
+
+    def refresh_public(self):
+        return self.scheduler.call(self.sessions.store.refresh_public)
 
     def evict(self, tenant: str, session_id: str):
         def op():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.config import QuantConfig
+from kvstore.prefix.blocks import ModelShape
 from kvstore.quant import attention
 from kvstore.quant.cache import QuantizedKVCache, check_model_supported, check_spec_supported, rope_for
 from kvstore.quant.state import KVState
@@ -69,6 +70,11 @@ class ModelRunner:
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        text = self.model.config.get_text_config(decoder=True)
+        heads = text.num_attention_heads
+        self.shape = ModelShape(layers=self.num_layers, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                                head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+                                dtype=str(self.dtype))
         log.info("loaded %s on %s (%s), fingerprint %s", cfg.name, self.device, cfg.dtype, self.fingerprint[:12])
 
     @classmethod
@@ -164,6 +170,15 @@ class ModelRunner:
             eos_text = tok.decode([history[-1]])
             closer = closer[len(eos_text):] if closer.startswith(eos_text) else closer
         return self.encode_text(closer + full[len(base):], first=False)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The opening turns of a conversation as the template renders them (no generation prompt): the
+        prefix every conversation that starts with these turns shares."""
+        tok = self.tokenizer
+        if not tok.chat_template:
+            return self.encode_text("".join(f"{m['role']}: {m['content']}\n" for m in messages), True)
+        return list(tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
+                                            return_dict=True)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvstore.quant.cache import QuantizedKVCache
-from kvstore.tiers.manifest import SessionManifest
+from kvstore.tiers.manifest import BlockRef, SessionManifest
 
 
 class State(enum.Enum):
@@ -34,6 +34,8 @@ class Session:
     last_used: float = field(default_factory=time.time)
     busy: bool = False
     stored_kv_tokens: int = 0  # tokens covered by the KV copy in Redis (0: none)
+    blocks: list[BlockRef] = field(default_factory=list)  # the stored KV: blocks then the tail (manifest records)
+    manifest_sha: str | None = None  # compare-and-set tag of the manifest this worker last wrote or read
     redis_bytes: int = 0
     pinned: bool = False  # never offloaded for idleness (durable: kept in the manifest)
 
@@ -52,14 +54,18 @@ class Session:
     def device_bytes(self) -> int:
         return self.cache.device_bytes() if self.cache is not None else 0
 
-    def manifest(self, fingerprint: str, quant_spec: str) -> SessionManifest:
+    def manifest(self, fingerprint: str, quant_spec: str, blocks: list[BlockRef] | None = None,
+                 kv_tokens: int | None = None) -> SessionManifest:
+        """The durable record: by default the stored KV it lists is the one already stored."""
         return SessionManifest(
             tenant=self.tenant, session_id=self.session_id, tokens=list(self.tokens), schedule=list(self.schedule),
-            kv_tokens=self.stored_kv_tokens, model_fingerprint=fingerprint, quant_spec=quant_spec,
-            created_at=self.created_at, updated_at=time.time(), pinned=self.pinned,
+            kv_tokens=self.stored_kv_tokens if kv_tokens is None else kv_tokens, model_fingerprint=fingerprint,
+            quant_spec=quant_spec, created_at=self.created_at, updated_at=time.time(), pinned=self.pinned,
+            blocks=list(self.blocks if blocks is None else blocks),
         )
 
     @classmethod
-    def from_manifest(cls, m: SessionManifest) -> "Session":
+    def from_manifest(cls, m: SessionManifest, sha1: str | None = None) -> "Session":
         return cls(tenant=m.tenant, session_id=m.session_id, tokens=list(m.tokens), schedule=list(m.schedule),
-                   created_at=m.created_at, last_used=m.updated_at, stored_kv_tokens=m.kv_tokens, pinned=m.pinned)
+                   created_at=m.created_at, last_used=m.updated_at, stored_kv_tokens=m.kv_tokens, pinned=m.pinned,
+                   blocks=list(m.blocks), manifest_sha=sha1)

@@ -1,14 +1,17 @@
 """`SessionManager`: a worker's sessions, their tiers, and the offload/restore/recompute paths.
 
 Only ACTIVE sessions (KV on the device) live in memory; a cold session is its Redis manifest (the
-durable token history) plus, usually, its encoded KV. All methods run on the engine thread.
+durable token history) plus, usually, stored KV blocks (`KVStore`). All methods run on the engine thread.
 
 Invariants:
-- Restoring gives a cache bit-identical to the one offloaded (the codec is lossless and the manifest's
-  fingerprint and quant spec must match), so greedy continuation is unchanged.
-- When the stored KV is missing, corrupt or covers fewer tokens than the history, the KV is rebuilt by
-  replaying the recorded forward schedule over the token history: the same forward passes in the same
-  order, hence the same KV bit for bit. Each such rebuild is counted in `kvstash_recomputes_total`.
+- Restoring gives a cache bit-identical to the one offloaded (the codec is lossless, blocks are shared
+  only when bit-identical, and the manifest's fingerprint and quant spec must match), so greedy
+  continuation is unchanged.
+- When stored KV is missing or corrupt, the KV is rebuilt by replaying the recorded forward schedule
+  over the token history (SEAL entries included, or the stored canonical prefix they stand for): the same
+  forward passes in the same order, hence the same KV bit for bit. Each rebuild is counted in
+  `kvstash_recomputes_total`. When the stored KV covers fewer tokens than the schedule, it is loaded and
+  the rest replayed.
 - A failed Redis write never loses device state: the session stays ACTIVE and the error is counted.
 """
 
@@ -17,45 +20,60 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Generator
+from dataclasses import dataclass
+from itertools import accumulate
 
 from kvstore.codec.container import ContainerError
-from kvstore.codec.kv import decode_kv, encode_kv
-from kvstore.config import QuantConfig
-from kvstore.quant.cache import QuantizedKVCache
-from kvstore.tiers.redis_tier import RedisTier
+from kvstore.prefix.canonical import adopted_schedule, canonical_tokens
+from kvstore.tiers.manifest import SEAL
+from kvstore.tiers.policy import OffloadPolicy, Resident
+from kvstore.tiers.redis_tier import RedisTier, StaleManifest
+from services.config import KvstashConfig
 from services.errors import FailedPrecondition, Internal, NotFound, Unavailable
 from services.metrics import WorkerMetrics
+from services.worker.kv_store import KVStore
 from services.worker.model_runner import ModelRunner
 from services.worker.session import Session
 
 log = logging.getLogger(__name__)
 
 # Where a session's KV came from at the start of a call (mirrors kvstash.v1.KvSource).
-NEW, DEVICE, RESTORED, RECOMPUTED = "new", "device", "restored", "recomputed"
+NEW, DEVICE, RESTORED, RECOMPUTED, PREFIX = "new", "device", "restored", "recomputed", "prefix"
+
+
+@dataclass(frozen=True)
+class KvOrigin:
+    """Where a call's cached KV came from: the source, how many tokens it covers, and the tier ("" if none)."""
+
+    source: str
+    cached_tokens: int = 0
+    tier: str = ""  # "device", "host" or "redis"
 
 
 class SessionManager:
-    def __init__(self, runner: ModelRunner, tier: RedisTier, quant: QuantConfig, metrics: WorkerMetrics,
-                 codec_level: int = 3):
-        self.runner, self.tier, self.quant, self.metrics = runner, tier, quant, metrics
-        self.codec_level = codec_level
-        self.active: dict[tuple[str, str], Session] = {}
+    def __init__(self, runner: ModelRunner, tier: RedisTier, cfg: KvstashConfig, metrics: WorkerMetrics):
+        self.runner, self.tier, self.metrics = runner, tier, metrics
+        self.quant = cfg.quant
+        self.store = KVStore(runner, tier, cfg, metrics)
+        self.policy = OffloadPolicy(cfg.session.idle_timeout_s, cfg.tiers.device_bytes)
+        self.active: dict[tuple[str, str], Session] = {}  # KV on the device
+        self.working: dict[tuple[str, str], Session] = {}  # a call runs on it (KV on the device or not yet)
 
     # ---- lookup --------------------------------------------------------------------------------
     def find(self, tenant: str, session_id: str) -> Session | None:
         """The session, from memory or from its Redis manifest (then COLD, not yet registered)."""
-        s = self.active.get((tenant, session_id))
+        s = self.working.get((tenant, session_id)) or self.active.get((tenant, session_id))
         if s is not None:
             return s
         try:
-            m = self.tier.get_manifest(tenant, session_id)
+            record = self.tier.get_record(tenant, session_id)
         except ContainerError as e:
             log.error("manifest of %s/%s is corrupt: %s", tenant, session_id, e)
             raise Internal(f"session {session_id} has a corrupt history record") from None
         except Exception as e:  # noqa: BLE001 - Redis down: the session may exist, we cannot tell
             self.metrics.storage_errors.labels("get_manifest").inc()
             raise Unavailable(f"session storage is unavailable: {type(e).__name__}") from None
-        return Session.from_manifest(m) if m is not None else None
+        return Session.from_manifest(*record) if record is not None else None
 
     def get(self, tenant: str, session_id: str) -> Session:
         """Like `find`, but an unknown session is NotFound."""
@@ -74,6 +92,7 @@ class SessionManager:
         s = self.find(tenant, session_id) if create else self.get(tenant, session_id)
         s = self.check_not_busy(s or Session(tenant=tenant, session_id=session_id))
         s.busy = True
+        self.working[s.key] = s
         return s
 
     def device_bytes(self) -> int:
@@ -87,109 +106,136 @@ class SessionManager:
 
     def release(self, s: Session) -> None:
         s.busy = False
+        self.working.pop(s.key, None)
         s.last_used = time.time()
         if s.cache is not None:
             self.active[s.key] = s
         self._update_gauges()
 
     # ---- bringing KV to the device ----------------------------------------------------------------
-    def ensure_kv(self, s: Session) -> Generator[None, None, str]:
-        """Make `s.cache` cover `s.schedule`; yields between replayed forward passes. Returns the source."""
+    def ensure_kv(self, s: Session) -> Generator[None, None, KvOrigin]:
+        """Make `s.cache` cover `s.schedule`; yields between replayed passes.
+
+        A session with no KV yet may adopt a stored prefix of its tokens (source PREFIX)."""
         if s.cache is not None:
-            return DEVICE
+            return KvOrigin(DEVICE, s.kv_tokens, "device")
         if not s.schedule:
-            s.cache = self.runner.new_cache(self.quant)
-            return NEW
+            adoption = self.store.adopt(s.tenant, s.tokens)
+            if adoption is None:
+                s.cache = self.runner.new_cache(self.quant)
+                self.metrics.prefix_lookups.labels("miss").inc()
+                return KvOrigin(NEW)
+            s.cache, s.schedule = adoption.cache, adopted_schedule(adoption.tokens, self.store.chunk)
+            self.metrics.prefix_lookups.labels("hit").inc()
+            per_block = self.store.block_tokens
+            self.metrics.prefix_hit_tokens.labels("device").inc(adoption.from_trie * per_block)
+            self.metrics.prefix_hit_tokens.labels("redis").inc(adoption.from_redis * per_block)
+            return KvOrigin(PREFIX, adoption.tokens, "redis" if adoption.from_redis else "device")
         t0 = time.perf_counter()
-        cache, covered, reason = self._load_stored_kv(s)
-        if cache is None:
-            cache, covered = self.runner.new_cache(self.quant), 0
-        replayed = 0
-        done = 0
-        for n in s.schedule:  # replay the forward passes the stored KV does not cover
-            if done >= covered:
-                self.runner.forward(cache, s.tokens[done:done + n])
-                replayed += n
-                yield
-            done += n
-        s.cache = cache
+        cache, reason = None, "missing"
+        if s.blocks and s.stored_kv_tokens:
+            if self.store.cost.load_pays(len(s.blocks), s.stored_kv_tokens):
+                cache, reason = self.store.load(s)
+                self.metrics.load_decisions.labels("resume", "load").inc(len(s.blocks))
+            else:
+                reason = "cost"
+                self.metrics.load_decisions.labels("resume", "recompute").inc(len(s.blocks))
+        tier, reason = (reason, "") if cache is not None else ("", reason)
+        replayed = yield from self._replay(s, cache)
         source = RESTORED if replayed == 0 else RECOMPUTED
         if replayed:
-            self.metrics.recomputes.labels(reason or "stale").inc()
+            self.metrics.recomputes.labels(reason if cache is None else "stale").inc()
             self.metrics.prefill_tokens.inc(replayed)
             log.warning("session %s/%s: rebuilt %d tokens of KV by replay (%s)", s.tenant, s.session_id, replayed,
-                        reason or "stale")
+                        reason if cache is None else "stale")
         else:
             self.metrics.restores.inc()
         self.metrics.restore_seconds.labels(source).observe(time.perf_counter() - t0)
-        return source
+        return KvOrigin(source, s.kv_tokens, tier if source == RESTORED else "")
 
-    def _load_stored_kv(self, s: Session) -> tuple[QuantizedKVCache | None, int, str | None]:
-        """(cache, tokens it covers, why not) from Redis; never raises for bad data."""
-        if s.stored_kv_tokens == 0:
-            return None, 0, "missing"
-        try:
-            blob = self.tier.get_kv(s.tenant, s.session_id)
-        except Exception as e:  # noqa: BLE001
-            self.metrics.storage_errors.labels("get_kv").inc()
-            log.warning("could not read KV of %s/%s: %s", s.tenant, s.session_id, e)
-            return None, 0, "missing"
-        if blob is None:
-            return None, 0, "missing"
-        try:
-            state = decode_kv(blob, model_fingerprint=self.runner.fingerprint)
-            if state.quant_spec != self.quant.spec() or state.num_tokens != s.stored_kv_tokens:
-                raise ContainerError(f"stored KV ({state.quant_spec}, {state.num_tokens} tokens) does not match "
-                                     f"({self.quant.spec()}, {s.stored_kv_tokens} tokens)")
-            return self.runner.restore_cache(state), state.num_tokens, None
-        except (ContainerError, ValueError, KeyError) as e:
-            log.warning("stored KV of %s/%s rejected: %s", s.tenant, s.session_id, e)
-            return None, 0, "corrupt"
+    def _replay(self, s: Session, cache) -> Generator[None, None, int]:
+        """Run the schedule entries `cache` does not cover (all of them when it is None); returns tokens run."""
+        schedule, start, done = s.schedule, 0, 0
+        if cache is not None:  # the stored KV covers a prefix of the schedule ending at a pass boundary
+            start = max(i for i, t in enumerate([0, *accumulate(schedule)]) if t == s.stored_kv_tokens)
+            done = s.stored_kv_tokens
+        elif SEAL in schedule:  # the session adopted a canonical prefix: take it from storage if still there
+            j = schedule.index(SEAL)
+            prefix = sum(schedule[:j])
+            if canonical_tokens(schedule[:j], self.store.chunk) == prefix:
+                adoption = self.store.adopt(s.tenant, s.tokens[:prefix + 1])
+                if adoption is not None and adoption.tokens == prefix:
+                    cache, start, done = adoption.cache, j + 1, prefix
+        cache = cache if cache is not None else self.runner.new_cache(self.quant)
+        replayed = 0
+        for n in schedule[start:]:
+            if n == SEAL:
+                cache.seal_all()
+                continue
+            self.runner.forward(cache, s.tokens[done:done + n])
+            done += n
+            replayed += n
+            yield
+        s.cache = cache
+        return replayed
 
     # ---- leaving the device ---------------------------------------------------------------------------
     def persist(self, s: Session) -> None:
         """Write the durable history (manifest); the stored KV, if any, is kept."""
-        try:
-            s.redis_bytes = self.tier.put_manifest(s.manifest(self.runner.fingerprint, self.quant.spec()))
-        except Exception as e:  # noqa: BLE001 - history stays on the device; retried at the next turn/offload
-            self.metrics.storage_errors.labels("put_manifest").inc()
-            log.warning("could not persist history of %s/%s: %s", s.tenant, s.session_id, e)
+        previous = s.blocks
+        for _ in range(2):
+            try:
+                done = self.tier.commit(s.manifest(self.runner.fingerprint, self.quant.spec()), previous,
+                                        expect_sha=s.manifest_sha or "*")
+                s.manifest_sha = done.sha1
+                return
+            except StaleManifest:  # another writer's record: ours wins, without its (or our old) stored KV
+                record = self.tier.get_record(s.tenant, s.session_id)
+                log.warning("manifest of %s/%s was rewritten elsewhere; this worker's history wins",
+                            s.tenant, s.session_id)
+                previous = record[0].blocks if record else []
+                s.blocks, s.stored_kv_tokens, s.manifest_sha = [], 0, (record[1] if record else None)
+            except Exception as e:  # noqa: BLE001 - history stays on the device; retried at the next turn/offload
+                self.metrics.storage_errors.labels("put_manifest").inc()
+                log.warning("could not persist history of %s/%s: %s", s.tenant, s.session_id, e)
+                return
 
     def offload(self, s: Session) -> None:
-        """Encode the KV, write KV + manifest to Redis atomically, free the device. Raises Unavailable on failure."""
+        """Store the KV as blocks, write the manifest, free the device. Raises Unavailable on failure."""
         if s.cache is None:
             return
-        state = s.cache.export_state()
-        blob = encode_kv(state, model_fingerprint=self.runner.fingerprint, level=self.codec_level)
-        previous = s.stored_kv_tokens
-        s.stored_kv_tokens = state.num_tokens
         try:
-            s.redis_bytes = self.tier.put_session(s.manifest(self.runner.fingerprint, self.quant.spec()), blob)
+            s.redis_bytes = self.store.save(s)
         except Exception as e:  # noqa: BLE001
-            s.stored_kv_tokens = previous
             self.metrics.storage_errors.labels("offload").inc()
+            log.warning("offload of %s/%s failed: %s", s.tenant, s.session_id, e)
             raise Unavailable(f"offload of session {s.session_id!r} failed: storage unavailable ({type(e).__name__})") from None
         s.cache = None
         self.active.pop(s.key, None)
         self.metrics.offloads.inc()
-        self.metrics.offload_bytes.inc(len(blob))
-        if blob:
-            self.metrics.compression_ratio.labels("zstd").set(state.nbytes / len(blob))
         self._update_gauges()
 
-    def offload_idle(self, idle_timeout_s: float) -> int:
-        now, n = time.time(), 0
-        for s in list(self.active.values()):
-            if not s.busy and not s.pinned and now - s.last_used >= idle_timeout_s:
-                try:
-                    self.offload(s)
-                    n += 1
-                except Unavailable as e:
-                    log.warning("idle offload skipped: %s", e.message)
+    def offload_idle(self) -> int:
+        """Offload what the policy picks: idle sessions, then least-recently-used ones over the device budget."""
+        residents = [Resident(s.key, s.last_used, s.device_bytes(), s.busy, s.pinned) for s in self.active.values()]
+        n = 0
+        for key in self.policy.victims(residents, time.time()):
+            try:
+                self.offload(self.active[key])
+                n += 1
+            except Unavailable as e:
+                log.warning("offload skipped: %s", e.message)
         return n
 
+    def register_prefix(self, s: Session) -> None:
+        """After a new session's first prefill: keep its canonical blocks hot for later sessions."""
+        try:
+            self.store.register(s)
+        except Exception:  # noqa: BLE001 - an optimisation only
+            log.exception("prefix registration of %s/%s failed", s.tenant, s.session_id)
+
     def delete(self, tenant: str, session_id: str) -> bool:
-        s = self.active.get((tenant, session_id))
+        s = self.working.get((tenant, session_id)) or self.active.get((tenant, session_id))
         if s is not None:
             self.check_not_busy(s)
         self.active.pop((tenant, session_id), None)
@@ -203,4 +249,6 @@ class SessionManager:
 
     def _update_gauges(self) -> None:
         self.metrics.kv_bytes.labels("device").set(self.device_bytes())
+        self.metrics.kv_bytes.labels("host").set(self.store.host.nbytes)
+        self.metrics.kv_bytes.labels("prefix_trie").set(self.store.trie.nbytes)
         self.metrics.sessions.labels("active").set(len(self.active))

@@ -93,10 +93,14 @@ def test_rows(dashboard):
             by_row[current].append(p)
     for title, panels in by_row.items():
         assert panels, f"row {title!r} is empty"
-    # Tenants: tokens per tenant (kvstash_tenant_tokens_total). No dedup metrics exist yet: a text panel says so.
-    assert any("kvstash_tenant_tokens_total" in t["expr"] for p in by_row["Tenants"] for t in p.get("targets", []))
-    assert any(p["type"] == "text" and "dedup" in p["options"]["content"].lower()
-               for p in by_row["Compression and dedup"])
+    def exprs(row):
+        return " ".join(t["expr"] for p in by_row[row] for t in p.get("targets", []))
+
+    assert "kvstash_tenant_tokens_total" in exprs("Tenants")
+    for name in ("kvstash_prefix_lookups_total", "kvstash_prefix_hit_tokens_total", "kvstash_stored_blocks",
+                 "kvstash_load_decisions_total", "kvstash_compression_ratio"):
+        assert name in exprs("Compression and dedup"), name
+    assert 'tier="host"' in exprs("Memory per tier") and 'tier="prefix_trie"' in exprs("Memory per tier")
 
 
 def test_panel_ids_unique_and_layout_does_not_overlap(dashboard):

@@ -96,7 +96,8 @@ def test_compose_redis_uses_aof_with_a_password():
     cmd = compose()["services"]["redis"]["command"]
     flags = dict(zip(cmd[1::2], cmd[2::2]))
     assert flags["--appendonly"] == "yes" and flags["--appendfsync"] == "everysec"
-    assert flags["--maxmemory-policy"] == "noeviction"
+    assert flags["--maxmemory-policy"] == "volatile-lru"  # only KV blocks carry an expiry: manifests stay
+    assert int(compose()["services"]["gateway"]["environment"]["KVSTASH_REDIS__KV_TTL_S"]) > 0
     assert flags["--requirepass"].startswith("${REDIS_PASSWORD:?")
     assert any(v.endswith(":/data") for v in compose()["services"]["redis"]["volumes"])
 

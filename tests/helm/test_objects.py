@@ -2,6 +2,7 @@
 NetworkPolicy selectors against the pod labels, HPA and PDB, the dashboard, NOTES."""
 
 import json
+import tomllib
 
 import pytest
 import yaml
@@ -58,7 +59,8 @@ def test_redis_aof_persistence_on_a_pvc():
     docs = render("default", ("redis.maxmemory=5gb",))
     conf = one(docs, "ConfigMap", "demo-kvstash-redis-config")["data"]["redis.conf"].splitlines()
     assert {"appendonly yes", "appendfsync everysec", "dir /data", "maxmemory 5gb",
-            "maxmemory-policy noeviction"} <= set(conf)
+            "maxmemory-policy volatile-lru"} <= set(conf)
+    assert tomllib.loads(one(docs, "ConfigMap", "demo-kvstash-config")["data"]["config.toml"])["redis"]["kv_ttl_s"] > 0
     sts = one(docs, "StatefulSet")
     redis = container(sts, "redis")
     assert any(m["name"] == "data" and m["mountPath"] == "/data" for m in redis["volumeMounts"])

@@ -25,6 +25,7 @@ def tiny_stack(redis_server, tiny_model_dir, tmp_path_factory):
         "KVSTASH_GATEWAY__METRICS_POLL_INTERVAL_S": "0.5",
         "KVSTASH_KV__QUALITY_SAMPLE_RATE": "1",
         "KVSTASH_SESSION__MAX_REQUESTS_PER_WORKER": "3",
+        "KVSTASH_TIERS__HOST_BYTES": "0",  # resumes read Redis, so the tests that damage stored blocks see it
     })
     svc.start()
     yield svc

@@ -59,6 +59,14 @@ def session_key(sid: str) -> str:
     return f"kvtest:sess:{{default}}:{sid}"
 
 
+def stored_blocks(rdb, sid: str) -> list[str]:
+    """The Redis keys of the KV blocks a session's manifest lists (sealed blocks, then the tail)."""
+    from kvstore.tiers.manifest import SessionManifest
+
+    m = SessionManifest.decode(rdb.hget(session_key(sid), "m"))
+    return [f"kvtest:blk:{{{'~public' if r.public else 'default'}}}:{r.key.hex()}" for r in m.blocks]
+
+
 def test_greedy_is_deterministic_and_streams(client, reference):
     chunks = list(client.generate_stream(messages=PROMPT, max_new_tokens=N))
     assert len(chunks) == N + 1  # one message per token, then the final one with usage
@@ -82,8 +90,10 @@ def test_offload_then_resume_is_exact(client, reference, rdb, tiny_stack):
     sizes = {b.tier: b.bytes for b in cold.bytes}
     assert sizes[pb.TIER_DEVICE] == 0 and sizes[pb.TIER_REDIS] > 0
     fields = rdb.hgetall(session_key(sid))
-    assert set(fields) == {b"m", b"kv"}
-    assert sizes[pb.TIER_REDIS] == sum(len(v) for v in fields.values())
+    assert set(fields) == {b"m"}  # the manifest; the KV is in content blocks, each one key
+    blocks = stored_blocks(rdb, sid)
+    assert len(blocks) >= 1 and all(rdb.exists(k) for k in blocks)
+    assert sizes[pb.TIER_REDIS] == len(fields[b"m"]) + sum(rdb.hstrlen(k, "d") + rdb.hstrlen(k, "c") for k in blocks)
 
     rest = client.resume(sid, max_new_tokens=N - K)
     assert first.token_ids + rest.token_ids == reference.token_ids
@@ -109,16 +119,16 @@ def test_lost_or_corrupt_kv_is_recomputed_exactly(client, reference, rdb, tiny_s
     first = client.generate(messages=PROMPT, max_new_tokens=K)
     sid = first.session_id
     client.evict_session(sid)
-    key = session_key(sid)
+    key = stored_blocks(rdb, sid)[0]  # the first sealed block
     if damage == "missing":
-        assert rdb.hdel(key, "kv") == 1
+        assert rdb.delete(key) == 1
     else:
-        blob = bytearray(rdb.hget(key, "kv"))
+        blob = bytearray(rdb.hget(key, "d"))
         if damage == "corrupt":
             blob[len(blob) // 2] ^= 0x01
         else:
             blob = blob[: len(blob) // 2]
-        rdb.hset(key, "kv", bytes(blob))
+        rdb.hset(key, "d", bytes(blob))
     reason = "missing" if damage == "missing" else "corrupt"
     before = metric_sum(metrics(tiny_stack.metrics_url), "kvstash_recomputes_total", reason=reason)
     rest = client.resume(sid, max_new_tokens=N - K)
@@ -135,8 +145,11 @@ def test_delete_removes_the_session_everywhere(client, rdb):
     sid = out.session_id
     client.evict_session(sid)
     assert rdb.exists(session_key(sid)) == 1
+    blocks = stored_blocks(rdb, sid)
+    assert blocks and all(rdb.exists(k) for k in blocks)
     assert client.delete_session(sid) is True
     assert rdb.exists(session_key(sid)) == 0
+    assert not any(rdb.exists(k) for k in blocks)  # its private blocks are collected with it
     for call in (lambda: client.get_session(sid), lambda: client.delete_session(sid), lambda: client.resume(sid)):
         with pytest.raises(grpc.RpcError) as e:
             call()

@@ -14,6 +14,7 @@ class KvSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_SOURCE_DEVICE: _ClassVar[KvSource]
     KV_SOURCE_RESTORED: _ClassVar[KvSource]
     KV_SOURCE_RECOMPUTED: _ClassVar[KvSource]
+    KV_SOURCE_PREFIX: _ClassVar[KvSource]
 
 class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -33,6 +34,7 @@ KV_SOURCE_NEW: KvSource
 KV_SOURCE_DEVICE: KvSource
 KV_SOURCE_RESTORED: KvSource
 KV_SOURCE_RECOMPUTED: KvSource
+KV_SOURCE_PREFIX: KvSource
 SESSION_STATE_UNSPECIFIED: SessionState
 SESSION_STATE_ACTIVE: SessionState
 SESSION_STATE_COLD: SessionState
@@ -111,18 +113,20 @@ class ResumeSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_tokens", "generated_tokens", "kv_source", "session_tokens")
+    __slots__ = ("prompt_tokens", "cached_tokens", "generated_tokens", "kv_source", "session_tokens", "cached_tier")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_SOURCE_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TIER_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached_tokens: int
     generated_tokens: int
     kv_source: KvSource
     session_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., kv_source: _Optional[_Union[KvSource, str]] = ..., session_tokens: _Optional[int] = ...) -> None: ...
+    cached_tier: Tier
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., kv_source: _Optional[_Union[KvSource, str]] = ..., session_tokens: _Optional[int] = ..., cached_tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("session_id", "token_ids", "text", "finish_reason", "usage")
@@ -215,3 +219,19 @@ class PinSessionRequest(_message.Message):
     session_id: str
     pinned: bool
     def __init__(self, session_id: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
+
+class MarkPublicPrefixRequest(_message.Message):
+    __slots__ = ("input",)
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    input: Input
+    def __init__(self, input: _Optional[_Union[Input, _Mapping]] = ...) -> None: ...
+
+class MarkPublicPrefixResponse(_message.Message):
+    __slots__ = ("prompt_tokens", "shared_tokens", "newly_registered")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEWLY_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    shared_tokens: int
+    newly_registered: bool
+    def __init__(self, prompt_tokens: _Optional[int] = ..., shared_tokens: _Optional[int] = ..., newly_registered: _Optional[bool] = ...) -> None: ...

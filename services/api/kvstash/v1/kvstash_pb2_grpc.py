@@ -70,6 +70,11 @@ class KvStashStub:
                 request_serializer=kvstash_dot_v1_dot_kvstash__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=kvstash_dot_v1_dot_kvstash__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.MarkPublicPrefix = channel.unary_unary(
+                '/kvstash.v1.KvStash/MarkPublicPrefix',
+                request_serializer=kvstash_dot_v1_dot_kvstash__pb2.MarkPublicPrefixRequest.SerializeToString,
+                response_deserializer=kvstash_dot_v1_dot_kvstash__pb2.MarkPublicPrefixResponse.FromString,
+                _registered_method=True)
 
 
 class KvStashServicer:
@@ -126,6 +131,14 @@ class KvStashServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MarkPublicPrefix(self, request, context):
+        """Operators only (PERMISSION_DENIED otherwise): shares a prompt prefix (e.g. a system prompt) with every
+        tenant. Its KV is computed once, stored once, and adopted by any new session whose prompt starts with it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvStashServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +176,11 @@ def add_KvStashServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=kvstash_dot_v1_dot_kvstash__pb2.ListSessionsRequest.FromString,
                     response_serializer=kvstash_dot_v1_dot_kvstash__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'MarkPublicPrefix': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkPublicPrefix,
+                    request_deserializer=kvstash_dot_v1_dot_kvstash__pb2.MarkPublicPrefixRequest.FromString,
+                    response_serializer=kvstash_dot_v1_dot_kvstash__pb2.MarkPublicPrefixResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +373,33 @@ class KvStash:
             '/kvstash.v1.KvStash/ListSessions',
             kvstash_dot_v1_dot_kvstash__pb2.ListSessionsRequest.SerializeToString,
             kvstash_dot_v1_dot_kvstash__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkPublicPrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstash.v1.KvStash/MarkPublicPrefix',
+            kvstash_dot_v1_dot_kvstash__pb2.MarkPublicPrefixRequest.SerializeToString,
+            kvstash_dot_v1_dot_kvstash__pb2.MarkPublicPrefixResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,123 @@
+"""`kvstash bench dedup`: Redis bytes of many sessions sharing a system prompt, against storing each alone.
+
+    kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--kv SPEC] [--json]
+
+Each session's prompt is the same `--prefix` tokens of text followed by `--own` tokens of its own (from
+another part of the text). Each runs through a real worker `Engine` (real model, real redis-server, the
+service's own prefill, prefix adoption and offload paths: one generated token, then EvictSession), in
+three scenarios, each in its own Redis namespace:
+- `one-tenant`: every session belongs to one tenant (private salt): the prefix is stored once;
+- `public`: every session has its own tenant and the prefix was marked public first: stored once;
+- `private-tenants`: every session has its own tenant, no public prefix: private salts must NOT share.
+Reported per scenario: `redis_bytes` (the namespace's total, from the tier's exact stats), `separate_bytes`
+(the sum of what each session would hold stored alone: its record plus every block it lists),
+`unique_bytes` (the content with the shared prefix counted once: `separate_bytes` minus, for every session
+but one, the stored size of the blocks covering the shareable prefix — computed from sizes, not from what
+Redis holds), `dedup_ratio` = separate / redis, and `redis_over_unique` = redis / unique (target <= 1.3;
+for `private-tenants` the target is the opposite: nothing shared, redis ≈ separate).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+
+def add_dedup_parser(kinds, text_default: str) -> None:
+    p = kinds.add_parser("dedup", help="Redis bytes of sessions sharing a prompt prefix vs storing each alone")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--text", default=text_default)
+    p.add_argument("--kv", default="int4:k8v4:g32:r128")
+    p.add_argument("--sessions", type=int, default=100)
+    p.add_argument("--prefix", type=int, default=1024, help="tokens of the shared prompt prefix")
+    p.add_argument("--own", type=int, default=128, help="tokens of each session's own prompt")
+    p.add_argument("--scenarios", default="one-tenant,public,private-tenants")
+    p.add_argument("--redis-url", default="")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=run_dedup)
+
+
+def run_call(engine, call) -> dict:
+    """Run one call on an engine to its end; the `done` event (raises on `error`)."""
+    events: list[dict] = []
+    engine.submit(call, events.append)
+    while not events or events[-1]["type"] not in ("done", "error"):
+        time.sleep(0.005)
+    if events[-1]["type"] == "error":
+        raise RuntimeError(events[-1]["error"])
+    return events[-1]
+
+
+def scenario(engine, name: str, system: list[int], owns: list[list[int]]) -> dict:
+    from kvstore.prefix.canonical import adoption_points
+    from services.worker.engine import GenerateCall
+
+    if name == "public":
+        events: list[dict] = []
+        engine.mark_public({"token_ids": system}, events.append)
+        while not events:
+            time.sleep(0.01)
+        if events[-1]["type"] == "error":
+            raise RuntimeError(events[-1]["error"])
+    t0, sources = time.perf_counter(), {}
+    for i, own in enumerate(owns):
+        tenant = "acme" if name == "one-tenant" else f"tenant{i}"
+        done = run_call(engine, GenerateCall(tenant, f"s{i}", True, {"token_ids": system + own}, max_new_tokens=1))
+        sources[done["usage"]["kv_source"]] = sources.get(done["usage"]["kv_source"], 0) + 1
+        engine.evict(tenant, f"s{i}").result()
+    tier = engine.tier
+    records = [tier.get_manifest("acme" if name == "one-tenant" else f"tenant{i}", f"s{i}") for i in range(len(owns))]
+    store = engine.sessions.store
+    points = [p for p in adoption_points(len(system) + 1, store.grid, store.chunk)]
+    shared = store.grid.count(points[-1]) if points else 0  # blocks of the shareable part of the prefix
+    prefix_bytes = sum(st.size for st in tier.check(records[0].tenant, records[0].blocks[:shared]))
+    separate = sum(tier.session_bytes(m.tenant, m.session_id, m.blocks) for m in records)
+    unique = separate - (len(records) - 1) * prefix_bytes
+    registry = sum(len(k) + len(v) for k, v in tier.client.hgetall(tier.public_key).items())
+    redis_bytes = tier.stats()["bytes"] - registry  # the public registry entry is not session content
+    return {"scenario": name, "sessions": len(owns), "redis_bytes": redis_bytes, "separate_bytes": separate,
+            "unique_bytes": unique, "dedup_ratio": separate / redis_bytes, "redis_over_unique": redis_bytes / unique,
+            "blocks": tier.stats()["blocks"], "shared_prefix_bytes": prefix_bytes, "kv_sources": sources, "seconds": time.perf_counter() - t0}
+
+
+def run_dedup(args) -> int:
+    from services.cli.eval import load_ids
+    from services.config import KvstashConfig
+    from services.runtime.redis_server import RedisServer
+    from services.worker.engine import Engine
+    from services.worker.model_runner import ModelRunner
+    from services.config import ModelConfig
+
+    runner = ModelRunner.load(ModelConfig(name=args.model))
+    ids = load_ids(runner, args.text, args.prefix + 2000 + args.sessions * args.own)
+    del runner
+    system = ids[:args.prefix]
+    owns = [ids[args.prefix + 2000 + i * args.own: args.prefix + 2000 + (i + 1) * args.own] for i in range(args.sessions)]
+    server = None if args.redis_url else RedisServer().start()
+    rows = []
+    try:
+        for name in args.scenarios.split(","):
+            cfg = KvstashConfig.from_dict({
+                "model": {"name": args.model}, "kv": {"spec": args.kv, "quality_sample_rate": 0},
+                "redis": {"url": args.redis_url or server.url, "namespace": f"dedup-{name}-{int(time.time())}"},
+                "session": {"idle_timeout_s": 1e9}, "tiers": {"host_bytes": 0, "collect_interval_s": 0}})
+            engine = Engine(cfg)
+            try:
+                rows.append(scenario(engine, name, system, owns))
+            finally:
+                engine.close()
+    finally:
+        if server:
+            server.stop()
+    one = next((r for r in rows if r["scenario"] == "one-tenant"), rows[0])
+    out = {"rows": rows, "dedup_ratio": one["dedup_ratio"], "redis_over_unique": one["redis_over_unique"]}
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"{args.sessions} sessions: {args.prefix} shared + {args.own} own tokens, kv {args.kv}")
+    print("| scenario | Redis bytes | stored separately | unique content | dedup ratio | Redis / unique | sources |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in rows:
+        print(f"| {r['scenario']} | {r['redis_bytes']} | {r['separate_bytes']} | {r['unique_bytes']} "
+              f"| {r['dedup_ratio']:.2f}x | {r['redis_over_unique']:.3f} | {r['kv_sources']} |")
+    return 0

@@ -1,0 +1,127 @@
+"""`kvstash bench load`: tokens per second and time to first token against the number of concurrent sessions.
+
+    kvstash bench load [--target HOST:PORT] [--model M] [--workers 1] [--concurrency 1,2,4,8]
+                       [--seconds 20] [--new-tokens 32] [--prompt-tokens 64] [--resume-every 4] [--json]
+
+Without `--target` it starts the service itself (`kvstash up` as a child process: its own redis-server,
+local Ray, the model) and stops it afterwards. For each concurrency N, N asyncio clients stream calls over
+real gRPC for `--seconds`: each client opens a session with a prompt of `--prompt-tokens` tokens, and
+every `--resume-every`-th call instead evicts one of its sessions and resumes it (restore from Redis).
+Measured from the client side: generated tokens per second (all clients), p50/p99 time to first token,
+calls by status code (only OK and the intended RESOURCE_EXHAUSTED backpressure are expected).
+The N=1 row is the baseline the others are compared against (`speedup` = tokens/s over N=1's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import tempfile
+import time
+
+
+def add_load_parser(kinds) -> None:
+    p = kinds.add_parser("load", help="tokens/s and time to first token against concurrent sessions (real gRPC)")
+    p.add_argument("--target", default="", help="a running gateway; empty starts one (kvstash up)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--kv", default="")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--concurrency", default="1,2,4,8")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--resume-every", type=int, default=4, help="every k-th call evicts and resumes a session (0: never)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=run_load)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def _client(target, api_key, seed, stop_at, args, out) -> None:
+    import grpc
+
+    from services.client import AsyncKvstashClient
+
+    rng = random.Random(seed)
+    sessions: list[str] = []
+    client = AsyncKvstashClient(target, api_key=api_key, timeout=300)
+    try:
+        calls = 0
+        while time.monotonic() < stop_at:
+            calls += 1
+            resume = args.resume_every and sessions and calls % args.resume_every == 0
+            t0, first, n = time.perf_counter(), None, 0
+            try:
+                if resume:
+                    sid = rng.choice(sessions)
+                    await client.evict_session(sid)
+                    stream = client.resume_stream(sid, max_new_tokens=args.new_tokens)
+                else:
+                    ids = [rng.randrange(1000, 20000) for _ in range(args.prompt_tokens)]
+                    stream = client.generate_stream(token_ids=ids, max_new_tokens=args.new_tokens)
+                async for msg in stream:
+                    if msg.token_ids and first is None:
+                        first = time.perf_counter() - t0
+                    n += len(msg.token_ids)
+                    if msg.session_id and not resume and msg.session_id not in sessions:
+                        sessions.append(msg.session_id)
+                out["codes"]["OK"] = out["codes"].get("OK", 0) + 1
+            except grpc.aio.AioRpcError as e:
+                out["codes"][e.code().name] = out["codes"].get(e.code().name, 0) + 1
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    await asyncio.sleep(0.2)
+            out["tokens"] += n
+            if first is not None:
+                out["ttft"].append(first)
+    finally:
+        await client.close()
+
+
+async def _phase(target, api_key, n, args) -> dict:
+    out = {"tokens": 0, "ttft": [], "codes": {}}
+    t0 = time.monotonic()
+    stop_at = t0 + args.seconds
+    await asyncio.gather(*(_client(target, api_key, 1000 * n + i, stop_at, args, out) for i in range(n)))
+    wall = time.monotonic() - t0
+    return {"concurrency": n, "tokens_per_s": out["tokens"] / wall, "ttft_p50_s": _pct(out["ttft"], 0.5),
+            "ttft_p99_s": _pct(out["ttft"], 0.99), "calls": sum(out["codes"].values()), "codes": out["codes"],
+            "seconds": wall}
+
+
+def run_load(args) -> int:
+    from services.runtime.process import ServiceProcess
+
+    svc = None
+    target = args.target
+    if not target:
+        env = {"KVSTASH_MODEL__NAME": args.model, "KVSTASH_RAY__NUM_WORKERS": str(args.workers),
+               "KVSTASH_REDIS__DATA_DIR": tempfile.mkdtemp(prefix="kvstash-load-"),
+               "KVSTASH_SESSION__MAX_REQUESTS_PER_WORKER": "64"}
+        if args.kv:
+            env["KVSTASH_KV__SPEC"] = args.kv
+        svc = ServiceProcess(tempfile.mkdtemp(prefix="kvstash-load-"), env).start(timeout=600)
+        target = svc.target
+    try:
+        rows = [asyncio.run(_phase(target, args.api_key, int(n), args)) for n in args.concurrency.split(",")]
+    finally:
+        if svc is not None:
+            svc.stop()
+    base = rows[0]["tokens_per_s"] or float("nan")
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / base
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print("| sessions | tokens/s | vs 1 | TTFT p50 s | TTFT p99 s | calls | status codes |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['ttft_p50_s']:.3f} "
+              f"| {r['ttft_p99_s']:.3f} | {r['calls']} | {r['codes']} |")
+    return 0

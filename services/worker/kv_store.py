@@ -1,0 +1,322 @@
+"""`KVStore`: a worker's view of stored KV — blocks in the host tier and Redis, and the hot prefix trie.
+
+It turns a session's cache into content blocks plus a tail and back (kvstore.prefix.blocks), names each
+block (a chain hash for canonical blocks, so other sessions with the same prompt find and share it; a
+content key otherwise), writes only the blocks Redis does not hold yet, and finds stored prefixes a new
+session can adopt instead of prefilling.
+
+Invariants:
+- A block is shared only when its stored content hash equals this session's (`RedisTier` refuses
+  conflicts; this store then files the block under its content key instead), so `load` returns exactly
+  the state `save` was given.
+- Tenants never share private blocks: every key is salted with the tenant's salt (derived here from the
+  authenticated tenant and `prefix.salt_key`), except blocks of registered public prefixes.
+- `load` and `adopt` never raise for bad stored data: they return None with the reason, and the caller
+  recomputes from the token history.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+
+from kvstore.codec.block import block_header, content_hash, decode_block, encode_block
+from kvstore.codec.container import ContainerError
+from kvstore.codec.kv import decode_kv, encode_kv
+from kvstore.config import QuantConfig
+from kvstore.hashing import hash_fields
+from kvstore.prefix import blocks as blk
+from kvstore.prefix.canonical import adoption_points, canonical_tokens, passes
+from kvstore.prefix.hashing import BlockGrid, BlockHash, KvDomain, Salt, chain, content_key
+from kvstore.prefix.trie import PrefixTrie, TrieNode
+from kvstore.quant.cache import QuantizedKVCache
+from kvstore.tiers.host_tier import HostTier
+from kvstore.tiers.manifest import BlockRef
+from kvstore.tiers.policy import LoadCost
+from kvstore.tiers.redis_tier import BlockRefused, RedisTier, StaleManifest
+from services.config import KvstashConfig
+from services.metrics import WorkerMetrics
+from services.worker.model_runner import ModelRunner
+from services.worker.session import Session
+
+log = logging.getLogger(__name__)
+_ZERO = bytes(32)
+
+
+@dataclass
+class Adoption:
+    """A stored prefix a new session takes over: its cache (all sealed) and how many tokens it covers."""
+
+    cache: QuantizedKVCache
+    tokens: int
+    from_trie: int  # blocks found hot in the trie
+    from_redis: int  # blocks fetched from Redis
+
+
+class KVStore:
+    def __init__(self, runner: ModelRunner, tier: RedisTier, cfg: KvstashConfig, metrics: WorkerMetrics):
+        self.runner, self.tier, self.metrics = runner, tier, metrics
+        self.quant: QuantConfig = cfg.quant
+        self.block_tokens, self.chunk = cfg.block_tokens, cfg.prefix.prefill_chunk
+        self.sharing = cfg.prefix.enabled and not self.quant.evict
+        self.grid = BlockGrid(self.block_tokens, self.quant.sinks)
+        self.domain = KvDomain(runner.fingerprint, self.quant.spec(), self.chunk, self.block_tokens, runner.device.type)
+        self.shape = runner.shape
+        self.level = cfg.kv.codec_level
+        self._salt_key = cfg.prefix.salt_key.encode()
+        self.public_salt = Salt.public_salt(self._salt_key)
+        self.public: set[bytes] = set()  # chain hashes of registered public prefix blocks
+        self.trie = PrefixTrie(cfg.prefix.trie_bytes if self.sharing else 0)
+        self.host = HostTier(cfg.tiers.host_bytes)
+        self.cost = LoadCost()
+
+    # ---- naming ------------------------------------------------------------------------------------
+    def salt(self, tenant: str) -> Salt:
+        return Salt.for_tenant(tenant, self._salt_key)
+
+    def chain(self, tenant: str, tokens: list[int], count: int | None = None) -> list[tuple[BlockHash, bool]]:
+        """(chain hash, public?) of the whole blocks of `tokens`: blocks of a registered public prefix are
+        hashed with the public salt, the rest (chained on) with the tenant's."""
+        n_pub = 0
+        if self.public:
+            for h in chain(tokens, self.grid, self.domain, self.public_salt, count=count):
+                if h.digest not in self.public:
+                    break
+                n_pub += 1
+        mine = self.salt(tenant)
+        hashes = chain(tokens, self.grid, self.domain, lambda i: self.public_salt if i < n_pub else mine, count=count)
+        return [(h, i < n_pub) for i, h in enumerate(hashes)]
+
+    def _key(self, tenant: str, ref: BlockRef) -> str:
+        return self.tier.block_key(tenant, ref)
+
+    # ---- writing -------------------------------------------------------------------------------------
+    def save(self, s: Session) -> int:
+        """Store `s.cache` as blocks + tail and commit the manifest; sets `s.blocks`. Returns the session's
+        Redis bytes (its record plus every block it lists). Raises on storage failure (nothing half-done is
+        referenced: a failed commit leaves the previous manifest in force)."""
+        state = s.cache.export_state()
+        n = blk.whole_blocks(state, self.block_tokens)
+        parts, tail = blk.split(state, self.block_tokens, n)
+        canon = canonical_tokens(s.schedule, self.chunk) if self.sharing else 0
+        named = self.chain(s.tenant, s.tokens[:canon])[:n]
+        salt = self.salt(s.tenant)
+        contents = [content_hash(p) for p in parts]
+        refs = [BlockRef(named[i][0].digest, c, named[i][1]) if i < len(named)
+                else BlockRef(content_key(c, self.domain, salt).digest, c) for i, c in enumerate(contents)]
+        tail_blob = encode_kv(tail, model_fingerprint=self.runner.fingerprint, level=self.level)
+        tail_content = hash_fields([tail_blob], person=b"kvstash-tail")
+        refs.append(BlockRef(content_key(tail_content, self.domain, salt).digest, tail_content))
+        blobs: dict[bytes, bytes] = {refs[-1].key: tail_blob}
+        raw = state.nbytes
+        for _ in range(3):
+            held = set(s.blocks)
+            todo = [i for i, r in enumerate(refs) if r not in held and r.key not in blobs]
+            status = dict(zip(todo, self.tier.check(s.tenant, [refs[i] for i in todo]))) if todo else {}
+            clashes = [i for i in todo if status[i].state == "conflict"]
+            for i in clashes:  # same tokens, other bits (another kernel's rounding): keep a copy of our own
+                refs[i] = BlockRef(content_key(refs[i].content, self.domain, salt).digest, refs[i].content)
+            if clashes:
+                status.update(zip(clashes, self.tier.check(s.tenant, [refs[i] for i in clashes])))
+            for i in todo:
+                if status[i].state == "absent" and refs[i].key not in blobs:
+                    blobs[refs[i].key] = encode_block(
+                        parts[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=i,
+                        model_fingerprint=self.runner.fingerprint, level=self.level).data
+            m = s.manifest(self.runner.fingerprint, self.quant.spec(), blocks=refs, kv_tokens=state.num_tokens)
+            try:
+                done = self.tier.commit(m, s.blocks, blobs, expect_sha=s.manifest_sha or "*")
+            except BlockRefused as e:  # a block vanished or appeared meanwhile: look again
+                log.info("offload of %s/%s raced another writer (%s); retrying", s.tenant, s.session_id, e)
+                for r in e.missing + e.conflicts:
+                    blobs.pop(r.key, None)
+                continue
+            except StaleManifest:  # another writer's record: ours replaces it and releases its blocks
+                record = self.tier.get_record(s.tenant, s.session_id)
+                log.warning("manifest of %s/%s was rewritten by another writer; this worker's copy wins",
+                            s.tenant, s.session_id)
+                s.blocks, s.manifest_sha = (record[0].blocks, record[1]) if record else ([], None)
+                continue
+            s.blocks, s.stored_kv_tokens, s.manifest_sha = refs, state.num_tokens, done.sha1
+            for r in refs:
+                if r.key in blobs:
+                    self.host.put(self._key(s.tenant, r), blobs[r.key])
+            written = sum(len(b) for b in blobs.values())
+            self.metrics.offload_bytes.inc(written)
+            stored = sum(x.size for x in self.tier.check(s.tenant, refs))
+            fp16 = 2 * 2 * state.num_tokens * self.shape.layers * self.shape.kv_heads * self.shape.head_dim
+            if stored and raw:
+                self.metrics.compression_ratio.labels("quantization").set(fp16 / raw)  # fp16 KV -> device format
+                self.metrics.compression_ratio.labels("codec").set(raw / stored)  # device format -> stored blocks
+                self.metrics.compression_ratio.labels("total").set(fp16 / stored)
+            return done.bytes + stored
+        raise RuntimeError(f"offload of {s.tenant}/{s.session_id} kept racing other writers")
+
+    # ---- reading -------------------------------------------------------------------------------------
+    def _fetch(self, tenant: str, refs: list[BlockRef]) -> tuple[list[bytes | None], str]:
+        """Containers of `refs` — host tier first, then Redis for the rest (one pipelined round trip) — and
+        the tier that served them ("host" when it held all, else "redis")."""
+        out = [self.host.get(self._key(tenant, r)) for r in refs]
+        missing = [i for i, b in enumerate(out) if b is None]
+        if missing:
+            got = self.tier.get_blocks(tenant, [refs[i] for i in missing])
+            for i, b in zip(missing, got):
+                out[i] = b
+                if b is not None:
+                    self.host.put(self._key(tenant, refs[i]), b)
+        return out, "redis" if missing else "host"
+
+    def load(self, s: Session) -> tuple[QuantizedKVCache | None, str]:
+        """(the cache `save` stored for `s`, bit-identical; the tier it came from), or (None, why not):
+        "missing" or "corrupt"."""
+        if not s.blocks or s.stored_kv_tokens == 0:
+            return None, "missing"
+        t0 = time.perf_counter()
+        try:
+            datas, tier = self._fetch(s.tenant, s.blocks)
+        except Exception as e:  # noqa: BLE001 - storage down: recompute
+            self.metrics.storage_errors.labels("get_blocks").inc()
+            log.warning("could not read KV of %s/%s: %s", s.tenant, s.session_id, e)
+            return None, "missing"
+        if any(d is None for d in datas):
+            return None, "missing"
+        try:
+            parts = [decode_block(d, quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=i,
+                                  model_fingerprint=self.runner.fingerprint, content=r.content)
+                     for i, (d, r) in enumerate(zip(datas[:-1], s.blocks[:-1]))]
+            if hash_fields([datas[-1]], person=b"kvstash-tail") != s.blocks[-1].content:
+                raise ContainerError("stored tail has another content hash than the session recorded")
+            tail = decode_kv(datas[-1], model_fingerprint=self.runner.fingerprint)
+            state = blk.join(parts, tail)
+            if state.quant_spec != self.quant.spec() or state.num_tokens != s.stored_kv_tokens:
+                raise ContainerError(f"stored KV ({state.quant_spec}, {state.num_tokens} tokens) does not match "
+                                     f"({self.quant.spec()}, {s.stored_kv_tokens} tokens)")
+            cache = self.runner.restore_cache(state)
+        except (ContainerError, ValueError, KeyError) as e:
+            for r in s.blocks:  # never serve these bytes from the host tier again
+                self.host.discard(self._key(s.tenant, r))
+            log.warning("stored KV of %s/%s rejected: %s", s.tenant, s.session_id, e)
+            return None, "corrupt"
+        self.cost.observe_load(len(s.blocks), time.perf_counter() - t0)
+        return cache, tier
+
+    # ---- prefixes --------------------------------------------------------------------------------------
+    def adopt(self, tenant: str, tokens: list[int]) -> Adoption | None:
+        """The longest stored canonical prefix of `tokens` worth loading (trie, then Redis), or None."""
+        if not self.sharing:
+            return None
+        points = adoption_points(len(tokens), self.grid, self.chunk)
+        if not points:
+            return None
+        named = self.chain(tenant, tokens[:points[-1]])
+        nodes = self.trie.match([h for h, _ in named])
+        found = [(n.tensors, n.content, n.public) for n in nodes]
+        fetched: list[TrieNode] = []
+        if len(found) < len(named):
+            rest = named[len(found):]
+            try:
+                datas = self.tier.get_blocks(tenant, [BlockRef(h.digest, _ZERO, pub) for h, pub in rest])
+            except Exception as e:  # noqa: BLE001 - storage down: prefill instead
+                self.metrics.storage_errors.labels("get_blocks").inc()
+                log.warning("prefix lookup failed: %s", e)
+                datas = []
+            for j, data in enumerate(datas):
+                i = len(found)
+                if data is None:
+                    break
+                try:
+                    tensors = decode_block(data, quant=self.quant, shape=self.shape, block_tokens=self.block_tokens,
+                                           index=i, model_fingerprint=self.runner.fingerprint)
+                    content = bytes.fromhex(block_header(data)["content"])
+                except ContainerError as e:
+                    log.warning("stored prefix block %d rejected: %s", i, e)
+                    break
+                found.append((tensors, content, rest[j][1]))
+                fetched.append(TrieNode(rest[j][0], named[i - 1][0] if i else None, tensors, content, rest[j][1]))
+        usable = [p for p in points if self.grid.count(p) <= len(found)]
+        hot = len(nodes)
+        cold = self.grid.count(usable[-1]) - hot if usable else 0
+        if cold > 0 and not self.cost.load_pays(cold, cold * self.block_tokens):
+            usable = [p for p in usable if self.grid.count(p) <= hot]  # prefilling them is cheaper here
+        taken = self.grid.count(usable[-1]) if usable else 0
+        self.metrics.load_decisions.labels("prefix", "load").inc(taken)
+        self.metrics.load_decisions.labels("prefix", "recompute").inc(len(named) - taken)
+        for node in fetched:
+            self.trie.insert(node)
+        if not usable:
+            return None
+        s = usable[-1]
+        nb = self.grid.count(s)
+        state = blk.prefix_state([t for t, _, _ in found[:nb]], self.quant, self.shape, self.block_tokens)
+        cache = self.runner.restore_cache(state)
+        return Adoption(cache, s, min(hot, nb), max(0, nb - hot))
+
+    def hot_tokens(self, tenant: str, tokens: list[int]) -> int:
+        """Prompt tokens a new session of `tenant` would adopt from this worker's trie (routing probe)."""
+        if not self.sharing or not len(self.trie):
+            return 0
+        points = adoption_points(len(tokens), self.grid, self.chunk)
+        if not points:
+            return 0
+        held = self.trie.peek([h for h, _ in self.chain(tenant, tokens[:points[-1]])])
+        return max((p for p in points if self.grid.count(p) <= held), default=0)
+
+    def register(self, s: Session) -> int:
+        """Put the canonical blocks of `s` (its first prefill) into the trie; returns how many were added."""
+        if not self.sharing or self.trie.budget_bytes == 0 or s.cache is None:
+            return 0
+        canon = canonical_tokens(s.schedule, self.chunk)
+        named = self.chain(s.tenant, s.tokens[:canon])
+        if not named or all(h in self.trie for h, _ in named):
+            return 0
+        copy = self.runner.restore_cache(s.cache.export_state())
+        copy.seal_all()  # the window's canonical blocks, sealed exactly as the session will seal them
+        state = copy.export_state()
+        parts, _ = blk.split(state, self.block_tokens, min(len(named), blk.whole_blocks(state, self.block_tokens)))
+        added = 0
+        for i, part in enumerate(parts):
+            parent = named[i - 1][0] if i else None
+            added += self.trie.insert(TrieNode(named[i][0], parent, part, content_hash(part), named[i][1]))
+        return added
+
+    # ---- public prefixes --------------------------------------------------------------------------------
+    def refresh_public(self) -> int:
+        """Reload the registry of public prefixes (at start and periodically); returns the blocks it names."""
+        self.public = {d for digests in self.tier.public_prefixes().values() for d in digests}
+        return len(self.public)
+
+    def mark_public(self, tokens: list[int]) -> Generator[None, None, tuple[int, bool]]:
+        """Share the canonical prefix of `tokens` with every tenant (yields between prefill passes).
+
+        Its blocks — the complete prefill chunks, computed exactly as a session computes them — are hashed
+        with the public salt, stored once in the public scope and registered there, and kept hot here.
+        Returns (tokens shared, whether it was newly registered). Raises ValueError when sharing is off or
+        `tokens` holds no whole chunk."""
+        if not self.sharing:
+            raise ValueError("prefix sharing is off (prefix.enabled, or a token-eviction KV spec)")
+        points = adoption_points(len(tokens) + 1, self.grid, self.chunk)
+        if not points:
+            raise ValueError(f"a public prefix needs at least prefix.prefill_chunk={self.chunk} tokens "
+                             f"(block-aligned); this one has {len(tokens)}")
+        n_tok = points[-1]
+        cache, pos = self.runner.new_cache(self.quant), 0
+        for n in passes(0, n_tok, self.chunk):
+            self.runner.forward(cache, tokens[pos:pos + n])
+            pos += n
+            yield
+        cache.seal_all()
+        state = cache.export_state()
+        parts, _ = blk.split(state, self.block_tokens, self.grid.count(n_tok))
+        hashes = chain(tokens[:n_tok], self.grid, self.domain, self.public_salt)
+        refs = [BlockRef(h.digest, content_hash(p), public=True) for h, p in zip(hashes, parts)]
+        status = self.tier.check("", refs)
+        data = {r.key: encode_block(p, quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=i,
+                                    model_fingerprint=self.runner.fingerprint, level=self.level).data
+                for i, (r, p, st) in enumerate(zip(refs, parts, status)) if st.state != "present"}
+        new = self.tier.publish(refs, data)
+        self.public |= {r.key for r in refs}
+        for i, (h, part, r) in enumerate(zip(hashes, parts, refs)):
+            self.trie.insert(TrieNode(h, hashes[i - 1] if i else None, part, r.content, True))
+        return n_tok, new
