@@ -53,6 +53,11 @@ class WorkerMetrics:
             "kvstash_quality_attention_relative_error",
             "Relative L2 error of attention outputs on probed steps, per layer.", ["layer"], buckets=ERROR_BUCKETS,
             registry=r)
+        self.history_recoveries = Counter(
+            "kvstash_history_recoveries_total", "Session histories Redis did not have (or held corrupt) and the "
+            "worker's journal gave back.", registry=r)
+        self.storage_up = Gauge("kvstash_worker_storage_up", "1 when this worker's last Redis housekeeping "
+                                "succeeded, else 0.", registry=r)
         self.load_decisions = Counter(
             "kvstash_load_decisions_total", "Stored KV blocks loaded or recomputed instead, by path (resume, prefix) "
             "and decision (load, recompute), as the measured-cost model chose.", ["path", "decision"], registry=r)

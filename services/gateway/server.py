@@ -25,6 +25,7 @@ from services.metrics import GatewayMetrics, WorkerMetricsCollector
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvStash"].full_name
+STORAGE_HEALTH = "kvstash.v1.Storage"  # health of the Redis tier (a name for grpc.health.v1 checks only)
 
 
 class Gateway:
@@ -94,6 +95,8 @@ class Gateway:
             return
         up = "ok" in res
         stats = res.get("ok", {})
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(STORAGE_HEALTH, status)  # generation goes on from the device meanwhile
 
         def gauge(name: str, doc: str, value: float, **labels) -> dict:
             return {"name": name, "doc": doc, "type": "gauge", "samples": [(name, labels, float(value))]}

@@ -92,6 +92,7 @@ class KvStashServicer(pb_grpc.KvStashServicer):
         tenant = self.auth.tenant(context.invocation_metadata())
         sid = _session_id(request.session_id) if request.session_id else uuid.uuid4().hex
         call = self._call(tenant, sid, create=True, request=request, required=True, context=context)
+        call.fresh = not request.session_id
         async for msg in self._stream("Generate", call, await self.router.place(tenant, sid, call.input)):
             yield msg
 

@@ -18,7 +18,7 @@ import redis
 from kvstore.prefix.canonical import passes
 from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig
-from services.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted
+from services.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from services.metrics import WorkerMetrics
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from services.worker.scheduler import Scheduler, Sink
@@ -42,6 +42,7 @@ class GenerateCall:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop sequences (validated by the gateway)
     deadline: float | None = None  # unix time after which the call is abandoned (the client's gRPC deadline)
+    fresh: bool = False  # the server just made the session id: no store needs asking whether it exists
 
 
 def redis_client(cfg: KvstashConfig) -> redis.Redis:
@@ -56,7 +57,7 @@ class Engine:
         self.runner = ModelRunner.load(cfg.model)
         self.runner.new_cache(cfg.quant)  # fail at start, not per request, when the spec cannot serve the model
         self.tier = RedisTier(redis_client(cfg), namespace=cfg.redis.namespace, ttl_s=cfg.redis.kv_ttl_s)
-        self.sessions = SessionManager(self.runner, self.tier, cfg, self.metrics)
+        self.sessions = SessionManager(self.runner, self.tier, cfg, self.metrics, worker_id)
         self._next_collect = time.monotonic() + cfg.tiers.collect_interval_s
         try:
             self.sessions.store.refresh_public()
@@ -95,11 +96,16 @@ class Engine:
             self.metrics.quality_error.labels(str(layer)).observe(rel)
 
     def _housekeeping(self) -> None:
-        self.sessions.offload_idle()
-        try:
+        held = list(self.sessions.active.values())
+        try:  # storage first: a Redis that lost its data gets the histories back before anything else
+            self.sessions.history.check_epoch(held)
+            self.sessions.history.retry_dirty(held)
             self.sessions.store.refresh_public()
-        except Exception as e:  # noqa: BLE001 - storage down: keep the registry we have
-            log.warning("could not refresh public prefixes: %s", e)
+            self.metrics.storage_up.set(1)
+        except Exception as e:  # noqa: BLE001 - storage down: serve from the device, retry next time
+            self.metrics.storage_up.set(0)
+            log.warning("storage housekeeping failed: %s", e)
+        self.sessions.offload_idle()
         self.metrics.queue_depth.set(self.scheduler.depth)
         every = self.cfg.tiers.collect_interval_s
         if every > 0 and time.monotonic() >= self._next_collect:
@@ -145,7 +151,7 @@ class Engine:
         max_new = call.max_new_tokens or limits.default_max_new_tokens
         if not 0 < max_new <= limits.max_new_tokens_limit:
             raise InvalidArgument(f"max_new_tokens={call.max_new_tokens} must be in [0, {limits.max_new_tokens_limit}]")
-        s = self.sessions.acquire(call.tenant, call.session_id, create=call.create)
+        s = self.sessions.acquire(call.tenant, call.session_id, create=call.create, fresh=call.fresh)
         try:  # refused before anything ran: the session's device copy stays valid
             self._check_quota(call.tenant, new=not s.tokens)
         except ResourceExhausted:
@@ -240,9 +246,8 @@ class Engine:
         def op():
             s = self.sessions.get(tenant, session_id)  # a busy session is the running call's own object
             s.pinned = pinned
-            done = self.tier.commit(s.manifest(self.runner.fingerprint, self.sessions.quant.spec()), s.blocks,
-                                    expect_sha=s.manifest_sha or "*")  # not persist(): a pin must not fail silently
-            s.manifest_sha = done.sha1
+            if not self.sessions.persist(s):  # a pin must not fail silently
+                raise Unavailable("session storage is unavailable: the pin is kept on this worker only")
             return pinned
         return self.scheduler.call(op)
 

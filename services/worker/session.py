@@ -38,6 +38,7 @@ class Session:
     manifest_sha: str | None = None  # compare-and-set tag of the manifest this worker last wrote or read
     redis_bytes: int = 0
     pinned: bool = False  # never offloaded for idleness (durable: kept in the manifest)
+    dirty: bool = False  # the last Redis write of its history failed (it is in the journal): write it again
 
     @property
     def key(self) -> tuple[str, str]:

@@ -23,13 +23,15 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from itertools import accumulate
 
-from kvstore.codec.container import ContainerError
 from kvstore.prefix.canonical import adopted_schedule, canonical_tokens
 from kvstore.tiers.manifest import SEAL
+from kvstore.hashing import hash_fields
+from kvstore.tiers.journal import HistoryJournal
 from kvstore.tiers.policy import OffloadPolicy, Resident
-from kvstore.tiers.redis_tier import RedisTier, StaleManifest
-from services.config import KvstashConfig
-from services.errors import FailedPrecondition, Internal, NotFound, Unavailable
+from kvstore.tiers.redis_tier import RedisTier
+from services.config import KvstashConfig, kvstash_home
+from services.errors import FailedPrecondition, NotFound, Unavailable
+from services.worker.history import HistoryStore
 from services.metrics import WorkerMetrics
 from services.worker.kv_store import KVStore
 from services.worker.model_runner import ModelRunner
@@ -51,10 +53,12 @@ class KvOrigin:
 
 
 class SessionManager:
-    def __init__(self, runner: ModelRunner, tier: RedisTier, cfg: KvstashConfig, metrics: WorkerMetrics):
+    def __init__(self, runner: ModelRunner, tier: RedisTier, cfg: KvstashConfig, metrics: WorkerMetrics,
+                 worker_id: str = "w0"):
         self.runner, self.tier, self.metrics = runner, tier, metrics
         self.quant = cfg.quant
         self.store = KVStore(runner, tier, cfg, metrics)
+        self.history = HistoryStore(tier, journal_for(cfg, worker_id), metrics, runner.fingerprint, self.quant.spec())
         self.policy = OffloadPolicy(cfg.session.idle_timeout_s, cfg.tiers.device_bytes)
         self.active: dict[tuple[str, str], Session] = {}  # KV on the device
         self.working: dict[tuple[str, str], Session] = {}  # a call runs on it (KV on the device or not yet)
@@ -63,17 +67,7 @@ class SessionManager:
     def find(self, tenant: str, session_id: str) -> Session | None:
         """The session, from memory or from its Redis manifest (then COLD, not yet registered)."""
         s = self.working.get((tenant, session_id)) or self.active.get((tenant, session_id))
-        if s is not None:
-            return s
-        try:
-            record = self.tier.get_record(tenant, session_id)
-        except ContainerError as e:
-            log.error("manifest of %s/%s is corrupt: %s", tenant, session_id, e)
-            raise Internal(f"session {session_id} has a corrupt history record") from None
-        except Exception as e:  # noqa: BLE001 - Redis down: the session may exist, we cannot tell
-            self.metrics.storage_errors.labels("get_manifest").inc()
-            raise Unavailable(f"session storage is unavailable: {type(e).__name__}") from None
-        return Session.from_manifest(*record) if record is not None else None
+        return s if s is not None else self.history.read(tenant, session_id)
 
     def get(self, tenant: str, session_id: str) -> Session:
         """Like `find`, but an unknown session is NotFound."""
@@ -88,8 +82,13 @@ class SessionManager:
             raise FailedPrecondition(f"session {s.session_id!r} is busy with another request")
         return s
 
-    def acquire(self, tenant: str, session_id: str, create: bool) -> Session:
-        s = self.find(tenant, session_id) if create else self.get(tenant, session_id)
+    def acquire(self, tenant: str, session_id: str, create: bool, fresh: bool = False) -> Session:
+        """The session, marked busy. `fresh`: the id was just made by the server, so no store is asked (a
+        new session starts even while Redis is down)."""
+        if fresh:
+            s = Session(tenant=tenant, session_id=session_id)
+        else:
+            s = self.find(tenant, session_id) if create else self.get(tenant, session_id)
         s = self.check_not_busy(s or Session(tenant=tenant, session_id=session_id))
         s.busy = True
         self.working[s.key] = s
@@ -180,25 +179,10 @@ class SessionManager:
         return replayed
 
     # ---- leaving the device ---------------------------------------------------------------------------
-    def persist(self, s: Session) -> None:
-        """Write the durable history (manifest); the stored KV, if any, is kept."""
-        previous = s.blocks
-        for _ in range(2):
-            try:
-                done = self.tier.commit(s.manifest(self.runner.fingerprint, self.quant.spec()), previous,
-                                        expect_sha=s.manifest_sha or "*")
-                s.manifest_sha = done.sha1
-                return
-            except StaleManifest:  # another writer's record: ours wins, without its (or our old) stored KV
-                record = self.tier.get_record(s.tenant, s.session_id)
-                log.warning("manifest of %s/%s was rewritten elsewhere; this worker's history wins",
-                            s.tenant, s.session_id)
-                previous = record[0].blocks if record else []
-                s.blocks, s.stored_kv_tokens, s.manifest_sha = [], 0, (record[1] if record else None)
-            except Exception as e:  # noqa: BLE001 - history stays on the device; retried at the next turn/offload
-                self.metrics.storage_errors.labels("put_manifest").inc()
-                log.warning("could not persist history of %s/%s: %s", s.tenant, s.session_id, e)
-                return
+    def persist(self, s: Session) -> bool:
+        """Write the durable history (journal, then Redis); the stored KV, if any, is kept. False when Redis
+        failed: the session is then dirty, kept on the device and in the journal, and written again later."""
+        return self.history.write(s)
 
     def offload(self, s: Session) -> None:
         """Store the KV as blocks, write the manifest, free the device. Raises Unavailable on failure."""
@@ -206,10 +190,13 @@ class SessionManager:
             return
         try:
             s.redis_bytes = self.store.save(s)
+            s.dirty = False
         except Exception as e:  # noqa: BLE001
+            self.history.record(s)
             self.metrics.storage_errors.labels("offload").inc()
             log.warning("offload of %s/%s failed: %s", s.tenant, s.session_id, e)
             raise Unavailable(f"offload of session {s.session_id!r} failed: storage unavailable ({type(e).__name__})") from None
+        self.history.record(s)
         s.cache = None
         self.active.pop(s.key, None)
         self.metrics.offloads.inc()
@@ -238,12 +225,8 @@ class SessionManager:
         s = self.working.get((tenant, session_id)) or self.active.get((tenant, session_id))
         if s is not None:
             self.check_not_busy(s)
+        stored = self.history.delete(tenant, session_id)
         self.active.pop((tenant, session_id), None)
-        try:
-            stored = self.tier.delete_session(tenant, session_id)
-        except Exception as e:  # noqa: BLE001
-            self.metrics.storage_errors.labels("delete").inc()
-            raise Unavailable(f"session storage is unavailable: {type(e).__name__}") from None
         self._update_gauges()
         return stored or s is not None
 
@@ -252,3 +235,14 @@ class SessionManager:
         self.metrics.kv_bytes.labels("host").set(self.store.host.nbytes)
         self.metrics.kv_bytes.labels("prefix_trie").set(self.store.trie.nbytes)
         self.metrics.sessions.labels("active").set(len(self.active))
+
+
+def journal_for(cfg: KvstashConfig, worker_id: str) -> HistoryJournal | None:
+    """The worker's history journal: one directory per Redis (address without credentials) and namespace,
+    shared by the workers that use it, so they can recover each other's sessions."""
+    if not cfg.tiers.journal:
+        return None
+    base = cfg.tiers.journal_dir or str(kvstash_home() / "journal")
+    where = cfg.redis.url.rsplit("@", 1)[-1]  # never the password
+    scope = hash_fields([where, cfg.redis.namespace], person=b"kvstash-journal").hex()[:16]
+    return HistoryJournal(f"{base}/{cfg.redis.namespace}-{scope}", worker_id)

@@ -31,11 +31,24 @@ containers:
     volumeMounts:
       - name: dshm
         mountPath: /dev/shm
+      {{- if $.Values.config.tiers.journal }}
+      - name: journal
+        mountPath: {{ $.Values.config.tiers.journal_dir }}
+      {{- end }}
 volumes:
   - name: dshm
     emptyDir:
       medium: Memory
       sizeLimit: {{ $.Values.ray.shmSize }}
+  {{- if $.Values.config.tiers.journal }}
+  - name: journal
+    {{- if $.Values.ray.journalClaim }}
+    persistentVolumeClaim:
+      claimName: {{ $.Values.ray.journalClaim }}
+    {{- else }}
+    emptyDir: {}
+    {{- end }}
+  {{- end }}
 {{- with .nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
