@@ -4,6 +4,8 @@
     kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]   (services/cli/bench_codec.py)
     kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--json] (services/cli/bench_dedup.py)
     kvstash bench load [--concurrency 1,2,4,8] [--seconds 20] [--json]        (services/cli/bench_load.py)
+    kvstash bench soak [--minutes 10] [--concurrency 16] [--json]             (services/cli/bench_soak.py)
+    kvstash bench timing [--prefix 1024] [--trials 12] [--json]               (services/cli/bench_timing.py)
 
 `resume`: for each history length and KV spec, a session's cache is built by the worker's canonical
 prefill, offloaded through the worker's own `KVStore` to a real redis-server (spawned unless --redis-url;
@@ -41,10 +43,14 @@ def add_bench_parser(sub) -> None:
     from services.cli.bench_codec import add_codec_parser
     from services.cli.bench_dedup import add_dedup_parser
     from services.cli.bench_load import add_load_parser
+    from services.cli.bench_soak import add_soak_parser
+    from services.cli.bench_timing import add_timing_parser
 
     add_codec_parser(kinds, str(DEFAULT_TEXT))
     add_dedup_parser(kinds, str(DEFAULT_TEXT))
     add_load_parser(kinds)
+    add_soak_parser(kinds)
+    add_timing_parser(kinds, str(DEFAULT_TEXT))
 
 
 def median_time(fn, reps: int) -> float:

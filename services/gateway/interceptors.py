@@ -12,7 +12,7 @@ import logging
 
 import grpc
 
-from services.errors import KvstashError
+from services.errors import InvalidArgument, KvstashError
 from services.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -27,14 +27,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
+        # Requests arrive as bytes and are parsed inside the wrapped handler, so a message that does not
+        # parse (e.g. invalid UTF-8 in a string field) is INVALID_ARGUMENT rather than grpc's INTERNAL.
+        parse = handler.request_deserializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                self._wrap_unary(handler.unary_unary, method, parse), response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                self._wrap_stream(handler.unary_stream, method, parse), response_serializer=handler.response_serializer)
         return handler
 
     async def _fail(self, context, method: str, e: Exception) -> None:
@@ -48,10 +49,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self.metrics.requests.labels(method, code.name).inc()
         await context.abort(code, message)
 
-    def _wrap_unary(self, inner, method: str):
-        async def handler(request, context):
+    def _wrap_unary(self, inner, method: str, parse):
+        async def handler(raw, context):
             try:
-                response = await inner(request, context)
+                response = await inner(_parse(parse, raw), context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:  # noqa: BLE001
@@ -60,10 +61,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return response
         return handler
 
-    def _wrap_stream(self, inner, method: str):
-        async def handler(request, context):
+    def _wrap_stream(self, inner, method: str, parse):
+        async def handler(raw, context):
             try:
-                async for response in inner(request, context):
+                async for response in inner(_parse(parse, raw), context):
                     yield response
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 self.metrics.requests.labels(method, "CANCELLED").inc()
@@ -72,3 +73,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await self._fail(context, method, e)
             self.metrics.requests.labels(method, "OK").inc()
         return handler
+
+
+def _parse(parse, raw: bytes):
+    if parse is None:
+        return raw
+    try:
+        return parse(raw)
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
+        raise InvalidArgument(f"the request is not a valid message of this method: {type(e).__name__}") from None

@@ -121,6 +121,16 @@ class Gateway:
     async def wait(self) -> None:
         await self.server.wait_for_termination()
 
+    async def drain_workers(self, timeout_s: float = 60.0) -> None:
+        """Ask every live worker to offload its idle sessions now (before a local Ray goes down with us)."""
+        if self.router is None:
+            return
+        calls = [w.actor.drain.remote() for w in self.router.live()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("workers did not finish offloading within %.0f s", timeout_s)
+
     async def stop(self, grace: float = 2.0) -> None:
         if self._poller:
             self._poller.cancel()

@@ -22,6 +22,7 @@ class ServiceProcess:
 
     def __init__(self, tmp: Path, env: dict[str, str]):
         self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
         self.ready_file = self.tmp / "ready.json"
         self.log_path = self.tmp / "kvstash-up.log"
         self.env = {**os.environ, "KVSTASH_GATEWAY__PORT": "0", "KVSTASH_GATEWAY__METRICS_PORT": "0",
@@ -57,9 +58,21 @@ class ServiceProcess:
         except FileNotFoundError:
             return ""
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = False) -> None:
+        """Stop the service and everything it started. `drain`: SIGTERM the main process alone first, so it
+        can offload its workers' sessions before its local Ray goes down (what an operator's Ctrl-C of a
+        foreground `kvstash up` does not allow)."""
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            if drain:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:

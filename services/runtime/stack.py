@@ -52,6 +52,8 @@ class LocalStack:
     async def stop(self) -> None:
         if self.gateway:
             await self.gateway.stop()
+            if self._own_ray:  # the workers die with this process: offload their sessions first (best effort)
+                await self.gateway.drain_workers()
         if self._own_ray:
             ray.shutdown()
         if self.redis:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import asdict
 
 import ray
 
-from services.config import KvstashConfig
+from services.config import KvstashConfig, kvstash_home
 from services.errors import KvstashError, to_wire
 from services.worker.engine import Engine, GenerateCall
 
@@ -29,6 +30,9 @@ class WorkerActor:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.worker_id = worker_id
         self.engine = Engine(KvstashConfig.from_dict(cfg), worker_id)
+        run = kvstash_home() / "run"  # which process is which worker (operators, fault tests)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / f"worker-{worker_id}.pid").write_text(str(os.getpid()))
 
     async def ready(self) -> dict:
         return {"worker": self.worker_id, "fingerprint": self.engine.runner.fingerprint,
@@ -68,6 +72,10 @@ class WorkerActor:
             return int(await asyncio.wrap_future(self.engine.prefix_match(tenant, input)))
         except Exception:  # noqa: BLE001 - a routing hint only
             return 0
+
+    async def drain(self) -> dict:
+        """Offload every session that is not busy (before this actor goes away)."""
+        return await self._control(self.engine.drain())
 
     async def refresh_public(self) -> dict:
         return await self._control(self.engine.refresh_public())

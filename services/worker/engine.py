@@ -105,6 +105,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - storage down: serve from the device, retry next time
             self.metrics.storage_up.set(0)
             log.warning("storage housekeeping failed: %s", e)
+        self.sessions.history.maybe_compact()
         self.sessions.offload_idle()
         self.metrics.queue_depth.set(self.scheduler.depth)
         every = self.cfg.tiers.collect_interval_s
@@ -275,6 +276,10 @@ class Engine:
                 return 0
             return self.sessions.store.hot_tokens(tenant, ids)
         return self.scheduler.call(op)
+
+    def drain(self):
+        """Future: offload every session not busy; the number offloaded."""
+        return self.scheduler.call(lambda: self.sessions.offload_idle(everything=True))
 
     def refresh_public(self):
         return self.scheduler.call(self.sessions.store.refresh_public)

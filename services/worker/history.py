@@ -36,6 +36,7 @@ class HistoryStore:
         self.tier, self.journal, self.metrics = tier, journal, metrics
         self.fingerprint, self.quant_spec = fingerprint, quant_spec
         self.epoch: bytes | None = None
+        self._compacted = 0  # journal size after the last compaction
 
     @property
     def epoch_key(self) -> str:
@@ -125,6 +126,14 @@ class HistoryStore:
         if self.journal is not None:
             self.journal.append(tenant, session_id, None)
         return stored
+
+    def maybe_compact(self, min_bytes: int = 64 << 20) -> None:
+        """Rewrite this worker's journal file once it is past `min_bytes` and twice its last compacted size."""
+        if self.journal is None:
+            return
+        size = self.journal.path.stat().st_size
+        if size > max(min_bytes, 2 * self._compacted):
+            self._compacted = self.journal.compact()
 
     # ---- recovery -----------------------------------------------------------------------------------
     def retry_dirty(self, sessions: list[Session]) -> int:

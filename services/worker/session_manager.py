@@ -202,11 +202,14 @@ class SessionManager:
         self.metrics.offloads.inc()
         self._update_gauges()
 
-    def offload_idle(self) -> int:
-        """Offload what the policy picks: idle sessions, then least-recently-used ones over the device budget."""
-        residents = [Resident(s.key, s.last_used, s.device_bytes(), s.busy, s.pinned) for s in self.active.values()]
+    def offload_idle(self, everything: bool = False) -> int:
+        """Offload what the policy picks: idle sessions, then least-recently-used ones over the device budget
+        (`everything`: every session not busy, pinned ones too — the worker is going away)."""
+        residents = [Resident(s.key, s.last_used, s.device_bytes(), s.busy, s.pinned and not everything)
+                     for s in self.active.values()]
+        now = time.time() + (float("inf") if everything else 0.0)
         n = 0
-        for key in self.policy.victims(residents, time.time()):
+        for key in self.policy.victims(residents, now):
             try:
                 self.offload(self.active[key])
                 n += 1

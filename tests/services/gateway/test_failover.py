@@ -12,31 +12,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client import KvstashClient
 from tests.services.conftest import TINY_SPEC
-from tests.services.stack import ServiceProcess
+from tests.services.stack import ServiceProcess, descendants
 
 pytestmark = pytest.mark.e2e
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _worker_pids(root: int) -> list[int]:
     pids = []
-    for p in _descendants(root):
+    for p in descendants(root):
         try:
             cmd = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
         except OSError:

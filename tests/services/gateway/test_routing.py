@@ -85,20 +85,24 @@ def _metric(url: str, name: str) -> float:
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
+def _once_free(call, timeout: float = 30.0):
+    """`call`'s result once the session it resumes is no longer busy (FAILED_PRECONDITION until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and time.monotonic() < deadline
+            time.sleep(0.2)
+
+
 def test_deadlines_reach_the_worker_and_free_the_session(stack):
     with _client(stack, "key-a", timeout=120) as a:
         sid = a.generate("a session with a deadline", max_new_tokens=2).session_id
         with _client(stack, "key-a", timeout=1.5) as hurried, pytest.raises(grpc.RpcError) as e:
             hurried.resume(sid, max_new_tokens=4000)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        deadline = time.monotonic() + 30
-        while True:  # the worker stops generating: the session is free again, not busy
-            try:
-                more = a.resume(sid, max_new_tokens=2)
-                break
-            except grpc.RpcError as err:
-                assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and time.monotonic() < deadline
-                time.sleep(0.2)
+        more = _once_free(lambda: a.resume(sid, max_new_tokens=2))  # the worker stopped: the session is not busy
         assert len(more.token_ids) == 2
         info = a.get_session(sid)
         assert info.token_count < 2 + 4000  # generation stopped early
@@ -113,14 +117,7 @@ def test_a_cancelled_stream_stops_generating_and_frees_its_slot(stack):
             if i == 1:
                 stream.cancel()
                 break
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                more = a.resume(sid, max_new_tokens=1)
-                break
-            except grpc.RpcError as err:
-                assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and time.monotonic() < deadline
-                time.sleep(0.2)
+        more = _once_free(lambda: a.resume(sid, max_new_tokens=1))
         assert more.usage.session_tokens < 200  # the cancelled call did not run on to 4000 tokens
         deadline = time.monotonic() + 30
         while _metric(stack.metrics_url, "kvstash_worker_queue_depth") > 0:
