@@ -56,7 +56,7 @@ def _kind(name: str, dtype: np.dtype, ctx: StreamContext, shape) -> str:
     if field == "k_codes":
         bits = ctx.key_bits(name)
         t = shape[-2]
-        return "channel_major_codes" if bits < 8 and (t * bits) % 8 == 0 else "plain"
+        return "channel_major_codes" if bits < 8 and t > 0 and (t * bits) % 8 == 0 else "plain"  # t=0: a tail's
     if field in ("k_scale", "k_zero"):
         return "transposed_planes"
     if dtype.itemsize > 1:

@@ -14,7 +14,7 @@ from services.config import KvstashConfig
 from services.runtime.redis_server import RedisServer
 from services.worker.engine import Engine, GenerateCall
 
-SPEC = "int4:k8v4:g32:gv16:r32"
+SPEC = "int4:g32:gv16:r32"  # 4-bit keys: their codes are re-packed channel-major when stored
 CHUNK = 64  # small prefill chunks so short prompts have shareable prefixes
 rng = random.Random(7)
 SYSTEM = [rng.randrange(1000, 20000) for _ in range(200)]  # a shared prompt prefix: 3 chunks (192 tokens)
