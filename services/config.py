@@ -34,7 +34,8 @@ class ModelConfig:
 @dataclass
 class KVConfig:
     spec: str = _f("int4:k8v4:g32:r128", "On-device KV quantization spec (grammar in kvstore/config.py), e.g. int4, int8:r64, fp.")
-    codec_level: int = _f(3, "zstandard level used when offloading an idle session's KV.")
+    codec_level: int = _f(3, "zstandard level of a stored session's tail (its full-precision window); blocks use "
+                             "the rANS block coder.")
     quality_sample_rate: float = _f(
         0.01, "Fraction of decode steps on which the worker probes quantization error per layer (0 disables)."
     )
@@ -44,7 +45,8 @@ class KVConfig:
 class PrefixConfig:
     enabled: bool = _f(True, "Share KV of common prompt prefixes: dedup stored blocks across sessions and adopt a "
                              "stored prefix instead of prefilling it (tenant-private unless marked public).")
-    block_tokens: int = _f(0, "Tokens per stored KV block, a multiple of the key group; 0 means one key group.")
+    block_tokens: int = _f(0, "Tokens per stored KV block, a multiple of the key group; 0 means the smallest multiple "
+                              "of the key group >= 64 (where the block coder reaches its bits; see docs/BENCHMARKS.md).")
     prefill_chunk: int = _f(512, "Prefills run in passes ending at multiples of this many tokens (a multiple of "
                                  "block_tokens); the complete passes from position 0 are what sessions share.")
     trie_bytes: int = _f(256 << 20, "Host bytes of hot prefix blocks each worker keeps (the prefix trie); 0 disables it.")
@@ -166,7 +168,8 @@ class KvstashConfig:
 
     @property
     def block_tokens(self) -> int:
-        return self.prefix.block_tokens or self.quant.key_group
+        g = self.quant.key_group
+        return self.prefix.block_tokens or -(-64 // g) * g
 
     def validate(self) -> None:
         quant = self.quant  # raises QuantConfigError on a bad spec

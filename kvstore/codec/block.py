@@ -8,10 +8,12 @@ Container meta (canonical JSON):
     block_tokens    tokens per block
     index0          true for block 0 (which also holds the sink tensors)
     content         hex of `content_hash(tensors)`: what dedup compares
-    raw_bytes       size of the coded stream before zstd (bounds decompression)
+    raw_bytes       bytes of the block's tensors as held in memory
 
-The tensors' names, dtypes and shapes are not stored: `kvstore.prefix.blocks.layout` predicts them from
-the header, and the payload must fit that layout exactly.
+The payload is `kvstore.codec.entropy`'s (codec RANS_CTX): the codes rANS-coded with previous-token
+contexts, scales and zeros predicted from decoded neighbours, side tables in a zstd frame. The tensors'
+names, dtypes and shapes are not stored: `kvstore.prefix.blocks.layout` predicts them from the header, and
+the payload must fit that layout exactly.
 
 Invariants:
 - `decode_block(encode_block(t, ...).data, ...)` returns `t` bit for bit, in layout order.
@@ -25,12 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import zstandard
 
-from kvstore.codec import streams
+from kvstore.codec import entropy
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
-from kvstore.codec.kv import MAX_RAW_BYTES, decompress_exact
-from kvstore.codec.tensors import decode_tensors, encode_tensors
 from kvstore.config import QuantConfig
 from kvstore.hashing import hash_fields
 from kvstore.prefix.blocks import ModelShape, Tensors, layout
@@ -55,19 +54,26 @@ def content_hash(tensors: Tensors) -> bytes:
 
 
 def encode_block(tensors: Tensors, *, quant: QuantConfig, shape: ModelShape, block_tokens: int, index: int,
-                 model_fingerprint: str, level: int = 3) -> EncodedBlock:
+                 model_fingerprint: str) -> EncodedBlock:
     expected = layout(quant, shape, block_tokens, index)
     got = [(n, a.dtype, a.shape) for n, a in tensors]
     if got != expected:
         raise ContainerError(f"block tensors do not fit the layout of {quant.spec()}: {got[:2]} vs {expected[:2]}")
-    ctx = streams.StreamContext.of(quant.spec(), {n: a.shape for n, a in tensors})
-    raw = encode_tensors([(n, streams.forward(n, a, ctx)) for n, a in tensors])
     content = content_hash(tensors)
+    raw = sum(a.nbytes for _, a in tensors)
     meta = {"v": BLOCK_VERSION, "fingerprint": model_fingerprint, "quant_spec": quant.spec(), "shape": shape.to_json(),
-            "block_tokens": block_tokens, "index0": index == 0, "content": content.hex(), "raw_bytes": len(raw)}
-    payload = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
-    return EncodedBlock(pack_container(Kind.BLOCK, Codec.ZSTD_STREAMS, meta, payload), content,
-                        sum(a.nbytes for _, a in tensors))
+            "block_tokens": block_tokens, "index0": index == 0, "content": content.hex(), "raw_bytes": raw}
+    payload = entropy.encode_block(tensors, code_bits(quant, shape))
+    return EncodedBlock(pack_container(Kind.BLOCK, Codec.RANS_CTX, meta, payload), content, raw)
+
+
+def code_bits(quant: QuantConfig, shape: ModelShape) -> dict[str, int]:
+    """The code width of every `*_codes` tensor of a block."""
+    out = {}
+    for layer in range(shape.layers):
+        kb, vb = quant.bits_for(layer)
+        out.update({f"{layer}.{side}_codes": b for side, b in (("k", kb), ("v", vb)) if b != 16})
+    return out
 
 
 def block_header(data: bytes) -> dict:
@@ -84,7 +90,7 @@ def _open(data: bytes) -> tuple[dict, bytes]:
             raise ContainerError(f"block header is missing or has a bad field {key!r}")
     if meta["v"] != BLOCK_VERSION:
         raise ContainerError(f"unsupported block version {meta['v']} (this build reads {BLOCK_VERSION})")
-    if codec != Codec.ZSTD_STREAMS:
+    if codec != Codec.RANS_CTX:
         raise ContainerError(f"unsupported block codec {codec.name}")
     return meta, payload
 
@@ -102,15 +108,6 @@ def decode_block(data: bytes, *, quant: QuantConfig, shape: ModelShape, block_to
     if content is not None and meta["content"] != content.hex():
         raise ContainerError("stored block has another content hash than the session recorded")
     expected = layout(quant, shape, block_tokens, index)
-    limit = sum(int(np.prod(s)) * dt.itemsize for _, dt, s in expected) * 2 + 64 * len(expected) + 64
-    if not 0 <= meta["raw_bytes"] <= min(limit, MAX_RAW_BYTES):
-        raise ContainerError(f"block claims {meta['raw_bytes']} decoded bytes, more than its layout can hold")
-    coded = decode_tensors(decompress_exact(payload, meta["raw_bytes"]))
-    if [n for n, _ in coded] != [n for n, _, _ in expected]:
-        raise ContainerError("block payload does not hold the tensors its layout names")
-    ctx = streams.StreamContext.of(quant.spec(), {n: s for n, _, s in expected})
-    try:
-        out = [(n, streams.inverse(n, a, dt, s, ctx)) for (n, a), (_, dt, s) in zip(coded, expected)]
-    except (ValueError, RuntimeError) as e:
-        raise ContainerError(f"block payload does not fit its layout: {e}") from None
-    return out
+    if meta["raw_bytes"] != sum(int(np.prod(s)) * dt.itemsize for _, dt, s in expected):
+        raise ContainerError(f"block claims {meta['raw_bytes']} bytes of tensors, its layout holds another size")
+    return entropy.decode_block(payload, expected, code_bits(quant, shape))

@@ -53,6 +53,7 @@ class Codec(enum.IntEnum):
     RAW = 0
     ZSTD = 1  # zstd over the tensor bundle as is
     ZSTD_STREAMS = 2  # zstd over the bundle of stream-transformed tensors (kvstore.codec.streams)
+    RANS_CTX = 3  # one KV block, rANS with previous-token contexts (kvstore.codec.entropy)
 
 
 def _reject_constant(name: str) -> Any:

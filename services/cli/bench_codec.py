@@ -1,16 +1,18 @@
-"""`kvstash bench codec`: lossless coding of a real session's quantized KV, every predictor x coder.
+"""`kvstash bench codec`: lossless coding of a real session's sealed KV blocks, every predictor x coder.
 
-    kvstash bench codec [--model M] [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]
+    kvstash bench codec [--model M] [--tokens 2048] [--kv int4:g32:gv32:r128] [--blocks 32,64,128] [--json]
 
-A session of `--tokens` tokens of text is prefilled with the KV spec, its state exported, and the sealed
-part (codes, fp16 scales and zeros, outlier tables) coded losslessly in every way below; bits are per
-sealed K/V element. Floors: the order-0 entropy of the codes (and of each predictor's residuals, mod
-2^bits), with scales and zeros at their raw 16 bits. Predictors (integer domain, mod 2^bits): none;
-previous token, same channel; cross-layer (layer l minus layer l-1); per-channel linear (a * previous +
-b, fitted per layer and channel, coefficients counted). Coders: zstd levels 3/9/19 (and long mode), on
-the packed bundle as is (`zstd`) and on the stream-transformed bundle (`streams`: channel-major key
-codes, byte planes), which is the service's codec. The full-precision window is reported as bytes per
-session. Throughput is MB/s of fp16-equivalent KV, one core.
+A session of `--tokens` tokens of text is prefilled with the KV spec (the worker's chunked prefill), its
+state exported and cut into blocks of B sealed tokens as the service stores them, for each B of `--blocks`.
+Bits are per sealed K/V element of a block, everything counted (codes, scales and zeros, side tables,
+headers). Coders: `rans-ctx` (the service's block codec, kvstore/codec/entropy.py), and as baselines zstd
+levels 3 and 19 over the packed tensor bundle as is (`zstd`) and over the stream-transformed bundle
+(`streams`: channel-major key codes, byte planes; the session codec of earlier releases). Floors: the
+order-0 entropy of the codes and of each predictor's residuals (mod 2^bits, integer domain): none; previous
+token, same channel; cross-layer (layer l from l-1); per-channel linear (a*previous + b, coefficients
+counted); and the order-1 context the block coder uses (previous code in the channel). Throughput: MB/s of
+fp16-equivalent KV (elements x 2 bytes), one thread, over all blocks. The full-precision window is reported
+as bytes per session (it is stored in the session's tail).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import numpy as np
 
 
 def add_codec_parser(kinds, text_default: str) -> None:
-    p = kinds.add_parser("codec", help="lossless codec: bits per element for every predictor x coder")
+    p = kinds.add_parser("codec", help="lossless block codec: bits per element for every predictor x coder")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--text", default=text_default)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--kv", default="int4:g32:gv32:r128")
+    p.add_argument("--blocks", default="32,64,128", help="block sizes in tokens (multiples of the key group)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=run_codec)
 
@@ -35,6 +38,12 @@ def entropy(a: np.ndarray) -> float:
     _, cnt = np.unique(a, return_counts=True)
     p = cnt / cnt.sum()
     return float(-(p * np.log2(p)).sum())
+
+
+def cond_entropy(x: np.ndarray, y: np.ndarray) -> float:
+    """H(y | x) in bits, for small non-negative integer arrays."""
+    joint = x.astype(np.int64) * 256 + y
+    return entropy(joint) - entropy(x)
 
 
 def _codes(state, quant, layers: int, side: str) -> list[np.ndarray]:
@@ -49,7 +58,7 @@ def _codes(state, quant, layers: int, side: str) -> list[np.ndarray]:
 
 
 def predictor_floors(state, quant, layers: int) -> dict[str, float]:
-    """Order-0 entropy of codes and of each predictor's residuals (bits per code)."""
+    """Order-0 entropy of codes and of each predictor's residuals (bits per code), over the sealed region."""
     out = {}
     for side in "kv":
         cs = _codes(state, quant, layers, side)
@@ -69,35 +78,62 @@ def predictor_floors(state, quant, layers: int) -> dict[str, float]:
             bits += entropy((y.astype(np.int16) - pred) % m) * y.size
             coef += a.size * 2 * 16  # two fp16 coefficients per (head, channel)
         out[f"{side}:linear"] = (bits + coef) / sum(c[:, 1:].size for c in cs)
+        out[f"{side}:context_prev_code"] = sum(cond_entropy(c[:, :-1].ravel(), c[:, 1:].ravel()) * c[:, 1:].size
+                                               for c in cs) / sum(c[:, 1:].size for c in cs)
     return out
 
 
-def coder_table(state, fingerprint: str, n_sealed_elems: int) -> list[dict]:
-    from kvstore.codec.container import Codec
-    from kvstore.codec.kv import decode_kv, encode_kv
+def _zstd_bits(parts, quant, level: int, transform: bool) -> int:
+    import zstandard
 
-    rows = []
-    fp16_bytes = n_sealed_elems * 2
-    for codec in (Codec.ZSTD, Codec.ZSTD_STREAMS):
-        for level in (3, 9, 19):
-            t0 = time.perf_counter()
-            blob = encode_kv(state, model_fingerprint=fingerprint, level=level, codec=codec)
-            t1 = time.perf_counter()
-            back = decode_kv(blob, model_fingerprint=fingerprint)
-            t2 = time.perf_counter()
-            assert back.equals(state), "lossless codec round trip failed"
-            rows.append({"coder": f"{'streams' if codec == Codec.ZSTD_STREAMS else 'zstd'}-{level}",
-                         "bits_per_element": len(blob) * 8 / n_sealed_elems,
-                         "ratio_vs_fp16": fp16_bytes / len(blob),
-                         "encode_mb_s": fp16_bytes / 1e6 / (t1 - t0), "decode_mb_s": fp16_bytes / 1e6 / (t2 - t1)})
-    return rows
+    from kvstore.codec import streams
+    from kvstore.codec.tensors import encode_tensors
+
+    total = 0
+    z = zstandard.ZstdCompressor(level=level)
+    for part in parts:
+        if transform:
+            ctx = streams.StreamContext.of(quant.spec(), {n: a.shape for n, a in part})
+            part = [(n, streams.forward(n, a, ctx)) for n, a in part]
+        total += len(z.compress(encode_tensors(part))) * 8
+    return total
+
+
+def block_table(state, runner, quant, block_tokens: int) -> dict:
+    from kvstore.codec.block import decode_block, encode_block
+    from kvstore.prefix import blocks as blk
+
+    n = blk.whole_blocks(state, block_tokens)
+    parts, _ = blk.split(state, block_tokens, n)
+    shape = runner.shape
+    elems = 2 * shape.layers * shape.kv_heads * block_tokens * shape.head_dim  # per block (sinks aside)
+    kw = dict(quant=quant, shape=shape, block_tokens=block_tokens, model_fingerprint=runner.fingerprint)
+    encode_block(parts[0], index=0, **kw)  # compile the coder before timing it
+    t0 = time.perf_counter()
+    enc = [encode_block(p, index=i, **kw) for i, p in enumerate(parts)]
+    t1 = time.perf_counter()
+    back = [decode_block(e.data, index=i, content=e.content, **kw) for i, e in enumerate(enc)]
+    t2 = time.perf_counter()
+    for p, b in zip(parts, back):
+        assert all(x.tobytes() == y.tobytes() for (_, x), (_, y) in zip(p, b)), "lossless round trip failed"
+    per_block = [len(e.data) * 8 / elems for e in enc]
+    fp16_mb = n * elems * 2 / 1e6
+    coders = {"rans-ctx": float(np.mean(per_block))}
+    for name, level, tf in (("zstd-3", 3, False), ("zstd-19", 19, False), ("streams-3", 3, True),
+                            ("streams-19", 19, True)):
+        coders[name] = _zstd_bits(parts, quant, level, tf) / (n * elems)
+    return {"block_tokens": block_tokens, "blocks": n, "coders": coders, "worst_block": max(per_block),
+            "blocks_over_4.45": sum(b > 4.45 for b in per_block), "encode_mb_s": fp16_mb / (t1 - t0),
+            "decode_mb_s": fp16_mb / (t2 - t1)}
 
 
 def run_codec(args) -> int:
     import torch
 
+    from kvstore.codec.kv import encode_kv
     from kvstore.config import QuantConfig
-    from kvstore.quant.state import KVState
+    from kvstore.prefix import blocks as blk
+    from services.cli.bench import prefill, worker_store
     from services.cli.eval import load_ids
     from services.config import ModelConfig
     from services.worker.model_runner import ModelRunner
@@ -106,39 +142,37 @@ def run_codec(args) -> int:
     quant = QuantConfig.load(args.kv)
     runner = ModelRunner.load(ModelConfig(name=args.model))
     ids = load_ids(runner, args.text, args.tokens)
-    cache = runner.new_cache(quant)
-    for s in range(0, len(ids), 256):
-        runner.logits(cache, ids[s:s + 256], keep=1)
+    store, _ = worker_store(runner, "redis://127.0.0.1:1/0", args.kv, "bench-codec")
+    cache, _ = prefill(runner, store, ids)
     state = cache.export_state()
-    sealed = KVState(state.num_tokens, state.quant_spec, state.meta,
-                     [(n, a) for n, a in state.tensors if n.split(".", 1)[1] not in ("k_win", "v_win", "k_sink", "v_sink")])
-    window = KVState(state.num_tokens, state.quant_spec, state.meta,
-                     [(n, a) for n, a in state.tensors if n.split(".", 1)[1] in ("k_win", "v_win", "k_sink", "v_sink")])
-    layers = runner.num_layers
-    win = state.tensor_dict()
-    n_sealed = sum(2 * int(np.prod(win[f"{l}.k_win"].shape[:2])) * cache.layers[l].n_sealed * win[f"{l}.k_win"].shape[-1]
-                   for l in range(layers))
-    meta_raw = sum(a.nbytes for n, a in sealed.tensors if n.endswith(("_scale", "_zero"))) * 8 / n_sealed
-    res = {"spec": quant.spec(), "tokens": len(ids), "sealed_elements": n_sealed,
-           "packed_bits_per_element": sealed.nbytes * 8 / n_sealed, "metadata_raw_bits_per_element": meta_raw,
-           "floors": predictor_floors(sealed, quant, layers), "coders": coder_table(sealed, runner.fingerprint, n_sealed)}
-    from kvstore.codec.kv import encode_kv
-
-    res["window_bytes_per_session"] = len(encode_kv(window, model_fingerprint=runner.fingerprint, level=9))
-    best = min(res["coders"], key=lambda r: r["bits_per_element"])
-    res.update(bits_per_element=best["bits_per_element"], ratio_vs_fp16=best["ratio_vs_fp16"],
-               decode_mb_s=best["decode_mb_s"], best_coder=best["coder"])
+    sealed = blk.whole_blocks(state, quant.key_group) * quant.key_group
+    elements = 2 * runner.shape.layers * runner.shape.kv_heads * sealed * runner.shape.head_dim
+    meta_raw = sum(a.nbytes for n, a in state.tensors if n.endswith(("_scale", "_zero"))) * 8 / elements
+    packed = sum(a.nbytes for n, a in state.tensors if n.split(".", 1)[1] in blk.TOKEN_FIELDS + blk.GROUP_FIELDS)
+    window = blk.KVState(state.num_tokens, state.quant_spec, state.meta,
+                         [(n, a) for n, a in state.tensors if n.endswith(("_win", "_sink"))])
+    res = {"spec": quant.spec(), "tokens": len(ids), "sealed_elements": elements,
+           "packed_bits_per_element": packed * 8 / elements, "metadata_raw_bits_per_element": meta_raw,
+           "floors": predictor_floors(state, quant, runner.num_layers),
+           "blocks": [block_table(state, runner, quant, int(b)) for b in args.blocks.split(",")],
+           "window_bytes_per_session": len(encode_kv(window, model_fingerprint=runner.fingerprint, level=9))}
+    default = next((b for b in res["blocks"] if b["block_tokens"] == store.block_tokens), res["blocks"][0])
+    res.update(block_tokens=default["block_tokens"], bits_per_element=default["coders"]["rans-ctx"],
+               ratio_vs_fp16=16 / default["coders"]["rans-ctx"], decode_mb_s=default["decode_mb_s"],
+               encode_mb_s=default["encode_mb_s"])
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"{res['spec']}, {res['tokens']} tokens, {n_sealed} sealed K/V elements; packed "
-          f"{res['packed_bits_per_element']:.3f} bits/elem (metadata {meta_raw:.3f})")
-    print("| coder | bits/elem | × vs fp16 | encode MB/s | decode MB/s |\n| --- | ---: | ---: | ---: | ---: |")
-    for r in res["coders"]:
-        print(f"| {r['coder']} | {r['bits_per_element']:.3f} | {r['ratio_vs_fp16']:.2f} | {r['encode_mb_s']:.0f} "
-              f"| {r['decode_mb_s']:.0f} |")
+    print(f"{res['spec']}, {res['tokens']} tokens, {elements} sealed K/V elements; packed "
+          f"{res['packed_bits_per_element']:.3f} bits/elem (scales and zeros {meta_raw:.3f})")
+    names = list(res["blocks"][0]["coders"])
+    print("| B | " + " | ".join(names) + " | worst block | decode MB/s | encode MB/s |")
+    print("| ---: | " + " | ".join("---:" for _ in names) + " | ---: | ---: | ---: |")
+    for b in res["blocks"]:
+        print(f"| {b['block_tokens']} | " + " | ".join(f"{b['coders'][n]:.3f}" for n in names)
+              + f" | {b['worst_block']:.3f} | {b['decode_mb_s']:.0f} | {b['encode_mb_s']:.0f} |")
     print("| predictor (order-0 entropy of residuals, bits/code) | value |\n| --- | ---: |")
     for k, v in res["floors"].items():
         print(f"| {k} | {v:.3f} |")
-    print(f"full-precision window: {res['window_bytes_per_session']} bytes per session (zstd-9, streams)")
+    print(f"full-precision window: {res['window_bytes_per_session']} bytes per session (streams, zstd-9)")
     return 0

@@ -124,7 +124,7 @@ class KVStore:
                 if status[i].state == "absent" and refs[i].key not in blobs:
                     blobs[refs[i].key] = encode_block(
                         parts[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=i,
-                        model_fingerprint=self.runner.fingerprint, level=self.level).data
+                        model_fingerprint=self.runner.fingerprint).data
             m = s.manifest(self.runner.fingerprint, self.quant.spec(), blocks=refs, kv_tokens=state.num_tokens)
             try:
                 done = self.tier.commit(m, s.blocks, blobs, expect_sha=s.manifest_sha or "*")
@@ -313,7 +313,7 @@ class KVStore:
         refs = [BlockRef(h.digest, content_hash(p), public=True) for h, p in zip(hashes, parts)]
         status = self.tier.check("", refs)
         data = {r.key: encode_block(p, quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=i,
-                                    model_fingerprint=self.runner.fingerprint, level=self.level).data
+                                    model_fingerprint=self.runner.fingerprint).data
                 for i, (r, p, st) in enumerate(zip(refs, parts, status)) if st.state != "present"}
         new = self.tier.publish(refs, data)
         self.public |= {r.key for r in refs}

@@ -1,0 +1,423 @@
+"""Lossless coder of one sealed KV block (B tokens of every layer): rANS with previous-token contexts.
+
+`encode_block(tensors, bits)` / `decode_block(payload, layout, bits)`: the block's named arrays in layout
+order (`{l}.k_codes`, `{l}.k_scale`, ...), and the code bit width of every `*_codes` tensor. The caller
+knows the layout (names, dtypes, shapes) from the quant spec and model shape, so the payload carries
+neither names nor shapes, and one block decodes without any other block, dictionary or table.
+
+Plan (a pure function of layout and bits, the same on both sides, see `_make_plan`):
+- code streams: `*_codes` tensors [*lead, T, m] uint8 (m % bits == 0, or bits == 8: n = 8m / bits codes
+  per token, padding codes included), grouped by (field, bits, shape, scale/zero shape). Codes are
+  unpacked channel-major (a row = one channel over the T tokens, the stream's layers end to end) and
+  rANS-coded with one frequency table per context: the row's previous code >> cs, times a class (keys:
+  the channel's RoPE band; values: the previous 4 channels' codes at the token), chosen by the encoder.
+- scale/zero: a layer's fp16 `*_scale`/`*_zero` pair joins its codes' stream when its shape fits the
+  KIVI layout (keys [*lead, G, D] with T % G == 0 and D <= n; values [*lead, T, G] with n % G == 0).
+  After the codes they are predicted from decoded neighbours and their groups' code statistics
+  (`ans.predict`); residuals mod 2^16 of order-preserving images of the fp16 patterns are coded as rANS
+  symbols (bit length, next bit, sign; order 0) plus raw low bits.
+- every other tensor (outlier tables, 16-bit sides, odd shapes or dtypes): byte planes (`*_oidx`
+  delta-coded along the last axis first) in one zstd frame.
+
+Payload (little-endian):
+    u32 crc32 of everything after it | u8 FORMAT | u32 table bytes | u32 raw bytes | u32 zstd bytes
+    per stream: u8 cs | mode << 4, u32 code words [, u32 scale words, u32 zero words]
+    table bits | rANS words (u16) of each stream: codes [, scale, zero] | raw bits | zstd frame
+
+Invariants:
+- `decode_block(encode_block(t, bits), layout_of(t), bits)` is bit-identical to `t` (dtype, shape,
+  bytes) for any arrays of supported dtypes; decoded arrays are fresh, writable and C-contiguous.
+- A payload that does not match the layout (truncated, flipped, trailing or garbage bytes) raises
+  ContainerError; every size is bounded by the layout before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import zstandard
+
+from kvstore.codec import ans
+from kvstore.codec.container import ContainerError
+from kvstore.codec.streams import _planes, _unplanes
+from kvstore.codec.tensors import DTYPE_CODES
+
+CODER_ID = 3  # "rans-ctx block coder v1" (after Codec RAW=0, ZSTD=1, ZSTD_STREAMS=2)
+FORMAT = 1
+MAX_BLOCK_BYTES = 1 << 31  # refuse layouts over 2 GiB of raw tensor data
+ZSTD_LEVEL = 3
+_HEAD = struct.Struct("<IBIII")  # crc, format, table bytes, raw bytes, zstd bytes
+_STREAM = struct.Struct("<BI")  # cs, code words
+_META = struct.Struct("<II")  # scale words, zero words
+_META_BITS = 6
+_META_ALPHABET = 1 << _META_BITS  # ans.symbolize: symbols < 63
+
+Layout = list[tuple[str, np.dtype, tuple[int, ...]]]
+
+
+@dataclass
+class _Stream:
+    """Code tensors of one (field, bits, shape) coded together; rows = channels over the block's T tokens."""
+
+    bits: int
+    shape: tuple  # of each member's codes [*lead, T, m]
+    mshape: tuple | None  # of each member's scale and zero, when they are coded with the codes
+    kind: str  # "k" (scale/zero [*lead, G, D]), "v" ([*lead, T, G]) or "" (no scale/zero)
+    n: int  # codes per token
+    gv: int  # codes per value group (n without scale/zero or for keys)
+    codes: list[int] = field(default_factory=list)  # layout indices of the members' codes
+    metas: list[tuple[int, int]] = field(default_factory=list)  # (scale, zero) layout indices per member
+
+    @functools.cached_property
+    def neighbours(self) -> np.ndarray:  # ans.neighbours of the stream's scale/zero elements (kept with the plan)
+        ms = self.mshape
+        return ans.neighbours(self.kind == "k", len(self.metas) * math.prod(ms[:-2]), ms[-2], ms[-1], self.heads)
+
+    t = property(lambda self: self.shape[-2])  # tokens: the rows' length
+    m = property(lambda self: self.shape[-1])  # packed bytes per token
+    heads = property(lambda self: self.shape[-3] if len(self.shape) > 2 else 1)  # rows of a layer-batch
+    rows = property(lambda self: len(self.codes) * math.prod(self.shape[:-2]))
+    nsym = property(lambda self: self.rows * self.n * self.t)
+    nmeta = property(lambda self: len(self.metas) * math.prod(self.mshape) if self.kind else 0)
+
+    @property
+    def modes(self) -> list[int]:  # context modes that fit (ans.row_classes: keys, ans.tok_classes: values)
+        keys_ok = self.kind != "v" and self.n >= 8 and self.n % 2 == 0
+        values_ok = self.kind != "k" and self.n % ans.NL == 0 and self.gv % ans.NL == 0 and self.gv >= 2 * ans.NL
+        return [0] + [1] * keys_ok + [2] * values_ok
+
+
+@dataclass
+class _Plan:
+    layout: Layout
+    streams: list[_Stream]
+    generic: list[int]  # layout indices of the tensors coded by zstd
+
+
+def _err(msg: str) -> ContainerError:
+    return ContainerError(f"KV block: {msg}")
+
+
+def _plan_of(layout, bits) -> _Plan:
+    """Validated layout -> plan; cached, since a session's blocks share one layout."""
+    if not isinstance(bits, dict):
+        raise _err(f"bits must be a dict, not {type(bits).__name__}")
+    try:
+        key = (tuple(layout), tuple(bits.items()))
+        hash(key)
+    except TypeError:  # unhashable (e.g. list shapes): plan without the cache
+        return _make_plan(layout, bits)
+    return _cached_plan(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_plan(key: tuple) -> _Plan:
+    return _make_plan(*key)
+
+
+def _make_plan(layout, bits) -> _Plan:
+    try:
+        bits = dict(bits)
+        key = [(name, np.dtype(dt), tuple(int(d) for d in shape),
+                bits.get(name) if isinstance(name, str) and name.endswith("_codes") else None)
+               for name, dt, shape in layout]
+    except (TypeError, ValueError) as e:
+        raise _err(f"invalid layout: {e}") from None
+    total, names = 0, set()
+    for name, dt, shape, b in key:
+        if not isinstance(name, str) or name in names or min(shape, default=0) < 0 or dt.name not in DTYPE_CODES:
+            raise _err(f"invalid layout entry {name!r} {dt} {shape}")
+        names.add(name)
+        total += math.prod(shape) * dt.itemsize
+        if name.endswith("_codes") and dt == np.uint8 and (isinstance(b, bool) or not isinstance(b, int)
+                                                           or not 1 <= b <= 8):
+            raise _err(f"no valid code bit width for {name!r} (got {b!r}; need an int in 1..8)")
+    if total > MAX_BLOCK_BYTES:
+        raise _err(f"layout holds {total} bytes, over the {MAX_BLOCK_BYTES}-byte limit")
+    layout = [(name, dt, shape) for name, dt, shape, _ in key]
+    bits = {name: b for name, _, _, b in key}
+    index = {name: i for i, (name, _, _) in enumerate(layout)}
+    streams: dict[tuple, _Stream] = {}
+    taken: set[int] = set()
+    for i, (name, dt, shape) in enumerate(layout):
+        if not name.endswith("_codes") or dt != np.uint8 or len(shape) < 2 or 0 in shape:
+            continue
+        b, (t, m) = bits[name], shape[-2:]
+        if b < 8 and m % b:
+            continue
+        n = m if b == 8 else m * 8 // b
+        prefix = name[: -len("codes")]  # "{l}.k_"
+        side = prefix.rsplit(".", 1)[-1][:-1]
+        pair = (index.get(prefix + "scale"), index.get(prefix + "zero"))
+        kind, ms = "", None
+        if None not in pair and all(layout[j][1] == np.float16 and layout[j][1].byteorder in "=<" for j in pair):
+            ms = layout[pair[0]][2]
+            if ms == layout[pair[1]][2] and len(ms) == len(shape) and ms[:-2] == shape[:-2] and 0 not in ms:
+                if side == "k" and t % ms[-2] == 0 and ms[-1] <= n:
+                    kind = "k"
+                elif side == "v" and ms[-2] == t and n % ms[-1] == 0:
+                    kind = "v"
+        ms = ms if kind else None
+        s = streams.setdefault((side, b, shape, kind, ms),
+                               _Stream(b, shape, ms, kind, n, n // ms[-1] if kind == "v" else n))
+        s.codes.append(i)
+        taken.add(i)
+        if kind:
+            s.metas.append(pair)
+            taken.update(pair)
+    return _Plan(layout, list(streams.values()), [i for i in range(len(layout)) if i not in taken])
+
+
+# ---- frequency tables ----------------------------------------------------------------------------
+def _qtable(cnt: np.ndarray) -> np.ndarray:
+    """Counts [C, A] -> log-scale codes (0 = absent; weight ~ 16 * 2^((q-1)/4), see ans.normalize)."""
+    with np.errstate(divide="ignore"):
+        q = np.rint(4 * np.log2(cnt.astype(np.float64))) + 1
+    return np.where(cnt > 0, np.clip(q, 1, ans.QMAX), 0).astype(np.int64)
+
+
+def _table_bits(q: np.ndarray) -> int:  # bits of ans.put_table(q)
+    pred = np.pad(q, ((1, 0), (1, 0)))
+    pred = pred[1:, :-1] + pred[:-1, 1:] - pred[:-1, :-1]
+    pred[0, 1:], pred[1:, 0] = q[0, :-1], q[:-1, 0]
+    d = q - pred
+    return int((2 * np.floor(np.log2((np.where(d >= 0, 2 * d, -2 * d - 1) >> 1) + 1)) + 2).sum())
+
+
+def _ideal_bits(cnt: np.ndarray) -> float:
+    tot = cnt.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.nansum(cnt * np.log2(np.where(cnt > 0, tot / cnt, 1.0))))
+
+
+def _by_shift(cnt: np.ndarray, bits: int, cs: int) -> np.ndarray:
+    """Counts [classes * (A+1), A] by full context (previous code, A = row start) -> [classes * P, A] by
+    table row class * P + (previous >> cs), P = (A >> cs) + 1."""
+    a = 1 << bits
+    c = cnt.reshape(-1, a + 1, a)
+    return np.concatenate([c[:, :a].reshape(c.shape[0], a >> cs, 1 << cs, a).sum(2), c[:, a:]], 1).reshape(-1, a)
+
+
+def _choose_context(s: _Stream, sym: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """-> (mode, cs, counts [table rows, A], table row of every code) of the cheapest context model,
+    tables included; mode 0 is tried too (its counts are the richest mode's summed over classes)."""
+    a, best = 1 << s.bits, None
+    mode = s.modes[-1]
+    full, cnt = ans.contexts(sym, s.t, s.n, mode, s.gv, s.bits)
+    for m, c0 in {mode: cnt, 0: cnt.reshape(-1, a + 1, a).sum(0)}.items():
+        for cs in range(s.bits + 1):
+            if ans.NCLS[m] * (a >> cs) * a <= 16384:
+                c = _by_shift(c0, s.bits, cs)
+                cost = _ideal_bits(c) + _table_bits(_qtable(c))
+                if best is None or cost < best[0]:
+                    best = (cost, m, cs, c)
+                elif cs:
+                    break  # costs rise with the shift once past the best
+    _, m, cs, c = best
+    p = (a >> cs) + 1
+    prev = np.arange(a + 1)
+    smap = (np.arange(ans.NCLS[mode])[:, None] * (p if m == mode else 0) + np.where(prev < a, prev >> cs, p - 1))
+    return m, cs, c, smap.reshape(-1)[full].astype(np.int32)
+
+
+class _Bits:
+    """A zeroed bit buffer (LSB first) with the 4 bytes of slack the ans bit kernels need."""
+
+    def __init__(self, nbits: int, data: bytes | None = None):
+        self.buf = np.zeros(nbits // 8 + 8, np.uint8)
+        if data is not None:
+            self.buf[: len(data)] = np.frombuffer(data, np.uint8)
+        self.lim, self.pos = nbits, 0
+
+    def bytes(self) -> bytes:
+        return self.buf[: (self.pos + 7) // 8].tobytes()
+
+
+def _encode_symbols(sym: np.ndarray, ctx: np.ndarray | None, t: int, cnt: np.ndarray, tables: _Bits):
+    """rANS words of a code stream (ctx: table row of every code), or (ctx None) of residual symbols:
+    NL rows (zero padded) with one table, transmitted once for both contexts of rans_decode."""
+    q = _qtable(cnt)
+    tables.pos = ans.put_table(tables.buf, tables.pos, q if ctx is not None else q[:1])
+    freq = ans.normalize(q)
+    if ctx is None:
+        t, ctx = sym.size // ans.NL, np.zeros(sym.size, np.int32)
+    return ans.rans_encode(sym, ctx, t, freq, np.cumsum(freq, 1) - freq)
+
+
+def _predict(s: _Stream, sym: np.ndarray, sc, z, rs, rz, decode: bool) -> None:
+    keys = s.kind == "k"
+    s1, lsc, cnt = ans.group_stats(sym, s.t, s.n, keys, s.mshape[-2 if keys else -1], s.mshape[-1])
+    ans.predict(s1, lsc, cnt, s.neighbours, 1.0 if keys else 0.5, sc, z, rs, rz, decode)
+
+
+# ---- encode ------------------------------------------------------------------------------------------
+def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int]) -> bytes:
+    """Encode one block's tensors (layout order). Raises ContainerError for unsupported input."""
+    if not all(isinstance(it, tuple) and len(it) == 2 and isinstance(it[1], np.ndarray) for it in tensors):
+        raise _err("each tensor must be a (name, numpy array) pair")
+    arrays = [a for _, a in tensors]
+    plan = _plan_of([(n, a.dtype, a.shape) for n, a in tensors], bits)
+    n_entries = sum(((1 << s.bits) + 1) * (1 << s.bits) + 2 * _META_ALPHABET for s in plan.streams)
+    tables = _Bits(n_entries * 20 + 64)
+    raw = _Bits(28 * sum(s.nmeta for s in plan.streams) + 64)
+    heads, words = [], []
+    for s in plan.streams:
+        packed = np.concatenate([arrays[i].reshape(-1, s.t, s.m) for i in s.codes])
+        sym = ans.unpack_rows(packed, s.bits)  # [rows, n, T] channel-major
+        mode, cs, cnt, ctx = _choose_context(s, sym)
+        words.append(_encode_symbols(sym, ctx, s.t, cnt, tables))
+        heads.append(_STREAM.pack(cs | mode << 4, words[-1].size))
+        if s.kind:
+            shape = (-1,) + s.mshape[-2:]
+            sc = np.concatenate([arrays[a].reshape(shape) for a, _ in s.metas]).view(np.uint16)
+            z = np.concatenate([arrays[b].reshape(shape) for _, b in s.metas]).view(np.uint16)
+            rs, rz = np.empty(sc.size, np.int32), np.empty(sc.size, np.int32)
+            _predict(s, sym, sc.reshape(-1), z.reshape(-1), rs, rz, False)
+            for res in (rs, rz):
+                ms = np.empty(res.size, np.uint8)
+                raw.pos = ans.symbolize(res, ms, raw.buf, raw.pos)
+                ms = np.concatenate([ms, np.zeros(-ms.size % ans.NL, np.uint8)])  # NL rows, zero padded
+                cnt = np.bincount(ms, minlength=_META_ALPHABET)[None].repeat(2, 0)  # one table for both contexts
+                words.append(_encode_symbols(ms, None, 0, cnt, tables))
+            heads.append(_META.pack(words[-2].size, words[-1].size))
+    gen = b""
+    if plan.generic:
+        body = b"".join(_generic_forward(plan.layout[i][0], arrays[i]).tobytes() for i in plan.generic)
+        gen = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(body)
+    tab, rb = tables.bytes(), raw.bytes()
+    tail = b"".join(heads) + tab + b"".join(w.astype("<u2").tobytes() for w in words) + rb + gen
+    head = _HEAD.pack(0, FORMAT, len(tab), len(rb), len(gen))[4:]
+    return struct.pack("<I", zlib.crc32(head + tail)) + head + tail
+
+
+def _generic_forward(name: str, a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    if name.endswith("_oidx") and a.dtype.kind in "iu" and a.ndim and a.shape[-1]:
+        u = a.astype(a.dtype.newbyteorder("<")).view(f"<u{a.dtype.itemsize}")
+        a = np.diff(u, axis=-1, prepend=np.zeros_like(u[..., :1]))  # wraps mod 2^bits
+    return _planes(a) if a.dtype.itemsize > 1 else a.reshape(-1).view(np.uint8)
+
+
+def _generic_inverse(name: str, data: np.ndarray, dt: np.dtype, shape) -> np.ndarray:
+    if dt.itemsize == 1:
+        return data.view(dt).reshape(shape).copy()
+    if name.endswith("_oidx") and dt.kind in "iu" and len(shape) and shape[-1]:
+        u = _unplanes(data, np.dtype(f"<u{dt.itemsize}"), shape)
+        return np.cumsum(u, axis=-1, dtype=u.dtype).view(dt.newbyteorder("<")).astype(dt)
+    return np.array(_unplanes(data, dt, shape), dtype=dt, order="C")
+
+
+# ---- decode ------------------------------------------------------------------------------------------
+class _Reader:
+    def __init__(self, data: memoryview):
+        self.data, self.pos = data, 0
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n > len(self.data) - self.pos:
+            raise _err(f"truncated payload: {what} needs {n} bytes at offset {self.pos}, "
+                       f"{len(self.data) - self.pos} left")
+        self.pos += n
+        return self.data[self.pos - n:self.pos]
+
+    def unpack(self, st: struct.Struct, what: str) -> tuple:
+        return st.unpack(self.take(st.size, what))
+
+
+def _words(r: _Reader, nw: int, nsym: int, t: int, what: str) -> np.ndarray:  # + zero padding for rans_decode
+    if nw < 2 * ans.NL or nw > nsym + 2 * ans.NL:
+        raise _err(f"{what}: {nw} rANS words for {nsym} symbols is impossible")
+    w = np.zeros(nw + ans.NL * t + 1, np.uint16)
+    w[:nw] = np.frombuffer(r.take(2 * nw, what), "<u2")
+    return w
+
+
+def _decode_symbols(w: np.ndarray, nw: int, nsym: int, s: _Stream | None, mode: int, cs: int, tables: _Bits,
+                    what: str) -> np.ndarray:  # inverse of _encode_symbols
+    bits = s.bits if s else _META_BITS
+    a, nctx = 1 << bits, ans.NCLS[mode] * (((1 << bits) >> cs) + 1)
+    q, tables.pos = ans.get_table(tables.buf, tables.lim, tables.pos, nctx if s else 1, a)
+    if tables.pos < 0:
+        raise _err(f"{what}: corrupt frequency table")
+    lut = ans.build_lut(ans.normalize(q if s else q.repeat(2, 0)))
+    out = np.empty(nsym if s else nsym + -nsym % ans.NL, np.uint8)
+    t, n, gv = (s.t, s.n, s.gv) if s else (out.size // ans.NL, 1, 1)
+    if ans.rans_decode(w, nw, out, t, n, mode, gv, cs, bits, lut) != 0:
+        raise _err(f"{what}: corrupt rANS stream")
+    return out[:nsym]
+
+
+def decode_block(payload: bytes, layout: Layout, bits: dict[str, int]) -> list[tuple[str, np.ndarray]]:
+    """Inverse of encode_block for a block of this layout; raises ContainerError on any mismatch."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise _err(f"payload must be bytes, not {type(payload).__name__}")
+    plan = _plan_of(layout, bits)
+    r = _Reader(memoryview(payload).cast("B"))
+    crc, fmt, n_tab, n_raw, n_gen = r.unpack(_HEAD, "header")
+    if zlib.crc32(r.data[4:]) != crc:
+        raise _err("checksum mismatch: the payload is corrupt")
+    if fmt != FORMAT:
+        raise _err(f"unknown block format {fmt} (this build reads {FORMAT})")
+    heads = []
+    for i, s in enumerate(plan.streams):
+        ctx, nw = r.unpack(_STREAM, f"stream {i} header")
+        cs, mode = ctx & 15, ctx >> 4
+        if cs > s.bits or mode not in s.modes:
+            raise _err(f"stream {i}: invalid context model (shift {cs}, mode {mode})")
+        heads.append((cs, mode, nw, r.unpack(_META, f"stream {i} header") if s.kind else ()))
+    tables = _Bits(8 * n_tab, r.take(n_tab, "frequency tables"))
+    streams = []
+    for i, (s, (_, _, nw, mw)) in enumerate(zip(plan.streams, heads)):
+        wc = _words(r, nw, s.nsym, s.t, f"stream {i} codes")
+        tm = -(-s.nmeta // ans.NL)  # residual rows' length
+        streams.append((wc, nw, [(_words(r, k, tm * ans.NL, tm, f"stream {i} scales/zeros"), k) for k in mw]))
+    raw = _Bits(8 * n_raw, r.take(n_raw, "raw bits"))
+    gen = r.take(n_gen, "generic tensors")
+    if r.pos != len(r.data):
+        raise _err(f"{len(r.data) - r.pos} unexpected trailing bytes")
+    out: list = [None] * len(plan.layout)
+    for i, (s, (cs, mode, _, _), (wc, nw, metas)) in enumerate(zip(plan.streams, heads, streams)):
+        sym = _decode_symbols(wc, nw, s.nsym, s, mode, cs, tables, f"stream {i} codes")
+        packed = ans.pack_rows(sym, s.bits, (s.rows, s.t, s.m)).reshape((len(s.codes),) + s.shape)
+        for j, a in zip(s.codes, packed):
+            out[j] = a
+        if metas:
+            res = []
+            for w, nwm in metas:
+                ms = _decode_symbols(w, nwm, s.nmeta, None, 0, _META_BITS, tables, f"stream {i} scales/zeros")
+                res.append(np.empty(s.nmeta, np.int32))
+                raw.pos = ans.desymbolize(ms, raw.buf, raw.lim, raw.pos, res[-1])
+                if raw.pos < 0:
+                    raise _err(f"stream {i}: corrupt scale/zero residuals")
+            sc, z = (np.empty((len(s.metas),) + s.mshape, np.uint16) for _ in "sz")
+            _predict(s, sym, sc.reshape(-1), z.reshape(-1), res[0], res[1], True)
+            for (ja, jb), a, b in zip(s.metas, sc.view(np.float16), z.view(np.float16)):
+                out[ja], out[jb] = a, b
+    if (tables.pos + 7) // 8 != n_tab or (raw.pos + 7) // 8 != n_raw:
+        raise _err("frequency tables or raw bits do not match their sizes")
+    _decode_generic(out, plan.layout, plan.generic, gen)
+    return [(name, a if a.dtype == dt else a.astype(dt)) for (name, dt, _), a in zip(plan.layout, out)]
+
+
+def _decode_generic(out: list, layout: Layout, generic: list[int], gen: memoryview) -> None:
+    sizes = [math.prod(layout[j][2]) * layout[j][1].itemsize for j in generic]
+    if not generic and len(gen):
+        raise _err(f"{len(gen)} bytes of generic tensors, the layout has none")
+    if not generic:
+        return
+    try:
+        declared = zstandard.get_frame_parameters(gen).content_size
+        if declared != sum(sizes):
+            raise _err(f"generic tensors: the zstd frame declares {declared} bytes, the layout needs {sum(sizes)}")
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        body = np.frombuffer(dobj.decompress(gen), np.uint8)  # bounded by the declared (= layout) size
+        if not dobj.eof or dobj.unused_data or body.size != sum(sizes):
+            raise _err("generic tensors: truncated or oversized zstd frame")
+    except zstandard.ZstdError as e:
+        raise _err(f"generic tensors do not decompress: {e}") from None
+    for j, p, n in zip(generic, np.cumsum([0] + sizes), sizes):
+        out[j] = _generic_inverse(layout[j][0], body[p:p + n], layout[j][1], layout[j][2])
