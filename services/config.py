@@ -59,6 +59,7 @@ class TiersConfig:
                               "sessions are offloaded. 0 means no budget (only the idle timeout).")
     host_bytes: int = _f(512 << 20, "Bytes of encoded KV blocks a worker keeps in host memory (warm tier), "
                                     "so a resume on the same worker skips Redis; 0 disables it.")
+    codec_threads: int = _f(0, "Threads that encode and decode a session's blocks in parallel; 0 means one per core.")
     collect_interval_s: float = _f(3600.0, "How often a worker repairs block reference counts and removes "
                                            "unreferenced blocks in Redis (0 disables; one worker suffices).")
     collect_grace_s: float = _f(600.0, "An unreferenced block younger than this is kept (a writer may be mid-commit).")

@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ from kvstore.codec import entropy
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
 from kvstore.config import QuantConfig
 from kvstore.hashing import hash_fields
-from kvstore.prefix.blocks import ModelShape, Tensors, layout
+from kvstore.prefix.blocks import ModelShape, Tensors, layout, layout_bytes
 
 BLOCK_VERSION = 1
 
@@ -67,6 +68,7 @@ def encode_block(tensors: Tensors, *, quant: QuantConfig, shape: ModelShape, blo
     return EncodedBlock(pack_container(Kind.BLOCK, Codec.RANS_CTX, meta, payload), content, raw)
 
 
+@functools.lru_cache(maxsize=16)
 def code_bits(quant: QuantConfig, shape: ModelShape) -> dict[str, int]:
     """The code width of every `*_codes` tensor of a block."""
     out = {}
@@ -107,7 +109,6 @@ def decode_block(data: bytes, *, quant: QuantConfig, shape: ModelShape, block_to
             raise ContainerError(f"stored block has {key}={meta[key]!r}, expected {value!r}")
     if content is not None and meta["content"] != content.hex():
         raise ContainerError("stored block has another content hash than the session recorded")
-    expected = layout(quant, shape, block_tokens, index)
-    if meta["raw_bytes"] != sum(int(np.prod(s)) * dt.itemsize for _, dt, s in expected):
+    if meta["raw_bytes"] != layout_bytes(quant, shape, block_tokens, index):
         raise ContainerError(f"block claims {meta['raw_bytes']} bytes of tensors, its layout holds another size")
-    return entropy.decode_block(payload, expected, code_bits(quant, shape))
+    return entropy.decode_block(payload, layout(quant, shape, block_tokens, index), code_bits(quant, shape))

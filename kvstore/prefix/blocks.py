@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +148,17 @@ def join(blocks: list[Tensors], tail: KVState) -> KVState:
 
 def layout(quant: QuantConfig, shape: ModelShape, block_tokens: int, index: int) -> list[tuple[str, np.dtype, tuple]]:
     """Every tensor of block `index` as (name, dtype, shape), in the order `split` produces them."""
+    return list(_layout(quant, shape, block_tokens, index == 0))
+
+
+def layout_bytes(quant: QuantConfig, shape: ModelShape, block_tokens: int, index: int) -> int:
+    """Bytes of block `index`'s tensors as held in memory."""
+    return sum(int(np.prod(s)) * dt.itemsize for _, dt, s in _layout(quant, shape, block_tokens, index == 0))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(quant: QuantConfig, shape: ModelShape, block_tokens: int, first: bool) -> tuple:
+    index = 0 if first else 1
     h, d, b, g = shape.kv_heads, shape.head_dim, block_tokens, quant.key_group
     kv_dtype = shape.numpy_dtype
     out = []
@@ -167,7 +179,7 @@ def layout(quant: QuantConfig, shape: ModelShape, block_tokens: int, index: int)
                 k = outlier_count(quant.outliers, h * g * d)
                 out += [(f"{l}.{side}_oidx", np.dtype(str(index_dtype(h * g * d)).removeprefix("torch.")), (b // g, k)),
                         (f"{l}.{side}_oval", np.dtype(np.float16), (b // g, k))]
-    return out
+    return tuple(out)
 
 
 def _torch_name(dtype: np.dtype, shape: ModelShape) -> str:

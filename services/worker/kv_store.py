@@ -18,8 +18,10 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kvstore.codec.block import block_header, content_hash, decode_block, encode_block
@@ -71,6 +73,7 @@ class KVStore:
         self.trie = PrefixTrie(cfg.prefix.trie_bytes if self.sharing else 0)
         self.host = HostTier(cfg.tiers.host_bytes)
         self.cost = LoadCost()
+        self._pool = ThreadPoolExecutor(cfg.tiers.codec_threads or os.cpu_count() or 1, thread_name_prefix="kvcodec")
 
     # ---- naming ------------------------------------------------------------------------------------
     def salt(self, tenant: str) -> Salt:
@@ -120,11 +123,11 @@ class KVStore:
                 refs[i] = BlockRef(content_key(refs[i].content, self.domain, salt).digest, refs[i].content)
             if clashes:
                 status.update(zip(clashes, self.tier.check(s.tenant, [refs[i] for i in clashes])))
-            for i in todo:
-                if status[i].state == "absent" and refs[i].key not in blobs:
-                    blobs[refs[i].key] = encode_block(
-                        parts[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=i,
-                        model_fingerprint=self.runner.fingerprint).data
+            absent = [i for i in todo if status[i].state == "absent" and refs[i].key not in blobs]
+            for i, enc in zip(absent, self._pool.map(
+                    lambda i: encode_block(parts[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens,
+                                           index=i, model_fingerprint=self.runner.fingerprint), absent)):
+                blobs[refs[i].key] = enc.data
             m = s.manifest(self.runner.fingerprint, self.quant.spec(), blocks=refs, kv_tokens=state.num_tokens)
             try:
                 done = self.tier.commit(m, s.blocks, blobs, expect_sha=s.manifest_sha or "*")
@@ -183,9 +186,10 @@ class KVStore:
         if any(d is None for d in datas):
             return None, "missing"
         try:
-            parts = [decode_block(d, quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=i,
-                                  model_fingerprint=self.runner.fingerprint, content=r.content)
-                     for i, (d, r) in enumerate(zip(datas[:-1], s.blocks[:-1]))]
+            parts = list(self._pool.map(
+                lambda i: decode_block(datas[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens,
+                                       index=i, model_fingerprint=self.runner.fingerprint, content=s.blocks[i].content),
+                range(len(datas) - 1)))  # the coder releases the GIL: blocks decode on every core
             if hash_fields([datas[-1]], person=b"kvstash-tail") != s.blocks[-1].content:
                 raise ContainerError("stored tail has another content hash than the session recorded")
             tail = decode_kv(datas[-1], model_fingerprint=self.runner.fingerprint)
