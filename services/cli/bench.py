@@ -112,9 +112,9 @@ def run_bench(args) -> int:
                 def restore():
                     record = tier.get_record("bench", s.session_id)
                     cold = Session.from_manifest(*record)
-                    restored, why = store.load(cold)
-                    assert restored is not None, why
-                    return restored
+                    loaded = store.load(cold)
+                    assert loaded.cache is not None, loaded.reason
+                    return loaded.cache
 
                 assert restore().export_state().equals(before), "restored cache differs from the offloaded one"
                 restore_s = median_time(restore, args.reps)

@@ -270,6 +270,8 @@ class Engine:
     def prefix_match(self, tenant: str, input: dict):
         """Future: prompt tokens of `input` (as a new session's) this worker holds hot, for routing."""
         def op():
+            if not len(self.sessions.store.trie):  # nothing hot: no need to tokenize
+                return 0
             try:
                 ids = self._encode_input(GenerateCall(tenant, "", True, input), [])
             except InvalidArgument:

@@ -48,6 +48,16 @@ _ZERO = bytes(32)
 
 
 @dataclass
+class Loaded:
+    """What `KVStore.load` found: the cache and the tier ("host" or "redis"), or None and why ("missing",
+    "corrupt")."""
+
+    cache: QuantizedKVCache | None
+    tier: str = ""
+    reason: str = ""
+
+
+@dataclass
 class Adoption:
     """A stored prefix a new session takes over: its cache (all sealed) and how many tokens it covers."""
 
@@ -171,20 +181,19 @@ class KVStore:
                     self.host.put(self._key(tenant, refs[i]), b)
         return out, "redis" if missing else "host"
 
-    def load(self, s: Session) -> tuple[QuantizedKVCache | None, str]:
-        """(the cache `save` stored for `s`, bit-identical; the tier it came from), or (None, why not):
-        "missing" or "corrupt"."""
+    def load(self, s: Session) -> Loaded:
+        """The cache `save` stored for `s`, bit-identical, and the tier it came from; or why there is none."""
         if not s.blocks or s.stored_kv_tokens == 0:
-            return None, "missing"
+            return Loaded(None, reason="missing")
         t0 = time.perf_counter()
         try:
             datas, tier = self._fetch(s.tenant, s.blocks)
         except Exception as e:  # noqa: BLE001 - storage down: recompute
             self.metrics.storage_errors.labels("get_blocks").inc()
             log.warning("could not read KV of %s/%s: %s", s.tenant, s.session_id, e)
-            return None, "missing"
+            return Loaded(None, reason="missing")
         if any(d is None for d in datas):
-            return None, "missing"
+            return Loaded(None, reason="missing")
         try:
             parts = list(self._pool.map(
                 lambda i: decode_block(datas[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens,
@@ -202,9 +211,9 @@ class KVStore:
             for r in s.blocks:  # never serve these bytes from the host tier again
                 self.host.discard(self._key(s.tenant, r))
             log.warning("stored KV of %s/%s rejected: %s", s.tenant, s.session_id, e)
-            return None, "corrupt"
+            return Loaded(None, reason="corrupt")
         self.cost.observe_load(len(s.blocks), time.perf_counter() - t0)
-        return cache, tier
+        return Loaded(cache, tier=tier)
 
     # ---- prefixes --------------------------------------------------------------------------------------
     def adopt(self, tenant: str, tokens: list[int]) -> Adoption | None:

@@ -33,7 +33,7 @@ from services.config import KvstashConfig, kvstash_home
 from services.errors import FailedPrecondition, NotFound, Unavailable
 from services.worker.history import HistoryStore
 from services.metrics import WorkerMetrics
-from services.worker.kv_store import KVStore
+from services.worker.kv_store import KVStore, Loaded
 from services.worker.model_runner import ModelRunner
 from services.worker.session import Session
 
@@ -131,15 +131,15 @@ class SessionManager:
             self.metrics.prefix_hit_tokens.labels("redis").inc(adoption.from_redis * per_block)
             return KvOrigin(PREFIX, adoption.tokens, "redis" if adoption.from_redis else "device")
         t0 = time.perf_counter()
-        cache, reason = None, "missing"
+        loaded = Loaded(None, reason="missing")
         if s.blocks and s.stored_kv_tokens:
             if self.store.cost.load_pays(len(s.blocks), s.stored_kv_tokens):
-                cache, reason = self.store.load(s)
+                loaded = self.store.load(s)
                 self.metrics.load_decisions.labels("resume", "load").inc(len(s.blocks))
             else:
-                reason = "cost"
+                loaded = Loaded(None, reason="cost")
                 self.metrics.load_decisions.labels("resume", "recompute").inc(len(s.blocks))
-        tier, reason = (reason, "") if cache is not None else ("", reason)
+        cache, tier, reason = loaded.cache, loaded.tier, loaded.reason
         replayed = yield from self._replay(s, cache)
         source = RESTORED if replayed == 0 else RECOMPUTED
         if replayed:

@@ -1,0 +1,191 @@
+"""`kvstash eval cold`: what the opt-in lossy cold mode costs in quality, and what it saves in bytes.
+
+    kvstash eval cold --kv DEVICE_SPEC --cold COLD_SPEC[,COLD_SPEC...] [--history 2048] [--continuation 512]
+                      [--windows 3] [--chunk 32] [--prefill-chunk 512] [--offset 0] [--model M] [--text FILE]
+                      [--json]
+
+The text (default WikiText-2 raw test), after `--offset` tokens, is cut into `--windows` non-overlapping
+windows of history + continuation + 1 tokens. In each window the history is prefilled with the device spec in passes of
+`--prefill-chunk` tokens; then the same cache is resumed twice from bit-identical copies:
+- baseline: the copy as is (what a lossless offload gives back);
+- cold: the copy after `kvstore.quant.cold.apply_cold(copy, cold)` (what a session resumed from the
+  cold format holds: its sealed region became warm(cold(region)); sinks and window untouched).
+Both are fed the continuation in chunks of `--chunk` tokens (as decoding would: the continuation is
+sealed at device precision as it leaves the window) and every continuation position's next token is
+scored (`continuation` targets per window, all predicted by the resumed cache). Reported per cold spec:
+- `ppl_base`, `ppl`, `delta_ppl` (cold - baseline, same run, same tokens); `kl`: mean KL(p_base || p_cold)
+  of the next-token distributions; `top1_agreement`;
+- `bits_per_element`: bytes of the sealed region's cold tensors, coded losslessly as the service codes
+  KV (`kvstore.codec.streams` transforms, `kvstore.codec.tensors` bundle, zstd level 19, all layers in
+  one frame), times 8, over the sealed K/V elements (2 x heads x sealed tokens x head_dim per layer);
+  `ratio_vs_fp16` = 16 / bits; `device_bits_per_element` / `device_ratio_vs_fp16`: the same for the
+  device tensors of the same region (what the lossless offload stores).
+`--tokens` and `--window` of the common options are not used here (windows are history + continuation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+
+DEFAULT_DEVICE = "int4:k8v4:g32:r128"
+DEFAULT_COLD = "int:k3v2:g128:gv64:s1:hadv"  # chosen by this harness (see README of the measurement)
+
+
+def add_cold_parser(kinds, common) -> None:
+    p = kinds.add_parser("cold", help="lossy cold mode: delta PPL and KL after resume vs bits per sealed element")
+    common(p)
+    p.add_argument("--kv", default=DEFAULT_DEVICE, help="device KV spec (or spec file) the history is prefilled with")
+    p.add_argument("--cold", default=DEFAULT_COLD, help="cold spec(s), comma-separated (grammar: kvstore/quant/cold.py)")
+    p.add_argument("--history", type=int, default=2048, help="tokens prefilled before the session goes cold")
+    p.add_argument("--continuation", type=int, default=512, help="tokens fed and scored after resume")
+    p.add_argument("--windows", type=int, default=3, help="non-overlapping windows of history + continuation")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill pass")
+    p.add_argument("--offset", type=int, default=0, help="tokens of the text skipped before the first window "
+                                                        "(e.g. to score windows held out from a calibration)")
+    p.set_defaults(fn=run_cold)
+
+
+def encoded_bits(named: list[tuple[str, np.ndarray]], device_spec: str, level: int = 19) -> int:
+    """Bits of named arrays ("<layer>.<name>") coded as the service codes KV: stream transforms (keyed on
+    the device spec, so device-format tensors are transformed as in an offload), tensor bundle, zstd."""
+    import zstandard
+
+    from kvstore.codec import streams
+    from kvstore.codec.tensors import encode_tensors
+
+    ctx = streams.StreamContext.of(device_spec, {n: tuple(a.shape) for n, a in named})
+    raw = encode_tensors([(n, streams.forward(n, a, ctx)) for n, a in named])
+    return len(zstandard.ZstdCompressor(level=level).compress(raw)) * 8
+
+
+def sealed_regions(cache) -> list[tuple[int, object, dict]]:
+    """(layer index, layer, sealed-region tensors without sinks) of every layer holding sealed tokens."""
+    return [(i, layer, {n: t for n, t in layer.sealed.items() if not n.endswith("_sink")})
+            for i, layer in enumerate(cache.layers) if layer.is_initialized and layer.n_sealed]
+
+
+def region_bits(cache, cold, rope) -> tuple[int, int, int]:
+    """(cold bits, device bits, sealed K/V elements) of a cache's sealed region."""
+    from kvstore.quant.cold import cold_state
+
+    cold_named, dev_named, elems = [], [], 0
+    for i, layer, region in sealed_regions(cache):
+        c = cold_state(region, cache.quant, cold, i, layer.head_dim, position=layer.n_sink, rope=rope)
+        cold_named += [(f"{i}.{n}", t.detach().contiguous().cpu().numpy()) for n, t in c.items()]
+        dev_named += [(f"{i}.{n}", t.detach().contiguous().cpu().numpy()) for n, t in region.items()]
+        b, h, _, d = layer.keys.shape
+        elems += 2 * b * h * layer.n_sealed * d
+    spec = cache.quant.spec()
+    return encoded_bits(cold_named, spec), encoded_bits(dev_named, spec), elems
+
+
+def continuation_logprobs(runner, cache, ids: list[int], chunk: int):
+    """Log-probs [len(ids), vocab] of the next token after each of `ids`, fed through `cache` in chunks."""
+    import torch
+
+    return torch.cat([torch.log_softmax(runner.logits(cache, ids[s:s + chunk]), dim=-1)
+                      for s in range(0, len(ids), chunk)])
+
+
+def run_cold(args) -> int:
+    import torch
+
+    from kvstore.config import QuantConfig
+    from kvstore.quant.cold import apply_cold, check_specs
+    from kvstore.quant.rope import Rope, RopeUnavailable
+    from services.cli.eval import load_ids, load_runner
+
+    torch.set_num_threads(1)
+    device = QuantConfig.load(args.kv)
+    colds = [QuantConfig.load(s) for s in args.cold.split(",")]
+    for c in colds:
+        check_specs(device, c)  # fail before loading anything
+    if args.history < 1 or args.continuation < 1 or args.windows < 1 or args.prefill_chunk < 1 or args.offset < 0:
+        raise SystemExit("--history, --continuation, --windows and --prefill-chunk must be >= 1, --offset >= 0")
+    runner = load_runner(args)
+    rope = None
+    if any(c.pre_rope for c in colds):
+        try:
+            rope = Rope.from_model(runner.model)
+        except RopeUnavailable as e:
+            raise SystemExit(f"cold prerope: {e}") from None
+    span = args.history + args.continuation + 1
+    ids = load_ids(runner, args.text, args.offset + span * args.windows)[args.offset:]
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    windows = []  # (exported state after the history, continuation ids, targets, baseline log-probs)
+    for w in range(args.windows):
+        win = ids[w * span:(w + 1) * span]
+        cache = runner.new_cache(device)
+        for s in range(0, args.history, args.prefill_chunk):
+            runner.logits(cache, win[s:min(s + args.prefill_chunk, args.history)], keep=1)
+        state = cache.export_state()
+        cont = win[args.history:args.history + args.continuation]
+        targets = torch.tensor(win[args.history + 1:], device=runner.device)
+        base = continuation_logprobs(runner, runner.restore_cache(state), cont, args.chunk)
+        windows.append((state, cont, targets, base))
+        log(f"window {w + 1}/{args.windows}: history prefilled, baseline scored")
+
+    results = []
+    for cold in colds:
+        nll_b = nll_c = kl = agree = 0.0
+        count = bits = dev_bits = elems = 0
+        for state, cont, targets, lp_b in windows:
+            cache = runner.restore_cache(state)
+            cb, db, n = region_bits(cache, cold, rope)
+            bits, dev_bits, elems = bits + cb, dev_bits + db, elems + n
+            apply_cold(cache, cold, rope=rope)
+            lp_c = continuation_logprobs(runner, cache, cont, args.chunk)
+            rows = torch.arange(len(targets), device=runner.device)
+            nll_b -= float(lp_b[rows, targets].sum())
+            nll_c -= float(lp_c[rows, targets].sum())
+            kl += float((lp_b.exp() * (lp_b - lp_c)).sum(-1).clamp_min(0).sum())
+            agree += float((lp_b.argmax(-1) == lp_c.argmax(-1)).sum())
+            count += len(targets)
+        ppl_b, ppl_c = math.exp(nll_b / count), math.exp(nll_c / count)
+        bpe = bits / elems if elems else 0.0
+        dpe = dev_bits / elems if elems else 0.0
+        results.append({
+            "spec": cold.spec(), "device_spec": device.spec(), "model": args.model, "windows": args.windows,
+            "history": args.history, "continuation": args.continuation, "chunk": args.chunk, "offset": args.offset,
+            "scored_tokens": count, "sealed_elements": elems, "ppl_base": ppl_b, "ppl": ppl_c,
+            "delta_ppl": ppl_c - ppl_b, "kl": kl / count, "top1_agreement": agree / count,
+            "bits_per_element": bpe, "ratio_vs_fp16": 16 / bpe if bpe else 0.0,
+            "device_bits_per_element": dpe, "device_ratio_vs_fp16": 16 / dpe if dpe else 0.0,
+        })
+        log(f"{cold.spec()}: {bpe:.3f} bits/elem, delta PPL {ppl_c - ppl_b:+.3f}, KL {kl / count:.5f}")
+    if args.json:
+        for r in results:
+            print(json.dumps(r))
+        return 0
+    r0 = results[0]
+    print(f"model {args.model}, device `{r0['device_spec']}`: {r0['device_bits_per_element']:.3f} bits per sealed "
+          f"element ({r0['device_ratio_vs_fp16']:.2f}x vs fp16, lossless streams + zstd-19); {args.windows} windows "
+          f"of {args.history} history + {args.continuation} continuation tokens (chunk {args.chunk}); "
+          f"baseline PPL {r0['ppl_base']:.3f}")
+    print("| cold spec | bits/elem | × vs fp16 | ΔPPL | mean KL | top-1 agree |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| `{r['spec']}` | {r['bits_per_element']:.3f} | {r['ratio_vs_fp16']:.2f} | {r['delta_ppl']:+.3f} "
+              f"| {r['kl']:.5f} | {r['top1_agreement']:.4f} |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m services.cli.eval_cold ...`: the same command before it is registered under `kvstash eval`."""
+    import argparse
+
+    from services.cli.eval import _common
+
+    parser = argparse.ArgumentParser(prog="kvstash eval")
+    add_cold_parser(parser.add_subparsers(dest="eval_cmd", required=True), _common)
+    args = parser.parse_args(["cold", *(sys.argv[1:] if argv is None else argv)])
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
