@@ -47,6 +47,7 @@ class Kind(enum.IntEnum):
     MANIFEST = 1
     KV = 2
     BLOCK = 3
+    COLD_BLOCK = 4  # a block in the lossy cold format (kvstore.codec.cold_block)
 
 
 class Codec(enum.IntEnum):

@@ -36,8 +36,10 @@ def _shapes(tensors) -> dict[str, list]:
     return {name: [arr.dtype.name, [int(d) for d in arr.shape]] for name, arr in tensors}
 
 
-def encode_kv(state: KVState, *, model_fingerprint: str, level: int = 3, codec: Codec = Codec.ZSTD_STREAMS) -> bytes:
-    """Encode `state` for storage. Raises ContainerError if it cannot be encoded (dtype, meta, size)."""
+def encode_kv(state: KVState, *, model_fingerprint: str, level: int = 3, codec: Codec = Codec.ZSTD_STREAMS,
+              kind: Kind = Kind.KV) -> bytes:
+    """Encode `state` for storage (as a container of `kind`: KV, or COLD_BLOCK for kvstore.codec.cold_block).
+    Raises ContainerError if it cannot be encoded (dtype, meta, size)."""
     if not isinstance(model_fingerprint, str):
         raise ContainerError("model_fingerprint must be a str")
     if isinstance(state.num_tokens, bool) or not isinstance(state.num_tokens, int) or state.num_tokens < 0:
@@ -65,7 +67,7 @@ def encode_kv(state: KVState, *, model_fingerprint: str, level: int = 3, codec: 
         "shapes": _shapes(state.tensors),
         "raw_bytes": len(raw),
     }
-    return pack_container(Kind.KV, codec, meta, payload)
+    return pack_container(kind, codec, meta, payload)
 
 
 def decompress_exact(payload: bytes, raw_bytes: int) -> bytes:
@@ -109,9 +111,9 @@ def _inverse_streams(tensors, meta) -> list[tuple[str, np.ndarray]]:
         raise ContainerError(f"KV streams do not match the shapes in the header: {e}") from None
 
 
-def decode_kv(data: bytes, *, model_fingerprint: str | None = None) -> KVState:
-    """Decode a KV container. With `model_fingerprint`, refuse KV built by another model."""
-    _, codec, meta, payload = unpack_container(data, expect_kind=Kind.KV)
+def decode_kv(data: bytes, *, model_fingerprint: str | None = None, kind: Kind = Kind.KV) -> KVState:
+    """Decode a KV container (of `kind`). With `model_fingerprint`, refuse KV built by another model."""
+    _, codec, meta, payload = unpack_container(data, expect_kind=kind)
     for key, typ in (("num_tokens", int), ("quant_spec", str), ("model_fingerprint", str), ("meta", dict),
                      ("shapes", dict), ("raw_bytes", int)):
         if key not in meta:

@@ -33,9 +33,11 @@ def add_eval_parser(sub) -> None:
                    help="also run transformers' QuantizedCache with the first spec's bits, group and window")
     p.set_defaults(fn=run_eval)
     from services.cli.alloc import add_alloc_parser
+    from services.cli.eval_cold import add_cold_parser
     from services.cli.plot import add_plot_parser
 
     add_alloc_parser(kinds, _common)
+    add_cold_parser(kinds, _common)
     add_plot_parser(kinds)
 
 

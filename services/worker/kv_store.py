@@ -13,6 +13,11 @@ Invariants:
   authenticated tenant and `prefix.salt_key`), except blocks of registered public prefixes.
 - `load` and `adopt` never raise for bad stored data: they return None with the reason, and the caller
   recomputes from the token history.
+- Cold mode (`tiers.cold_spec`, lossy, opt-in): a session's blocks that Redis does not hold yet, public
+  ones excepted, are stored in the cold format (kvstore.codec.cold_block) under content keys of their
+  *warm* content, and `load` returns the warm cache: exact with respect to what was stored, not to the
+  session's original codes. Blocks the session holds cold and that did not change keep their cold copy,
+  so resuming and offloading again never re-quantizes twice. Chain-named (adoptable) blocks stay lossless.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kvstore.codec.block import block_header, content_hash, decode_block, encode_block
+from kvstore.codec.cold_block import check_cold, decode_cold, encode_cold, is_cold
 from kvstore.codec.container import ContainerError
 from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.config import QuantConfig
@@ -77,6 +83,11 @@ class KVStore:
         self.domain = KvDomain(runner.fingerprint, self.quant.spec(), self.chunk, self.block_tokens, runner.device.type)
         self.shape = runner.shape
         self.level = cfg.kv.codec_level
+        self.cold = cfg.cold  # lossy cold mode (tiers.cold_spec) or None
+        if self.cold is not None:
+            check_cold(self.quant, self.cold, self.block_tokens, self.shape.layers)
+            self.cold_domain = KvDomain(runner.fingerprint, f"{self.quant.spec()}>cold:{self.cold.spec()}",
+                                        self.chunk, self.block_tokens, runner.device.type)
         self._salt_key = cfg.prefix.salt_key.encode()
         self.public_salt = Salt.public_salt(self._salt_key)
         self.public: set[bytes] = set()  # chain hashes of registered public prefix blocks
@@ -121,6 +132,10 @@ class KVStore:
                 else BlockRef(content_key(c, self.domain, salt).digest, c) for i, c in enumerate(contents)]
         tail_blob = encode_kv(tail, model_fingerprint=self.runner.fingerprint, level=self.level)
         tail_content = hash_fields([tail_blob], person=b"kvstash-tail")
+        if self.cold is not None:  # blocks held cold and unchanged since (a resumed session) keep their copy
+            for i, prev in enumerate(s.blocks[:min(n, len(s.blocks) - 1)]):
+                if prev.content == contents[i]:
+                    refs[i] = prev
         refs.append(BlockRef(content_key(tail_content, self.domain, salt).digest, tail_content))
         blobs: dict[bytes, bytes] = {refs[-1].key: tail_blob}
         raw = state.nbytes
@@ -134,6 +149,9 @@ class KVStore:
             if clashes:
                 status.update(zip(clashes, self.tier.check(s.tenant, [refs[i] for i in clashes])))
             absent = [i for i in todo if status[i].state == "absent" and refs[i].key not in blobs]
+            if self.cold is not None:
+                absent = self._store_cold(s.tenant, parts, refs, [i for i in absent if not refs[i].public], blobs) \
+                    + [i for i in absent if refs[i].public]
             for i, enc in zip(absent, self._pool.map(
                     lambda i: encode_block(parts[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens,
                                            index=i, model_fingerprint=self.runner.fingerprint), absent)):
@@ -167,6 +185,22 @@ class KVStore:
             return done.bytes + stored
         raise RuntimeError(f"offload of {s.tenant}/{s.session_id} kept racing other writers")
 
+    def _store_cold(self, tenant: str, parts, refs: list[BlockRef], idx: list[int], blobs: dict) -> list[int]:
+        """Cold-encode blocks `idx`: their refs become content keys of the warm content, blobs are added for
+        the ones Redis lacks. Returns the indices still to encode losslessly (none)."""
+        salt = self.salt(tenant)
+        coded = list(self._pool.map(
+            lambda i: encode_cold(parts[i], quant=self.quant, cold=self.cold, shape=self.shape,
+                                  block_tokens=self.block_tokens, index=i, model_fingerprint=self.runner.fingerprint)[0],
+            idx))
+        for i, cb in zip(idx, coded):
+            refs[i] = BlockRef(content_key(cb.content, self.cold_domain, salt).digest, cb.content)
+        status = self.tier.check(tenant, [refs[i] for i in idx]) if idx else []
+        for i, cb, st in zip(idx, coded, status):
+            if st.state != "present":
+                blobs[refs[i].key] = cb.data
+        return []
+
     # ---- reading -------------------------------------------------------------------------------------
     def _fetch(self, tenant: str, refs: list[BlockRef]) -> tuple[list[bytes | None], str]:
         """Containers of `refs` — host tier first, then Redis for the rest (one pipelined round trip) — and
@@ -196,8 +230,9 @@ class KVStore:
             return Loaded(None, reason="missing")
         try:
             parts = list(self._pool.map(
-                lambda i: decode_block(datas[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens,
-                                       index=i, model_fingerprint=self.runner.fingerprint, content=s.blocks[i].content),
+                lambda i: (decode_cold if is_cold(datas[i]) else decode_block)(
+                    datas[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=i,
+                    model_fingerprint=self.runner.fingerprint, content=s.blocks[i].content),
                 range(len(datas) - 1)))  # the coder releases the GIL: blocks decode on every core
             if hash_fields([datas[-1]], person=b"kvstash-tail") != s.blocks[-1].content:
                 raise ContainerError("stored tail has another content hash than the session recorded")

@@ -214,3 +214,40 @@ def test_redis_maxmemory_eviction_of_blocks_leads_to_exact_recomputation(tiny_mo
             assert eng.metrics.recomputes.labels("missing")._value.get() > before
         finally:
             eng.close()
+
+
+def test_cold_mode_stores_fewer_bytes_dedupes_and_resumes_exactly_from_the_decoded_cache(tiny_model_dir,
+                                                                                         redis_server):
+    from kvstore.codec.cold_block import is_cold
+
+    # no prefix adoption: both sessions take one path, so their histories and caches are equal
+    cold = make_engine(tiny_model_dir, redis_server.url, tiers={"cold_spec": "int2:g64:gv16:s1"},
+                       prefix={"enabled": False})
+    plain = make_engine(tiny_model_dir, redis_server.url, prefix={"enabled": False})
+    try:
+        prompt = SYSTEM + [rng.randrange(1000, 20000) for _ in range(150)]
+        for eng in (cold, plain):
+            outs = []
+            for sid in ("a", "a2"):  # two sessions with one history
+                outs.append(run(eng, "acme", sid, prompt)[0])
+                eng.evict("acme", sid).result()
+            assert outs[0] == outs[1]
+        ka, ka2 = block_keys(cold, "acme", "a"), block_keys(cold, "acme", "a2")
+        blobs = [cold.tier.client.hget(k, "d") for k in ka[:-1]]
+        assert len(blobs) >= 4 and all(is_cold(b) for b in blobs)  # every block went cold (none were shared)
+        assert ka[:-1] == ka2[:-1] and all(refcount(cold, k) == 2 for k in ka[:-1])  # equal cold blocks dedupe
+        size = lambda eng, keys: sum(len(eng.tier.client.hget(k, "d")) for k in keys)  # noqa: E731
+        kp = block_keys(plain, "acme", "a")
+        assert size(cold, ka[:-1]) < 0.75 * size(plain, kp[:-1])  # 2-bit cold (value metadata dominates at gv16)
+        r1, u1 = run(cold, "acme", "a", create=False)
+        r2, u2 = run(cold, "acme", "a2", create=False)
+        assert u1["kv_source"] == u2["kv_source"] == "restored" and r1 == r2  # exact w.r.t. the decoded cache
+        cold.evict("acme", "a").result()
+        again = block_keys(cold, "acme", "a")
+        assert again[:len(ka) - 1] == ka[:-1]  # resumed cold blocks are kept, never re-quantized
+        r3, _ = run(cold, "acme", "a", create=False)
+        r4, _ = run(cold, "acme", "a2", create=False)
+        assert r3 == r4
+    finally:
+        cold.close()
+        plain.close()

@@ -1,0 +1,152 @@
+"""A KV block stored in the lossy cold format (container kind COLD_BLOCK): opt-in, `tiers.cold_spec`.
+
+An idle session's block may be stored as `kvstore.quant.cold.cold_state` of its sealed tensors (a lower
+spec, e.g. keys 3 bits and values 2 bits over groups of 128) instead of its device codes. What a resume
+gets back is the *warm* block, `warm_state(cold_state(block))`: device-format tensors of exactly the
+block's layout, a little further from the fp16 KV than the original codes. `encode_cold` returns that warm
+block with the container, and the block's content hash is the warm block's, so:
+
+Invariants:
+- `decode_cold(encode_cold(p, ...)[0].data, ...)` equals the warm block `encode_cold(p, ...)[1]` bit for
+  bit (checked on decode against the content hash; a mismatch is a ContainerError), so a session resumed
+  from cold blocks is exact with respect to that decoded cache, however often it is resumed.
+- Lossy with respect to `p`: the error bound is `kvstore.quant.cold`'s (cold step / 2 + device step / 2,
+  element-wise). Recomputing the session from its token history gives the original, lossless KV.
+- Each block goes through the cold format on its own (cold key groups start at the block's start), so
+  `block_tokens` must be a multiple of the cold key group. Sink tensors (block 0) are kept as they are.
+
+Container: a KV container (kvstore.codec.kv, zstd over stream-transformed tensors) of kind COLD_BLOCK whose
+state meta holds `v` (COLD_VERSION), `cold_spec`, `shape`, `block_tokens`, `index0` and `content` (hex of
+the warm block's content hash); its tensors are the cold tensors named "<layer>.<name>" plus block 0's sinks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvstore.codec.block import content_hash
+from kvstore.codec.container import Codec, ContainerError, Kind
+from kvstore.codec.kv import decode_kv, encode_kv
+from kvstore.config import QuantConfig
+from kvstore.prefix.blocks import SINK_FIELDS, ModelShape, Tensors, layout
+from kvstore.quant.cold import ColdSpecError, check_specs, cold_state, warm_state
+from kvstore.quant.state import KVState
+
+COLD_VERSION = 1
+COLD_LEVEL = 19  # idle blocks are written once and read rarely: zstd's strongest level pays
+
+
+@dataclass(frozen=True)
+class ColdBlock:
+    data: bytes  # the container
+    content: bytes  # content hash of the warm block (what a resume restores)
+
+
+def check_cold(quant: QuantConfig, cold: QuantConfig, block_tokens: int, layers: int | None = None) -> None:
+    """Raise ColdSpecError (a ValueError) when `cold` cannot store blocks of `quant` caches."""
+    check_specs(quant, cold)
+    if cold.pre_rope:
+        raise ColdSpecError("cold specs with prerope are not supported for stored blocks (use the eval)")
+    if block_tokens % cold.key_group:
+        raise ColdSpecError(f"block_tokens={block_tokens} must be a multiple of the cold key group "
+                            f"{cold.key_group}")
+    if cold.sinks and cold.sinks >= block_tokens:
+        raise ColdSpecError(f"cold kept tokens s{cold.sinks} must be fewer than block_tokens={block_tokens}")
+    if layers is not None and cold.layer_bits and len(cold.layer_bits) != layers:
+        raise ColdSpecError(f"the cold spec sets bits for {len(cold.layer_bits)} layers; the model has {layers}")
+
+
+def _layers(part: Tensors) -> dict[int, dict[str, np.ndarray]]:
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for name, a in part:
+        layer, _, field = name.partition(".")
+        out.setdefault(int(layer), {})[field] = a
+    return out
+
+
+def _torch(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _warm(cold_layers: dict[int, dict[str, np.ndarray]], order: list[tuple[str, np.dtype, tuple]],
+          quant: QuantConfig, cold: QuantConfig, shape: ModelShape, start: int) -> Tensors:
+    """The device-format block (in `order`, the block layout) from its cold tensors."""
+    warm: dict[str, np.ndarray] = {}
+    for layer, fields in cold_layers.items():
+        sinks = {f: a for f, a in fields.items() if f in SINK_FIELDS}
+        c = {f: _torch(a) for f, a in fields.items() if f not in SINK_FIELDS}
+        w = warm_state(c, quant, cold, layer, shape.head_dim, position=quant.sinks + start) if c else {}
+        warm.update({f"{layer}.{f}": t.contiguous().numpy() for f, t in w.items()})
+        warm.update({f"{layer}.{f}": a for f, a in sinks.items()})
+    out = []
+    for name, dtype, shp in order:
+        a = warm.get(name)
+        if a is None or a.dtype != dtype or tuple(a.shape) != tuple(shp):
+            raise ContainerError(f"cold block does not warm up to the block layout at {name!r}")
+        out.append((name, a))
+    return out
+
+
+def encode_cold(part: Tensors, *, quant: QuantConfig, cold: QuantConfig, shape: ModelShape, block_tokens: int,
+                index: int, model_fingerprint: str) -> tuple[ColdBlock, Tensors]:
+    """(the cold container, the warm block a resume will get back) of block `index` (device tensors)."""
+    order = layout(quant, shape, block_tokens, index)
+    if [(n, a.dtype, a.shape) for n, a in part] != order:
+        raise ContainerError(f"block tensors do not fit the layout of {quant.spec()}")
+    start = index * block_tokens
+    cold_layers: dict[int, dict[str, np.ndarray]] = {}
+    for layer, fields in _layers(part).items():
+        region = {f: _torch(a) for f, a in fields.items() if f not in SINK_FIELDS}
+        c = cold_state(region, quant, cold, layer, shape.head_dim, start=start, position=quant.sinks + start)
+        cold_layers[layer] = {f: t.contiguous().numpy() for f, t in c.items()}
+        cold_layers[layer].update({f: a for f, a in fields.items() if f in SINK_FIELDS})
+    warm = _warm(cold_layers, order, quant, cold, shape, start)
+    content = content_hash(warm)
+    meta = {"v": COLD_VERSION, "cold_spec": cold.spec(), "shape": shape.to_json(), "block_tokens": block_tokens,
+            "index0": index == 0, "content": content.hex()}
+    tensors = [(f"{layer}.{f}", a) for layer, fields in cold_layers.items() for f, a in fields.items()]
+    state = KVState(num_tokens=block_tokens, quant_spec=quant.spec(), meta=meta, tensors=tensors)
+    data = encode_kv(state, model_fingerprint=model_fingerprint, level=COLD_LEVEL, codec=Codec.ZSTD_STREAMS,
+                     kind=Kind.COLD_BLOCK)
+    return ColdBlock(data, content), warm
+
+
+def is_cold(data: bytes) -> bool:
+    """Whether stored bytes claim to be a cold block (the container is validated only on decode)."""
+    return len(data) > 6 and data[6] == Kind.COLD_BLOCK
+
+
+def decode_cold(data: bytes, *, quant: QuantConfig, shape: ModelShape, block_tokens: int, index: int,
+                model_fingerprint: str, content: bytes | None = None) -> Tensors:
+    """The warm block stored in `data`, after checking it is the block the caller expects."""
+    state = decode_kv(data, model_fingerprint=model_fingerprint, kind=Kind.COLD_BLOCK)
+    meta = state.meta
+    want = {"v": COLD_VERSION, "shape": shape.to_json(), "block_tokens": block_tokens, "index0": index == 0}
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise ContainerError(f"stored cold block has {key}={meta.get(key)!r}, expected {value!r}")
+    if state.quant_spec != quant.spec() or not isinstance(meta.get("cold_spec"), str):
+        raise ContainerError(f"stored cold block is for {state.quant_spec!r}, expected {quant.spec()!r}")
+    if not isinstance(meta.get("content"), str) or (content is not None and meta["content"] != content.hex()):
+        raise ContainerError("stored cold block has another content hash than the session recorded")
+    try:
+        cold = QuantConfig.parse(meta["cold_spec"])
+        check_cold(quant, cold, block_tokens, shape.layers)
+    except ValueError as e:
+        raise ContainerError(f"stored cold block has an unusable cold spec: {e}") from None
+    cold_layers = _layers(state.tensors)
+    if set(cold_layers) != set(range(shape.layers)):
+        raise ContainerError("stored cold block does not hold every layer")
+    try:
+        warm = _warm(cold_layers, layout(quant, shape, block_tokens, index), quant, cold, shape,
+                     index * block_tokens)
+    except (KeyError, IndexError, RuntimeError, ValueError) as e:
+        if isinstance(e, ContainerError):
+            raise
+        raise ContainerError(f"stored cold block does not decode: {e}") from None
+    if content_hash(warm).hex() != meta["content"]:
+        raise ContainerError("cold block warmed up to other bytes than it recorded")
+    return warm

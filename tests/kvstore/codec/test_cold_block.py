@@ -1,0 +1,91 @@
+"""Cold blocks (kvstore/codec/cold_block.py): blockwise cold equals region-wide cold bit for bit, the stored
+container decodes to exactly the warm block it promised, and tampering or a foreign block is refused."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvstore.codec.block import content_hash, encode_block
+from kvstore.codec.cold_block import check_cold, decode_cold, encode_cold, is_cold
+from kvstore.codec.container import ContainerError
+from kvstore.config import QuantConfig
+from kvstore.prefix import blocks as blk
+from kvstore.quant.cache import QuantizedKVCache
+from kvstore.quant.cold import ColdSpecError, apply_cold
+
+DEVICE = QuantConfig.parse("int4:k8v4:g32:gv16:r16:s4")
+COLD = QuantConfig.parse("int:k3v2:g64:gv16:s1:hadv")
+BT = 64  # tokens per block: one cold key group
+
+
+@pytest.fixture(scope="module")
+def cache():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2)  # head_dim 16
+    model = LlamaForCausalLM(cfg).eval()
+    c = QuantizedKVCache(DEVICE, cfg.num_hidden_layers)
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 4 + 3 * BT + 40)), past_key_values=c, use_cache=True)
+    return c
+
+
+def shape_of(state):
+    return blk.ModelShape.of_state(state)
+
+
+def test_blockwise_cold_equals_region_cold_and_round_trips_exactly(cache):
+    state = cache.export_state()
+    shape = shape_of(state)
+    n = blk.whole_blocks(state, BT)
+    parts, tail = blk.split(state, BT, n)
+    warm_parts = []
+    for i, part in enumerate(parts):
+        cb, warm = encode_cold(part, quant=DEVICE, cold=COLD, shape=shape, block_tokens=BT, index=i,
+                               model_fingerprint="m")
+        assert is_cold(cb.data) and cb.content == content_hash(warm)
+        got = decode_cold(cb.data, quant=DEVICE, shape=shape, block_tokens=BT, index=i, model_fingerprint="m",
+                          content=cb.content)
+        assert [(a, b.tobytes()) for a, b in got] == [(a, b.tobytes()) for a, b in warm]
+        assert len(cb.data) < len(encode_block(part, quant=DEVICE, shape=shape, block_tokens=BT, index=i,
+                                               model_fingerprint="m").data)
+        warm_parts.append(warm)
+    ref = QuantizedKVCache.from_state(state, torch.device("cpu"), None)
+    # region-wide cold over only the whole blocks: cut the cache's sealed region to those blocks first
+    joined = blk.join(warm_parts, tail)
+    ref_state = ref.export_state()
+    apply_cold(ref, COLD)
+    expect = blk.split(ref.export_state(), BT, n)[0]
+    assert n == 3 and all(content_hash(a) == content_hash(b) for a, b in zip(warm_parts, expect))
+    assert joined.num_tokens == ref_state.num_tokens
+    changed = sum(not np.array_equal(a, b) for (_, a), (_, b) in zip(warm_parts[1], parts[1]))
+    assert changed > 0  # lossy: the warm codes differ from the device codes
+
+
+def test_tampered_or_foreign_cold_blocks_are_refused(cache):
+    state = cache.export_state()
+    shape = shape_of(state)
+    part = blk.split(state, BT, 1)[0][0]
+    cb, _ = encode_cold(part, quant=DEVICE, cold=COLD, shape=shape, block_tokens=BT, index=0, model_fingerprint="m")
+    kw = dict(quant=DEVICE, shape=shape, block_tokens=BT, model_fingerprint="m")
+    flipped = bytearray(cb.data)
+    flipped[len(flipped) // 2] ^= 1
+    for bad, extra in [(bytes(flipped), {}), (cb.data[:-7], {}), (cb.data, {"index": 1}),
+                       (cb.data, {"content": bytes(32)})]:
+        with pytest.raises(ContainerError):
+            decode_cold(bad, **{**kw, "index": 0, **extra})
+    with pytest.raises(ContainerError):
+        decode_cold(cb.data, **{**kw, "model_fingerprint": "other"}, index=0)
+    with pytest.raises(ContainerError):
+        decode_cold(cb.data, **{**kw, "quant": QuantConfig.parse("int4:k8v4:g32:gv16:r16:s2")}, index=0)
+
+
+def test_cold_specs_that_cannot_store_blocks_are_refused():
+    with pytest.raises(ColdSpecError, match="multiple of the cold key group"):
+        check_cold(DEVICE, QuantConfig.parse("int:k3v2:g128:gv16"), 64)
+    with pytest.raises(ColdSpecError, match="prerope"):
+        check_cold(DEVICE, QuantConfig.parse("int:k3v2:g64:gv16:prerope"), 64)
+    with pytest.raises(ColdSpecError, match="layers"):
+        check_cold(DEVICE, QuantConfig.parse("int:g64:gv16:lb3232"), 64, layers=3)
+    check_cold(DEVICE, COLD, 128, layers=2)
