@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,7 +154,12 @@ def layout(quant: QuantConfig, shape: ModelShape, block_tokens: int, index: int)
 
 def layout_bytes(quant: QuantConfig, shape: ModelShape, block_tokens: int, index: int) -> int:
     """Bytes of block `index`'s tensors as held in memory."""
-    return sum(int(np.prod(s)) * dt.itemsize for _, dt, s in _layout(quant, shape, block_tokens, index == 0))
+    return _layout_bytes(quant, shape, block_tokens, index == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_bytes(quant: QuantConfig, shape: ModelShape, block_tokens: int, first: bool) -> int:
+    return sum(math.prod(s) * dt.itemsize for _, dt, s in _layout(quant, shape, block_tokens, first))
 
 
 @functools.lru_cache(maxsize=64)

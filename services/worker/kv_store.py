@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from kvstore.codec.block import block_header, content_hash, decode_block, encode_block
 from kvstore.codec.cold_block import check_cold, decode_cold, encode_cold, is_cold
-from kvstore.codec.container import ContainerError
+from kvstore.codec.container import HEADER_SIZE, ContainerError
 from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.config import QuantConfig
 from kvstore.hashing import hash_fields
@@ -51,6 +51,12 @@ from services.worker.session import Session
 
 log = logging.getLogger(__name__)
 _ZERO = bytes(32)
+
+
+def _tail_content(blob: bytes) -> bytes:
+    """A tail's content id: a hash of its container header, which holds the checksum of everything else
+    (`decode_kv` verifies it), so the tail's megabytes are hashed once, not twice, on a resume."""
+    return hash_fields([bytes(blob[:HEADER_SIZE])], person=b"kvstash-tail")
 
 
 @dataclass
@@ -131,7 +137,7 @@ class KVStore:
         refs = [BlockRef(named[i][0].digest, c, named[i][1]) if i < len(named)
                 else BlockRef(content_key(c, self.domain, salt).digest, c) for i, c in enumerate(contents)]
         tail_blob = encode_kv(tail, model_fingerprint=self.runner.fingerprint, level=self.level)
-        tail_content = hash_fields([tail_blob], person=b"kvstash-tail")
+        tail_content = _tail_content(tail_blob)
         if self.cold is not None:  # blocks held cold and unchanged since (a resumed session) keep their copy
             for i, prev in enumerate(s.blocks[:min(n, len(s.blocks) - 1)]):
                 if prev.content == contents[i]:
@@ -229,14 +235,15 @@ class KVStore:
         if any(d is None for d in datas):
             return Loaded(None, reason="missing")
         try:
+            if _tail_content(datas[-1]) != s.blocks[-1].content:
+                raise ContainerError("stored tail has another content hash than the session recorded")
+            tail_job = self._pool.submit(decode_kv, datas[-1], model_fingerprint=self.runner.fingerprint)
             parts = list(self._pool.map(
                 lambda i: (decode_cold if is_cold(datas[i]) else decode_block)(
                     datas[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=i,
                     model_fingerprint=self.runner.fingerprint, content=s.blocks[i].content),
                 range(len(datas) - 1)))  # the coder releases the GIL: blocks decode on every core
-            if hash_fields([datas[-1]], person=b"kvstash-tail") != s.blocks[-1].content:
-                raise ContainerError("stored tail has another content hash than the session recorded")
-            tail = decode_kv(datas[-1], model_fingerprint=self.runner.fingerprint)
+            tail = tail_job.result()
             state = blk.join(parts, tail)
             if state.quant_spec != self.quant.spec() or state.num_tokens != s.stored_kv_tokens:
                 raise ContainerError(f"stored KV ({state.quant_spec}, {state.num_tokens} tokens) does not match "
