@@ -53,6 +53,14 @@ def add_bench_parser(sub) -> None:
     add_timing_parser(kinds, str(DEFAULT_TEXT))
 
 
+def models_dir() -> str:
+    """The model cache this environment uses, for benches that run a service under a home of their own."""
+    from services.config import KvstashConfig
+    from services.worker.model_store import store_for
+
+    return str(store_for(KvstashConfig.load().model.cache_dir).cache_dir)
+
+
 def median_time(fn, reps: int) -> float:
     times = []
     for _ in range(reps):

@@ -11,7 +11,8 @@ levels 3 and 19 over the packed tensor bundle as is (`zstd`) and over the stream
 order-0 entropy of the codes and of each predictor's residuals (mod 2^bits, integer domain): none; previous
 token, same channel; cross-layer (layer l from l-1); per-channel linear (a*previous + b, coefficients
 counted); and the order-1 context the block coder uses (previous code in the channel). Throughput: MB/s of
-fp16-equivalent KV (elements x 2 bytes), one thread, over all blocks. The full-precision window is reported
+fp16-equivalent KV (elements x 2 bytes), one thread, over all blocks (decode: the best of three passes, the
+compiled coder loaded before timing). The full-precision window is reported
 as bytes per session (it is stored in the session's tail).
 """
 
@@ -108,12 +109,16 @@ def block_table(state, runner, quant, block_tokens: int) -> dict:
     shape = runner.shape
     elems = 2 * shape.layers * shape.kv_heads * block_tokens * shape.head_dim  # per block (sinks aside)
     kw = dict(quant=quant, shape=shape, block_tokens=block_tokens, model_fingerprint=runner.fingerprint)
-    encode_block(parts[0], index=0, **kw)  # compile the coder before timing it
+    first = encode_block(parts[0], index=0, **kw)  # load the compiled coder before timing it
+    decode_block(first.data, index=0, content=first.content, **kw)
     t0 = time.perf_counter()
     enc = [encode_block(p, index=i, **kw) for i, p in enumerate(parts)]
-    t1 = time.perf_counter()
-    back = [decode_block(e.data, index=i, content=e.content, **kw) for i, e in enumerate(enc)]
-    t2 = time.perf_counter()
+    encode_s = time.perf_counter() - t0
+    decode_s = float("inf")
+    for _ in range(3):  # the best of three passes over every block: the machine's other load aside
+        t1 = time.perf_counter()
+        back = [decode_block(e.data, index=i, content=e.content, **kw) for i, e in enumerate(enc)]
+        decode_s = min(decode_s, time.perf_counter() - t1)
     for p, b in zip(parts, back):
         assert all(x.tobytes() == y.tobytes() for (_, x), (_, y) in zip(p, b)), "lossless round trip failed"
     per_block = [len(e.data) * 8 / elems for e in enc]
@@ -123,8 +128,8 @@ def block_table(state, runner, quant, block_tokens: int) -> dict:
                             ("streams-19", 19, True)):
         coders[name] = _zstd_bits(parts, quant, level, tf) / (n * elems)
     return {"block_tokens": block_tokens, "blocks": n, "coders": coders, "worst_block": max(per_block),
-            "blocks_over_4.45": sum(b > 4.45 for b in per_block), "encode_mb_s": fp16_mb / (t1 - t0),
-            "decode_mb_s": fp16_mb / (t2 - t1)}
+            "blocks_over_4.45": sum(b > 4.45 for b in per_block), "encode_mb_s": fp16_mb / encode_s,
+            "decode_mb_s": fp16_mb / decode_s}
 
 
 def run_codec(args) -> int:
