@@ -143,10 +143,10 @@ def decode_cold(data: bytes, *, quant: QuantConfig, shape: ModelShape, block_tok
     try:
         warm = _warm(cold_layers, layout(quant, shape, block_tokens, index), quant, cold, shape,
                      index * block_tokens)
-    except (KeyError, IndexError, RuntimeError, ValueError) as e:
-        if isinstance(e, ContainerError):
-            raise
-        raise ContainerError(f"stored cold block does not decode: {e}") from None
+    except ContainerError:
+        raise
+    except (KeyError, IndexError, RuntimeError, ValueError, TypeError, ArithmeticError) as e:
+        raise ContainerError(f"stored cold block does not decode: {type(e).__name__}: {e}") from None
     if content_hash(warm).hex() != meta["content"]:
         raise ContainerError("cold block warmed up to other bytes than it recorded")
     return warm

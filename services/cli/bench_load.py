@@ -1,14 +1,17 @@
 """`kvstash bench load`: tokens per second and time to first token against the number of concurrent sessions.
 
     kvstash bench load [--target HOST:PORT] [--model M] [--workers 1] [--concurrency 1,2,4,8]
-                       [--seconds 20] [--new-tokens 32] [--prompt-tokens 64] [--resume-every 4] [--json]
+                       [--seconds 20] [--new-tokens 32] [--prompt-tokens 64] [--resume-every 4]
+                       [--metrics-url URL] [--json]
 
 Without `--target` it starts the service itself (`kvstash up` as a child process: its own redis-server,
 local Ray, the model) and stops it afterwards. For each concurrency N, N asyncio clients stream calls over
 real gRPC for `--seconds`: each client opens a session with a prompt of `--prompt-tokens` tokens, and
 every `--resume-every`-th call instead evicts one of its sessions and resumes it (restore from Redis).
 Measured from the client side: generated tokens per second (all clients), p50/p99 time to first token,
-calls by status code (only OK and the intended RESOURCE_EXHAUSTED backpressure are expected).
+calls by status code (only OK and the intended RESOURCE_EXHAUSTED backpressure are expected), and from
+the service's own counters (its /metrics, or `--metrics-url` with `--target`) the offloads, restores from
+Redis and recomputations each phase caused.
 The N=1 row is the baseline the others are compared against (`speedup` = tokens/s over N=1's).
 """
 
@@ -25,6 +28,7 @@ def add_load_parser(kinds) -> None:
     p = kinds.add_parser("load", help="tokens/s and time to first token against concurrent sessions (real gRPC)")
     p.add_argument("--target", default="", help="a running gateway; empty starts one (kvstash up)")
     p.add_argument("--api-key", default=None)
+    p.add_argument("--metrics-url", default="", help="the gateway's /metrics (with --target) for offload/restore counts")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--kv", default="")
     p.add_argument("--workers", type=int, default=1)
@@ -95,11 +99,41 @@ async def _phase(target, api_key, n, args) -> dict:
             "seconds": wall}
 
 
+COUNTERS = ("kvstash_offloads_total", "kvstash_restores_total", "kvstash_recomputes_total")
+
+
+def _counters(url: str) -> dict[str, float]:
+    """The service's offload, restore and recompute counters (summed over labels) from its /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        text = r.read().decode()
+    out = dict.fromkeys(COUNTERS, 0.0)
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name in out:
+                out[sample.name] += sample.value
+    return out
+
+
+def _counted_phase(target, api_key, n, args, metrics_url: str, settle_s: float) -> dict:
+    before = _counters(metrics_url) if metrics_url else {}
+    row = asyncio.run(_phase(target, api_key, n, args))
+    if metrics_url:
+        time.sleep(settle_s)  # the gateway collects worker metrics periodically
+        after = _counters(metrics_url)
+        for name in COUNTERS:
+            row[name.removeprefix("kvstash_").removesuffix("_total")] = int(after[name] - before[name])
+    return row
+
+
 def run_load(args) -> int:
     from services.runtime.process import ServiceProcess
 
     svc = None
-    target = args.target
+    target, metrics_url = args.target, args.metrics_url
     if not target:
         env = {"KVSTASH_MODEL__NAME": args.model, "KVSTASH_RAY__NUM_WORKERS": str(args.workers),
                "KVSTASH_REDIS__DATA_DIR": tempfile.mkdtemp(prefix="kvstash-load-"),
@@ -107,9 +141,10 @@ def run_load(args) -> int:
         if args.kv:
             env["KVSTASH_KV__SPEC"] = args.kv
         svc = ServiceProcess(tempfile.mkdtemp(prefix="kvstash-load-"), env).start(timeout=600)
-        target = svc.target
+        target, metrics_url = svc.target, svc.metrics_url
     try:
-        rows = [asyncio.run(_phase(target, args.api_key, int(n), args)) for n in args.concurrency.split(",")]
+        rows = [_counted_phase(target, args.api_key, int(n), args, metrics_url, 3.0)
+                for n in args.concurrency.split(",")]
     finally:
         if svc is not None:
             svc.stop()
@@ -119,9 +154,10 @@ def run_load(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print("| sessions | tokens/s | vs 1 | TTFT p50 s | TTFT p99 s | calls | status codes |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| sessions | tokens/s | vs 1 | TTFT p50 s | TTFT p99 s | calls | status codes | offloads | restores | recomputes |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['ttft_p50_s']:.3f} "
-              f"| {r['ttft_p99_s']:.3f} | {r['calls']} | {r['codes']} |")
+              f"| {r['ttft_p99_s']:.3f} | {r['calls']} | {r['codes']} | {r.get('offloads', '')} "
+              f"| {r.get('restores', '')} | {r.get('recomputes', '')} |")
     return 0

@@ -89,3 +89,40 @@ def test_cold_specs_that_cannot_store_blocks_are_refused():
     with pytest.raises(ColdSpecError, match="layers"):
         check_cold(DEVICE, QuantConfig.parse("int:g64:gv16:lb3232"), 64, layers=3)
     check_cold(DEVICE, COLD, 128, layers=2)
+
+
+def test_a_well_formed_container_with_foreign_tensors_is_refused_not_crashed(cache):
+    """Decoding gives exactly the recorded warm block or raises ContainerError, whatever the tensors."""
+    from kvstore.codec.container import Codec, Kind
+    from kvstore.codec.kv import decode_kv, encode_kv
+    from kvstore.quant.state import KVState
+
+    state = cache.export_state()
+    shape = shape_of(state)
+    part = blk.split(state, BT, 2)[0][1]
+    cb, warm = encode_cold(part, quant=DEVICE, cold=COLD, shape=shape, block_tokens=BT, index=1,
+                           model_fingerprint="m")
+    good = decode_kv(cb.data, kind=Kind.COLD_BLOCK)
+    kw = dict(quant=DEVICE, shape=shape, block_tokens=BT, index=1, model_fingerprint="m", content=cb.content)
+    rng = np.random.default_rng(0)
+    variants = [
+        [(n, a[..., :1]) for n, a in good.tensors],  # shapes cut short
+        [(n, rng.integers(0, 255, a.shape, dtype=np.uint8)) if a.dtype == np.uint8 else (n, a)
+         for n, a in good.tensors],  # codes replaced: warms up to other bytes
+        [(n, np.full_like(a, np.inf)) if a.dtype == np.float16 else (n, a) for n, a in good.tensors],  # steps
+        good.tensors[:3],  # layers missing
+    ]
+    for tensors in variants:
+        forged = encode_kv(KVState(good.num_tokens, good.quant_spec, good.meta, tensors), model_fingerprint="m",
+                           codec=Codec.ZSTD_STREAMS, kind=Kind.COLD_BLOCK)
+        with pytest.raises(ContainerError):
+            decode_cold(forged, **kw)
+    # other dtypes holding the same values warm up to the recorded bytes: accepted, and exactly those
+    same = encode_kv(KVState(good.num_tokens, good.quant_spec, good.meta,
+                             [(n, a.astype(np.float32)) for n, a in good.tensors]), model_fingerprint="m",
+                     codec=Codec.ZSTD_STREAMS, kind=Kind.COLD_BLOCK)
+    try:
+        got = decode_cold(same, **kw)
+    except ContainerError:
+        return
+    assert [(n, a.tobytes()) for n, a in got] == [(n, a.tobytes()) for n, a in warm]
