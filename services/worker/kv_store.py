@@ -155,9 +155,9 @@ class KVStore:
             if clashes:
                 status.update(zip(clashes, self.tier.check(s.tenant, [refs[i] for i in clashes])))
             absent = [i for i in todo if status[i].state == "absent" and refs[i].key not in blobs]
-            if self.cold is not None:
-                absent = self._store_cold(s.tenant, parts, refs, [i for i in absent if not refs[i].public], blobs) \
-                    + [i for i in absent if refs[i].public]
+            if self.cold is not None:  # the session's own blocks go cold; public ones stay lossless
+                self._store_cold(s.tenant, parts, refs, [i for i in absent if not refs[i].public], blobs)
+                absent = [i for i in absent if refs[i].public]
             for i, enc in zip(absent, self._pool.map(
                     lambda i: encode_block(parts[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens,
                                            index=i, model_fingerprint=self.runner.fingerprint), absent)):
@@ -191,9 +191,9 @@ class KVStore:
             return done.bytes + stored
         raise RuntimeError(f"offload of {s.tenant}/{s.session_id} kept racing other writers")
 
-    def _store_cold(self, tenant: str, parts, refs: list[BlockRef], idx: list[int], blobs: dict) -> list[int]:
-        """Cold-encode blocks `idx`: their refs become content keys of the warm content, blobs are added for
-        the ones Redis lacks. Returns the indices still to encode losslessly (none)."""
+    def _store_cold(self, tenant: str, parts, refs: list[BlockRef], idx: list[int], blobs: dict) -> None:
+        """Cold-encode blocks `idx`: their refs become content keys of the warm content, and blobs are added
+        for the ones Redis does not hold yet."""
         salt = self.salt(tenant)
         coded = list(self._pool.map(
             lambda i: encode_cold(parts[i], quant=self.quant, cold=self.cold, shape=self.shape,
@@ -205,7 +205,6 @@ class KVStore:
         for i, cb, st in zip(idx, coded, status):
             if st.state != "present":
                 blobs[refs[i].key] = cb.data
-        return []
 
     # ---- reading -------------------------------------------------------------------------------------
     def _fetch(self, tenant: str, refs: list[BlockRef]) -> tuple[list[bytes | None], str]:
