@@ -7,7 +7,10 @@ state exported and cut into blocks of B sealed tokens as the service stores them
 Bits are per sealed K/V element of a block, everything counted (codes, scales and zeros, side tables,
 headers). Coders: `rans-ctx` (the service's block codec, kvstore/codec/entropy.py), and as baselines zstd
 levels 3 and 19 over the packed tensor bundle as is (`zstd`) and over the stream-transformed bundle
-(`streams`: channel-major key codes, byte planes; the session codec of earlier releases). Floors: the
+(`streams`: channel-major key codes, byte planes; the session codec of earlier releases), zstd-19 in long
+mode (`-long`: long-distance matching, 128 MiB window), and zstd-19 with a dictionary per model and spec
+(`-dict`: 112 KiB, trained on the blocks of another session of the same model and spec, the next
+`--tokens` tokens of the text). Floors: the
 order-0 entropy of the codes and of each predictor's residuals (mod 2^bits, integer domain): none; previous
 token, same channel; cross-layer (layer l from l-1); per-channel linear (a*previous + b, coefficients
 counted); and the order-1 context the block coder uses (previous code in the channel). Throughput: MB/s of
@@ -84,23 +87,40 @@ def predictor_floors(state, quant, layers: int) -> dict[str, float]:
     return out
 
 
-def _zstd_bits(parts, quant, level: int, transform: bool) -> int:
-    import zstandard
-
+def _bundles(parts, quant, transform: bool) -> list[bytes]:
+    """Each block's tensor bundle, stream-transformed (`streams`) or as is (`zstd`)."""
     from kvstore.codec import streams
     from kvstore.codec.tensors import encode_tensors
 
-    total = 0
-    z = zstandard.ZstdCompressor(level=level)
+    out = []
     for part in parts:
         if transform:
             ctx = streams.StreamContext.of(quant.spec(), {n: a.shape for n, a in part})
             part = [(n, streams.forward(n, a, ctx)) for n, a in part]
-        total += len(z.compress(encode_tensors(part))) * 8
-    return total
+        out.append(encode_tensors(part))
+    return out
 
 
-def block_table(state, runner, quant, block_tokens: int) -> dict:
+def train_dictionary(parts, quant, size: int = 112 << 10):
+    """A zstd dictionary trained on the stream-transformed blocks of another session (same model and spec)."""
+    import zstandard
+
+    samples = [b[i:i + (16 << 10)] for b in _bundles(parts, quant, True) for i in range(0, len(b), 16 << 10)]
+    return zstandard.train_dictionary(size, samples, k=1024, d=8, threads=1)
+
+
+def _zstd_bits(parts, quant, level: int, transform: bool, *, long: bool = False, dictionary=None) -> int:
+    import zstandard
+
+    if long:  # long-distance matching over a 128 MiB window
+        params = zstandard.ZstdCompressionParameters.from_level(level, window_log=27, enable_ldm=True)
+        z = zstandard.ZstdCompressor(compression_params=params)
+    else:
+        z = zstandard.ZstdCompressor(level=level, dict_data=dictionary)
+    return sum(len(z.compress(b)) * 8 for b in _bundles(parts, quant, transform))
+
+
+def block_table(state, runner, quant, block_tokens: int, train_state=None) -> dict:
     from kvstore.codec.block import decode_block, encode_block
     from kvstore.prefix import blocks as blk
 
@@ -127,6 +147,11 @@ def block_table(state, runner, quant, block_tokens: int) -> dict:
     for name, level, tf in (("zstd-3", 3, False), ("zstd-19", 19, False), ("streams-3", 3, True),
                             ("streams-19", 19, True)):
         coders[name] = _zstd_bits(parts, quant, level, tf) / (n * elems)
+    coders["streams-19-long"] = _zstd_bits(parts, quant, 19, True, long=True) / (n * elems)
+    if train_state is not None:  # a dictionary per model and spec, trained on another session's blocks
+        train_parts, _ = blk.split(train_state, block_tokens, blk.whole_blocks(train_state, block_tokens))
+        dictionary = train_dictionary(train_parts, quant)
+        coders["streams-19-dict"] = _zstd_bits(parts, quant, 19, True, dictionary=dictionary) / (n * elems)
     return {"block_tokens": block_tokens, "blocks": n, "coders": coders, "worst_block": max(per_block),
             "blocks_over_4.45": sum(b > 4.45 for b in per_block), "encode_mb_s": fp16_mb / encode_s,
             "decode_mb_s": fp16_mb / decode_s}
@@ -146,10 +171,11 @@ def run_codec(args) -> int:
     torch.set_num_threads(1)
     quant = QuantConfig.load(args.kv)
     runner = ModelRunner.load(ModelConfig(name=args.model))
-    ids = load_ids(runner, args.text, args.tokens)
+    ids = load_ids(runner, args.text, 2 * args.tokens)
     store, _ = worker_store(runner, "redis://127.0.0.1:1/0", args.kv, "bench-codec")
-    cache, _ = prefill(runner, store, ids)
+    cache, _ = prefill(runner, store, ids[:args.tokens])
     state = cache.export_state()
+    train_state = prefill(runner, store, ids[args.tokens:])[0].export_state()  # the dictionary's session
     sealed = blk.whole_blocks(state, quant.key_group) * quant.key_group
     elements = 2 * runner.shape.layers * runner.shape.kv_heads * sealed * runner.shape.head_dim
     meta_raw = sum(a.nbytes for n, a in state.tensors if n.endswith(("_scale", "_zero"))) * 8 / elements
@@ -159,7 +185,7 @@ def run_codec(args) -> int:
     res = {"spec": quant.spec(), "tokens": len(ids), "sealed_elements": elements,
            "packed_bits_per_element": packed * 8 / elements, "metadata_raw_bits_per_element": meta_raw,
            "floors": predictor_floors(state, quant, runner.num_layers),
-           "blocks": [block_table(state, runner, quant, int(b)) for b in args.blocks.split(",")],
+           "blocks": [block_table(state, runner, quant, int(b), train_state) for b in args.blocks.split(",")],
            "window_bytes_per_session": len(encode_kv(window, model_fingerprint=runner.fingerprint, level=9))}
     default = next((b for b in res["blocks"] if b["block_tokens"] == store.block_tokens), res["blocks"][0])
     res.update(block_tokens=default["block_tokens"], bits_per_element=default["coders"]["rans-ctx"],
