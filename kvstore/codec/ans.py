@@ -238,10 +238,10 @@ def rans_encode(sym, ctx, t_n, freq, start):
 
 @inline
 def _step(x, ctx, words, p, lut):  # one rANS decode step -> (symbol, state, word position)
-    e = np.int64(lut[ctx, x & (M - 1)])
+    e = np.int64(lut[np.uint64(ctx), np.uint64(x & (M - 1))])  # unsigned indices: no wraparound checks
     x = ((e >> 20) + 1) * (x >> PB) + ((e >> 8) & (M - 1))
     nd = np.int64(x < RL)
-    return e & 255, (x << (nd << 4)) | (np.int64(words[p]) & -nd), p + nd
+    return e & 255, (x << (nd << 4)) | (np.int64(words[np.uint64(p)]) & -nd), p + nd
 
 
 @jit
@@ -257,8 +257,9 @@ def _decode_group(st, words, lut, out, b0, t_n, cs, first, o, offt):
         s1, x1, p = _step(x1, c1 + f + o1, words, p, lut)
         s2, x2, p = _step(x2, c2 + f + o2, words, p, lut)
         s3, x3, p = _step(x3, c3 + f + o3, words, p, lut)
-        i = b0 + j
-        out[i], out[i + t_n], out[i + 2 * t_n], out[i + 3 * t_n] = s0, s1, s2, s3
+        i = np.uint64(b0 + j)
+        u = np.uint64(t_n)
+        out[i], out[i + u], out[i + 2 * u], out[i + 3 * u] = s0, s1, s2, s3
         c0, c1, c2, c3 = s0 >> cs, s1 >> cs, s2 >> cs, s3 >> cs
     st[0], st[1], st[2], st[3], st[4] = x0, x1, x2, x3, p
 
