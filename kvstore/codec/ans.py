@@ -69,8 +69,10 @@ def _pack48(sym, bits, out):  # 4- and 8-bit codes [R, n, T] -> out [R, T, m]
             if bits == 8:
                 out[r, :, i] = sym[b0:b0 + nt]
             else:
+                ub, un, ur, ui = np.uint64(b0), np.uint64(nt), np.uint64(r), np.uint64(i)
                 for t in range(nt):
-                    out[r, t, i] = sym[b0 + t] | (sym[b0 + nt + t] << 4)
+                    ut = np.uint64(t)
+                    out[ur, ut, ui] = sym[ub + ut] | (sym[ub + un + ut] << 4)
 
 
 @jit
@@ -92,8 +94,9 @@ def tok_classes(codes, g, t_n, gv, a, k0, mult, offt):
     lo, hi, b = 2 * (a - 1) - a // 4, 2 * (a - 1) + a // 4, (g * NL - NL) * t_n
     r0, r1, r2, r3 = codes[b:b + t_n], codes[b + t_n:b + 2 * t_n], codes[b + 2 * t_n:b + 3 * t_n], codes[b + 3 * t_n:]
     for t in range(t_n):
-        sm = np.int32(r0[t]) + np.int32(r1[t]) + np.int32(r2[t]) + np.int32(r3[t])
-        offt[t] = ((sm >= lo) + (sm >= hi)) * mult
+        u = np.uint64(t)
+        sm = np.int32(r0[u]) + np.int32(r1[u]) + np.int32(r2[u]) + np.int32(r3[u])
+        offt[u] = ((sm >= lo) + (sm >= hi)) * mult
 
 
 @jit
@@ -252,7 +255,7 @@ def _decode_group(st, words, lut, out, b0, t_n, cs, first, o, offt):
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
     c0 = c1 = c2 = c3 = first
     for j in range(t_n):
-        f = offt[j]
+        f = offt[np.uint64(j)]
         s0, x0, p = _step(x0, c0 + f + o0, words, p, lut)
         s1, x1, p = _step(x1, c1 + f + o1, words, p, lut)
         s2, x2, p = _step(x2, c2 + f + o2, words, p, lut)
@@ -384,11 +387,14 @@ def group_stats(sym, nt, n, keys, ng, dn):
             for gi in range(ng if keys else 0):
                 b1 = b2 = np.int32(0)
                 for t in range(gi * cnt, (gi + 1) * cnt):
-                    b1, b2 = b1 + np.int32(row[t]), b2 + np.int32(row[t]) * np.int32(row[t])
+                    c = np.int32(row[np.uint64(t)])
+                    b1, b2 = b1 + c, b2 + c * c
                 s1[(r * ng + gi) * dn + k], s2[(r * ng + gi) * dn + k] = b1, b2
             if not keys:  # values: accumulate a group's channels token by token
                 for t in range(nt):
-                    a1[t], a2[t] = a1[t] + np.int32(row[t]), a2[t] + np.int32(row[t]) * np.int32(row[t])
+                    ut = np.uint64(t)
+                    c = np.int32(row[ut])
+                    a1[ut], a2[ut] = a1[ut] + c, a2[ut] + c * c
                 if (k + 1) % cnt == 0:
                     for t in range(nt):
                         s1[(r * nt + t) * ng + k // cnt], s2[(r * nt + t) * ng + k // cnt] = a1[t], a2[t]
