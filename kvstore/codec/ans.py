@@ -324,9 +324,10 @@ def desymbolize(syms, buf, lim, pos, res):  # inverse of symbolize -> the bit po
         return -1
     acc, na, byte = np.int64(buf[pos >> 3]) >> (pos & 7), 8 - (pos & 7), (pos >> 3) + 1  # bit reader
     for i in range(syms.size):
-        u = np.int64(syms[i]) - 3
+        ui = np.uint64(i)
+        u = np.int64(syms[ui]) - 3
         if u < 0:
-            res[i] = (0, 1, -1)[u + 3]
+            res[ui] = 0 if u == -3 else (1 if u == -2 else -1)
             continue
         nb_ = (u >> 2)  # raw bits
         while na < nb_:  # refill (zero slack past lim; lim checked at the end)
@@ -335,7 +336,7 @@ def desymbolize(syms, buf, lim, pos, res):  # inverse of symbolize -> the bit po
         acc, na, pos = acc >> nb_, na - nb_, pos + nb_
         if nb_ > 14 or ((u & 1) == 0 and a > 32767):
             return -1
-        res[i] = -a if (u & 1) else a
+        res[ui] = -a if (u & 1) else a
     return pos if pos <= lim else -1
 
 

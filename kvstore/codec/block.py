@@ -111,4 +111,5 @@ def decode_block(data: bytes, *, quant: QuantConfig, shape: ModelShape, block_to
         raise ContainerError("stored block has another content hash than the session recorded")
     if meta["raw_bytes"] != layout_bytes(quant, shape, block_tokens, index):
         raise ContainerError(f"block claims {meta['raw_bytes']} bytes of tensors, its layout holds another size")
-    return entropy.decode_block(payload, layout(quant, shape, block_tokens, index), code_bits(quant, shape))
+    return entropy.decode_block(payload, layout(quant, shape, block_tokens, index), code_bits(quant, shape),
+                                verified=True)  # unpack_container checked the checksum over these bytes

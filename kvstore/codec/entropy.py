@@ -351,14 +351,18 @@ def _decode_symbols(w: np.ndarray, nw: int, nsym: int, s: _Stream | None, mode: 
     return out[:nsym]
 
 
-def decode_block(payload: bytes, layout: Layout, bits: dict[str, int]) -> list[tuple[str, np.ndarray]]:
-    """Inverse of encode_block for a block of this layout; raises ContainerError on any mismatch."""
+def decode_block(payload: bytes, layout: Layout, bits: dict[str, int], *,
+                 verified: bool = False) -> list[tuple[str, np.ndarray]]:
+    """Inverse of encode_block for a block of this layout; raises ContainerError on any mismatch.
+
+    `verified`: the caller already checked these exact bytes with a stronger checksum (the container's),
+    so the payload's own CRC need not be computed again."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise _err(f"payload must be bytes, not {type(payload).__name__}")
     plan = _plan_of(layout, bits)
     r = _Reader(memoryview(payload).cast("B"))
     crc, fmt, n_tab, n_raw, n_gen = r.unpack(_HEAD, "header")
-    if zlib.crc32(r.data[4:]) != crc:
+    if not verified and zlib.crc32(r.data[4:]) != crc:
         raise _err("checksum mismatch: the payload is corrupt")
     if fmt != FORMAT:
         raise _err(f"unknown block format {fmt} (this build reads {FORMAT})")
