@@ -47,7 +47,8 @@ class PrefixConfig:
     enabled: bool = _f(True, "Share KV of common prompt prefixes: dedup stored blocks across sessions and adopt a "
                              "stored prefix instead of prefilling it (tenant-private unless marked public).")
     block_tokens: int = _f(0, "Tokens per stored KV block, a multiple of the key group; 0 means the smallest multiple "
-                              "of the key group >= 64 (where the block coder reaches its bits; see docs/BENCHMARKS.md).")
+                              "of the key group (and the cold key group) >= 128, or >= prefill_chunk when that is "
+                              "smaller (128 codes in fewer bits and decodes faster than 64; see docs/BENCHMARKS.md).")
     prefill_chunk: int = _f(512, "Prefills run in passes ending at multiples of this many tokens (a multiple of "
                                  "block_tokens); the complete passes from position 0 are what sessions share.")
     trie_bytes: int = _f(256 << 20, "Host bytes of hot prefix blocks each worker keeps (the prefix trie); 0 disables it.")
@@ -181,7 +182,8 @@ class KvstashConfig:
         g = self.quant.key_group
         if self.cold is not None:
             g = math.lcm(g, self.cold.key_group)  # cold blocks hold whole cold key groups
-        return self.prefix.block_tokens or -(-64 // g) * g
+        least = min(128, self.prefix.prefill_chunk) if self.prefix.prefill_chunk > 0 else 128
+        return self.prefix.block_tokens or -(-least // g) * g
 
     def validate(self) -> None:
         quant = self.quant  # raises QuantConfigError on a bad spec

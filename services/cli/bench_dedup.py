@@ -1,6 +1,6 @@
 """`kvstash bench dedup`: Redis bytes of many sessions sharing a system prompt, against storing each alone.
 
-    kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--kv SPEC] [--json]
+    kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--kv SPEC] [--block-tokens B] [--json]
 
 Each session's prompt is the same `--prefix` tokens of text followed by `--own` tokens of its own (from
 another part of the text). Each runs through a real worker `Engine` (real model, real redis-server, the
@@ -32,6 +32,7 @@ def add_dedup_parser(kinds, text_default: str) -> None:
     p.add_argument("--prefix", type=int, default=1024, help="tokens of the shared prompt prefix")
     p.add_argument("--own", type=int, default=128, help="tokens of each session's own prompt")
     p.add_argument("--scenarios", default="one-tenant,public,private-tenants")
+    p.add_argument("--block-tokens", type=int, default=0, help="prefix.block_tokens (0: the service default)")
     p.add_argument("--redis-url", default="")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=run_dedup)
@@ -100,7 +101,8 @@ def run_dedup(args) -> int:
             cfg = KvstashConfig.from_dict({
                 "model": {"name": args.model}, "kv": {"spec": args.kv, "quality_sample_rate": 0},
                 "redis": {"url": args.redis_url or server.url, "namespace": f"dedup-{name}-{int(time.time())}"},
-                "session": {"idle_timeout_s": 1e9}, "tiers": {"host_bytes": 0, "collect_interval_s": 0}})
+                "session": {"idle_timeout_s": 1e9}, "tiers": {"host_bytes": 0, "collect_interval_s": 0},
+                "prefix": {"block_tokens": args.block_tokens}})
             engine = Engine(cfg)
             try:
                 rows.append(scenario(engine, name, system, owns))
