@@ -179,11 +179,9 @@ class KvstashConfig:
 
     @property
     def block_tokens(self) -> int:
-        g = self.quant.key_group
-        if self.cold is not None:
-            g = math.lcm(g, self.cold.key_group)  # cold blocks hold whole cold key groups
-        least = min(128, self.prefix.prefill_chunk) if self.prefix.prefill_chunk > 0 else 128
-        return self.prefix.block_tokens or -(-least // g) * g
+        cold = self.cold
+        return self.prefix.block_tokens or default_block_tokens(
+            self.quant.key_group, cold.key_group if cold is not None else 1, self.prefix.prefill_chunk)
 
     def validate(self) -> None:
         quant = self.quant  # raises QuantConfigError on a bad spec
@@ -207,6 +205,14 @@ class KvstashConfig:
             raise ValueError("ray.num_workers must be >= 1")
         if self.session.default_max_new_tokens > self.session.max_new_tokens_limit:
             raise ValueError("session.default_max_new_tokens exceeds session.max_new_tokens_limit")
+
+
+def default_block_tokens(key_group: int, cold_key_group: int, prefill_chunk: int) -> int:
+    """`prefix.block_tokens` 0: the smallest multiple of both key groups (cold blocks hold whole cold key
+    groups) >= 128, or >= prefill_chunk when that is smaller."""
+    g = math.lcm(key_group, cold_key_group)
+    least = min(128, prefill_chunk) if prefill_chunk > 0 else 128
+    return -(-least // g) * g
 
 
 def _set_section(cfg: KvstashConfig, section: str, values: dict[str, Any]) -> None:

@@ -124,7 +124,8 @@ def run_soak(args) -> int:
 
     home = tempfile.mkdtemp(prefix="kvstash-soak-")
     redis_server = RedisServer(data_dir=str(Path(home) / "redis"), appendonly=True).start()
-    env = {"KVSTASH_MODEL__NAME": args.model, "KVSTASH_MODEL__CACHE_DIR": models_dir(), "KVSTASH_RAY__NUM_WORKERS": "2", "KVSTASH_HOME": home,
+    env = {"KVSTASH_MODEL__NAME": args.model, "KVSTASH_MODEL__CACHE_DIR": models_dir(),
+           "KVSTASH_RAY__NUM_WORKERS": "2", "KVSTASH_HOME": home,
            "KVSTASH_REDIS__URL": redis_server.url, "KVSTASH_SESSION__IDLE_TIMEOUT_S": "20",
            "KVSTASH_SESSION__IDLE_CHECK_INTERVAL_S": "1", "KVSTASH_REDIS__SOCKET_TIMEOUT_S": "2"}
     if args.kv:

@@ -75,7 +75,8 @@ def run_timing(args) -> int:
     fresh = [f"key-b{i}" for i in range(2 * args.trials)]  # a new tenant per trial and phase
     (home / "keys.toml").write_text('[keys]\n"key-a" = "alpha"\n"key-ops" = "ops"\n'
                                     + "".join(f'"{k}" = "beta{i}"\n' for i, k in enumerate(fresh)))
-    svc = ServiceProcess(home / "service", {"KVSTASH_MODEL__NAME": args.model, "KVSTASH_MODEL__CACHE_DIR": models_dir(), "KVSTASH_HOME": str(home),
+    svc = ServiceProcess(home / "service", {"KVSTASH_MODEL__NAME": args.model, "KVSTASH_MODEL__CACHE_DIR": models_dir(),
+                                            "KVSTASH_HOME": str(home),
                                             "KVSTASH_GATEWAY__API_KEYS_FILE": str(home / "keys.toml"),
                                             "KVSTASH_GATEWAY__ADMIN_TENANTS": "ops"}).start(timeout=600)
     rng = random.Random(0)

@@ -97,17 +97,15 @@ def region_bits(cache, cold, rope) -> tuple[int, int, int]:
     return encoded_bits(cold_named, spec), encoded_bits(dev_named, spec), elems
 
 
-def stored_bits(state, runner, device, cold) -> tuple[int, int, int]:
+def stored_bits(state, runner, device, cold, prefill_chunk: int) -> tuple[int, int, int]:
     """(bits as cold blocks, bits as lossless blocks, elements) of the whole blocks of `state`, cut as the
-    service cuts them (block_tokens = the smallest multiple of both key groups >= 64)."""
-    import math
-
+    service cuts them (its default `prefix.block_tokens` for these specs and prefill chunk)."""
     from kvstore.codec.block import encode_block
     from kvstore.codec.cold_block import encode_cold
     from kvstore.prefix import blocks as blk
+    from services.config import default_block_tokens
 
-    g = math.lcm(device.key_group, cold.key_group)
-    bt = -(-64 // g) * g
+    bt = default_block_tokens(device.key_group, cold.key_group, prefill_chunk)
     shape = blk.ModelShape.of_state(state)
     n = blk.whole_blocks(state, bt)
     parts, _ = blk.split(state, bt, n)
@@ -177,7 +175,7 @@ def run_cold(args) -> int:
             cb, db, n = region_bits(cache, cold, rope)
             bits, dev_bits, elems = bits + cb, dev_bits + db, elems + n
             if not cold.pre_rope:
-                sb, sd, se = stored_bits(state, runner, device, cold)
+                sb, sd, se = stored_bits(state, runner, device, cold, args.prefill_chunk)
                 st_bits, st_dev, st_elems = st_bits + sb, st_dev + sd, st_elems + se
             apply_cold(cache, cold, rope=rope)
             lp_c = continuation_logprobs(runner, cache, cont, args.chunk)

@@ -34,3 +34,11 @@ def test_bad_config_is_rejected_clearly(d, needle):
 
 def test_readme_config_reference_is_current():
     assert reference_markdown() in README.read_text(), "README config reference is stale: paste `kvstash config`"
+
+
+def test_default_block_size_follows_key_groups_and_prefill_chunk():
+    assert KvstashConfig().block_tokens == 128
+    assert KvstashConfig.from_dict({"prefix": {"prefill_chunk": 64}}).block_tokens == 64
+    assert KvstashConfig.from_dict({"tiers": {"cold_spec": "int:k3v2:g128:gv64:s1:hadv"}}).block_tokens == 128
+    assert KvstashConfig.from_dict({"kv": {"spec": "int4:g48:r128"}, "prefix": {"prefill_chunk": 576}}).block_tokens == 144
+    assert KvstashConfig.from_dict({"prefix": {"block_tokens": 64}}).block_tokens == 64
