@@ -53,8 +53,6 @@ def check_cold(quant: QuantConfig, cold: QuantConfig, block_tokens: int, layers:
     if block_tokens % cold.key_group:
         raise ColdSpecError(f"block_tokens={block_tokens} must be a multiple of the cold key group "
                             f"{cold.key_group}")
-    if cold.sinks and cold.sinks >= block_tokens:
-        raise ColdSpecError(f"cold kept tokens s{cold.sinks} must be fewer than block_tokens={block_tokens}")
     if layers is not None and cold.layer_bits and len(cold.layer_bits) != layers:
         raise ColdSpecError(f"the cold spec sets bits for {len(cold.layer_bits)} layers; the model has {layers}")
 
