@@ -1,13 +1,13 @@
 """Numba kernels of the KV block coder (`kvstore.codec.entropy`): code (un)packing, contexts, frequency
-tables, 4-lane rANS, residual symbols, and the scale/zero predictors.
+tables, residual symbols, and the scale/zero predictors (the rANS coder itself: `kvstore.codec.rans`).
 
 Invariants:
 - Deterministic on every machine: integer arithmetic and IEEE float64 `+ - * /` only (no libm, no
   fastmath), so encoder and decoder derive bit-identical contexts and predictions.
 - Decoders never index out of bounds nor loop longer than their given sizes, whatever the bytes; they
   return -1 (or a bit position of -1) for the caller to raise ContainerError.
-- rANS: 32-bit states in [RL, RL << 16), 16-bit renormalisation, PB-bit frequencies summing to M in every
-  table row; a row without symbols is uniform, so every row decodes safely.
+- Frequency tables: PB-bit frequencies summing to M in every table row; a row without symbols is uniform,
+  so every row decodes safely.
 Layouts: packed codes [R, T, m] uint8 (m = bits * n / 8, or n for 8 bits); "rows" = one channel over the
 block's T tokens, channel-major ([R, n, T] flat). A code's table row is class * P + (previous code of its
 row >> cs), P = (A >> cs) + 1, P - 1 for a row's first code; classes: mode 0 none, mode 1 the channel's
@@ -207,97 +207,6 @@ def get_table(buf, lim, pos, nc, a):  # inverse of put_table -> (q, pos); pos -1
             if pos < 0 or bit == 0 or not 0 <= q[c, s] <= QMAX:
                 return q, -1
     return q, pos
-
-
-# ---- rANS -------------------------------------------------------------------------------------------
-@jit
-def rans_encode(sym, ctx, t_n, freq, start):
-    """Codes sym [rows*T] with table rows ctx -> uint16 words, in the exact reverse of rans_decode's order
-    (groups of NL rows interleaved token by token, then the tail rows on lane 0)."""
-    rows, out, k = sym.size // t_n, np.empty(sym.size + 2 * NL, np.uint16), 0
-    x, order, rcp = np.full(NL, RL, np.int64), np.empty(NL, np.int64), 1.0 / np.maximum(freq, 1)
-    for g in range((rows + NL - 1) // NL - 1, -1, -1):
-        tail = g * NL + NL > rows
-        for r in range(rows - 1, g * NL - 1, -1) if tail else range(1):
-            nl = 1 if tail else NL
-            for ln in range(nl):
-                order[ln] = (r if tail else g * NL + ln) * t_n
-            for j in range(t_n - 1, -1, -1):
-                for ln in range(nl - 1, -1, -1):
-                    i = order[ln] + j
-                    s, c = np.int64(sym[i]), np.int64(ctx[i])
-                    f, xx = np.int64(freq[c, s]), x[ln]
-                    if xx >= (f << (32 - PB)):
-                        out[k] = xx & 0xFFFF
-                        k, xx = k + 1, xx >> 16
-                    qq = np.int64(xx * rcp[c, s])  # xx // f by the reciprocal, corrected to be exact
-                    qq += ((qq + 1) * f <= xx) - (qq * f > xx)
-                    x[ln] = (qq << PB) + (xx - qq * f) + start[c, s]
-    for ln in range(NL - 1, -1, -1):
-        out[k], out[k + 1] = x[ln] & 0xFFFF, x[ln] >> 16
-        k += 2
-    return out[:k][::-1].copy()
-
-
-@inline
-def _step(x, ctx, words, p, lut):  # one rANS decode step -> (symbol, state, word position)
-    e = np.int64(lut[np.uint64(ctx), np.uint64(x & (M - 1))])  # unsigned indices: no wraparound checks
-    x = ((e >> 20) + 1) * (x >> PB) + ((e >> 8) & (M - 1))
-    nd = np.int64(x < RL)
-    return e & 255, (x << (nd << 4)) | (np.int64(words[np.uint64(p)]) & -nd), p + nd
-
-
-@jit
-def _decode_group(st, words, lut, out, b0, t_n, cs, first, o, offt):
-    """NL rows of t_n codes into out[b0:] on states st[:NL] at word st[NL] (a function of its own, so that
-    this loop compiles tight). Table row = (previous >> cs) + o[lane] + offt[token]."""
-    x0, x1, x2, x3, p = st[0], st[1], st[2], st[3], st[4]
-    o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
-    c0 = c1 = c2 = c3 = first
-    for j in range(t_n):
-        f = offt[np.uint64(j)]
-        s0, x0, p = _step(x0, c0 + f + o0, words, p, lut)
-        s1, x1, p = _step(x1, c1 + f + o1, words, p, lut)
-        s2, x2, p = _step(x2, c2 + f + o2, words, p, lut)
-        s3, x3, p = _step(x3, c3 + f + o3, words, p, lut)
-        i = np.uint64(b0 + j)
-        u = np.uint64(t_n)
-        out[i], out[i + u], out[i + 2 * u], out[i + 3 * u] = s0, s1, s2, s3
-        c0, c1, c2, c3 = s0 >> cs, s1 >> cs, s2 >> cs, s3 >> cs
-    st[0], st[1], st[2], st[3], st[4] = x0, x1, x2, x3, p
-
-
-@jit
-def rans_decode(words, nw, out, t_n, n, mode, gv, cs, bits, lut):
-    """Inverse of rans_encode into out [rows*T] uint8, lut = build_lut of the table; words = nw words then
-    >= NL * T + 1 zeros (so reads past nw stay inside; caught once per group). -> 0, or -1 if inconsistent."""
-    a = 1 << bits
-    p_n = (a >> cs) + 1
-    if nw < 2 * NL or out.size % t_n or words.size < nw + NL * t_n + 1 or lut.shape[0] != NCLS[mode] * p_n:
-        return -1
-    rows, st = out.size // t_n, np.empty(NL + 1, np.int64)
-    for ln in range(NL):
-        st[ln] = (np.int64(words[2 * ln]) << 16) | np.int64(words[2 * ln + 1])
-    st[NL] = 2 * NL
-    rc, offt, o = row_classes(n, mode, p_n), np.zeros(t_n, np.int64), np.zeros(NL, np.int64)
-    for g in range(rows // NL):
-        k0 = (g * NL) % n
-        if mode == 2:
-            tok_classes(out, g, t_n, gv, a, k0, p_n, offt)
-        for ln in range(NL):
-            o[ln] = rc[(k0 + ln) % n]
-        _decode_group(st, words, lut, out, g * NL * t_n, t_n, cs, p_n - 1, o, offt)
-        if st[NL] > nw:
-            return -1
-    x0, p = st[0], st[NL]
-    for r in range(rows // NL * NL, rows):  # tail rows (never in mode 2, which needs n % NL == 0)
-        c = 0
-        for j in range(t_n):
-            c, x0, p = _step(x0, rc[r % n] + (c >> cs if j else p_n - 1), words, p, lut)
-            out[r * t_n + j] = c
-        if p > nw:
-            return -1
-    return 0 if p == nw and x0 == RL and st[1] == RL and st[2] == RL and st[3] == RL else -1
 
 
 # ---- scale / zero residuals -------------------------------------------------------------------------

@@ -21,8 +21,10 @@ Plan (a pure function of layout and bits, the same on both sides, see `_make_pla
 
 Payload (little-endian):
     u32 crc32 of everything after it | u8 FORMAT | u32 table bytes | u32 raw bytes | u32 zstd bytes
-    per stream: u8 cs | mode << 4, u32 code words [, u32 scale words, u32 zero words]
+    per stream: u8 cs | mode << 4, W code words [, W scale words, W zero words]
     table bits | rANS words (u16) of each stream: codes [, scale, zero] | raw bits | zstd frame
+W: FORMAT 2 (written) NL x u32, the words of each rANS lane (`kvstore.codec.rans`, lanes layout);
+FORMAT 1 (still read) one u32, the words of the lanes' shared stream.
 
 Invariants:
 - `decode_block(encode_block(t, bits), layout_of(t), bits)` is bit-identical to `t` (dtype, shape,
@@ -42,18 +44,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import zstandard
 
-from kvstore.codec import ans
+from kvstore.codec import ans, rans
 from kvstore.codec.container import ContainerError
 from kvstore.codec.streams import _planes, _unplanes
 from kvstore.codec.tensors import DTYPE_CODES
 
 CODER_ID = 3  # "rans-ctx block coder v1" (after Codec RAW=0, ZSTD=1, ZSTD_STREAMS=2)
-FORMAT = 1
+FORMAT = 2  # rANS lanes with word streams of their own
+FORMATS = (1, 2)  # read; 1: the lanes share one word stream
 MAX_BLOCK_BYTES = 1 << 31  # refuse layouts over 2 GiB of raw tensor data
 ZSTD_LEVEL = 3
 _HEAD = struct.Struct("<IBIII")  # crc, format, table bytes, raw bytes, zstd bytes
-_STREAM = struct.Struct("<BI")  # cs, code words
-_META = struct.Struct("<II")  # scale words, zero words
+_CTX = struct.Struct("<B")  # cs | mode << 4
+_WORDS = {1: struct.Struct("<I"), 2: struct.Struct(f"<{ans.NL}I")}  # words of a rANS stream, by FORMAT
 _META_BITS = 6
 _META_ALPHABET = 1 << _META_BITS  # ans.symbolize: symbols < 63
 
@@ -238,15 +241,21 @@ class _Bits:
         return self.buf[: (self.pos + 7) // 8].tobytes()
 
 
-def _encode_symbols(sym: np.ndarray, ctx: np.ndarray | None, t: int, cnt: np.ndarray, tables: _Bits):
-    """rANS words of a code stream (ctx: table row of every code), or (ctx None) of residual symbols:
-    NL rows (zero padded) with one table, transmitted once for both contexts of rans_decode."""
+def _encode_symbols(sym: np.ndarray, ctx: np.ndarray | None, t: int, cnt: np.ndarray, tables: _Bits,
+                    fmt: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(rANS words, words per lane (FORMAT 2) or in all (1)) of a code stream (ctx: table row of every code),
+    or (ctx None) of residual symbols: NL rows (zero padded) with one table, transmitted once for both
+    contexts of the decoder."""
     q = _qtable(cnt)
     tables.pos = ans.put_table(tables.buf, tables.pos, q if ctx is not None else q[:1])
     freq = ans.normalize(q)
     if ctx is None:
         t, ctx = sym.size // ans.NL, np.zeros(sym.size, np.int32)
-    return ans.rans_encode(sym, ctx, t, freq, np.cumsum(freq, 1) - freq)
+    if fmt == 1:
+        w = rans.rans_encode_shared(sym, ctx, t, freq, np.cumsum(freq, 1) - freq)
+        return w, (w.size,)
+    w, cnt = rans.rans_encode(sym, ctx, t, freq, np.cumsum(freq, 1) - freq)
+    return w, tuple(int(c) for c in cnt)
 
 
 def _predict(s: _Stream, sym: np.ndarray, sc, z, rs, rz, decode: bool) -> None:
@@ -256,8 +265,11 @@ def _predict(s: _Stream, sym: np.ndarray, sc, z, rs, rz, decode: bool) -> None:
 
 
 # ---- encode ------------------------------------------------------------------------------------------
-def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int]) -> bytes:
-    """Encode one block's tensors (layout order). Raises ContainerError for unsupported input."""
+def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int], *, fmt: int = FORMAT) -> bytes:
+    """Encode one block's tensors (layout order); `fmt` 1 only to test reading older payloads. Raises
+    ContainerError for unsupported input."""
+    if fmt not in FORMATS:
+        raise _err(f"cannot write block format {fmt}")
     if not all(isinstance(it, tuple) and len(it) == 2 and isinstance(it[1], np.ndarray) for it in tensors):
         raise _err("each tensor must be a (name, numpy array) pair")
     arrays = [a for _, a in tensors]
@@ -270,8 +282,9 @@ def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int]) ->
         packed = np.concatenate([arrays[i].reshape(-1, s.t, s.m) for i in s.codes])
         sym = ans.unpack_rows(packed, s.bits)  # [rows, n, T] channel-major
         mode, cs, cnt, ctx = _choose_context(s, sym)
-        words.append(_encode_symbols(sym, ctx, s.t, cnt, tables))
-        heads.append(_STREAM.pack(cs | mode << 4, words[-1].size))
+        w, lanes = _encode_symbols(sym, ctx, s.t, cnt, tables, fmt)
+        words.append(w)
+        heads.append(_CTX.pack(cs | mode << 4) + _WORDS[fmt].pack(*lanes))
         if s.kind:
             shape = (-1,) + s.mshape[-2:]
             sc = np.concatenate([arrays[a].reshape(shape) for a, _ in s.metas]).view(np.uint16)
@@ -283,15 +296,16 @@ def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int]) ->
                 raw.pos = ans.symbolize(res, ms, raw.buf, raw.pos)
                 ms = np.concatenate([ms, np.zeros(-ms.size % ans.NL, np.uint8)])  # NL rows, zero padded
                 cnt = np.bincount(ms, minlength=_META_ALPHABET)[None].repeat(2, 0)  # one table for both contexts
-                words.append(_encode_symbols(ms, None, 0, cnt, tables))
-            heads.append(_META.pack(words[-2].size, words[-1].size))
+                w, lanes = _encode_symbols(ms, None, 0, cnt, tables, fmt)
+                words.append(w)
+                heads.append(_WORDS[fmt].pack(*lanes))
     gen = b""
     if plan.generic:
         body = b"".join(_generic_forward(plan.layout[i][0], arrays[i]).tobytes() for i in plan.generic)
         gen = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(body)
     tab, rb = tables.bytes(), raw.bytes()
     tail = b"".join(heads) + tab + b"".join(w.astype("<u2").tobytes() for w in words) + rb + gen
-    head = _HEAD.pack(0, FORMAT, len(tab), len(rb), len(gen))[4:]
+    head = _HEAD.pack(0, fmt, len(tab), len(rb), len(gen))[4:]
     return struct.pack("<I", zlib.crc32(head + tail)) + head + tail
 
 
@@ -328,15 +342,16 @@ class _Reader:
         return st.unpack(self.take(st.size, what))
 
 
-def _words(r: _Reader, nw: int, nsym: int, t: int, what: str) -> np.ndarray:  # + zero padding for rans_decode
-    if nw < 2 * ans.NL or nw > nsym + 2 * ans.NL:
-        raise _err(f"{what}: {nw} rANS words for {nsym} symbols is impossible")
+def _words(r: _Reader, lanes: tuple, nsym: int, t: int, what: str) -> np.ndarray:  # + the decoders' zero padding
+    nw = sum(lanes)
+    if nw < 2 * ans.NL or nw > nsym + 2 * ans.NL or min(lanes) < (2 if len(lanes) > 1 else 2 * ans.NL):
+        raise _err(f"{what}: {lanes} rANS words for {nsym} symbols is impossible")
     w = np.zeros(nw + ans.NL * t + 1, np.uint16)
     w[:nw] = np.frombuffer(r.take(2 * nw, what), "<u2")
     return w
 
 
-def _decode_symbols(w: np.ndarray, nw: int, nsym: int, s: _Stream | None, mode: int, cs: int, tables: _Bits,
+def _decode_symbols(w: np.ndarray, lanes: tuple, nsym: int, s: _Stream | None, mode: int, cs: int, tables: _Bits,
                     what: str) -> np.ndarray:  # inverse of _encode_symbols
     bits = s.bits if s else _META_BITS
     a, nctx = 1 << bits, ans.NCLS[mode] * (((1 << bits) >> cs) + 1)
@@ -346,7 +361,11 @@ def _decode_symbols(w: np.ndarray, nw: int, nsym: int, s: _Stream | None, mode: 
     lut = ans.build_lut(ans.normalize(q if s else q.repeat(2, 0)))
     out = np.empty(nsym if s else nsym + -nsym % ans.NL, np.uint8)
     t, n, gv = (s.t, s.n, s.gv) if s else (out.size // ans.NL, 1, 1)
-    if ans.rans_decode(w, nw, out, t, n, mode, gv, cs, bits, lut) != 0:
+    if len(lanes) == 1:
+        ok = rans.rans_decode_shared(w, lanes[0], out, t, n, mode, gv, cs, bits, lut)
+    else:
+        ok = rans.rans_decode(w, np.array(lanes, np.int64), out, t, n, mode, gv, cs, bits, lut)
+    if ok != 0:
         raise _err(f"{what}: corrupt rANS stream")
     return out[:nsym]
 
@@ -364,15 +383,16 @@ def decode_block(payload: bytes, layout: Layout, bits: dict[str, int], *,
     crc, fmt, n_tab, n_raw, n_gen = r.unpack(_HEAD, "header")
     if not verified and zlib.crc32(r.data[4:]) != crc:
         raise _err("checksum mismatch: the payload is corrupt")
-    if fmt != FORMAT:
-        raise _err(f"unknown block format {fmt} (this build reads {FORMAT})")
-    heads = []
+    if fmt not in FORMATS:
+        raise _err(f"unknown block format {fmt} (this build reads {', '.join(map(str, FORMATS))})")
+    heads, wst = [], _WORDS[fmt]
     for i, s in enumerate(plan.streams):
-        ctx, nw = r.unpack(_STREAM, f"stream {i} header")
+        ctx, = r.unpack(_CTX, f"stream {i} header")
+        nw = r.unpack(wst, f"stream {i} header")
         cs, mode = ctx & 15, ctx >> 4
         if cs > s.bits or mode not in s.modes:
             raise _err(f"stream {i}: invalid context model (shift {cs}, mode {mode})")
-        heads.append((cs, mode, nw, r.unpack(_META, f"stream {i} header") if s.kind else ()))
+        heads.append((cs, mode, nw, [r.unpack(wst, f"stream {i} header") for _ in "sz"] if s.kind else ()))
     tables = _Bits(8 * n_tab, r.take(n_tab, "frequency tables"))
     streams = []
     for i, (s, (_, _, nw, mw)) in enumerate(zip(plan.streams, heads)):

@@ -137,7 +137,7 @@ def decode_kv(data: bytes, *, model_fingerprint: str | None = None, kind: Kind =
         if len(payload) != raw_bytes:
             raise ContainerError(f"KV payload is {len(payload)} bytes, header says raw_bytes={raw_bytes}")
         raw = payload
-    tensors = decode_tensors(raw)
+    tensors = decode_tensors(raw, copy=codec != Codec.ZSTD_STREAMS)  # streams.inverse makes fresh arrays
     if codec == Codec.ZSTD_STREAMS:
         tensors = _inverse_streams(tensors, meta)
     shapes = _shapes(tensors)

@@ -92,8 +92,9 @@ class _Reader:
         return st.unpack(self.take(st.size, what))
 
 
-def decode_tensors(data: bytes) -> list[tuple[str, np.ndarray]]:
-    """Inverse of `encode_tensors`; validates every field and raises ContainerError on any problem."""
+def decode_tensors(data: bytes, *, copy: bool = True) -> list[tuple[str, np.ndarray]]:
+    """Inverse of `encode_tensors`; validates every field and raises ContainerError on any problem.
+    `copy=False`: little-endian arrays come back as read-only views of `data` (for a caller that copies)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ContainerError(f"tensor bundle must be bytes, not {type(data).__name__}")
     r = _Reader(data)
@@ -124,7 +125,7 @@ def decode_tensors(data: bytes) -> list[tuple[str, np.ndarray]]:
             nbytes *= d
         raw = r.take(nbytes, f"data of tensor {name!r} (shape {list(shape)}, {dtype.name})")
         try:
-            arr = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+            arr = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=copy).reshape(shape)
         except ValueError as e:
             raise ContainerError(f"tensor {name!r} has an invalid shape {list(shape)}: {e}") from None
         out.append((name, arr))

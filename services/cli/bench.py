@@ -11,10 +11,13 @@
 prefill, offloaded through the worker's own `KVStore` to a real redis-server (spawned unless --redis-url;
 the host tier is off, so every resume reads Redis), and measured:
 - device KV bytes per token (from tensor storages) and Redis bytes of the offloaded session;
-- restore: read the manifest, fetch every block in one pipelined round trip, check, decode, rebuild the
-  cache — the cache is then bit-identical to the offloaded one (asserted) — versus re-prefill: the same
-  history run through the model again, as a server without a KV tier would;
+- restore: read the manifest, fetch the blocks in pipelined round trips (decoding the first while the next
+  arrive), check, decode, rebuild the cache — the cache is then bit-identical to the offloaded one
+  (asserted) — versus re-prefill: the same history run through the model again, as a server without a KV
+  tier would;
 - `resume_speedup` = re-prefill / restore; and the time to the next token's logits both ways.
+Medians over --reps rounds, each round running every measurement once in turn (after one warm-up), so a
+shared machine's slow spells weigh on restore and re-prefill alike.
 """
 
 from __future__ import annotations
@@ -61,13 +64,16 @@ def models_dir() -> str:
     return str(store_for(KvstashConfig.load().model.cache_dir).cache_dir)
 
 
-def median_time(fn, reps: int) -> float:
-    times = []
+def median_times(fns, reps: int) -> list[float]:
+    """Median seconds of each of `fns` over `reps` rounds that run them in turn, so that a shared machine's
+    slow and fast spells weigh on every one of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def worker_store(runner, redis_url: str, spec: str, namespace: str, **sections):
@@ -125,11 +131,10 @@ def run_bench(args) -> int:
                     return loaded.cache
 
                 assert restore().export_state().equals(before), "restored cache differs from the offloaded one"
-                restore_s = median_time(restore, args.reps)
-                reprefill_s = median_time(lambda: prefill(runner, store, ids[:-1]), args.reps)
-                next_restore = median_time(lambda: runner.forward(restore(), ids[-1:]), args.reps)
-                next_prefill = median_time(lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:]),
-                                           args.reps)
+                restore(), prefill(runner, store, ids[:-1])  # warm-up
+                restore_s, reprefill_s, next_restore, next_prefill = median_times(
+                    [restore, lambda: prefill(runner, store, ids[:-1]), lambda: runner.forward(restore(), ids[-1:]),
+                     lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:])], args.reps)
                 rows.append({
                     "history": n, "kv": spec, "dtype": args.dtype, "blocks": len(s.blocks),
                     "device_bytes_per_token": cache.device_bytes() / (n - 1), "raw_state_bytes": before.nbytes,

@@ -51,6 +51,7 @@ from services.worker.session import Session
 
 log = logging.getLogger(__name__)
 _ZERO = bytes(32)
+_FETCH_CHUNK = 4  # containers per Redis round trip on a resume (decoding overlaps the next round trip)
 
 
 def _tail_content(blob: bytes) -> bytes:
@@ -207,43 +208,57 @@ class KVStore:
                 blobs[refs[i].key] = cb.data
 
     # ---- reading -------------------------------------------------------------------------------------
-    def _fetch(self, tenant: str, refs: list[BlockRef]) -> tuple[list[bytes | None], str]:
-        """Containers of `refs` — host tier first, then Redis for the rest (one pipelined round trip) — and
-        the tier that served them ("host" when it held all, else "redis")."""
-        out = [self.host.get(self._key(tenant, r)) for r in refs]
-        missing = [i for i, b in enumerate(out) if b is None]
-        if missing:
-            got = self.tier.get_blocks(tenant, [refs[i] for i in missing])
-            for i, b in zip(missing, got):
-                out[i] = b
+    def _fetch(self, tenant: str, refs: list[BlockRef]) -> Generator[tuple[int, bytes | None, bool], None, None]:
+        """(index, container or None, from Redis) of every ref: host tier hits first, then Redis in pipelined
+        chunks, the tail (the longest to decode) and the first blocks first, so decoding starts early."""
+        missing = []
+        for i, r in enumerate(refs):
+            b = self.host.get(self._key(tenant, r))
+            if b is None:
+                missing.append(i)
+            else:
+                yield i, b, False
+        missing.sort(key=lambda i: -1 if i == len(refs) - 1 else i)
+        for k in range(0, len(missing), _FETCH_CHUNK):
+            idx = missing[k:k + _FETCH_CHUNK]
+            for i, b in zip(idx, self.tier.get_blocks(tenant, [refs[i] for i in idx])):
                 if b is not None:
                     self.host.put(self._key(tenant, refs[i]), b)
-        return out, "redis" if missing else "host"
+                yield i, b, True
+
+    def _decode(self, s: Session, i: int, data: bytes):
+        """Block i's tensors, or the tail's KVState (i = the last ref), from its stored container."""
+        if i < len(s.blocks) - 1:
+            return (decode_cold if is_cold(data) else decode_block)(
+                data, quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=i,
+                model_fingerprint=self.runner.fingerprint, content=s.blocks[i].content)
+        if _tail_content(data) != s.blocks[-1].content:
+            raise ContainerError("stored tail has another content hash than the session recorded")
+        return decode_kv(data, model_fingerprint=self.runner.fingerprint)
 
     def load(self, s: Session) -> Loaded:
-        """The cache `save` stored for `s`, bit-identical, and the tier it came from; or why there is none."""
+        """The cache `save` stored for `s`, bit-identical, and the tier it came from; or why there is none.
+        Containers decode on every core (the coder releases the GIL) while the next ones are fetched."""
         if not s.blocks or s.stored_kv_tokens == 0:
             return Loaded(None, reason="missing")
-        t0 = time.perf_counter()
+        t0, jobs, tier = time.perf_counter(), [None] * len(s.blocks), "host"
         try:
-            datas, tier = self._fetch(s.tenant, s.blocks)
+            for i, data, remote in self._fetch(s.tenant, s.blocks):
+                if data is None:
+                    return Loaded(None, reason="missing")
+                jobs[i], tier = self._pool.submit(self._decode, s, i, data), "redis" if remote else tier
         except Exception as e:  # noqa: BLE001 - storage down: recompute
             self.metrics.storage_errors.labels("get_blocks").inc()
             log.warning("could not read KV of %s/%s: %s", s.tenant, s.session_id, e)
             return Loaded(None, reason="missing")
-        if any(d is None for d in datas):
-            return Loaded(None, reason="missing")
+        finally:
+            if None in jobs:  # stopped early: drop the decodes not started
+                for j in jobs:
+                    if j is not None:
+                        j.cancel()
         try:
-            if _tail_content(datas[-1]) != s.blocks[-1].content:
-                raise ContainerError("stored tail has another content hash than the session recorded")
-            tail_job = self._pool.submit(decode_kv, datas[-1], model_fingerprint=self.runner.fingerprint)
-            parts = list(self._pool.map(
-                lambda i: (decode_cold if is_cold(datas[i]) else decode_block)(
-                    datas[i], quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=i,
-                    model_fingerprint=self.runner.fingerprint, content=s.blocks[i].content),
-                range(len(datas) - 1)))  # the coder releases the GIL: blocks decode on every core
-            tail = tail_job.result()
-            state = blk.join(parts, tail)
+            decoded = [j.result() for j in jobs]
+            state = blk.join(decoded[:-1], decoded[-1])
             if state.quant_spec != self.quant.spec() or state.num_tokens != s.stored_kv_tokens:
                 raise ContainerError(f"stored KV ({state.quant_spec}, {state.num_tokens} tokens) does not match "
                                      f"({self.quant.spec()}, {s.stored_kv_tokens} tokens)")

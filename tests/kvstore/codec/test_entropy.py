@@ -127,10 +127,36 @@ def test_any_arrays_round_trip(block):
     roundtrip(*block)
 
 
-@pytest.fixture(scope="module")
-def coded():
+@pytest.fixture(scope="module", params=[2, 1], ids=["format2", "format1"])
+def coded(request):
+    """A coded block, in the format written (2) and in the one still read (1)."""
     tensors, bits = sealed_block(layers=2, b=32, seed=5, outliers=0.02)
-    return tensors, bits, encode_block(tensors, bits)
+    return tensors, bits, encode_block(tensors, bits, fmt=request.param)
+
+
+@pytest.mark.parametrize("layers,h,d", [(2, 2, 16), (1, 3, 8), (3, 1, 8)])
+def test_format_1_payloads_still_decode_and_format_2_is_written(layers, h, d):
+    tensors, bits = sealed_block(layers=layers, h=h, d=d, b=32, seed=7)
+    new, old = roundtrip(tensors, bits), encode_block(tensors, bits, fmt=1)
+    assert new[4] == 2 and old[4] == 1 and new != old  # the format byte after the CRC
+    back = decode_block(old, layout_of(tensors), bits)
+    assert all(a.tobytes() == b.tobytes() for (_, a), (_, b) in zip(tensors, back))
+    with pytest.raises(ContainerError, match="cannot write block format 3"):
+        encode_block(tensors, bits, fmt=3)
+
+
+def test_format_2_lane_word_counts_are_checked():
+    """Moving words between lanes (the total kept, the CRC recomputed) is caught by the rANS decoder."""
+    tensors, bits = sealed_block(layers=2, b=32, seed=5)
+    payload = bytearray(encode_block(tensors, bits))
+    at = 4 + 1 + 12 + 1  # CRC, format, three sizes, then stream 0's context byte and its NL lane counts
+    lanes = list(struct.unpack_from(f"<{ans.NL}I", payload, at))
+    for delta in ([-1, 1, 0, 0], [0, 0, 3, -3], [1 - lanes[0], lanes[0] - 1, 0, 0]):
+        bad = bytearray(payload)
+        struct.pack_into(f"<{ans.NL}I", bad, at, *(a + b for a, b in zip(lanes, delta)))
+        bad[:4] = struct.pack("<I", zlib.crc32(bytes(bad[4:])))
+        with pytest.raises(ContainerError, match="corrupt rANS stream|impossible"):
+            decode_block(bytes(bad), layout_of(tensors), bits)
 
 
 def test_truncated_or_extended_payloads_are_rejected(coded):

@@ -1,0 +1,231 @@
+"""rANS over context-modelled code streams (`kvstore.codec.entropy`), in two word layouts.
+
+- Lanes (block FORMAT 2, written): NL interleaved lanes, each with a word stream of its own; the streams
+  are stored one after the other, with their word counts. A lane's renormalisation reads depend on its own
+  state only, so the lanes' dependency chains overlap (the shared layout serialises them through one read
+  position).
+- Shared (FORMAT 1, read, and written only to test that reading): the NL lanes read one word stream in turn.
+
+Decode order, the same in both: rows in groups of NL (lane l = row g * NL + l), token by token, the lanes
+side by side; then the rows left over (rows % NL) one by one on lane 0. A code's table row is
+class offset (`ans.row_classes` per row, `ans.tok_classes` per token in mode 2) + (previous code >> cs),
+P - 1 for a row's first code, P = (A >> cs) + 1.
+
+Invariants:
+- 32-bit states in [RL, RL << 16), 16-bit renormalisation, PB-bit frequencies summing to M in every row.
+- Decoders never read out of bounds nor loop longer than their sizes, whatever the words: `words` holds
+  the stored words and then >= NL * T + 1 zeros (overruns are checked once per group), and every lane must
+  end exactly at its end with its initial state RL. They return 0, or -1 for the caller to raise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvstore.codec.ans import NCLS, NL, PB, RL, M, inline, jit, row_classes, tok_classes
+
+_U = np.uint64
+_MASK, _PB, _S16, _RL, _ONE = _U(M - 1), _U(PB), _U(16), _U(RL), _U(1)
+
+
+# ---- lanes (FORMAT 2) ----------------------------------------------------------------------------------
+@jit
+def lane_symbols(rows, t_n):  # -> symbols coded on each lane (lane 0 also takes the rows left over)
+    n = np.full(NL, (rows // NL) * t_n, np.int64)
+    n[0] += (rows % NL) * t_n
+    return n
+
+
+@jit
+def rans_encode(sym, ctx, t_n, freq, start):
+    """Codes sym [rows*T] with table rows ctx -> (uint16 words: lane 0's stream, then lane 1's ...,
+    words per lane [NL]); each lane is coded in the exact reverse of its decode order."""
+    rows = sym.size // t_n
+    ns = lane_symbols(rows, t_n)
+    buf, cnt = np.empty(sym.size + 2 * NL, np.uint16), np.zeros(NL, np.int64)
+    rcp, base = 1.0 / np.maximum(freq, 1), 0
+    for ln in range(NL):
+        x, k, full = np.int64(RL), base, rows // NL
+        for q in range(ns[ln] - 1, -1, -1):  # q: the lane's q-th symbol in decode order
+            r, j = (full * NL + (q // t_n - full), q % t_n) if q >= full * t_n else ((q // t_n) * NL + ln, q % t_n)
+            i = r * t_n + j
+            s, c = np.int64(sym[i]), np.int64(ctx[i])
+            f = np.int64(freq[c, s])
+            if x >= (f << (32 - PB)):
+                buf[k] = x & 0xFFFF
+                k, x = k + 1, x >> 16
+            qq = np.int64(x * rcp[c, s])  # x // f by the reciprocal, corrected to be exact
+            qq += ((qq + 1) * f <= x) - (qq * f > x)
+            x = (qq << PB) + (x - qq * f) + start[c, s]
+        buf[k], buf[k + 1] = x & 0xFFFF, x >> 16
+        k += 2
+        buf[base:k] = buf[base:k][::-1].copy()
+        cnt[ln], base = k - base, k
+    return buf[:base].copy(), cnt
+
+
+@inline
+def _step(x, cb, words, p, lut):  # one decode step on a lane (cb = table row * M) -> (symbol, state, position)
+    e = _U(lut[cb + (x & _MASK)])  # symbol | (slot - start) << 8 | (freq - 1) << 20
+    x = ((e >> _U(20)) + _ONE) * (x >> _PB) + ((e >> _U(8)) & _MASK)
+    nd = x < _RL
+    w = _U(words[p])  # read whether needed or not: no branch
+    return e & _U(255), ((x << _S16) | w) if nd else x, p + _U(nd)
+
+
+@jit
+def _lanes_group(st, words, lut, out, b0, t_n, cs, first, o, offt):
+    """NL rows of t_n codes into out[b0:]: states st[:NL], positions st[NL:]; table row offsets o (per
+    lane) and offt (per token), both times M (a function of its own, so that this loop compiles tight)."""
+    x0, x1, x2, x3, p0, p1, p2, p3 = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
+    o0, o1, o2, o3, ucs = _U(o[0]), _U(o[1]), _U(o[2]), _U(o[3]), _U(cs)
+    c0 = c1 = c2 = c3 = _U(first)
+    u, b = _U(t_n), _U(b0)
+    for j in range(t_n):
+        f = _U(offt[_U(j)])
+        s0, x0, p0 = _step(x0, c0 + f + o0, words, p0, lut)
+        s1, x1, p1 = _step(x1, c1 + f + o1, words, p1, lut)
+        s2, x2, p2 = _step(x2, c2 + f + o2, words, p2, lut)
+        s3, x3, p3 = _step(x3, c3 + f + o3, words, p3, lut)
+        i = b + _U(j)
+        out[i], out[i + u], out[i + _U(2) * u], out[i + _U(3) * u] = s0, s1, s2, s3
+        c0, c1, c2, c3 = (s0 >> ucs) << _PB, (s1 >> ucs) << _PB, (s2 >> ucs) << _PB, (s3 >> ucs) << _PB
+    st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7] = x0, x1, x2, x3, p0, p1, p2, p3
+
+
+@jit
+def rans_decode(words, cnt, out, t_n, n, mode, gv, cs, bits, lut):
+    """Inverse of rans_encode into out [rows*T] uint8; cnt = words per lane, lut = build_lut of the table
+    [rows, M]. -> 0, or -1 if the words are inconsistent."""
+    a = 1 << bits
+    p_n = (a >> cs) + 1
+    total = 0
+    for ln in range(NL):
+        total += cnt[ln]
+    if cnt.size != NL or cnt.min() < 2 or out.size % t_n or words.size < total + NL * t_n + 1 \
+            or lut.shape[0] != NCLS[mode] * p_n or lut.shape[1] != M:
+        return -1
+    flat, rows = lut.reshape(-1), out.size // t_n
+    if (lane_symbols(rows, t_n) + 2 < cnt).any():
+        return -1
+    st, end = np.empty(2 * NL, np.uint64), np.empty(NL, np.int64)
+    b = 0
+    for ln in range(NL):
+        st[ln] = (_U(words[b]) << _S16) | _U(words[b + 1])
+        st[NL + ln], end[ln], b = b + 2, b + cnt[ln], b + cnt[ln]
+    rc, offt, o = row_classes(n, mode, p_n * M), np.zeros(t_n, np.int64), np.zeros(NL, np.int64)
+    for g in range(rows // NL):
+        k0 = (g * NL) % n
+        if mode == 2:
+            tok_classes(out, g, t_n, gv, a, k0, p_n * M, offt)
+        for ln in range(NL):
+            o[ln] = rc[(k0 + ln) % n]
+        _lanes_group(st, words, flat, out, g * NL * t_n, t_n, cs, (p_n - 1) * M, o, offt)
+        for ln in range(NL):
+            if st[NL + ln] > end[ln]:
+                return -1
+    x, p, ucs = st[0], st[NL], _U(cs)
+    for r in range(rows // NL * NL, rows):  # the rows left over (never in mode 2, which needs n % NL == 0)
+        c = _U((p_n - 1) * M)
+        for j in range(t_n):
+            s, x, p = _step(x, c + _U(rc[r % n]), words, p, flat)
+            out[r * t_n + j] = s
+            c = (s >> ucs) << _PB
+        if p > end[0]:
+            return -1
+    st[0], st[NL] = x, p
+    for ln in range(NL):
+        if st[NL + ln] != end[ln] or st[ln] != RL:
+            return -1
+    return 0
+
+
+# ---- shared (FORMAT 1) ------------------------------------------------------------------------------
+@jit
+def rans_encode_shared(sym, ctx, t_n, freq, start):
+    """Codes sym [rows*T] with table rows ctx -> uint16 words, in the exact reverse of rans_decode_shared's order
+    (groups of NL rows interleaved token by token, then the tail rows on lane 0)."""
+    rows, out, k = sym.size // t_n, np.empty(sym.size + 2 * NL, np.uint16), 0
+    x, order, rcp = np.full(NL, RL, np.int64), np.empty(NL, np.int64), 1.0 / np.maximum(freq, 1)
+    for g in range((rows + NL - 1) // NL - 1, -1, -1):
+        tail = g * NL + NL > rows
+        for r in range(rows - 1, g * NL - 1, -1) if tail else range(1):
+            nl = 1 if tail else NL
+            for ln in range(nl):
+                order[ln] = (r if tail else g * NL + ln) * t_n
+            for j in range(t_n - 1, -1, -1):
+                for ln in range(nl - 1, -1, -1):
+                    i = order[ln] + j
+                    s, c = np.int64(sym[i]), np.int64(ctx[i])
+                    f, xx = np.int64(freq[c, s]), x[ln]
+                    if xx >= (f << (32 - PB)):
+                        out[k] = xx & 0xFFFF
+                        k, xx = k + 1, xx >> 16
+                    qq = np.int64(xx * rcp[c, s])  # xx // f by the reciprocal, corrected to be exact
+                    qq += ((qq + 1) * f <= xx) - (qq * f > xx)
+                    x[ln] = (qq << PB) + (xx - qq * f) + start[c, s]
+    for ln in range(NL - 1, -1, -1):
+        out[k], out[k + 1] = x[ln] & 0xFFFF, x[ln] >> 16
+        k += 2
+    return out[:k][::-1].copy()
+
+
+@inline
+def _step_shared(x, ctx, words, p, lut):  # one rANS decode step -> (symbol, state, word position)
+    e = np.int64(lut[np.uint64(ctx), np.uint64(x & (M - 1))])  # unsigned indices: no wraparound checks
+    x = ((e >> 20) + 1) * (x >> PB) + ((e >> 8) & (M - 1))
+    nd = np.int64(x < RL)
+    return e & 255, (x << (nd << 4)) | (np.int64(words[np.uint64(p)]) & -nd), p + nd
+
+
+@jit
+def _shared_group(st, words, lut, out, b0, t_n, cs, first, o, offt):
+    """NL rows of t_n codes into out[b0:] on states st[:NL] at word st[NL] (a function of its own, so that
+    this loop compiles tight). Table row = (previous >> cs) + o[lane] + offt[token]."""
+    x0, x1, x2, x3, p = st[0], st[1], st[2], st[3], st[4]
+    o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
+    c0 = c1 = c2 = c3 = first
+    for j in range(t_n):
+        f = offt[np.uint64(j)]
+        s0, x0, p = _step_shared(x0, c0 + f + o0, words, p, lut)
+        s1, x1, p = _step_shared(x1, c1 + f + o1, words, p, lut)
+        s2, x2, p = _step_shared(x2, c2 + f + o2, words, p, lut)
+        s3, x3, p = _step_shared(x3, c3 + f + o3, words, p, lut)
+        i = np.uint64(b0 + j)
+        u = np.uint64(t_n)
+        out[i], out[i + u], out[i + 2 * u], out[i + 3 * u] = s0, s1, s2, s3
+        c0, c1, c2, c3 = s0 >> cs, s1 >> cs, s2 >> cs, s3 >> cs
+    st[0], st[1], st[2], st[3], st[4] = x0, x1, x2, x3, p
+
+
+@jit
+def rans_decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut):
+    """Inverse of rans_encode_shared into out [rows*T] uint8, lut = build_lut of the table; words = nw words then
+    >= NL * T + 1 zeros (so reads past nw stay inside; caught once per group). -> 0, or -1 if inconsistent."""
+    a = 1 << bits
+    p_n = (a >> cs) + 1
+    if nw < 2 * NL or out.size % t_n or words.size < nw + NL * t_n + 1 or lut.shape[0] != NCLS[mode] * p_n:
+        return -1
+    rows, st = out.size // t_n, np.empty(NL + 1, np.int64)
+    for ln in range(NL):
+        st[ln] = (np.int64(words[2 * ln]) << 16) | np.int64(words[2 * ln + 1])
+    st[NL] = 2 * NL
+    rc, offt, o = row_classes(n, mode, p_n), np.zeros(t_n, np.int64), np.zeros(NL, np.int64)
+    for g in range(rows // NL):
+        k0 = (g * NL) % n
+        if mode == 2:
+            tok_classes(out, g, t_n, gv, a, k0, p_n, offt)
+        for ln in range(NL):
+            o[ln] = rc[(k0 + ln) % n]
+        _shared_group(st, words, lut, out, g * NL * t_n, t_n, cs, p_n - 1, o, offt)
+        if st[NL] > nw:
+            return -1
+    x0, p = st[0], st[NL]
+    for r in range(rows // NL * NL, rows):  # tail rows (never in mode 2, which needs n % NL == 0)
+        c = 0
+        for j in range(t_n):
+            c, x0, p = _step_shared(x0, rc[r % n] + (c >> cs if j else p_n - 1), words, p, lut)
+            out[r * t_n + j] = c
+        if p > nw:
+            return -1
+    return 0 if p == nw and x0 == RL and st[1] == RL and st[2] == RL and st[3] == RL else -1
