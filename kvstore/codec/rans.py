@@ -99,10 +99,7 @@ def rans_decode(words, cnt, out, t_n, n, mode, gv, cs, bits, lut):
     [rows, M]. -> 0, or -1 if the words are inconsistent."""
     a = 1 << bits
     p_n = (a >> cs) + 1
-    total = 0
-    for ln in range(NL):
-        total += cnt[ln]
-    if cnt.size != NL or cnt.min() < 2 or out.size % t_n or words.size < total + NL * t_n + 1 \
+    if cnt.size != NL or cnt.min() < 2 or out.size % t_n or words.size < cnt.sum() + NL * t_n + 1 \
             or lut.shape[0] != NCLS[mode] * p_n or lut.shape[1] != M:
         return -1
     flat, rows = lut.reshape(-1), out.size // t_n

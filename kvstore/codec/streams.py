@@ -62,8 +62,8 @@ def _join(p, out):  # inverse of _split: out [N] unsigned words from the byte pl
             out[i] = np.uint16(p[i]) | (np.uint16(p[n + i]) << np.uint16(8))
     elif isz == 4:
         for i in range(n):
-            out[i] = (np.uint32(p[i]) | (np.uint32(p[n + i]) << np.uint32(8)) | (np.uint32(p[2 * n + i]) << np.uint32(16))
-                      | (np.uint32(p[3 * n + i]) << np.uint32(24)))
+            out[i] = (np.uint32(p[i]) | (np.uint32(p[n + i]) << np.uint32(8))
+                      | (np.uint32(p[2 * n + i]) << np.uint32(16)) | (np.uint32(p[3 * n + i]) << np.uint32(24)))
     else:
         for i in range(n):
             w = np.uint64(0)

@@ -29,6 +29,8 @@ from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from kvstore.codec.block import block_header, content_hash, decode_block, encode_block
 from kvstore.codec.cold_block import check_cold, decode_cold, encode_cold, is_cold
 from kvstore.codec.container import HEADER_SIZE, ContainerError
@@ -102,6 +104,26 @@ class KVStore:
         self.host = HostTier(cfg.tiers.host_bytes)
         self.cost = LoadCost()
         self._pool = ThreadPoolExecutor(cfg.tiers.codec_threads or os.cpu_count() or 1, thread_name_prefix="kvcodec")
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Code a small random session once (2 blocks and a tail, through every codec this store uses), so the
+        codec's kernels are compiled or loaded from numba's cache now: on a first offload or resume that
+        time would be taken for the cost of loading (`LoadCost`) and steer resumes to recomputation."""
+        cache, g = self.runner.new_cache(self.quant), torch.Generator().manual_seed(0)
+        n, sh = self.quant.sinks + 2 * self.block_tokens + self.quant.residual + self.quant.key_group, self.shape
+        for layer in range(sh.layers):
+            k, v = (torch.randn(1, sh.kv_heads, n, sh.head_dim, generator=g).to(self.runner.device, self.runner.dtype)
+                    for _ in "kv")
+            cache.update(k, v, layer)
+        state = cache.export_state()
+        parts, tail = blk.split(state, self.block_tokens, blk.whole_blocks(state, self.block_tokens))
+        kw = dict(quant=self.quant, shape=sh, block_tokens=self.block_tokens, model_fingerprint="warm-up")
+        for i, p in enumerate(parts):
+            decode_block(encode_block(p, index=i, **kw).data, index=i, **kw)
+            if self.cold is not None:
+                decode_cold(encode_cold(p, cold=self.cold, index=i, **kw)[0].data, index=i, **kw)
+        decode_kv(encode_kv(tail, model_fingerprint="warm-up", level=self.level))
 
     # ---- naming ------------------------------------------------------------------------------------
     def salt(self, tenant: str) -> Salt:

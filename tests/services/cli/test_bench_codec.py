@@ -14,7 +14,7 @@ def test_block_codec_on_real_kv_is_within_the_bound(capsys):
     assert run_codec(args) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["block_tokens"] == 64 and res["blocks"][0]["blocks"] == 8
-    assert res["bits_per_element"] < 4.45  # measured 4.42 on 2,048 tokens (docs/BENCHMARKS.md)
+    assert res["bits_per_element"] < 4.45  # measured 4.43 here, 4.426 on 2,048 tokens of 128-token blocks (BENCHMARKS)
     coders = res["blocks"][0]["coders"]
     assert coders["rans-ctx"] < min(v for k, v in coders.items() if k != "rans-ctx")  # beats every zstd variant
     floors = res["floors"]

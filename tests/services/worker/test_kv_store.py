@@ -136,6 +136,31 @@ def test_corrupt_and_truncated_blocks_are_caught_and_recomputed_exactly(engine):
         assert engine.metrics.recomputes.labels("corrupt")._value.get() == before + 1
 
 
+def test_a_long_session_resumes_through_several_round_trips_and_a_late_missing_block_is_recomputed(
+        tiny_model_dir, redis_server):
+    """Blocks of 32 tokens and a tail: three pipelined round trips (kv_store._FETCH_CHUNK) that overlap
+    decoding; the tail comes first, so a block of the last round trip going missing is found late."""
+    eng = make_engine(tiny_model_dir, redis_server.url, prefix={"block_tokens": 32})
+    try:
+        ids = [rng.randrange(1000, 20000) for _ in range(380)]
+        ref, _ = run(eng, "acme", "ref", ids, n=30)
+        first, _ = run(eng, "acme", "long", ids, n=10)
+        eng.evict("acme", "long").result()
+        keys = block_keys(eng, "acme", "long")
+        assert len(keys) >= 3 * 4 - 2  # blocks + the tail: three round trips of up to 4
+        mid, u = run(eng, "acme", "long", n=10, create=False)
+        assert u["kv_source"] == "restored" and first + mid == ref[:20]
+        eng.evict("acme", "long").result()
+        keys = block_keys(eng, "acme", "long")
+        eng.tier.client.hdel(keys[-2], "d")  # the last block: fetched in the last round trip
+        before = eng.metrics.recomputes.labels("missing")._value.get()
+        rest, u = run(eng, "acme", "long", n=10, create=False)
+        assert u["kv_source"] == "recomputed" and first + mid + rest == ref
+        assert eng.metrics.recomputes.labels("missing")._value.get() == before + 1
+    finally:
+        eng.close()
+
+
 def test_warm_host_tier_serves_a_resume_without_redis(tiny_model_dir, redis_server):
     eng = make_engine(tiny_model_dir, redis_server.url, tiers={"host_bytes": 64 << 20})
     try:
