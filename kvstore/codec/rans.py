@@ -36,6 +36,17 @@ def lane_symbols(rows, t_n):  # -> symbols coded on each lane (lane 0 also takes
     return n
 
 
+@inline
+def _put(x, s, c, freq, rcp, start, buf, k):  # one encode step of symbol s in table row c -> (state, buf position)
+    f = np.int64(freq[c, s])
+    if x >= (f << (32 - PB)):
+        buf[k] = x & 0xFFFF
+        k, x = k + 1, x >> 16
+    qq = np.int64(x * rcp[c, s])  # x // f by the reciprocal, corrected to be exact
+    qq += ((qq + 1) * f <= x) - (qq * f > x)
+    return (qq << PB) + (x - qq * f) + start[c, s], k
+
+
 @jit
 def rans_encode(sym, ctx, t_n, freq, start):
     """Codes sym [rows*T] with table rows ctx -> (uint16 words: lane 0's stream, then lane 1's ...,
@@ -49,14 +60,7 @@ def rans_encode(sym, ctx, t_n, freq, start):
         for q in range(ns[ln] - 1, -1, -1):  # q: the lane's q-th symbol in decode order
             r, j = (full * NL + (q // t_n - full), q % t_n) if q >= full * t_n else ((q // t_n) * NL + ln, q % t_n)
             i = r * t_n + j
-            s, c = np.int64(sym[i]), np.int64(ctx[i])
-            f = np.int64(freq[c, s])
-            if x >= (f << (32 - PB)):
-                buf[k] = x & 0xFFFF
-                k, x = k + 1, x >> 16
-            qq = np.int64(x * rcp[c, s])  # x // f by the reciprocal, corrected to be exact
-            qq += ((qq + 1) * f <= x) - (qq * f > x)
-            x = (qq << PB) + (x - qq * f) + start[c, s]
+            x, k = _put(x, np.int64(sym[i]), np.int64(ctx[i]), freq, rcp, start, buf, k)
         buf[k], buf[k + 1] = x & 0xFFFF, x >> 16
         k += 2
         buf[base:k] = buf[base:k][::-1].copy()
@@ -153,14 +157,7 @@ def rans_encode_shared(sym, ctx, t_n, freq, start):
             for j in range(t_n - 1, -1, -1):
                 for ln in range(nl - 1, -1, -1):
                     i = order[ln] + j
-                    s, c = np.int64(sym[i]), np.int64(ctx[i])
-                    f, xx = np.int64(freq[c, s]), x[ln]
-                    if xx >= (f << (32 - PB)):
-                        out[k] = xx & 0xFFFF
-                        k, xx = k + 1, xx >> 16
-                    qq = np.int64(xx * rcp[c, s])  # xx // f by the reciprocal, corrected to be exact
-                    qq += ((qq + 1) * f <= xx) - (qq * f > xx)
-                    x[ln] = (qq << PB) + (xx - qq * f) + start[c, s]
+                    x[ln], k = _put(x[ln], np.int64(sym[i]), np.int64(ctx[i]), freq, rcp, start, out, k)
     for ln in range(NL - 1, -1, -1):
         out[k], out[k + 1] = x[ln] & 0xFFFF, x[ln] >> 16
         k += 2
