@@ -229,24 +229,24 @@ def symbolize(res, syms, buf, pos):
 
 @jit
 def desymbolize(syms, buf, lim, pos, res):  # inverse of symbolize -> the bit position, -1 if invalid
-    if pos < 0 or pos > lim:
+    if pos < 0 or pos > lim or buf.size < 4:
         return -1
-    acc, na, byte = np.int64(buf[pos >> 3]) >> (pos & 7), 8 - (pos & 7), (pos >> 3) + 1  # bit reader
+    b, last = np.uint64(pos), np.uint64(buf.size - 4)  # reads past lim see the zero slack; lim checked at the end
     for i in range(syms.size):
         ui = np.uint64(i)
         u = np.int64(syms[ui]) - 3
         if u < 0:
             res[ui] = 0 if u == -3 else (1 if u == -2 else -1)
             continue
-        nb_ = (u >> 2)  # raw bits
-        while na < nb_:  # refill (zero slack past lim; lim checked at the end)
-            acc, na, byte = acc | (np.int64(buf[min(byte, buf.size - 1)]) << na), na + 8, byte + 1
-        a = (1 << (nb_ + 1)) | (((u >> 1) & 1) << nb_) | (acc & ((1 << nb_) - 1))
-        acc, na, pos = acc >> nb_, na - nb_, pos + nb_
+        nb_, k = u >> 2, min(b >> np.uint64(3), last)  # raw bits (<= 14: one 32-bit read at byte k)
+        w = np.uint64(buf[k]) | (np.uint64(buf[k + np.uint64(1)]) << np.uint64(8)) \
+            | (np.uint64(buf[k + np.uint64(2)]) << np.uint64(16)) | (np.uint64(buf[k + np.uint64(3)]) << np.uint64(24))
+        a = (1 << (nb_ + 1)) | (((u >> 1) & 1) << nb_) | np.int64((w >> (b & np.uint64(7))) & np.uint64((1 << nb_) - 1))
+        b += np.uint64(nb_)
         if nb_ > 14 or ((u & 1) == 0 and a > 32767):
             return -1
         res[ui] = -a if (u & 1) else a
-    return pos if pos <= lim else -1
+    return np.int64(b) if np.int64(b) <= lim else -1
 
 
 @inline

@@ -24,8 +24,10 @@ Payload (little-endian):
     u32 crc32 of everything after it | u8 FORMAT | u32 table bytes | u32 raw bytes | u32 zstd bytes
     per stream: u8 cs | mode << 4, W code words [, W scale words, W zero words]
     table bits | rANS words (u16) of each stream: codes [, scale, zero] | raw bits | zstd frame
-W: FORMAT 2 (written) NL x u32, the words of each rANS lane (`kvstore.codec.rans`, lanes layout);
-FORMAT 1 (still read) one u32, the words of the lanes' shared stream.
+W: FORMAT 3 (written) u8 lanes | u32 words of a shared stream (`kvstore.codec.rans`): simd.LANES lanes
+(decoded by the vector kernel of `kvstore.codec.simd`, context modes 0 and 1) where their extra lane
+states cost at most SIMD_MAX_COST of the stream, else NL lanes. Still read: FORMAT 2, NL x u32, the words
+of each of NL lanes (lanes layout); FORMAT 1, one u32, NL lanes' shared stream.
 
 Invariants:
 - `decode_block(encode_block(t, bits), layout_of(t), bits)` is bit-identical to `t` (dtype, shape,
@@ -51,13 +53,14 @@ from kvstore.codec.streams import _planes, _unplanes
 from kvstore.codec.tensors import DTYPE_CODES
 
 CODER_ID = 3  # "rans-ctx block coder v1" (after Codec RAW=0, ZSTD=1, ZSTD_STREAMS=2)
-FORMAT = 2  # rANS lanes with word streams of their own
-FORMATS = (1, 2)  # read; 1: the lanes share one word stream
+FORMAT = 3  # shared word streams of NL or simd.LANES lanes (vector decoding), chosen per stream
+FORMATS = (1, 2, 3)  # read; 1: NL lanes share one word stream; 2: NL lanes, a word stream each
+SIMD_MAX_COST = 0.005  # the vector layout's extra lane states (4 bytes each) may cost 0.5% of a stream
 MAX_BLOCK_BYTES = 1 << 31  # refuse layouts over 2 GiB of raw tensor data
 ZSTD_LEVEL = 3
 _HEAD = struct.Struct("<IBIII")  # crc, format, table bytes, raw bytes, zstd bytes
 _CTX = struct.Struct("<B")  # cs | mode << 4
-_WORDS = {1: struct.Struct("<I"), 2: struct.Struct(f"<{ans.NL}I")}  # words of a rANS stream, by FORMAT
+_WORDS = {1: struct.Struct("<I"), 2: struct.Struct(f"<{ans.NL}I"), 3: struct.Struct("<BI")}  # a stream's words
 _META_BITS = 6
 MODE2_MIN_GAIN = 0.01  # measured on SmolLM2 value streams: mode 2 saves 0.4% of a block's bits, costs ~8% decode time
 _META_ALPHABET = 1 << _META_BITS  # ans.symbolize: symbols < 63
@@ -244,21 +247,29 @@ class _Bits:
         return self.buf[: (self.pos + 7) // 8].tobytes()
 
 
+def _lanes(fmt: int, mode: int, rows: int, cnt: np.ndarray) -> int:
+    """Lanes of a shared stream of `rows` rows with table counts cnt (FORMAT 1 and 3; 2 has NL)."""
+    extra = 4 * (rans.SHARED_LANES[1] - ans.NL)
+    fits = rows >= rans.SHARED_LANES[1] and extra <= SIMD_MAX_COST * _ideal_bits(cnt) / 8
+    return rans.SHARED_LANES[1] if fmt == 3 and mode < 2 and fits else ans.NL
+
+
 def _encode_symbols(sym: np.ndarray, ctx: np.ndarray | None, t: int, cnt: np.ndarray, tables: _Bits,
-                    fmt: int) -> tuple[np.ndarray, tuple[int, ...]]:
-    """(rANS words, words per lane (FORMAT 2) or in all (1)) of a code stream (ctx: table row of every code),
-    or (ctx None) of residual symbols: NL rows (zero padded) with one table, transmitted once for both
+                    fmt: int, nl: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(rANS words, the stream's _WORDS[fmt] fields) of a code stream (ctx: table row of every code), or
+    (ctx None) of residual symbols: nl rows (zero padded) with one table, transmitted once for both
     contexts of the decoder."""
     q = _qtable(cnt)
     tables.pos = ans.put_table(tables.buf, tables.pos, q if ctx is not None else q[:1])
     freq = ans.normalize(q)
     if ctx is None:
-        t, ctx = sym.size // ans.NL, np.zeros(sym.size, np.int32)
-    if fmt == 1:
-        w = rans.rans_encode_shared(sym, ctx, t, freq, np.cumsum(freq, 1) - freq)
-        return w, (w.size,)
-    w, cnt = rans.rans_encode(sym, ctx, t, freq, np.cumsum(freq, 1) - freq)
-    return w, tuple(int(c) for c in cnt)
+        t, ctx = sym.size // nl, np.zeros(sym.size, np.int32)
+    start = np.cumsum(freq, 1) - freq
+    if fmt == 2:
+        w, cnt = rans.rans_encode(sym, ctx, t, freq, start)
+        return w, tuple(int(c) for c in cnt)
+    w = rans.rans_encode_shared(sym, ctx, t, freq, start, nl)
+    return w, (nl, w.size) if fmt == 3 else (w.size,)
 
 
 def _predict(s: _Stream, sym: np.ndarray, sc, z, rs, rz, decode: bool) -> None:
@@ -285,7 +296,7 @@ def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int], *,
         packed = np.concatenate([arrays[i].reshape(-1, s.t, s.m) for i in s.codes])
         sym = ans.unpack_rows(packed, s.bits)  # [rows, n, T] channel-major
         mode, cs, cnt, ctx = _choose_context(s, sym)
-        w, lanes = _encode_symbols(sym, ctx, s.t, cnt, tables, fmt)
+        w, lanes = _encode_symbols(sym, ctx, s.t, cnt, tables, fmt, _lanes(fmt, mode, sym.size // s.t, cnt))
         words.append(w)
         heads.append(_CTX.pack(cs | mode << 4) + _WORDS[fmt].pack(*lanes))
         if s.kind:
@@ -297,9 +308,11 @@ def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int], *,
             for res in (rs, rz):
                 ms = np.empty(res.size, np.uint8)
                 raw.pos = ans.symbolize(res, ms, raw.buf, raw.pos)
-                ms = np.concatenate([ms, np.zeros(-ms.size % ans.NL, np.uint8)])  # NL rows, zero padded
+                cnt = np.bincount(ms, minlength=_META_ALPHABET)[None]
+                nl = _lanes(fmt, 0, ms.size, cnt)
+                ms = np.concatenate([ms, np.zeros(-ms.size % nl, np.uint8)])  # nl rows, zero padded
                 cnt = np.bincount(ms, minlength=_META_ALPHABET)[None].repeat(2, 0)  # one table for both contexts
-                w, lanes = _encode_symbols(ms, None, 0, cnt, tables, fmt)
+                w, lanes = _encode_symbols(ms, None, 0, cnt, tables, fmt, nl)
                 words.append(w)
                 heads.append(_WORDS[fmt].pack(*lanes))
     gen = b""
@@ -345,29 +358,35 @@ class _Reader:
         return st.unpack(self.take(st.size, what))
 
 
-def _words(r: _Reader, lanes: tuple, nsym: int, t: int, what: str) -> np.ndarray:  # + the decoders' zero padding
-    nw = sum(lanes)
-    if nw < 2 * ans.NL or nw > nsym + 2 * ans.NL or min(lanes) < (2 if len(lanes) > 1 else 2 * ans.NL):
-        raise _err(f"{what}: {lanes} rANS words for {nsym} symbols is impossible")
-    w = np.zeros(nw + ans.NL * t + 1, np.uint16)
+def _shared(fmt: int, counts: tuple) -> tuple[int, int]:  # a stream's _WORDS fields -> (lanes, words in all)
+    return (counts[0], counts[1]) if fmt == 3 else (ans.NL, sum(counts))
+
+
+def _words(r: _Reader, counts: tuple, nsym: int, t: int, fmt: int, what: str) -> np.ndarray:  # + zero padding
+    nl, nw = _shared(fmt, counts)
+    if nl not in rans.SHARED_LANES or nw < 2 * nl or nw > nsym + 2 * nl \
+            or (fmt == 2 and min(counts) < 2):
+        raise _err(f"{what}: {counts} rANS words for {nsym} symbols is impossible")
+    w = np.zeros(nw + rans.padding(t), np.uint16)
     w[:nw] = np.frombuffer(r.take(2 * nw, what), "<u2")
     return w
 
 
-def _decode_symbols(w: np.ndarray, lanes: tuple, nsym: int, s: _Stream | None, mode: int, cs: int, tables: _Bits,
-                    what: str) -> np.ndarray:  # inverse of _encode_symbols
+def _decode_symbols(w: np.ndarray, counts: tuple, nsym: int, s: _Stream | None, mode: int, cs: int, tables: _Bits,
+                    fmt: int, what: str) -> np.ndarray:  # inverse of _encode_symbols
     bits = s.bits if s else _META_BITS
     a, nctx = 1 << bits, ans.NCLS[mode] * (((1 << bits) >> cs) + 1)
     q, tables.pos = ans.get_table(tables.buf, tables.lim, tables.pos, nctx if s else 1, a)
     if tables.pos < 0:
         raise _err(f"{what}: corrupt frequency table")
     lut = ans.build_lut(ans.normalize(q if s else q.repeat(2, 0)))
-    out = np.empty(nsym if s else nsym + -nsym % ans.NL, np.uint8)
-    t, n, gv = (s.t, s.n, s.gv) if s else (out.size // ans.NL, 1, 1)
-    if len(lanes) == 1:
-        ok = rans.rans_decode_shared(w, lanes[0], out, t, n, mode, gv, cs, bits, lut)
+    nl, nw = _shared(fmt, counts)
+    out = np.empty(nsym if s else nsym + -nsym % nl, np.uint8)
+    t, n, gv = (s.t, s.n, s.gv) if s else (out.size // nl, 1, 1)
+    if fmt == 2:
+        ok = rans.rans_decode(w, np.array(counts, np.int64), out, t, n, mode, gv, cs, bits, lut)
     else:
-        ok = rans.rans_decode(w, np.array(lanes, np.int64), out, t, n, mode, gv, cs, bits, lut)
+        ok = rans.decode_shared(w, nw, out, t, n, mode, gv, cs, bits, lut, nl)
     if ok != 0:
         raise _err(f"{what}: corrupt rANS stream")
     return out[:nsym]
@@ -399,23 +418,24 @@ def decode_block(payload: bytes, layout: Layout, bits: dict[str, int], *,
     tables = _Bits(8 * n_tab, r.take(n_tab, "frequency tables"))
     streams = []
     for i, (s, (_, _, nw, mw)) in enumerate(zip(plan.streams, heads)):
-        wc = _words(r, nw, s.nsym, s.t, f"stream {i} codes")
-        tm = -(-s.nmeta // ans.NL)  # residual rows' length
-        streams.append((wc, nw, [(_words(r, k, tm * ans.NL, tm, f"stream {i} scales/zeros"), k) for k in mw]))
+        wc = _words(r, nw, s.nsym, s.t, fmt, f"stream {i} codes")
+        tms = [-(-s.nmeta // _shared(fmt, k)[0]) for k in mw]  # the residual rows' lengths
+        streams.append((wc, nw, [(_words(r, k, tm * _shared(fmt, k)[0], tm, fmt, f"stream {i} scales/zeros"), k)
+                                 for k, tm in zip(mw, tms)]))
     raw = _Bits(8 * n_raw, r.take(n_raw, "raw bits"))
     gen = r.take(n_gen, "generic tensors")
     if r.pos != len(r.data):
         raise _err(f"{len(r.data) - r.pos} unexpected trailing bytes")
     out: list = [None] * len(plan.layout)
     for i, (s, (cs, mode, _, _), (wc, nw, metas)) in enumerate(zip(plan.streams, heads, streams)):
-        sym = _decode_symbols(wc, nw, s.nsym, s, mode, cs, tables, f"stream {i} codes")
+        sym = _decode_symbols(wc, nw, s.nsym, s, mode, cs, tables, fmt, f"stream {i} codes")
         packed = ans.pack_rows(sym, s.bits, (s.rows, s.t, s.m)).reshape((len(s.codes),) + s.shape)
         for j, a in zip(s.codes, packed):
             out[j] = a
         if metas:
             res = []
             for w, nwm in metas:
-                ms = _decode_symbols(w, nwm, s.nmeta, None, 0, _META_BITS, tables, f"stream {i} scales/zeros")
+                ms = _decode_symbols(w, nwm, s.nmeta, None, 0, _META_BITS, tables, fmt, f"stream {i} scales/zeros")
                 res.append(np.empty(s.nmeta, np.int32))
                 raw.pos = ans.desymbolize(ms, raw.buf, raw.lim, raw.pos, res[-1])
                 if raw.pos < 0:

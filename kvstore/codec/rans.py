@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvstore.codec.ans import NCLS, NL, PB, RL, M, inline, jit, row_classes, tok_classes
+from kvstore.codec import simd
+from kvstore.codec.ans import NCLS, NL, PB, RL, M, build_lut, inline, jit, row_classes, tok_classes
 
 _U = np.uint64
 _MASK, _PB, _S16, _RL, _ONE = _U(M - 1), _U(PB), _U(16), _U(RL), _U(1)
@@ -143,22 +144,23 @@ def rans_decode(words, cnt, out, t_n, n, mode, gv, cs, bits, lut):
 
 # ---- shared (FORMAT 1) ------------------------------------------------------------------------------
 @jit
-def rans_encode_shared(sym, ctx, t_n, freq, start):
-    """Codes sym [rows*T] with table rows ctx -> uint16 words, in the exact reverse of rans_decode_shared's order
-    (groups of NL rows interleaved token by token, then the tail rows on lane 0)."""
-    rows, out, k = sym.size // t_n, np.empty(sym.size + 2 * NL, np.uint16), 0
-    x, order, rcp = np.full(NL, RL, np.int64), np.empty(NL, np.int64), 1.0 / np.maximum(freq, 1)
-    for g in range((rows + NL - 1) // NL - 1, -1, -1):
-        tail = g * NL + NL > rows
-        for r in range(rows - 1, g * NL - 1, -1) if tail else range(1):
-            nl = 1 if tail else NL
-            for ln in range(nl):
-                order[ln] = (r if tail else g * NL + ln) * t_n
+def rans_encode_shared(sym, ctx, t_n, freq, start, nl):
+    """Codes sym [rows*T] with table rows ctx on nl lanes -> uint16 words, in the exact reverse of the shared
+    layout's decode order (groups of nl rows interleaved token by token, the lanes reading in lane order; then
+    the tail rows on lane 0): rans_decode_shared (nl = NL) and rans_decode_simd (nl = simd.LANES)."""
+    rows, out, k = sym.size // t_n, np.empty(sym.size + 2 * nl, np.uint16), 0
+    x, order, rcp = np.full(nl, RL, np.int64), np.empty(nl, np.int64), 1.0 / np.maximum(freq, 1)
+    for g in range((rows + nl - 1) // nl - 1, -1, -1):
+        tail = g * nl + nl > rows
+        for r in range(rows - 1, g * nl - 1, -1) if tail else range(1):
+            n_l = 1 if tail else nl
+            for ln in range(n_l):
+                order[ln] = (r if tail else g * nl + ln) * t_n
             for j in range(t_n - 1, -1, -1):
-                for ln in range(nl - 1, -1, -1):
+                for ln in range(n_l - 1, -1, -1):
                     i = order[ln] + j
                     x[ln], k = _put(x[ln], np.int64(sym[i]), np.int64(ctx[i]), freq, rcp, start, out, k)
-    for ln in range(NL - 1, -1, -1):
+    for ln in range(nl - 1, -1, -1):
         out[k], out[k + 1] = x[ln] & 0xFFFF, x[ln] >> 16
         k += 2
     return out[:k][::-1].copy()
@@ -223,3 +225,88 @@ def rans_decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut):
         if p > nw:
             return -1
     return 0 if p == nw and x0 == RL and st[1] == RL and st[2] == RL and st[3] == RL else -1
+
+
+# ---- shared, simd.LANES lanes (FORMAT 3) -----------------------------------------------------------------
+@jit
+def _simd_setup(words, nw, n, mode, mult, groups, w):  # -> (states [w] uint32, table row offsets [groups * w])
+    st, ro, rc = np.empty(w, np.uint32), np.empty(groups * w, np.uint32), row_classes(n, mode, mult)
+    for ln in range(w):
+        st[ln] = (np.uint32(words[2 * ln]) << 16) | np.uint32(words[2 * ln + 1])
+    for r in range(groups * w):
+        ro[r] = rc[r % n]
+    return st, ro
+
+
+@jit
+def _simd_finish(lanes, out, words, nw, t_n, n, mode, cs, p_n, lut, st, p):
+    """Lane-major groups (simd.decode_groups) -> out's channel-major rows; then the rows left over on lane 0,
+    and the end checks (every state back at RL, every word read). -> 0 or -1."""
+    w, rows = st.size, out.size // t_n
+    g_n = rows // w
+    for g in range(g_n):
+        b = np.uint64(g * w * t_n)
+        for ln in range(w):
+            for j in range(t_n):
+                out[b + np.uint64(ln * t_n + j)] = lanes[b + np.uint64(j * w + ln)]
+    x, rc = np.int64(st[0]), row_classes(n, mode, p_n)
+    for r in range(g_n * w, rows):
+        c = 0
+        for j in range(t_n):
+            c, x, p = _step_shared(x, rc[r % n] + (c >> cs if j else p_n - 1), words, p, lut)
+            out[r * t_n + j] = c
+        if p > nw:
+            return -1
+    ok = p == nw and x == RL
+    for ln in range(1, w):
+        ok = ok and st[ln] == RL
+    return 0 if ok else -1
+
+
+def rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut) -> int:
+    """Inverse of rans_encode_shared(..., simd.LANES) into out [rows*T] uint8 (modes 0 and 1), the full row
+    groups by the vector kernel; words = nw words then >= LANES * T + 1 zeros. -> 0, or -1 if inconsistent."""
+    w, a = simd.LANES, 1 << bits
+    p_n = (a >> cs) + 1
+    if mode not in (0, 1) or nw < 2 * w or out.size % t_n or words.size < nw + w * t_n + 1 \
+            or lut.shape != (NCLS[mode] * p_n, M) or lut.dtype != np.uint32:
+        return -1
+    groups = out.size // t_n // w
+    st, ro = _simd_setup(words, nw, n, mode, p_n * M, groups, w)
+    pos, lanes = np.array([2 * w], np.int64), np.empty(groups * t_n * w, np.uint8)
+    if simd.decode_groups(words, lut, lanes, ro, st, pos, t_n, groups, cs, (p_n - 1) * M, nw, w) != 0:
+        return -1
+    return _simd_finish(lanes, out, words, nw, t_n, n, mode, cs, p_n, lut, st, pos[0])
+
+
+# ---- the shared layout's lane counts -------------------------------------------------------------------
+SHARED_LANES = (NL, simd.LANES)  # NL: the scalar decoder, every context mode; simd.LANES: vector, modes 0 and 1
+
+
+def padding(t_n: int) -> int:
+    """Zero words every decoder needs after a stream's words (rows of t_n codes)."""
+    return simd.LANES * t_n + 1
+
+
+def decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut, nl) -> int:
+    """Inverse of rans_encode_shared(..., nl) by the decoder of that lane count; words padded by padding(t_n)
+    zeros. -> 0, or -1 if inconsistent (a lane count not in SHARED_LANES included)."""
+    if nl == NL:
+        return rans_decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut)
+    if nl == simd.LANES:
+        return rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut)
+    return -1
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every decoder now, the vector kernel included, with a tiny stream."""
+    rows, t_n = simd.LANES + 1, 2
+    sym = (np.arange(rows * t_n) % 2).astype(np.uint8)
+    freq = np.full((2, 2), M // 2, np.int64)  # 1-bit codes, cs 1: rows "previous >> 1" (0) and "first" (1)
+    lut = build_lut(freq)
+    for nl in SHARED_LANES:
+        w = rans_encode_shared(sym, np.zeros(sym.size, np.int32), t_n, freq, np.cumsum(freq, 1) - freq, nl)
+        out = np.empty_like(sym)
+        if decode_shared(np.concatenate([w, np.zeros(padding(t_n), np.uint16)]), w.size, out, t_n, 1, 0, 1, 1, 1,
+                         lut, nl) != 0 or not np.array_equal(out, sym):
+            raise RuntimeError(f"rANS self-test failed ({nl} lanes)")

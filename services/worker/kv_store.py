@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.codec import rans
 from kvstore.codec.block import block_header, content_hash, decode_block, encode_block
 from kvstore.codec.cold_block import check_cold, decode_cold, encode_cold, is_cold
 from kvstore.codec.container import HEADER_SIZE, ContainerError
@@ -110,6 +111,7 @@ class KVStore:
         """Code a small random session once (2 blocks and a tail, through every codec this store uses), so the
         codec's kernels are compiled or loaded from numba's cache now: on a first offload or resume that
         time would be taken for the cost of loading (`LoadCost`) and steer resumes to recomputation."""
+        rans.warm_up()  # the vector kernel too, which small sessions' streams do not reach
         cache, g = self.runner.new_cache(self.quant), torch.Generator().manual_seed(0)
         n, sh = self.quant.sinks + 2 * self.block_tokens + self.quant.residual + self.quant.key_group, self.shape
         for layer in range(sh.layers):

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstore.codec import ans
+from kvstore.codec import ans, simd
 from kvstore.codec.container import ContainerError
 from kvstore.codec.entropy import CODER_ID, decode_block, encode_block
 from kvstore.quant.pack import pack, unpack
@@ -127,28 +127,60 @@ def test_any_arrays_round_trip(block):
     roundtrip(*block)
 
 
-@pytest.fixture(scope="module", params=[2, 1], ids=["format2", "format1"])
+@pytest.fixture(scope="module", params=[3, 2, 1], ids=["format3", "format2", "format1"])
 def coded(request):
-    """A coded block, in the format written (2) and in the one still read (1)."""
+    """A coded block, in the format written (3) and in the ones still read (2, 1)."""
     tensors, bits = sealed_block(layers=2, b=32, seed=5, outliers=0.02)
     return tensors, bits, encode_block(tensors, bits, fmt=request.param)
 
 
 @pytest.mark.parametrize("layers,h,d", [(2, 2, 16), (1, 3, 8), (3, 1, 8)])
-def test_format_1_payloads_still_decode_and_format_2_is_written(layers, h, d):
+def test_format_1_and_2_payloads_still_decode_and_format_3_is_written(layers, h, d):
     tensors, bits = sealed_block(layers=layers, h=h, d=d, b=32, seed=7)
-    new, old = roundtrip(tensors, bits), encode_block(tensors, bits, fmt=1)
-    assert new[4] == 2 and old[4] == 1 and new != old  # the format byte after the CRC
-    back = decode_block(old, layout_of(tensors), bits)
-    assert all(a.tobytes() == b.tobytes() for (_, a), (_, b) in zip(tensors, back))
-    with pytest.raises(ContainerError, match="cannot write block format 3"):
-        encode_block(tensors, bits, fmt=3)
+    new = roundtrip(tensors, bits)
+    assert new[4] == 3  # the format byte after the CRC
+    for fmt in (1, 2):
+        old = encode_block(tensors, bits, fmt=fmt)
+        assert old[4] == fmt and old != new
+        back = decode_block(old, layout_of(tensors), bits)
+        assert all(a.tobytes() == b.tobytes() for (_, a), (_, b) in zip(tensors, back))
+    with pytest.raises(ContainerError, match="cannot write block format 4"):
+        encode_block(tensors, bits, fmt=4)
+
+
+def _stream_lanes(payload: bytes) -> int:  # format 3: stream 0's lane count (after CRC, format, sizes, context)
+    assert payload[4] == 3
+    return payload[4 + 1 + 12 + 1]
+
+
+@pytest.mark.parametrize("kb,vb,b", [(4, 4, 128), (8, 2, 64), (3, 4, 128)])
+def test_large_streams_take_the_vector_layout_and_round_trip(kb, vb, b):
+    """Streams big enough for simd.LANES lanes' states (SIMD_MAX_COST) are coded for the vector decoder; rows
+    beyond the last whole group of lanes (h * d * layers % LANES) go to lane 0. Small ones keep NL lanes."""
+    tensors, bits = sealed_block(layers=12, h=3, d=40, b=b, kb=kb, vb=vb, gv=8, seed=kb + vb + b)
+    payload = roundtrip(tensors, bits)
+    assert _stream_lanes(payload) == simd.LANES and (12 * 3 * 40) % simd.LANES
+    small = roundtrip(*sealed_block(layers=1, h=1, d=16, b=32, seed=3))
+    assert _stream_lanes(small) == ans.NL
+
+
+def test_a_vector_stream_with_a_wrong_lane_count_is_refused():
+    tensors, bits = sealed_block(layers=4, h=4, d=64, b=128, seed=2)
+    payload = bytearray(encode_block(tensors, bits))
+    at = 4 + 1 + 12 + 1
+    assert payload[at] == simd.LANES
+    for lanes in (ans.NL, 0, 7, 255):
+        bad = bytearray(payload)
+        bad[at] = lanes
+        bad[:4] = struct.pack("<I", zlib.crc32(bytes(bad[4:])))
+        with pytest.raises(ContainerError, match="corrupt rANS stream|impossible"):
+            decode_block(bytes(bad), layout_of(tensors), bits)
 
 
 def test_format_2_lane_word_counts_are_checked():
     """Moving words between lanes (the total kept, the CRC recomputed) is caught by the rANS decoder."""
     tensors, bits = sealed_block(layers=2, b=32, seed=5)
-    payload = bytearray(encode_block(tensors, bits))
+    payload = bytearray(encode_block(tensors, bits, fmt=2))
     at = 4 + 1 + 12 + 1  # CRC, format, three sizes, then stream 0's context byte and its NL lane counts
     lanes = list(struct.unpack_from(f"<{ans.NL}I", payload, at))
     for delta in ([-1, 1, 0, 0], [0, 0, 3, -3], [1 - lanes[0], lanes[0] - 1, 0, 0]):
