@@ -26,14 +26,14 @@ import numpy as np
 
 from kvstore.codec import streams
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
-from kvstore.codec.tensors import DTYPE_CODES, decode_tensors, encode_tensors
+from kvstore.codec.tensors import DTYPE_CODES, decode_tensors, dtype_name, encode_tensors
 from kvstore.quant.state import KVState
 
 MAX_RAW_BYTES = 4 << 30  # refuse to decompress more than 4 GiB
 
 
 def _shapes(tensors) -> dict[str, list]:
-    return {name: [arr.dtype.name, [int(d) for d in arr.shape]] for name, arr in tensors}
+    return {name: [dtype_name(arr.dtype), [int(d) for d in arr.shape]] for name, arr in tensors}
 
 
 def encode_kv(state: KVState, *, model_fingerprint: str, level: int = 3, codec: Codec = Codec.ZSTD_STREAMS,

@@ -64,29 +64,33 @@ def test_not_bytes():
 
 import hashlib  # noqa: E402
 
+import xxhash  # noqa: E402
+
 from kvstore.codec.container import FORMAT_VERSION, MAGIC  # noqa: E402
 from kvstore.hashing import checksum  # noqa: E402
 
 
 def _craft(kind=2, codec=0, meta=b"{}", payload=b"", version=FORMAT_VERSION, magic=MAGIC, sum_of=None) -> bytes:
     """A container built by hand, with a VALID checksum (of `sum_of`'s version; default its own), so that
-    later checks are reached: sha256 from version 2 on, blake2b-128 in version 1."""
+    later checks are reached: xxh3-128 in version 3, sha256 in 2 (and in future versions), blake2b-128 in 1."""
     head = struct.pack("<4sHBBIQ", magic, version, kind, codec, len(meta), len(payload))
     body = head + meta + payload
     v = version if sum_of is None else sum_of
-    digest = checksum(body) if v == 1 else hashlib.sha256(b"kvstash-sum" + body).digest()[:16]
+    digest = {1: lambda: checksum(body), 3: lambda: xxhash.xxh3_128_digest(b"kvstash-sum" + body)}.get(
+        v, lambda: hashlib.sha256(b"kvstash-sum" + body).digest()[:16])()
     return head + digest + meta + payload
 
 
 def test_craft_matches_pack():
-    assert FORMAT_VERSION == 2
+    assert FORMAT_VERSION == 3
     assert _craft(meta=b'{"a":1}', payload=b"p") == pack_container(Kind.KV, Codec.RAW, {"a": 1}, b"p")
 
 
-def test_version_1_containers_are_still_read_with_their_own_checksum():
-    old = _craft(version=1, meta=b'{"a":1}', payload=b"old payload")
+@pytest.mark.parametrize("version", [1, 2])
+def test_version_1_and_2_containers_are_still_read_with_their_own_checksum(version):
+    old = _craft(version=version, meta=b'{"a":1}', payload=b"old payload")
     assert unpack_container(old) == (Kind.KV, Codec.RAW, {"a": 1}, b"old payload")
-    for version, sum_of in ((1, 2), (2, 1)):  # each version's bytes under the other's checksum
+    for version, sum_of in ((1, 2), (2, 1), (3, 2), (2, 3), (3, 1), (1, 3)):  # bytes under another's checksum
         with pytest.raises(ContainerError, match="checksum mismatch"):
             unpack_container(_craft(version=version, sum_of=sum_of, payload=b"x"))
 
@@ -129,8 +133,8 @@ def test_meta_must_be_a_json_object(meta, needle):
 
 
 def test_future_version_and_bad_magic_even_with_valid_checksum():
-    with pytest.raises(ContainerError, match="unsupported container version 3"):
-        unpack_container(_craft(version=3))
+    with pytest.raises(ContainerError, match="unsupported container version 4"):
+        unpack_container(_craft(version=4))
     with pytest.raises(ContainerError, match="bad magic"):
         unpack_container(_craft(magic=b"\x80\x04\x95\x00"))  # a pickle stream's opening bytes
 
