@@ -17,6 +17,8 @@ RoPE frequency band (`row_classes`), mode 2 the previous NL channels' codes at t
 from __future__ import annotations
 
 import numba as nb
+from llvmlite import ir as llvmir
+from numba.extending import intrinsic
 import numpy as np
 import torch
 
@@ -249,11 +251,22 @@ def desymbolize(syms, buf, lim, pos, res):  # inverse of symbolize -> the bit po
     return np.int64(b) if np.int64(b) <= lim else -1
 
 
+@intrinsic
+def _bits(typingctx, x):  # the int64 bit pattern of a float64 (an LLVM bitcast: no trip through memory)
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvmir.IntType(64))
+    return nb.types.int64(nb.types.float64), codegen
+
+
 @inline
-def lg(x, sf, si):  # 1024 * log2(x) (x >= 2^-1022), piecewise linear: exponent and top 10 mantissa bits
-    sf[0] = x  # sf: float64 [1], si: its int64 view (made once per kernel: views allocate)
-    b = si[0]
+def lg(x):  # 1024 * log2(x) (x >= 2^-1022), piecewise linear: exponent and top 10 mantissa bits
+    b = _bits(np.float64(x))
     return 1024 * ((b >> 52) - 1023) + ((b >> 42) & 1023)
+
+
+@inline
+def _lg16(b):  # = lg(f16(b)) for a normal positive fp16 pattern b, from its bits: (exponent - 15) * 1024 + mantissa
+    return ((b >> 10) - 15) * 1024 + (b & 1023)
 
 
 @inline
@@ -269,9 +282,9 @@ def mono(b):  # fp16 pattern -> order-preserving int in [0, 2^16) (-NaN lowest, 
 
 
 @inline
-def near(x, sf, si):  # mono of an fp16 pattern close to any float64 x (NaN -> +0)
+def near(x):  # mono of an fp16 pattern close to any float64 x (NaN -> +0)
     a = abs(x)
-    mb = 0x7BFF if a >= 65504.0 else (np.int64(a * 16777216.0) if a < 6.103515625e-05 else lg(a, sf, si) + 15360)
+    mb = 0x7BFF if a >= 65504.0 else (np.int64(a * 16777216.0) if a < 6.103515625e-05 else lg(a) + 15360)
     return 0x8000 if x != x else (mono(mb | 0x8000) if x < 0 else mono(mb))
 
 
@@ -309,12 +322,10 @@ def group_stats(sym, nt, n, keys, ng, dn):
                     for t in range(nt):
                         s1[(r * nt + t) * ng + k // cnt], s2[(r * nt + t) * ng + k // cnt] = a1[t], a2[t]
                     a1[:], a2[:] = 0, 0
-    sf = np.empty(1)
-    si = sf.view(np.int64)
-    lc = lg(float(cnt), sf, si)
+    lc = lg(float(cnt))
     for i in range(size):
         var = cnt * s2[i] - s1[i] * s1[i]
-        s2[i] = max((lg(float(var), sf, si) >> 1) - lc, LG_SCMIN) if var > 0 else LG_SCMIN
+        s2[i] = max((lg(float(var)) >> 1) - lc, LG_SCMIN) if var > 0 else LG_SCMIN
     return s1, s2, cnt
 
 
@@ -340,21 +351,20 @@ def predict(s1, lsc, cnt, nbr, mu_w, sc_b, z_b, rs, rz, decode):
     lg sigma (lg scale + code spread) of the references (none: the last sigma) minus this group's spread.
     Zero: mu_w * the reference group's mean (scale * mean code + zero), minus mean code * scale. Encoding
     writes the residuals rs/rz; decoding rebuilds sc_b/z_b from them."""
-    sf = np.empty(1)
-    si, lsig, mus, last = sf.view(np.int64), np.full(sc_b.size, ABSENT, np.int64), np.zeros(sc_b.size), ABSENT
+    lsig, mus, last = np.full(sc_b.size, ABSENT, np.int64), np.zeros(sc_b.size), ABSENT
     for i in range(sc_b.size):
         acc, k = 0, 0
         for q in range(3):
             j = nbr[i, q]
             if j >= 0 and lsig[j] != ABSENT:
                 acc, k = acc + lsig[j], k + 1
-        ref = acc // k if k else last
+        ref = last if k == 0 else (acc if k == 1 else (acc >> 1 if k == 2 else acc // 3))  # = acc // k, no idiv
         sb = _code(mono(min(max(ref - lsc[i] + 15360, 0), 0x7BFF)) if ref != ABSENT else 0x8000,
                    np.int64(sc_b[i]), rs, i, decode)
         s, mc, j = f16(sb), s1[i] / cnt, nbr[i, 3]
-        zb = _code(near((mu_w * mus[j] if j >= 0 else 0.0) - mc * s, sf, si), np.int64(z_b[i]), rz, i, decode)
+        zb = _code(near((mu_w * mus[j] if j >= 0 else 0.0) - mc * s), np.int64(z_b[i]), rz, i, decode)
         sc_b[i], z_b[i] = sb, zb
         mu = f16(zb) + mc * s
         mus[i] = mu if abs(mu) < 1e30 else 0.0
-        if 0.0 < s < 1e30:
-            lsig[i] = last = lg(s, sf, si) + lsc[i]
+        if 0 < sb < 0x7C00:  # = 0 < s < 1e30: positive, finite
+            lsig[i] = last = (lg(s) if sb < 0x0400 else _lg16(sb)) + lsc[i]

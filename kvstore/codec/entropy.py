@@ -24,8 +24,8 @@ Payload (little-endian):
     u32 crc32 of everything after it | u8 FORMAT | u32 table bytes | u32 raw bytes | u32 zstd bytes
     per stream: u8 cs | mode << 4, W code words [, W scale words, W zero words]
     table bits | rANS words (u16) of each stream: codes [, scale, zero] | raw bits | zstd frame
-W: FORMAT 3 (written) u8 lanes | u32 words of a shared stream (`kvstore.codec.rans`): simd.LANES lanes
-(decoded by the vector kernel of `kvstore.codec.simd`, context modes 0 and 1) where their extra lane
+W: FORMAT 3 (written) u8 lanes | u32 words of a shared stream (`kvstore.codec.rans`): the most lanes of
+simd.WIDTHS (decoded by the vector kernels of `kvstore.codec.simd`, context modes 0 and 1) whose extra lane
 states cost at most SIMD_MAX_COST of the stream, else NL lanes. Still read: FORMAT 2, NL x u32, the words
 of each of NL lanes (lanes layout); FORMAT 1, one u32, NL lanes' shared stream.
 
@@ -47,15 +47,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import zstandard
 
-from kvstore.codec import ans, rans
+from kvstore.codec import ans, rans, simd
 from kvstore.codec.container import ContainerError
 from kvstore.codec.streams import _planes, _unplanes
 from kvstore.codec.tensors import DTYPE_CODES
 
 CODER_ID = 3  # "rans-ctx block coder v1" (after Codec RAW=0, ZSTD=1, ZSTD_STREAMS=2)
-FORMAT = 3  # shared word streams of NL or simd.LANES lanes (vector decoding), chosen per stream
+FORMAT = 3  # shared word streams of NL or simd.WIDTHS lanes (vector decoding), chosen per stream
 FORMATS = (1, 2, 3)  # read; 1: NL lanes share one word stream; 2: NL lanes, a word stream each
-SIMD_MAX_COST = 0.005  # the vector layout's extra lane states (4 bytes each) may cost 0.5% of a stream
+SIMD_MAX_COST = 0.01  # the vector layouts' extra lane states (4 bytes each) may cost 1% of a stream (0.03% of
+# a SmolLM2 block: a block's scale/zero streams are ~1% of it)
 MAX_BLOCK_BYTES = 1 << 31  # refuse layouts over 2 GiB of raw tensor data
 ZSTD_LEVEL = 3
 _HEAD = struct.Struct("<IBIII")  # crc, format, table bytes, raw bytes, zstd bytes
@@ -249,9 +250,9 @@ class _Bits:
 
 def _lanes(fmt: int, mode: int, rows: int, cnt: np.ndarray) -> int:
     """Lanes of a shared stream of `rows` rows with table counts cnt (FORMAT 1 and 3; 2 has NL)."""
-    extra = 4 * (rans.SHARED_LANES[1] - ans.NL)
-    fits = rows >= rans.SHARED_LANES[1] and extra <= SIMD_MAX_COST * _ideal_bits(cnt) / 8
-    return rans.SHARED_LANES[1] if fmt == 3 and mode < 2 and fits else ans.NL
+    budget = SIMD_MAX_COST * _ideal_bits(cnt) / 8
+    fit = [w for w in simd.WIDTHS if rows >= w and 4 * (w - ans.NL) <= budget]
+    return max(fit) if fmt == 3 and mode < 2 and fit else ans.NL
 
 
 def _encode_symbols(sym: np.ndarray, ctx: np.ndarray | None, t: int, cnt: np.ndarray, tables: _Bits,

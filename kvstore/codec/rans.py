@@ -147,7 +147,7 @@ def rans_decode(words, cnt, out, t_n, n, mode, gv, cs, bits, lut):
 def rans_encode_shared(sym, ctx, t_n, freq, start, nl):
     """Codes sym [rows*T] with table rows ctx on nl lanes -> uint16 words, in the exact reverse of the shared
     layout's decode order (groups of nl rows interleaved token by token, the lanes reading in lane order; then
-    the tail rows on lane 0): rans_decode_shared (nl = NL) and rans_decode_simd (nl = simd.LANES)."""
+    the tail rows on lane 0): rans_decode_shared (nl = NL) and rans_decode_simd (nl in simd.WIDTHS)."""
     rows, out, k = sym.size // t_n, np.empty(sym.size + 2 * nl, np.uint16), 0
     x, order, rcp = np.full(nl, RL, np.int64), np.empty(nl, np.int64), 1.0 / np.maximum(freq, 1)
     for g in range((rows + nl - 1) // nl - 1, -1, -1):
@@ -227,7 +227,7 @@ def rans_decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut):
     return 0 if p == nw and x0 == RL and st[1] == RL and st[2] == RL and st[3] == RL else -1
 
 
-# ---- shared, simd.LANES lanes (FORMAT 3) -----------------------------------------------------------------
+# ---- shared, simd.WIDTHS lanes (FORMAT 3) ----------------------------------------------------------------
 @jit
 def _simd_setup(words, nw, n, mode, mult, groups, w):  # -> (states [w] uint32, table row offsets [groups * w])
     st, ro, rc = np.empty(w, np.uint32), np.empty(groups * w, np.uint32), row_classes(n, mode, mult)
@@ -263,10 +263,10 @@ def _simd_finish(lanes, out, words, nw, t_n, n, mode, cs, p_n, lut, st, p):
     return 0 if ok else -1
 
 
-def rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut) -> int:
-    """Inverse of rans_encode_shared(..., simd.LANES) into out [rows*T] uint8 (modes 0 and 1), the full row
-    groups by the vector kernel; words = nw words then >= LANES * T + 1 zeros. -> 0, or -1 if inconsistent."""
-    w, a = simd.LANES, 1 << bits
+def rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w) -> int:
+    """Inverse of rans_encode_shared(..., w) into out [rows*T] uint8 (modes 0 and 1, w in simd.WIDTHS), the
+    full row groups by the vector kernel; words = nw words then >= w * T + 1 zeros. -> 0, or -1 if inconsistent."""
+    a = 1 << bits
     p_n = (a >> cs) + 1
     if mode not in (0, 1) or nw < 2 * w or out.size % t_n or words.size < nw + w * t_n + 1 \
             or lut.shape != (NCLS[mode] * p_n, M) or lut.dtype != np.uint32:
@@ -280,12 +280,12 @@ def rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut) -> int:
 
 
 # ---- the shared layout's lane counts -------------------------------------------------------------------
-SHARED_LANES = (NL, simd.LANES)  # NL: the scalar decoder, every context mode; simd.LANES: vector, modes 0 and 1
+SHARED_LANES = (NL,) + simd.WIDTHS  # NL: the scalar decoder, every context mode; simd.WIDTHS: vector, modes 0-1
 
 
 def padding(t_n: int) -> int:
     """Zero words every decoder needs after a stream's words (rows of t_n codes)."""
-    return simd.LANES * t_n + 1
+    return max(simd.WIDTHS) * t_n + 1
 
 
 def decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut, nl) -> int:
@@ -293,14 +293,14 @@ def decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut, nl) -> int:
     zeros. -> 0, or -1 if inconsistent (a lane count not in SHARED_LANES included)."""
     if nl == NL:
         return rans_decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut)
-    if nl == simd.LANES:
-        return rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut)
+    if nl in simd.WIDTHS:
+        return rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, nl)
     return -1
 
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) every decoder now, the vector kernel included, with a tiny stream."""
-    rows, t_n = simd.LANES + 1, 2
+    rows, t_n = max(simd.WIDTHS) + 1, 2
     sym = (np.arange(rows * t_n) % 2).astype(np.uint8)
     freq = np.full((2, 2), M // 2, np.int64)  # 1-bit codes, cs 1: rows "previous >> 1" (0) and "first" (1)
     lut = build_lut(freq)

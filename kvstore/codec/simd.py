@@ -1,7 +1,7 @@
 """A vector rANS decoder, written in LLVM IR and compiled for this CPU by llvmlite (which numba ships).
 
 `decode_groups(...)` decodes the full row groups of the shared word layout (`kvstore.codec.rans`) with
-W = LANES rows side by side: one lane per row, one vector step per token. A step is, for all lanes at
+W (WIDTHS) rows side by side: one lane per row, one vector step per token. A step is, for all lanes at
 once: table lookup (a gather), state update, and renormalisation, where the lanes that need a word take
 the next words of the shared stream in lane order (an expanding load). On AVX-512 these are single
 instructions (vpgatherdd, vpexpandw); LLVM lowers the same IR to whatever another CPU has (AVX2 gathers,
@@ -28,6 +28,7 @@ from kvstore.codec.ans import PB, RL, M
 
 LANES = 64  # rows side by side: four 16-lane vectors on AVX-512 overlap their latencies (measured: 32 lanes
 # decode 1.5x slower, 128 no faster)
+WIDTHS = (16, LANES)  # the kernels built: 16 lanes for small streams (fewer lane states to store)
 
 _IR = """
 declare <{W} x i32> @llvm.masked.gather.v{W}i32.v{W}p0(<{W} x ptr>, i32 immarg, <{W} x i1>, <{W} x i32>)

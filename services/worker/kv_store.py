@@ -54,7 +54,7 @@ from services.worker.session import Session
 
 log = logging.getLogger(__name__)
 _ZERO = bytes(32)
-_FETCH_CHUNK = 4  # containers per Redis round trip on a resume (decoding overlaps the next round trip)
+_FETCH_CHUNK = 2  # blocks per Redis round trip on a resume (decoding overlaps the next round trip)
 
 
 def _tail_content(blob: bytes) -> bytes:
@@ -234,7 +234,8 @@ class KVStore:
     # ---- reading -------------------------------------------------------------------------------------
     def _fetch(self, tenant: str, refs: list[BlockRef]) -> Generator[tuple[int, bytes | None, bool], None, None]:
         """(index, container or None, from Redis) of every ref: host tier hits first, then Redis in pipelined
-        chunks, the tail (the longest to decode) and the first blocks first, so decoding starts early."""
+        round trips: the first block (a core starts decoding after one small round trip), the tail (the
+        longest to decode), then the other blocks in order, _FETCH_CHUNK at a time."""
         missing = []
         for i, r in enumerate(refs):
             b = self.host.get(self._key(tenant, r))
@@ -242,9 +243,10 @@ class KVStore:
                 missing.append(i)
             else:
                 yield i, b, False
-        missing.sort(key=lambda i: -1 if i == len(refs) - 1 else i)
-        for k in range(0, len(missing), _FETCH_CHUNK):
-            idx = missing[k:k + _FETCH_CHUNK]
+        missing.sort(key=lambda i: 0.5 if i == len(refs) - 1 else i)  # the first block, the tail, the others
+        starts = [0, 1][:len(missing)] + list(range(2, len(missing), _FETCH_CHUNK))
+        for lo, hi in zip(starts, starts[1:] + [len(missing)]) if missing else ():
+            idx = missing[lo:hi]
             for i, b in zip(idx, self.tier.get_blocks(tenant, [refs[i] for i in idx])):
                 if b is not None:
                     self.host.put(self._key(tenant, refs[i]), b)

@@ -164,12 +164,19 @@ def test_large_streams_take_the_vector_layout_and_round_trip(kb, vb, b):
     assert _stream_lanes(small) == ans.NL
 
 
+def test_a_block_of_smollm2_shape_codes_scale_zero_residuals_on_16_lanes():
+    tensors, bits = sealed_block(layers=30, h=3, d=64, b=128, seed=4)
+    payload = roundtrip(tensors, bits)
+    at = 4 + 1 + 12 + 1  # stream 0: lanes and words of its codes, then of its scale and zero residuals
+    assert (payload[at], payload[at + 5], payload[at + 10]) == (simd.LANES, 16, 16)
+
+
 def test_a_vector_stream_with_a_wrong_lane_count_is_refused():
     tensors, bits = sealed_block(layers=4, h=4, d=64, b=128, seed=2)
     payload = bytearray(encode_block(tensors, bits))
     at = 4 + 1 + 12 + 1
     assert payload[at] == simd.LANES
-    for lanes in (ans.NL, 0, 7, 255):
+    for lanes in (ans.NL, 16, 0, 7, 255):
         bad = bytearray(payload)
         bad[at] = lanes
         bad[:4] = struct.pack("<I", zlib.crc32(bytes(bad[4:])))

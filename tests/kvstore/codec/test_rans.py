@@ -1,5 +1,5 @@
 """The rANS coders on their own: random symbols under every context mode round-trip exactly in every word
-layout (lanes: FORMAT 2; shared, NL lanes: FORMAT 1; shared, simd.LANES lanes by the vector kernel: FORMAT 3),
+layout (lanes: FORMAT 2; shared, NL lanes: FORMAT 1; shared, simd.WIDTHS lanes by the vector kernels: FORMAT 3),
 and inconsistent words are refused (-1), never a crash."""
 
 import numpy as np
@@ -71,50 +71,53 @@ def test_inconsistent_lane_words_are_refused():
     assert rans.rans_decode(words, cnt, out, t_n, n, mode, gv, cs, bits, lut) == -1  # no zero padding
 
 
-SIMD_CASES = [  # rows, t_n, n, mode, cs, bits: whole groups of simd.LANES rows, and rows left over for lane 0
-    (2 * simd.LANES, 32, 64, 1, 0, 4), (3 * simd.LANES + 17, 19, 40, 0, 1, 4), (simd.LANES, 128, 8, 1, 0, 8),
-    (simd.LANES + 5, 7, 16, 1, 1, 3), (2 * simd.LANES, 50, 32, 0, 0, 2), (simd.LANES - 1, 9, 8, 0, 0, 4),
-    (simd.LANES, 1, 1, 0, 0, 1),
+SIMD_CASES = [  # groups, extra rows, t_n, n, mode, cs, bits: whole groups of w rows, and rows left over for lane 0
+    (2, 0, 32, 64, 1, 0, 4), (3, 17, 19, 40, 0, 1, 4), (1, 0, 128, 8, 1, 0, 8), (1, 5, 7, 16, 1, 1, 3),
+    (2, 0, 50, 32, 0, 0, 2), (0, 15, 9, 8, 0, 0, 4), (1, 0, 1, 1, 0, 0, 1),
 ]
 
 
-def _simd_stream(rows, t_n, n, mode, cs, bits, seed=0):
+def _simd_stream(rows, t_n, n, mode, cs, bits, w=simd.LANES, seed=0):
     sym, ctx, freq, start, lut = _stream(seed + rows * 7 + t_n, rows, t_n, n, mode, n, cs, bits)
-    words = rans.rans_encode_shared(sym, ctx, t_n, freq, start, simd.LANES)
+    words = rans.rans_encode_shared(sym, ctx, t_n, freq, start, w)
     return sym, lut, words, np.concatenate([words, np.zeros(rans.padding(t_n), np.uint16)])
 
 
-@pytest.mark.parametrize("rows,t_n,n,mode,cs,bits", SIMD_CASES)
-def test_the_vector_layout_round_trips_exactly(rows, t_n, n, mode, cs, bits):
-    sym, lut, words, padded = _simd_stream(rows, t_n, n, mode, cs, bits)
+@pytest.mark.parametrize("w", simd.WIDTHS)
+@pytest.mark.parametrize("groups,extra,t_n,n,mode,cs,bits", SIMD_CASES)
+def test_the_vector_layouts_round_trip_exactly(w, groups, extra, t_n, n, mode, cs, bits):
+    rows = groups * w + extra
+    sym, lut, words, padded = _simd_stream(rows, t_n, n, mode, cs, bits, w)
     out = np.zeros_like(sym)
-    assert rans.decode_shared(padded, words.size, out, t_n, n, mode, n, cs, bits, lut, simd.LANES) == 0
+    assert rans.decode_shared(padded, words.size, out, t_n, n, mode, n, cs, bits, lut, w) == 0
     assert (out == sym).all()
 
 
 def test_the_kernel_is_the_same_at_other_widths():
-    """The IR is generated for any lane count; a 16-lane build decodes 16-lane streams like the scalar code."""
-    rows, t_n, n, mode, cs, bits = 48, 30, 16, 1, 0, 4
+    """The IR is generated for any lane count; a 32-lane build (not one the format uses) decodes 32-lane
+    streams like the scalar code, lane-major."""
+    rows, t_n, n, mode, cs, bits, w = 96, 30, 16, 1, 0, 4, 32
     sym, ctx, freq, start, lut = _stream(11, rows, t_n, n, mode, n, cs, bits)
-    words = rans.rans_encode_shared(sym, ctx, t_n, freq, start, 16)
+    words = rans.rans_encode_shared(sym, ctx, t_n, freq, start, w)
     padded = np.concatenate([words, np.zeros(rans.padding(t_n), np.uint16)])
     p_n = ((1 << bits) >> cs) + 1
-    st, ro = rans._simd_setup(padded, words.size, n, mode, p_n * ans.M, rows // 16, 16)
-    pos, lanes = np.array([32], np.int64), np.empty(rows * t_n, np.uint8)
-    assert simd.decode_groups(padded, lut, lanes, ro, st, pos, t_n, rows // 16, cs, (p_n - 1) * ans.M, words.size,
-                              16) == 0
+    st, ro = rans._simd_setup(padded, words.size, n, mode, p_n * ans.M, rows // w, w)
+    pos, lanes = np.array([2 * w], np.int64), np.empty(rows * t_n, np.uint8)
+    assert simd.decode_groups(padded, lut, lanes, ro, st, pos, t_n, rows // w, cs, (p_n - 1) * ans.M, words.size,
+                              w) == 0
     assert pos[0] == words.size and (st == ans.RL).all()
-    assert (lanes.reshape(rows // 16, t_n, 16).transpose(0, 2, 1).reshape(-1) == sym).all()
+    assert (lanes.reshape(rows // w, t_n, w).transpose(0, 2, 1).reshape(-1) == sym).all()
 
 
 def test_inconsistent_vector_streams_are_refused():
-    rows, t_n, n, mode, cs, bits = SIMD_CASES[1]
-    sym, lut, words, padded = _simd_stream(rows, t_n, n, mode, cs, bits)
+    groups, extra, t_n, n, mode, cs, bits = SIMD_CASES[1]
+    sym, lut, words, padded = _simd_stream(groups * simd.LANES + extra, t_n, n, mode, cs, bits)
     out = np.empty_like(sym)
     args = (t_n, n, mode, n, cs, bits, lut)
     assert rans.decode_shared(padded, words.size - 1, out, *args, simd.LANES) == -1  # a word short
     assert rans.decode_shared(padded, words.size, out, *args, ans.NL) == -1  # another layout's decoder
-    assert rans.decode_shared(padded, words.size, out, *args, 16) == -1  # no decoder of that lane count
+    assert rans.decode_shared(padded, words.size, out, *args, 16) == -1  # another width's kernel
+    assert rans.decode_shared(padded, words.size, out, *args, 32) == -1  # no decoder of that lane count
     assert rans.decode_shared(words, words.size, out, *args, simd.LANES) == -1  # no zero padding
     assert rans.decode_shared(padded, words.size, out, t_n, n, 2, n, cs, bits, lut, simd.LANES) == -1  # mode 2
     rng = np.random.default_rng(5)
