@@ -211,6 +211,19 @@ def get_table(buf, lim, pos, nc, a):  # inverse of put_table -> (q, pos); pos -1
     return q, pos
 
 
+@jit
+def table_lut(buf, lim, pos, nc, a, dup):
+    """get_table of nc rows, each row repeated dup times, then normalized into a build_lut decode table ->
+    (lut, pos); pos -1 (lut empty) if the table is corrupt. One call: no GIL between the steps."""
+    q, pos = get_table(buf, lim, pos, nc, a)
+    if pos < 0:
+        return np.empty((0, M), np.uint32), -1
+    qq = np.empty((nc * dup, a), np.int64)
+    for c in range(nc * dup):
+        qq[c] = q[c // dup]
+    return build_lut(normalize(qq)), pos
+
+
 # ---- scale / zero residuals -------------------------------------------------------------------------
 @jit
 def symbolize(res, syms, buf, pos):

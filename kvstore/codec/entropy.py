@@ -363,27 +363,26 @@ def _shared(fmt: int, counts: tuple) -> tuple[int, int]:  # a stream's _WORDS fi
     return (counts[0], counts[1]) if fmt == 3 else (ans.NL, sum(counts))
 
 
-def _words(r: _Reader, counts: tuple, nsym: int, t: int, fmt: int, what: str) -> np.ndarray:  # + zero padding
+def _words(r: _Reader, counts: tuple, nsym: int, fmt: int, what: str) -> np.ndarray:  # a view of the payload
     nl, nw = _shared(fmt, counts)
     if nl not in rans.SHARED_LANES or nw < 2 * nl or nw > nsym + 2 * nl \
             or (fmt == 2 and min(counts) < 2):
         raise _err(f"{what}: {counts} rANS words for {nsym} symbols is impossible")
-    w = np.zeros(nw + rans.padding(t), np.uint16)
-    w[:nw] = np.frombuffer(r.take(2 * nw, what), "<u2")
-    return w
+    return np.frombuffer(r.take(2 * nw, what), "<u2").astype(np.uint16, copy=False)
 
 
 def _decode_symbols(w: np.ndarray, counts: tuple, nsym: int, s: _Stream | None, mode: int, cs: int, tables: _Bits,
                     fmt: int, what: str) -> np.ndarray:  # inverse of _encode_symbols
     bits = s.bits if s else _META_BITS
     a, nctx = 1 << bits, ans.NCLS[mode] * (((1 << bits) >> cs) + 1)
-    q, tables.pos = ans.get_table(tables.buf, tables.lim, tables.pos, nctx if s else 1, a)
+    lut, tables.pos = ans.table_lut(tables.buf, tables.lim, tables.pos, nctx if s else 1, a, 1 if s else 2)
     if tables.pos < 0:
         raise _err(f"{what}: corrupt frequency table")
-    lut = ans.build_lut(ans.normalize(q if s else q.repeat(2, 0)))
     nl, nw = _shared(fmt, counts)
     out = np.empty(nsym if s else nsym + -nsym % nl, np.uint8)
     t, n, gv = (s.t, s.n, s.gv) if s else (out.size // nl, 1, 1)
+    if nl not in simd.WIDTHS:  # the scalar decoders read the words with zeros after them
+        w = np.concatenate([w, np.zeros(rans.padding(t), np.uint16)])
     if fmt == 2:
         ok = rans.rans_decode(w, np.array(counts, np.int64), out, t, n, mode, gv, cs, bits, lut)
     else:
@@ -419,9 +418,9 @@ def decode_block(payload: bytes, layout: Layout, bits: dict[str, int], *,
     tables = _Bits(8 * n_tab, r.take(n_tab, "frequency tables"))
     streams = []
     for i, (s, (_, _, nw, mw)) in enumerate(zip(plan.streams, heads)):
-        wc = _words(r, nw, s.nsym, s.t, fmt, f"stream {i} codes")
+        wc = _words(r, nw, s.nsym, fmt, f"stream {i} codes")
         tms = [-(-s.nmeta // _shared(fmt, k)[0]) for k in mw]  # the residual rows' lengths
-        streams.append((wc, nw, [(_words(r, k, tm * _shared(fmt, k)[0], tm, fmt, f"stream {i} scales/zeros"), k)
+        streams.append((wc, nw, [(_words(r, k, tm * _shared(fmt, k)[0], fmt, f"stream {i} scales/zeros"), k)
                                  for k, tm in zip(mw, tms)]))
     raw = _Bits(8 * n_raw, r.take(n_raw, "raw bits"))
     gen = r.take(n_gen, "generic tensors")

@@ -20,7 +20,10 @@ Invariants:
 
 from __future__ import annotations
 
+import numba as nb
 import numpy as np
+from llvmlite import ir as llvmir
+from numba.extending import intrinsic
 
 from kvstore.codec import simd
 from kvstore.codec.ans import NCLS, NL, PB, RL, M, build_lut, inline, jit, row_classes, tok_classes
@@ -263,20 +266,47 @@ def _simd_finish(lanes, out, words, nw, t_n, n, mode, cs, p_n, lut, st, p):
     return 0 if ok else -1
 
 
-def rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w) -> int:
-    """Inverse of rans_encode_shared(..., w) into out [rows*T] uint8 (modes 0 and 1, w in simd.WIDTHS), the
-    full row groups by the vector kernel; words = nw words then >= w * T + 1 zeros. -> 0, or -1 if inconsistent."""
+@intrinsic
+def _kcall(typingctx, addr, words, lut, out, ro, st, pp, t_n, groups, cs, first, nw):
+    """Call the vector kernel at `addr` (simd.address) on these arrays' data (alive for the call's duration)."""
+    sig = nb.types.int64(addr, words, lut, out, ro, st, pp, t_n, groups, cs, first, nw)
+
+    def codegen(context, builder, signature, args):
+        i8p, i64 = llvmir.IntType(8).as_pointer(), llvmir.IntType(64)
+        fn = builder.inttoptr(context.cast(builder, args[0], signature.args[0], nb.types.int64),
+                              llvmir.FunctionType(i64, [i8p] * 6 + [i64] * 5).as_pointer())
+        ptrs = [builder.bitcast(context.make_array(t)(context, builder, a).data, i8p)
+                for t, a in zip(signature.args[1:7], args[1:7])]
+        ints = [context.cast(builder, a, t, nb.types.int64) for a, t in zip(args[7:], signature.args[7:])]
+        return builder.call(fn, ptrs + ints)
+    return sig, codegen
+
+
+@jit
+def _decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w, kaddr):
+    """rans_decode_simd in one call (no GIL between its steps): words = the stored nw words (unpadded)."""
     a = 1 << bits
     p_n = (a >> cs) + 1
-    if mode not in (0, 1) or nw < 2 * w or out.size % t_n or words.size < nw + w * t_n + 1 \
-            or lut.shape != (NCLS[mode] * p_n, M) or lut.dtype != np.uint32:
+    if mode > 1 or nw < 2 * w or nw > words.size or out.size % t_n or lut.shape[0] != NCLS[mode] * p_n \
+            or lut.shape[1] != M:
         return -1
+    padded = np.zeros(nw + w * t_n + 1, np.uint16)
+    padded[:nw] = words[:nw]
     groups = out.size // t_n // w
-    st, ro = _simd_setup(words, nw, n, mode, p_n * M, groups, w)
-    pos, lanes = np.array([2 * w], np.int64), np.empty(groups * t_n * w, np.uint8)
-    if simd.decode_groups(words, lut, lanes, ro, st, pos, t_n, groups, cs, (p_n - 1) * M, nw, w) != 0:
+    st, ro = _simd_setup(padded, nw, n, mode, p_n * M, groups, w)
+    pos, lanes = np.full(1, 2 * w, np.int64), np.empty(groups * t_n * w, np.uint8)
+    if groups and _kcall(kaddr, padded, lut, lanes, ro, st, pos, t_n, groups, cs, (p_n - 1) * M, nw) != 0:
         return -1
-    return _simd_finish(lanes, out, words, nw, t_n, n, mode, cs, p_n, lut, st, pos[0])
+    return _simd_finish(lanes, out, padded, nw, t_n, n, mode, cs, p_n, lut, st, pos[0])
+
+
+def rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w) -> int:
+    """Inverse of rans_encode_shared(..., w) into out [rows*T] uint8 (modes 0 and 1, w in simd.WIDTHS), the
+    full row groups by the vector kernel; words = the nw stored words (any padding after them is ignored).
+    -> 0, or -1 if inconsistent."""
+    if w not in simd.WIDTHS or lut.dtype != np.uint32 or not lut.flags.c_contiguous or words.dtype != np.uint16:
+        return -1
+    return _decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w, simd.address(w))
 
 
 # ---- the shared layout's lane counts -------------------------------------------------------------------

@@ -39,10 +39,12 @@ declare i{W} @llvm.ctpop.i{W}(i{W})
 ; offsets (times M) of each row; st: u32 [W] states (in and out); pp: i64 word position (in and out).
 ; -> 0, or -1 when a group read past nw.
 define i64 @decode_groups(ptr %words, ptr %lut, ptr %out, ptr %ro, ptr %st, ptr %pp, i64 %t_n, i64 %groups,
-                          i32 %cs, i32 %first, i64 %nw) {{
+                          i64 %cs64, i64 %first64, i64 %nw) {{
 entry:
   %x0 = load <{W} x i32>, ptr %st, align 4
   %p0 = load i64, ptr %pp, align 8
+  %cs = trunc i64 %cs64 to i32
+  %first = trunc i64 %first64 to i32
   %vcs = insertelement <{W} x i32> poison, i32 %cs, i64 0
   %scs = shufflevector <{W} x i32> %vcs, <{W} x i32> poison, <{W} x i32> zeroinitializer
   %vf = insertelement <{W} x i32> poison, i32 %first, i64 0
@@ -162,14 +164,19 @@ def _compiled(w: int):
     pb.getModulePassManager().run(mod, pb)
     engine = llvm.create_mcjit_compiler(mod, tm)
     engine.finalize_object()
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    fn = ctypes.CFUNCTYPE(i64, p, p, p, p, p, p, i64, i64, i32, i32, i64)(engine.get_function_address("decode_groups"))
-    return fn, engine, tm, mod
+    p, i64, addr = ctypes.c_void_p, ctypes.c_int64, engine.get_function_address("decode_groups")
+    return ctypes.CFUNCTYPE(i64, p, p, p, p, p, p, i64, i64, i64, i64, i64)(addr), engine, tm, mod, addr
+
+
+def address(w: int = LANES) -> int:
+    """The w-lane kernel's entry point, for numba code to call (`kvstore.codec.rans`): C signature
+    i64 (u16* words, u32* lut, u8* out, u32* ro, u32* st, i64* pos, i64 t_n, groups, cs, first, nw)."""
+    return _kernel(w)[4]
 
 
 def asm(w: int = LANES) -> str:
     """The kernel's machine code for this CPU (to check what LLVM made of the gathers)."""
-    _, _, tm, mod = _kernel(w)
+    _, _, tm, mod, _ = _kernel(w)
     return tm.emit_assembly(mod)
 
 

@@ -118,7 +118,9 @@ def test_inconsistent_vector_streams_are_refused():
     assert rans.decode_shared(padded, words.size, out, *args, ans.NL) == -1  # another layout's decoder
     assert rans.decode_shared(padded, words.size, out, *args, 16) == -1  # another width's kernel
     assert rans.decode_shared(padded, words.size, out, *args, 32) == -1  # no decoder of that lane count
-    assert rans.decode_shared(words, words.size, out, *args, simd.LANES) == -1  # no zero padding
+    assert rans.decode_shared(words[:-1], words.size, out, *args, simd.LANES) == -1  # fewer words than nw
+    assert rans.decode_shared(words, words.size, out, *args, simd.LANES) == 0  # the vector decoder pads its copy
+    assert (out == sym).all()
     assert rans.decode_shared(padded, words.size, out, t_n, n, 2, n, cs, bits, lut, simd.LANES) == -1  # mode 2
     rng = np.random.default_rng(5)
     for _ in range(30):  # junk: refused or codes of the alphabet, never out of bounds
