@@ -360,6 +360,8 @@ class _Reader:
 
 
 def _shared(fmt: int, counts: tuple) -> tuple[int, int]:  # a stream's _WORDS fields -> (lanes, words in all)
+    if fmt == 3 and counts[0] not in rans.SHARED_LANES:
+        raise _err(f"a rANS stream of {counts[0]} lanes is impossible (lanes: {rans.SHARED_LANES})")
     return (counts[0], counts[1]) if fmt == 3 else (ans.NL, sum(counts))
 
 

@@ -1,21 +1,23 @@
 """rANS over context-modelled code streams (`kvstore.codec.entropy`), in two word layouts.
 
-- Lanes (block FORMAT 2, written): NL interleaved lanes, each with a word stream of its own; the streams
-  are stored one after the other, with their word counts. A lane's renormalisation reads depend on its own
-  state only, so the lanes' dependency chains overlap (the shared layout serialises them through one read
-  position).
-- Shared (FORMAT 1, read, and written only to test that reading): the NL lanes read one word stream in turn.
+- Shared (block FORMAT 3, written; FORMAT 1, read): nl lanes read one word stream, within a step in lane
+  order. FORMAT 3 streams have nl in simd.WIDTHS (16 or 64, decoded by the vector kernels of
+  `kvstore.codec.simd`: the lanes needing a word take the next ones with one expanding load) or NL (the
+  scalar decoder, for small streams and context mode 2); FORMAT 1 streams have NL.
+- Lanes (FORMAT 2, read, and written only to test that reading): NL lanes, each with a word stream of its
+  own, stored one after the other with their word counts (a scalar lane's reads then wait on no other lane).
 
-Decode order, the same in both: rows in groups of NL (lane l = row g * NL + l), token by token, the lanes
-side by side; then the rows left over (rows % NL) one by one on lane 0. A code's table row is
+Decode order, the same in both: rows in groups of nl (lane l = row g * nl + l), token by token, the lanes
+side by side; then the rows left over (rows % nl) one by one on lane 0. A code's table row is
 class offset (`ans.row_classes` per row, `ans.tok_classes` per token in mode 2) + (previous code >> cs),
 P - 1 for a row's first code, P = (A >> cs) + 1.
 
 Invariants:
 - 32-bit states in [RL, RL << 16), 16-bit renormalisation, PB-bit frequencies summing to M in every row.
-- Decoders never read out of bounds nor loop longer than their sizes, whatever the words: `words` holds
-  the stored words and then >= NL * T + 1 zeros (overruns are checked once per group), and every lane must
-  end exactly at its end with its initial state RL. They return 0, or -1 for the caller to raise.
+- Decoders never read out of bounds nor loop longer than their sizes, whatever the words: the scalar ones
+  read `words` = the stored words and then >= padding(T) zeros, the vector one pads a copy itself
+  (overruns are checked once per group); every lane must end exactly at its end with its initial state RL.
+  They return 0, or -1 for the caller to raise.
 """
 
 from __future__ import annotations
@@ -284,9 +286,9 @@ def _decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w, kaddr):
     """rans_decode_simd in one call (no GIL between its steps): words = the stored nw words (unpadded)."""
     a = 1 << bits
     p_n = (a >> cs) + 1
-    if mode > 1 or nw < 2 * w or nw > words.size or out.size % t_n or lut.shape[0] != NCLS[mode] * p_n \
-            or lut.shape[1] != M:
-        return -1
+    if not (0 <= mode <= 1 and 1 <= bits <= 8 and 0 <= cs <= bits and t_n >= 1 and 2 * w <= nw <= words.size) \
+            or out.size % t_n or lut.shape[0] != NCLS[mode] * p_n or lut.shape[1] != M:
+        return -1  # (the kernel trusts these: a shift past 31 or a table too small would read out of bounds)
     padded = np.zeros(nw + w * t_n + 1, np.uint16)
     padded[:nw] = words[:nw]
     groups = out.size // t_n // w

@@ -144,22 +144,25 @@ def ir(w: int = LANES) -> str:
 _LOCK = threading.Lock()
 
 
-def _kernel(w: int = LANES):
-    """Compiled once per process for the host CPU; kept alive with its engine."""
+def _kernel(w: int = LANES, cpu: str | None = None):
+    """Compiled once per process for the host CPU (or, to test the lowering for others, a `cpu` this one
+    can run, e.g. "x86-64": no AVX); kept alive with its engine."""
     with _LOCK:
-        return _compiled(w)
+        return _compiled(w, cpu)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(w: int):
+def _compiled(w: int, cpu: str | None):
     import llvmlite.binding as llvm
 
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     mod = llvm.parse_assembly(ir(w))
     mod.verify()
+    host = cpu is None
     tm = llvm.Target.from_default_triple().create_target_machine(
-        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3)
+        cpu=llvm.get_host_cpu_name() if host else cpu, features=llvm.get_host_cpu_features().flatten() if host else "",
+        opt=3)
     pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
     pb.getModulePassManager().run(mod, pb)
     engine = llvm.create_mcjit_compiler(mod, tm)
@@ -174,14 +177,15 @@ def address(w: int = LANES) -> int:
     return _kernel(w)[4]
 
 
-def asm(w: int = LANES) -> str:
-    """The kernel's machine code for this CPU (to check what LLVM made of the gathers)."""
-    _, _, tm, mod, _ = _kernel(w)
+def asm(w: int = LANES, cpu: str | None = None) -> str:
+    """The kernel's machine code for this CPU or `cpu` (to check what LLVM made of the gathers)."""
+    _, _, tm, mod, _ = _kernel(w, cpu)
     return tm.emit_assembly(mod)
 
 
 def decode_groups(words: np.ndarray, lut: np.ndarray, out: np.ndarray, ro: np.ndarray, st: np.ndarray,
-                  pos: np.ndarray, t_n: int, groups: int, cs: int, first: int, nw: int, w: int = LANES) -> int:
+                  pos: np.ndarray, t_n: int, groups: int, cs: int, first: int, nw: int, w: int = LANES,
+                  cpu: str | None = None) -> int:
     """Decode `groups` full groups of w rows (see the module doc) -> 0, or -1 past nw. Arrays: words uint16
     (C-contiguous, padded), lut uint32 C-contiguous, out uint8 [groups * t_n * w], ro uint32 [groups * w],
     st uint32 [w], pos int64 [1]; checked here, since the kernel trusts them."""
@@ -189,6 +193,6 @@ def decode_groups(words: np.ndarray, lut: np.ndarray, out: np.ndarray, ro: np.nd
                      (ro, np.uint32, groups * w), (st, np.uint32, w), (pos, np.int64, 1)):
         if a.dtype != dt or not a.flags.c_contiguous or a.size < n:
             raise ValueError(f"decode_groups: bad {dt.__name__} array of {a.size}")
-    fn = _kernel(w)[0]
+    fn = _kernel(w, cpu)[0]
     return fn(words.ctypes.data, lut.ctypes.data, out.ctypes.data, ro.ctypes.data, st.ctypes.data,
               pos.ctypes.data, t_n, groups, cs, first, nw)

@@ -176,9 +176,9 @@ def test_a_vector_stream_with_a_wrong_lane_count_is_refused():
     payload = bytearray(encode_block(tensors, bits))
     at = 4 + 1 + 12 + 1
     assert payload[at] == simd.LANES
-    for lanes in (ans.NL, 16, 0, 7, 255):
-        bad = bytearray(payload)
-        bad[at] = lanes
+    for where, lanes in [(at, x) for x in (ans.NL, 16, 0, 7, 255)] + [(at + 5, x) for x in (0, 64, 3)]:
+        bad = bytearray(payload)  # stream 0's codes, then its scale residuals
+        bad[where] = lanes
         bad[:4] = struct.pack("<I", zlib.crc32(bytes(bad[4:])))
         with pytest.raises(ContainerError, match="corrupt rANS stream|impossible"):
             decode_block(bytes(bad), layout_of(tensors), bits)
