@@ -335,11 +335,16 @@ def group_stats(sym, nt, n, keys, ng, dn):
                     for t in range(nt):
                         s1[(r * nt + t) * ng + k // cnt], s2[(r * nt + t) * ng + k // cnt] = a1[t], a2[t]
                     a1[:], a2[:] = 0, 0
+    spreads(s1, s2, cnt)
+    return s1, s2, cnt
+
+
+@inline
+def spreads(s1, s2, cnt):  # sums of codes and of their squares over groups of cnt -> s2 = lg of the spread
     lc = lg(float(cnt))
-    for i in range(size):
+    for i in range(s2.size):
         var = cnt * s2[i] - s1[i] * s1[i]
         s2[i] = max((lg(float(var)) >> 1) - lc, LG_SCMIN) if var > 0 else LG_SCMIN
-    return s1, s2, cnt
 
 
 def neighbours(keys: bool, nr: int, na: int, nb: int, heads: int) -> np.ndarray:

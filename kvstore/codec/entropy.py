@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zstandard
 
-from kvstore.codec import ans, rans, simd
+from kvstore.codec import ans, lanes, rans, simd
 from kvstore.codec.container import ContainerError
 from kvstore.codec.streams import _planes, _unplanes
 from kvstore.codec.tensors import DTYPE_CODES
@@ -273,10 +273,18 @@ def _encode_symbols(sym: np.ndarray, ctx: np.ndarray | None, t: int, cnt: np.nda
     return w, (nl, w.size) if fmt == 3 else (w.size,)
 
 
-def _predict(s: _Stream, sym: np.ndarray, sc, z, rs, rz, decode: bool) -> None:
+def _predict(s: _Stream, sym: np.ndarray, sc, z, rs, rz, decode: bool, w: int = 0) -> None:
+    """ans.predict with the group statistics of sym: channel-major, or lane-major in groups of w lanes."""
     keys = s.kind == "k"
-    s1, lsc, cnt = ans.group_stats(sym, s.t, s.n, keys, s.mshape[-2 if keys else -1], s.mshape[-1])
+    args = (s.t, s.n, keys, s.mshape[-2 if keys else -1], s.mshape[-1])
+    s1, lsc, cnt = lanes.group_stats(sym, w, *args) if w else ans.group_stats(sym, *args)
     ans.predict(s1, lsc, cnt, s.neighbours, 1.0 if keys else 0.5, sc, z, rs, rz, decode)
+
+
+def _lane_major(s: _Stream, nl: int) -> int:  # the lane count if stream s decodes lane-major, else 0
+    keys = s.kind != "v"
+    return nl if nl in simd.WIDTHS and lanes.fits(nl, s.n, s.bits, keys, s.mshape[-2 if keys else -1] if s.kind else 1) \
+        else 0
 
 
 # ---- encode ------------------------------------------------------------------------------------------
@@ -374,7 +382,7 @@ def _words(r: _Reader, counts: tuple, nsym: int, fmt: int, what: str) -> np.ndar
 
 
 def _decode_symbols(w: np.ndarray, counts: tuple, nsym: int, s: _Stream | None, mode: int, cs: int, tables: _Bits,
-                    fmt: int, what: str) -> np.ndarray:  # inverse of _encode_symbols
+                    fmt: int, what: str, lane_major: bool = False) -> np.ndarray:  # inverse of _encode_symbols
     bits = s.bits if s else _META_BITS
     a, nctx = 1 << bits, ans.NCLS[mode] * (((1 << bits) >> cs) + 1)
     lut, tables.pos = ans.table_lut(tables.buf, tables.lim, tables.pos, nctx if s else 1, a, 1 if s else 2)
@@ -388,7 +396,7 @@ def _decode_symbols(w: np.ndarray, counts: tuple, nsym: int, s: _Stream | None, 
     if fmt == 2:
         ok = rans.rans_decode(w, np.array(counts, np.int64), out, t, n, mode, gv, cs, bits, lut)
     else:
-        ok = rans.decode_shared(w, nw, out, t, n, mode, gv, cs, bits, lut, nl)
+        ok = rans.decode_shared(w, nw, out, t, n, mode, gv, cs, bits, lut, nl, lane_major)
     if ok != 0:
         raise _err(f"{what}: corrupt rANS stream")
     return out[:nsym]
@@ -430,8 +438,14 @@ def decode_block(payload: bytes, layout: Layout, bits: dict[str, int], *,
         raise _err(f"{len(r.data) - r.pos} unexpected trailing bytes")
     out: list = [None] * len(plan.layout)
     for i, (s, (cs, mode, _, _), (wc, nw, metas)) in enumerate(zip(plan.streams, heads, streams)):
-        sym = _decode_symbols(wc, nw, s.nsym, s, mode, cs, tables, fmt, f"stream {i} codes")
-        packed = ans.pack_rows(sym, s.bits, (s.rows, s.t, s.m)).reshape((len(s.codes),) + s.shape)
+        lm = _lane_major(s, _shared(fmt, nw)[0]) if fmt == 3 else 0
+        sym = _decode_symbols(wc, nw, s.nsym, s, mode, cs, tables, fmt, f"stream {i} codes", lane_major=lm > 0)
+        if lm:
+            packed = np.empty((s.rows, s.t, s.m), np.uint8)
+            lanes.pack(sym, lm, s.t, s.n, s.bits, packed)
+        else:
+            packed = ans.pack_rows(sym, s.bits, (s.rows, s.t, s.m))
+        packed = packed.reshape((len(s.codes),) + s.shape)
         for j, a in zip(s.codes, packed):
             out[j] = a
         if metas:
@@ -443,7 +457,7 @@ def decode_block(payload: bytes, layout: Layout, bits: dict[str, int], *,
                 if raw.pos < 0:
                     raise _err(f"stream {i}: corrupt scale/zero residuals")
             sc, z = (np.empty((len(s.metas),) + s.mshape, np.uint16) for _ in "sz")
-            _predict(s, sym, sc.reshape(-1), z.reshape(-1), res[0], res[1], True)
+            _predict(s, sym, sc.reshape(-1), z.reshape(-1), res[0], res[1], True, lm)
             for (ja, jb), a, b in zip(s.metas, sc.view(np.float16), z.view(np.float16)):
                 out[ja], out[jb] = a, b
     if (tables.pos + 7) // 8 != n_tab or (raw.pos + 7) // 8 != n_raw:

@@ -29,6 +29,7 @@ from numba.extending import intrinsic
 
 from kvstore.codec import simd
 from kvstore.codec.ans import NCLS, NL, PB, RL, M, build_lut, inline, jit, row_classes, tok_classes
+from kvstore.codec.lanes import to_rows
 
 _U = np.uint64
 _MASK, _PB, _S16, _RL, _ONE = _U(M - 1), _U(PB), _U(16), _U(RL), _U(1)
@@ -241,16 +242,14 @@ def _simd_setup(words, nw, n, mode, mult, groups, w):  # -> (states [w] uint32, 
 
 
 @jit
-def _simd_finish(lanes, out, words, nw, t_n, n, mode, cs, p_n, lut, st, p):
-    """Lane-major groups (simd.decode_groups) -> out's channel-major rows; then the rows left over on lane 0,
-    and the end checks (every state back at RL, every word read). -> 0 or -1."""
+def _simd_finish(lanes, out, words, nw, t_n, n, mode, cs, p_n, lut, st, p, lane_major):
+    """Lane-major groups (simd.decode_groups) -> out's channel-major rows (unless lane_major: then lanes is
+    out); then the rows left over on lane 0, and the end checks (every state back at RL, every word read).
+    -> 0 or -1."""
     w, rows = st.size, out.size // t_n
     g_n = rows // w
-    for g in range(g_n):
-        b = np.uint64(g * w * t_n)
-        for ln in range(w):
-            for j in range(t_n):
-                out[b + np.uint64(ln * t_n + j)] = lanes[b + np.uint64(j * w + ln)]
+    if not lane_major:
+        to_rows(lanes, w, t_n, out)
     x, rc = np.int64(st[0]), row_classes(n, mode, p_n)
     for r in range(g_n * w, rows):
         c = 0
@@ -282,30 +281,31 @@ def _kcall(typingctx, addr, words, lut, out, ro, st, pp, t_n, groups, cs, first,
 
 
 @jit
-def _decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w, kaddr):
+def _decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w, kaddr, lane_major):
     """rans_decode_simd in one call (no GIL between its steps): words = the stored nw words (unpadded)."""
     a = 1 << bits
     p_n = (a >> cs) + 1
     if not (0 <= mode <= 1 and 1 <= bits <= 8 and 0 <= cs <= bits and t_n >= 1 and 2 * w <= nw <= words.size) \
-            or out.size % t_n or lut.shape[0] != NCLS[mode] * p_n or lut.shape[1] != M:
+            or out.size % t_n or lut.shape[0] != NCLS[mode] * p_n or lut.shape[1] != M \
+            or (lane_major and out.size // t_n % w):
         return -1  # (the kernel trusts these: a shift past 31 or a table too small would read out of bounds)
     padded = np.zeros(nw + w * t_n + 1, np.uint16)
     padded[:nw] = words[:nw]
     groups = out.size // t_n // w
     st, ro = _simd_setup(padded, nw, n, mode, p_n * M, groups, w)
-    pos, lanes = np.full(1, 2 * w, np.int64), np.empty(groups * t_n * w, np.uint8)
+    pos, lanes = np.full(1, 2 * w, np.int64), out if lane_major else np.empty(groups * t_n * w, np.uint8)
     if groups and _kcall(kaddr, padded, lut, lanes, ro, st, pos, t_n, groups, cs, (p_n - 1) * M, nw) != 0:
         return -1
-    return _simd_finish(lanes, out, padded, nw, t_n, n, mode, cs, p_n, lut, st, pos[0])
+    return _simd_finish(lanes, out, padded, nw, t_n, n, mode, cs, p_n, lut, st, pos[0], lane_major)
 
 
-def rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w) -> int:
+def rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w, lane_major=False) -> int:
     """Inverse of rans_encode_shared(..., w) into out [rows*T] uint8 (modes 0 and 1, w in simd.WIDTHS), the
     full row groups by the vector kernel; words = the nw stored words (any padding after them is ignored).
-    -> 0, or -1 if inconsistent."""
+    lane_major (rows % w == 0): out is left lane-major (`kvstore.codec.lanes`). -> 0, or -1 if inconsistent."""
     if w not in simd.WIDTHS or lut.dtype != np.uint32 or not lut.flags.c_contiguous or words.dtype != np.uint16:
         return -1
-    return _decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w, simd.address(w))
+    return _decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w, simd.address(w), lane_major)
 
 
 # ---- the shared layout's lane counts -------------------------------------------------------------------
@@ -317,13 +317,14 @@ def padding(t_n: int) -> int:
     return max(simd.WIDTHS) * t_n + 1
 
 
-def decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut, nl) -> int:
+def decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut, nl, lane_major=False) -> int:
     """Inverse of rans_encode_shared(..., nl) by the decoder of that lane count; words padded by padding(t_n)
-    zeros. -> 0, or -1 if inconsistent (a lane count not in SHARED_LANES included)."""
-    if nl == NL:
+    zeros; lane_major only for nl in simd.WIDTHS. -> 0, or -1 if inconsistent (a lane count not in
+    SHARED_LANES included)."""
+    if nl == NL and not lane_major:
         return rans_decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut)
     if nl in simd.WIDTHS:
-        return rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, nl)
+        return rans_decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, nl, lane_major)
     return -1
 
 
