@@ -5,9 +5,8 @@ order (`{l}.k_codes`, `{l}.k_scale`, ...), and the code bit width of every `*_co
 knows the layout (names, dtypes, shapes) from the quant spec and model shape, so the payload carries
 neither names nor shapes, and one block decodes without any other block, dictionary or table.
 
-Plan (a pure function of layout and bits, the same on both sides, see `_make_plan`):
-- code streams: `*_codes` tensors [*lead, T, m] uint8 (m % bits == 0, or bits == 8: n = 8m / bits codes
-  per token, padding codes included), grouped by (field, bits, shape, scale/zero shape). Codes are
+Plan (`kvstore.codec.plan`, a pure function of layout and bits, the same on both sides):
+- code streams: `*_codes` tensors grouped by (field, bits, shape, scale/zero shape). Codes are
   unpacked channel-major (a row = one channel over the T tokens, the stream's layers end to end) and
   rANS-coded with one frequency table per context: the row's previous code >> cs, times a class (keys:
   the channel's RoPE band; values: the previous 4 channels' codes at the token), chosen by the encoder
@@ -38,26 +37,24 @@ Invariants:
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 import zlib
-from dataclasses import dataclass, field
 
 import numpy as np
 import zstandard
 
 from kvstore.codec import ans, lanes, rans, simd
 from kvstore.codec.container import ContainerError
+from kvstore.codec.plan import Layout, Stream, plan_of
+from kvstore.codec.plan import block_error as _err
 from kvstore.codec.streams import _planes, _unplanes
-from kvstore.codec.tensors import DTYPE_CODES
 
 CODER_ID = 3  # "rans-ctx block coder v1" (after Codec RAW=0, ZSTD=1, ZSTD_STREAMS=2)
 FORMAT = 3  # shared word streams of NL or simd.WIDTHS lanes (vector decoding), chosen per stream
 FORMATS = (1, 2, 3)  # read; 1: NL lanes share one word stream; 2: NL lanes, a word stream each
 SIMD_MAX_COST = 0.01  # the vector layouts' extra lane states (4 bytes each) may cost 1% of a stream (0.03% of
 # a SmolLM2 block: a block's scale/zero streams are ~1% of it)
-MAX_BLOCK_BYTES = 1 << 31  # refuse layouts over 2 GiB of raw tensor data
 ZSTD_LEVEL = 3
 _HEAD = struct.Struct("<IBIII")  # crc, format, table bytes, raw bytes, zstd bytes
 _CTX = struct.Struct("<B")  # cs | mode << 4
@@ -65,122 +62,6 @@ _WORDS = {1: struct.Struct("<I"), 2: struct.Struct(f"<{ans.NL}I"), 3: struct.Str
 _META_BITS = 6
 MODE2_MIN_GAIN = 0.01  # measured on SmolLM2 value streams: mode 2 saves 0.4% of a block's bits, costs ~8% decode time
 _META_ALPHABET = 1 << _META_BITS  # ans.symbolize: symbols < 63
-
-Layout = list[tuple[str, np.dtype, tuple[int, ...]]]
-
-
-@dataclass
-class _Stream:
-    """Code tensors of one (field, bits, shape) coded together; rows = channels over the block's T tokens."""
-
-    bits: int
-    shape: tuple  # of each member's codes [*lead, T, m]
-    mshape: tuple | None  # of each member's scale and zero, when they are coded with the codes
-    kind: str  # "k" (scale/zero [*lead, G, D]), "v" ([*lead, T, G]) or "" (no scale/zero)
-    n: int  # codes per token
-    gv: int  # codes per value group (n without scale/zero or for keys)
-    codes: list[int] = field(default_factory=list)  # layout indices of the members' codes
-    metas: list[tuple[int, int]] = field(default_factory=list)  # (scale, zero) layout indices per member
-
-    @functools.cached_property
-    def neighbours(self) -> np.ndarray:  # ans.neighbours of the stream's scale/zero elements (kept with the plan)
-        ms = self.mshape
-        return ans.neighbours(self.kind == "k", len(self.metas) * math.prod(ms[:-2]), ms[-2], ms[-1], self.heads)
-
-    t = property(lambda self: self.shape[-2])  # tokens: the rows' length
-    m = property(lambda self: self.shape[-1])  # packed bytes per token
-    heads = property(lambda self: self.shape[-3] if len(self.shape) > 2 else 1)  # rows of a layer-batch
-    rows = property(lambda self: len(self.codes) * math.prod(self.shape[:-2]))
-    nsym = property(lambda self: self.rows * self.n * self.t)
-    nmeta = property(lambda self: len(self.metas) * math.prod(self.mshape) if self.kind else 0)
-
-    @property
-    def modes(self) -> list[int]:  # context modes that fit (ans.row_classes: keys, ans.tok_classes: values)
-        keys_ok = self.kind != "v" and self.n >= 8 and self.n % 2 == 0
-        values_ok = self.kind != "k" and self.n % ans.NL == 0 and self.gv % ans.NL == 0 and self.gv >= 2 * ans.NL
-        return [0] + [1] * keys_ok + [2] * values_ok
-
-
-@dataclass
-class _Plan:
-    layout: Layout
-    streams: list[_Stream]
-    generic: list[int]  # layout indices of the tensors coded by zstd
-
-
-def _err(msg: str) -> ContainerError:
-    return ContainerError(f"KV block: {msg}")
-
-
-def _plan_of(layout, bits) -> _Plan:
-    """Validated layout -> plan; cached, since a session's blocks share one layout."""
-    if not isinstance(bits, dict):
-        raise _err(f"bits must be a dict, not {type(bits).__name__}")
-    try:
-        key = (tuple(layout), tuple(bits.items()))
-        hash(key)
-    except TypeError:  # unhashable (e.g. list shapes): plan without the cache
-        return _make_plan(layout, bits)
-    return _cached_plan(key)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_plan(key: tuple) -> _Plan:
-    return _make_plan(*key)
-
-
-def _make_plan(layout, bits) -> _Plan:
-    try:
-        bits = dict(bits)
-        key = [(name, np.dtype(dt), tuple(int(d) for d in shape),
-                bits.get(name) if isinstance(name, str) and name.endswith("_codes") else None)
-               for name, dt, shape in layout]
-    except (TypeError, ValueError) as e:
-        raise _err(f"invalid layout: {e}") from None
-    total, names = 0, set()
-    for name, dt, shape, b in key:
-        if not isinstance(name, str) or name in names or min(shape, default=0) < 0 or dt.name not in DTYPE_CODES:
-            raise _err(f"invalid layout entry {name!r} {dt} {shape}")
-        names.add(name)
-        total += math.prod(shape) * dt.itemsize
-        if name.endswith("_codes") and dt == np.uint8 and (isinstance(b, bool) or not isinstance(b, int)
-                                                           or not 1 <= b <= 8):
-            raise _err(f"no valid code bit width for {name!r} (got {b!r}; need an int in 1..8)")
-    if total > MAX_BLOCK_BYTES:
-        raise _err(f"layout holds {total} bytes, over the {MAX_BLOCK_BYTES}-byte limit")
-    layout = [(name, dt, shape) for name, dt, shape, _ in key]
-    bits = {name: b for name, _, _, b in key}
-    index = {name: i for i, (name, _, _) in enumerate(layout)}
-    streams: dict[tuple, _Stream] = {}
-    taken: set[int] = set()
-    for i, (name, dt, shape) in enumerate(layout):
-        if not name.endswith("_codes") or dt != np.uint8 or len(shape) < 2 or 0 in shape:
-            continue
-        b, (t, m) = bits[name], shape[-2:]
-        if b < 8 and m % b:
-            continue
-        n = m if b == 8 else m * 8 // b
-        prefix = name[: -len("codes")]  # "{l}.k_"
-        side = prefix.rsplit(".", 1)[-1][:-1]
-        pair = (index.get(prefix + "scale"), index.get(prefix + "zero"))
-        kind, ms = "", None
-        if None not in pair and all(layout[j][1] == np.float16 and layout[j][1].byteorder in "=<" for j in pair):
-            ms = layout[pair[0]][2]
-            if ms == layout[pair[1]][2] and len(ms) == len(shape) and ms[:-2] == shape[:-2] and 0 not in ms:
-                if side == "k" and t % ms[-2] == 0 and ms[-1] <= n:
-                    kind = "k"
-                elif side == "v" and ms[-2] == t and n % ms[-1] == 0:
-                    kind = "v"
-        ms = ms if kind else None
-        s = streams.setdefault((side, b, shape, kind, ms),
-                               _Stream(b, shape, ms, kind, n, n // ms[-1] if kind == "v" else n))
-        s.codes.append(i)
-        taken.add(i)
-        if kind:
-            s.metas.append(pair)
-            taken.update(pair)
-    return _Plan(layout, list(streams.values()), [i for i in range(len(layout)) if i not in taken])
-
 
 # ---- frequency tables ----------------------------------------------------------------------------
 def _qtable(cnt: np.ndarray) -> np.ndarray:
@@ -212,7 +93,7 @@ def _by_shift(cnt: np.ndarray, bits: int, cs: int) -> np.ndarray:
     return np.concatenate([c[:, :a].reshape(c.shape[0], a >> cs, 1 << cs, a).sum(2), c[:, a:]], 1).reshape(-1, a)
 
 
-def _choose_context(s: _Stream, sym: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
+def _choose_context(s: Stream, sym: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
     """-> (mode, cs, counts [table rows, A], table row of every code) of the cheapest context model,
     tables included; mode 0 is tried too (its counts are the richest mode's summed over classes). Mode 2
     must be MODE2_MIN_GAIN cheaper to be taken: its 3 table classes and per-token classes decode slower."""
@@ -273,7 +154,7 @@ def _encode_symbols(sym: np.ndarray, ctx: np.ndarray | None, t: int, cnt: np.nda
     return w, (nl, w.size) if fmt == 3 else (w.size,)
 
 
-def _predict(s: _Stream, sym: np.ndarray, sc, z, rs, rz, decode: bool, w: int = 0) -> None:
+def _predict(s: Stream, sym: np.ndarray, sc, z, rs, rz, decode: bool, w: int = 0) -> None:
     """ans.predict with the group statistics of sym: channel-major, or lane-major in groups of w lanes."""
     keys = s.kind == "k"
     args = (s.t, s.n, keys, s.mshape[-2 if keys else -1], s.mshape[-1])
@@ -281,7 +162,7 @@ def _predict(s: _Stream, sym: np.ndarray, sc, z, rs, rz, decode: bool, w: int = 
     ans.predict(s1, lsc, cnt, s.neighbours, 1.0 if keys else 0.5, sc, z, rs, rz, decode)
 
 
-def _lane_major(s: _Stream, nl: int) -> int:  # the lane count if stream s decodes lane-major, else 0
+def _lane_major(s: Stream, nl: int) -> int:  # the lane count if stream s decodes lane-major, else 0
     keys = s.kind != "v"
     return nl if nl in simd.WIDTHS and lanes.fits(nl, s.n, s.bits, keys, s.mshape[-2 if keys else -1] if s.kind else 1) \
         else 0
@@ -296,7 +177,7 @@ def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int], *,
     if not all(isinstance(it, tuple) and len(it) == 2 and isinstance(it[1], np.ndarray) for it in tensors):
         raise _err("each tensor must be a (name, numpy array) pair")
     arrays = [a for _, a in tensors]
-    plan = _plan_of([(n, a.dtype, a.shape) for n, a in tensors], bits)
+    plan = plan_of([(n, a.dtype, a.shape) for n, a in tensors], bits)
     n_entries = sum(((1 << s.bits) + 1) * (1 << s.bits) + 2 * _META_ALPHABET for s in plan.streams)
     tables = _Bits(n_entries * 20 + 64)
     raw = _Bits(28 * sum(s.nmeta for s in plan.streams) + 64)
@@ -381,7 +262,7 @@ def _words(r: _Reader, counts: tuple, nsym: int, fmt: int, what: str) -> np.ndar
     return np.frombuffer(r.take(2 * nw, what), "<u2").astype(np.uint16, copy=False)
 
 
-def _decode_symbols(w: np.ndarray, counts: tuple, nsym: int, s: _Stream | None, mode: int, cs: int, tables: _Bits,
+def _decode_symbols(w: np.ndarray, counts: tuple, nsym: int, s: Stream | None, mode: int, cs: int, tables: _Bits,
                     fmt: int, what: str, lane_major: bool = False) -> np.ndarray:  # inverse of _encode_symbols
     bits = s.bits if s else _META_BITS
     a, nctx = 1 << bits, ans.NCLS[mode] * (((1 << bits) >> cs) + 1)
@@ -410,7 +291,7 @@ def decode_block(payload: bytes, layout: Layout, bits: dict[str, int], *,
     so the payload's own CRC need not be computed again."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise _err(f"payload must be bytes, not {type(payload).__name__}")
-    plan = _plan_of(layout, bits)
+    plan = plan_of(layout, bits)
     r = _Reader(memoryview(payload).cast("B"))
     crc, fmt, n_tab, n_raw, n_gen = r.unpack(_HEAD, "header")
     if not verified and zlib.crc32(r.data[4:]) != crc:
