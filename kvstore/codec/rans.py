@@ -219,15 +219,23 @@ def rans_decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut):
         _shared_group(st, words, lut, out, g * NL * t_n, t_n, cs, p_n - 1, o, offt)
         if st[NL] > nw:
             return -1
-    x0, p = st[0], st[NL]
-    for r in range(rows // NL * NL, rows):  # tail rows (never in mode 2, which needs n % NL == 0)
+    x0, p = _rows_on_lane0(st[0], st[NL], rows // NL * NL, out, words, nw, t_n, rc, cs, p_n, lut)
+    return 0 if p == nw and x0 == RL and st[1] == RL and st[2] == RL and st[3] == RL else -1  # (p -1: overrun)
+
+
+@inline
+def _rows_on_lane0(x, p, r0, out, words, nw, t_n, rc, cs, p_n, lut):
+    """The rows left over after the whole lane groups (r0 on; never in mode 2), one by one on lane 0's state x
+    at word p of a shared stream -> (x, p), p -1 if a row read past nw. rc: row_classes times 1."""
+    n = rc.size
+    for r in range(r0, out.size // t_n):
         c = 0
         for j in range(t_n):
-            c, x0, p = _step_shared(x0, rc[r % n] + (c >> cs if j else p_n - 1), words, p, lut)
+            c, x, p = _step_shared(x, rc[r % n] + (c >> cs if j else p_n - 1), words, p, lut)
             out[r * t_n + j] = c
         if p > nw:
-            return -1
-    return 0 if p == nw and x0 == RL and st[1] == RL and st[2] == RL and st[3] == RL else -1
+            return x, -1
+    return x, p
 
 
 # ---- shared, simd.WIDTHS lanes (FORMAT 3) ----------------------------------------------------------------
@@ -246,18 +254,11 @@ def _simd_finish(lanes, out, words, nw, t_n, n, mode, cs, p_n, lut, st, p, lane_
     """Lane-major groups (simd.decode_groups) -> out's channel-major rows (unless lane_major: then lanes is
     out); then the rows left over on lane 0, and the end checks (every state back at RL, every word read).
     -> 0 or -1."""
-    w, rows = st.size, out.size // t_n
-    g_n = rows // w
+    w = st.size
     if not lane_major:
         to_rows(lanes, w, t_n, out)
-    x, rc = np.int64(st[0]), row_classes(n, mode, p_n)
-    for r in range(g_n * w, rows):
-        c = 0
-        for j in range(t_n):
-            c, x, p = _step_shared(x, rc[r % n] + (c >> cs if j else p_n - 1), words, p, lut)
-            out[r * t_n + j] = c
-        if p > nw:
-            return -1
+    x, p = _rows_on_lane0(np.int64(st[0]), p, out.size // t_n // w * w, out, words, nw, t_n,
+                          row_classes(n, mode, p_n), cs, p_n, lut)
     ok = p == nw and x == RL
     for ln in range(1, w):
         ok = ok and st[ln] == RL
