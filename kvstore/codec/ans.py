@@ -17,10 +17,10 @@ RoPE frequency band (`row_classes`), mode 2 the previous NL channels' codes at t
 from __future__ import annotations
 
 import numba as nb
-from llvmlite import ir as llvmir
-from numba.extending import intrinsic
 import numpy as np
 import torch
+from llvmlite import ir as llvmir
+from numba.extending import intrinsic
 
 from kvstore.quant.pack import pack, unpack
 
