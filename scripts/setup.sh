@@ -30,7 +30,7 @@ PYBIN="$(command -v python3.11 || command -v python3)"
 # fetch a multi-GB CUDA build).
 FIND_LINKS=(); [ -d /opt/wheels ] && FIND_LINKS=(--find-links /opt/wheels)
 uv pip install -q -p "$VENV/bin/python" "${FIND_LINKS[@]}" -e '.[dev]'
-"$VENV/bin/python" -c "import torch, transformers, ray, grpc, redis, zstandard, prometheus_client" \
+"$VENV/bin/python" -c "import torch, transformers, ray, grpc, redis, zstandard, prometheus_client, numba, xxhash" \
   || { echo "[setup] FATAL: the Python environment is incomplete" >&2; exit 1; }
 
 echo "[setup] helm (for the chart's offline validation)"
