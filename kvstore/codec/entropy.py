@@ -164,8 +164,8 @@ def _predict(s: Stream, sym: np.ndarray, sc, z, rs, rz, decode: bool, w: int = 0
 
 def _lane_major(s: Stream, nl: int) -> int:  # the lane count if stream s decodes lane-major, else 0
     keys = s.kind != "v"
-    return nl if nl in simd.WIDTHS and lanes.fits(nl, s.n, s.bits, keys, s.mshape[-2 if keys else -1] if s.kind else 1) \
-        else 0
+    ng = s.mshape[-2 if keys else -1] if s.kind else 1  # scale/zero groups (token groups for keys)
+    return nl if nl in simd.WIDTHS and lanes.fits(nl, s.n, s.bits, keys, ng) else 0
 
 
 # ---- encode ------------------------------------------------------------------------------------------
@@ -186,9 +186,9 @@ def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int], *,
         packed = np.concatenate([arrays[i].reshape(-1, s.t, s.m) for i in s.codes])
         sym = ans.unpack_rows(packed, s.bits)  # [rows, n, T] channel-major
         mode, cs, cnt, ctx = _choose_context(s, sym)
-        w, lanes = _encode_symbols(sym, ctx, s.t, cnt, tables, fmt, _lanes(fmt, mode, sym.size // s.t, cnt))
+        w, fields = _encode_symbols(sym, ctx, s.t, cnt, tables, fmt, _lanes(fmt, mode, sym.size // s.t, cnt))
         words.append(w)
-        heads.append(_CTX.pack(cs | mode << 4) + _WORDS[fmt].pack(*lanes))
+        heads.append(_CTX.pack(cs | mode << 4) + _WORDS[fmt].pack(*fields))
         if s.kind:
             shape = (-1,) + s.mshape[-2:]
             sc = np.concatenate([arrays[a].reshape(shape) for a, _ in s.metas]).view(np.uint16)
@@ -202,9 +202,9 @@ def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int], *,
                 nl = _lanes(fmt, 0, ms.size, cnt)
                 ms = np.concatenate([ms, np.zeros(-ms.size % nl, np.uint8)])  # nl rows, zero padded
                 cnt = np.bincount(ms, minlength=_META_ALPHABET)[None].repeat(2, 0)  # one table for both contexts
-                w, lanes = _encode_symbols(ms, None, 0, cnt, tables, fmt, nl)
+                w, fields = _encode_symbols(ms, None, 0, cnt, tables, fmt, nl)
                 words.append(w)
-                heads.append(_WORDS[fmt].pack(*lanes))
+                heads.append(_WORDS[fmt].pack(*fields))
     gen = b""
     if plan.generic:
         body = b"".join(_generic_forward(plan.layout[i][0], arrays[i]).tobytes() for i in plan.generic)
@@ -256,8 +256,7 @@ def _shared(fmt: int, counts: tuple) -> tuple[int, int]:  # a stream's _WORDS fi
 
 def _words(r: _Reader, counts: tuple, nsym: int, fmt: int, what: str) -> np.ndarray:  # a view of the payload
     nl, nw = _shared(fmt, counts)
-    if nl not in rans.SHARED_LANES or nw < 2 * nl or nw > nsym + 2 * nl \
-            or (fmt == 2 and min(counts) < 2):
+    if nw < 2 * nl or nw > nsym + 2 * nl or (fmt == 2 and min(counts) < 2):
         raise _err(f"{what}: {counts} rANS words for {nsym} symbols is impossible")
     return np.frombuffer(r.take(2 * nw, what), "<u2").astype(np.uint16, copy=False)
 
@@ -310,9 +309,8 @@ def decode_block(payload: bytes, layout: Layout, bits: dict[str, int], *,
     streams = []
     for i, (s, (_, _, nw, mw)) in enumerate(zip(plan.streams, heads)):
         wc = _words(r, nw, s.nsym, fmt, f"stream {i} codes")
-        tms = [-(-s.nmeta // _shared(fmt, k)[0]) for k in mw]  # the residual rows' lengths
-        streams.append((wc, nw, [(_words(r, k, tm * _shared(fmt, k)[0], fmt, f"stream {i} scales/zeros"), k)
-                                 for k, tm in zip(mw, tms)]))
+        padded = [-(-s.nmeta // nl) * nl for nl, _ in (_shared(fmt, k) for k in mw)]  # residuals in whole rows
+        streams.append((wc, nw, [(_words(r, k, n, fmt, f"stream {i} scales/zeros"), k) for k, n in zip(mw, padded)]))
     raw = _Bits(8 * n_raw, r.take(n_raw, "raw bits"))
     gen = r.take(n_gen, "generic tensors")
     if r.pos != len(r.data):

@@ -240,7 +240,7 @@ def _rows_on_lane0(x, p, r0, out, words, nw, t_n, rc, cs, p_n, lut):
 
 # ---- shared, simd.WIDTHS lanes (FORMAT 3) ----------------------------------------------------------------
 @jit
-def _simd_setup(words, nw, n, mode, mult, groups, w):  # -> (states [w] uint32, table row offsets [groups * w])
+def _simd_setup(words, n, mode, mult, groups, w):  # -> (states [w] uint32, table row offsets [groups * w])
     st, ro, rc = np.empty(w, np.uint32), np.empty(groups * w, np.uint32), row_classes(n, mode, mult)
     for ln in range(w):
         st[ln] = (np.uint32(words[2 * ln]) << 16) | np.uint32(words[2 * ln + 1])
@@ -293,7 +293,7 @@ def _decode_simd(words, nw, out, t_n, n, mode, cs, bits, lut, w, kaddr, lane_maj
     padded = np.zeros(nw + w * t_n + 1, np.uint16)
     padded[:nw] = words[:nw]
     groups = out.size // t_n // w
-    st, ro = _simd_setup(padded, nw, n, mode, p_n * M, groups, w)
+    st, ro = _simd_setup(padded, n, mode, p_n * M, groups, w)
     pos, lanes = np.full(1, 2 * w, np.int64), out if lane_major else np.empty(groups * t_n * w, np.uint8)
     if groups and _kcall(kaddr, padded, lut, lanes, ro, st, pos, t_n, groups, cs, (p_n - 1) * M, nw) != 0:
         return -1
@@ -314,13 +314,14 @@ SHARED_LANES = (NL,) + simd.WIDTHS  # NL: the scalar decoder, every context mode
 
 
 def padding(t_n: int) -> int:
-    """Zero words every decoder needs after a stream's words (rows of t_n codes)."""
-    return max(simd.WIDTHS) * t_n + 1
+    """Zero words the scalar decoders (NL lanes) need after a stream's words (rows of t_n codes); the vector
+    decoder pads a copy of its own."""
+    return NL * t_n + 1
 
 
 def decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut, nl, lane_major=False) -> int:
     """Inverse of rans_encode_shared(..., nl) by the decoder of that lane count; words padded by padding(t_n)
-    zeros; lane_major only for nl in simd.WIDTHS. -> 0, or -1 if inconsistent (a lane count not in
+    zeros for nl = NL; lane_major only for nl in simd.WIDTHS. -> 0, or -1 if inconsistent (a lane count not in
     SHARED_LANES included)."""
     if nl == NL and not lane_major:
         return rans_decode_shared(words, nw, out, t_n, n, mode, gv, cs, bits, lut)
