@@ -316,22 +316,42 @@ def test_quality_probe_metrics_per_layer(client, tiny_stack):
         m, "kvstash_quality_attention_relative_error_count")  # mean relative error below 1
 
 
-def test_two_workers_share_the_load_and_sessions_move_between_them(client, reference):
+def quiesce(client, url: str) -> None:
+    """Offload every hot session and wait until both workers are idle and the gateway has polled that,
+    so that the next placements depend on nothing earlier tests left running."""
+    for s in client.list_sessions():
+        if s.state == pb.SESSION_STATE_ACTIVE:
+            client.evict_session(s.session_id)
+    deadline = time.monotonic() + 30
+    while metric_sum(metrics(url), "kvstash_worker_queue_depth") > 0:
+        assert time.monotonic() < deadline, "the workers never went idle"
+        time.sleep(0.2)
+    time.sleep(1.5)  # three gateway load polls (gateway.metrics_poll_interval_s = 0.5 in this stack)
+
+
+def test_two_workers_share_the_load_and_sessions_move_between_them(client, tiny_stack):
+    # Raw prompts that differ from their first token: no worker holds any of them hot, so prefix
+    # locality has nothing to say and each new session goes to the least-loaded worker (ties rotate).
+    prompts = [f"{w} are the subject here, so tell me everything about them."
+               for w in ("Lighthouses", "Glaciers", "Volcanoes", "Orchards")]
+    quiesce(client, tiny_stack.metrics_url)
     placed, tokens = {}, {}
-    for _ in range(4):
-        out = client.generate(messages=PROMPT, max_new_tokens=K)
+    for p in prompts:
+        out = client.generate(p, max_new_tokens=K)
         placed[out.session_id] = client.get_session(out.session_id).worker
-        tokens[out.session_id] = list(out.token_ids)
+        tokens[out.session_id] = (p, list(out.token_ids))
     assert set(placed.values()) == {"w0", "w1"}, placed  # new sessions go to the least-loaded worker
     for sid, worker in placed.items():
         more = client.resume(sid, max_new_tokens=2)
         assert more.usage.kv_source == pb.KV_SOURCE_DEVICE  # affinity: served where it is hot
         assert client.get_session(sid).worker == worker
-        tokens[sid] += more.token_ids
+        tokens[sid][1].extend(more.token_ids)
     # Once cold, a session resumes on whichever worker is least loaded, restored from Redis, still exact.
-    for sid in placed:
+    for sid, (p, so_far) in tokens.items():
         client.evict_session(sid)
         rest = client.resume(sid, max_new_tokens=N - K - 2)
         assert rest.usage.kv_source == pb.KV_SOURCE_RESTORED
-        assert tokens[sid] + list(rest.token_ids) == reference.token_ids
         assert client.get_session(sid).worker in {"w0", "w1"}
+        whole = client.generate(p, max_new_tokens=N)  # an uninterrupted run of the same prompt
+        assert so_far + list(rest.token_ids) == list(whole.token_ids)
+
