@@ -49,6 +49,7 @@ def test_new_sessions_go_where_their_prefix_is_hot(stack):
             assert out.usage.kv_source == pb.KV_SOURCE_PREFIX and out.usage.cached_tier == pb.TIER_DEVICE
             assert out.usage.cached_tokens == 192
             assert a.get_session(out.session_id).worker == home
+        time.sleep(1.5)  # three load polls: none still shows the sessions just served on `home`
         placed = {a.get_session(a.generate(token_ids=[rng.randrange(1000, 20000) for _ in range(30)],
                                            max_new_tokens=1).session_id).worker for _ in range(4)}
         assert placed == {"w0", "w1"}  # without a hot prefix, load decides
