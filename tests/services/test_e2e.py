@@ -354,4 +354,3 @@ def test_two_workers_share_the_load_and_sessions_move_between_them(client, tiny_
         assert client.get_session(sid).worker in {"w0", "w1"}
         whole = client.generate(p, max_new_tokens=N)  # an uninterrupted run of the same prompt
         assert so_far + list(rest.token_ids) == list(whole.token_ids)
-
