@@ -56,6 +56,10 @@ class WorkerMetrics:
         self.history_recoveries = Counter(
             "kvstash_history_recoveries_total", "Session histories Redis did not have (or held corrupt) and the "
             "worker's journal gave back.", registry=r)
+        self.rolled_back = Counter(
+            "kvstash_rolled_back_calls_total", "Calls cut short (cancelled, past their deadline, failed) whose input "
+            "and output were undone, by what became of the session's device KV (kept, or dropped: the model had run "
+            "on it, so the next call restores or rebuilds it).", ["kv"], registry=r)
         self.storage_up = Gauge("kvstash_worker_storage_up", "1 when this worker's last Redis housekeeping "
                                 "succeeded, else 0.", registry=r)
         self.load_decisions = Counter(
@@ -67,6 +71,8 @@ class WorkerMetrics:
         self.prefix_hit_tokens = Counter(
             "kvstash_prefix_hit_tokens_total", "Prompt tokens whose KV was adopted from a stored prefix instead of "
             "prefilled, by the tier it came from (device: the worker's hot prefix trie; redis).", ["tier"], registry=r)
+        for kv in ("kept", "dropped"):
+            self.rolled_back.labels(kv)
         for reason in ("missing", "corrupt"):
             self.recomputes.labels(reason)
         for path in ("resume", "prefix"):

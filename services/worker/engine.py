@@ -96,10 +96,8 @@ class Engine:
             self.metrics.quality_error.labels(str(layer)).observe(rel)
 
     def _housekeeping(self) -> None:
-        held = list(self.sessions.active.values())
         try:  # storage first: a Redis that lost its data gets the histories back before anything else
-            self.sessions.history.check_epoch(held)
-            self.sessions.history.retry_dirty(held)
+            self.sessions.sync_storage()
             self.sessions.store.refresh_public()
             self.metrics.storage_up.set(1)
         except Exception as e:  # noqa: BLE001 - storage down: serve from the device, retry next time
@@ -153,12 +151,9 @@ class Engine:
         if not 0 < max_new <= limits.max_new_tokens_limit:
             raise InvalidArgument(f"max_new_tokens={call.max_new_tokens} must be in [0, {limits.max_new_tokens_limit}]")
         s = self.sessions.acquire(call.tenant, call.session_id, create=call.create, fresh=call.fresh)
-        try:  # refused before anything ran: the session's device copy stays valid
-            self._check_quota(call.tenant, new=not s.tokens)
-        except ResourceExhausted:
-            self.sessions.release(s)
-            raise
+        touched = committed = False
         try:
+            self._check_quota(call.tenant, new=not s.tokens)
             new_ids = self._encode_input(call, s.tokens)
             if not s.tokens and not new_ids:
                 raise InvalidArgument("the prompt is empty: a new session needs input")
@@ -166,6 +161,7 @@ class Engine:
                 raise InvalidArgument(f"input has {len(new_ids)} tokens, over the limit max_prompt_tokens={limits.max_prompt_tokens}")
             if len(s.tokens) + len(new_ids) + max_new > limits.max_session_tokens:
                 raise InvalidArgument(f"session would exceed max_session_tokens={limits.max_session_tokens}")
+            touched = True  # from here on the model runs on the session's cache
             s.tokens.extend(new_ids)
             origin = yield from self.sessions.ensure_kv(s)
             source, cached = origin.source, origin.cached_tokens
@@ -216,16 +212,16 @@ class Engine:
                 yield
             if rest := stops.flush():
                 sink({"type": "tokens", "ids": [], "text": rest})
-            self.sessions.persist(s)
+            self.sessions.commit(s)
+            committed = True
             sink({"type": "done", "finish_reason": finish, "usage": {
                 "prompt_tokens": len(new_ids), "cached_tokens": cached, "generated_tokens": produced,
                 "kv_source": source, "session_tokens": len(s.tokens), "cached_tier": origin.tier}})
-        except Exception:
-            # A failure mid-forward may leave the cache half-updated: drop the device copy; the session
-            # continues from its durable record (and its KV is restored or rebuilt) on the next call.
-            self.sessions.invalidate(s)
-            raise
         finally:
+            if not committed:
+                # Cut short (an error, its deadline, a cancelled stream): the call leaves no trace. The
+                # history is as it began, and a cache the model ran on (maybe half-updated) is dropped.
+                self.sessions.rollback(s, touched)
             self.sessions.release(s)
 
     # ---- control operations (run on the engine thread) -------------------------------------------
@@ -236,7 +232,7 @@ class Engine:
                 redis_bytes = self.tier.session_bytes(tenant, session_id, s.blocks)
             except Exception:  # noqa: BLE001
                 redis_bytes = s.redis_bytes
-            return {"session_id": session_id, "state": s.state.value, "token_count": len(s.tokens),
+            return {"session_id": session_id, "state": s.state.value, "token_count": s.durable_tokens,
                     "device_bytes": s.device_bytes(), "redis_bytes": redis_bytes,
                     "worker": self.worker_id if s.cache is not None else "",
                     "created_at": s.created_at, "last_used_at": s.last_used, "pinned": s.pinned}
@@ -296,7 +292,9 @@ class Engine:
         return self.scheduler.call(lambda: self.sessions.delete(tenant, session_id))
 
     def holds(self, tenant: str, session_id: str) -> bool:
-        return (tenant, session_id) in self.sessions.active
+        """Whether calls for the session must come here: it runs here, is hot here, or its newest history
+        is here only (Redis missed its last write)."""
+        return self.sessions.holding(tenant, session_id) is not None
 
     def load(self) -> dict:
         return {"queue_depth": self.scheduler.depth, "device_bytes": self.sessions.device_bytes(),

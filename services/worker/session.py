@@ -6,6 +6,11 @@ Invariants:
   rebuilt bit-exactly by replaying them. `sum(schedule) == cache.get_seq_length()` while the cache is
   on the device, and `sum(schedule) <= len(tokens)` always (the last sampled token is not yet fed).
 - At most one request works on a session at a time (`busy`).
+- Calls are atomic: while one runs, `base` holds the history and schedule as they stood when it began,
+  and every manifest written meanwhile (a pin, a Redis epoch write-back) records that durable state,
+  never the call's half-done input and output. `commit` makes the call's tokens durable; `rollback`
+  undoes a call cut short (cancelled, failed, past its deadline), so a retry starts where the first
+  attempt did.
 """
 
 from __future__ import annotations
@@ -32,13 +37,13 @@ class Session:
     cache: QuantizedKVCache | None = None
     created_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
-    busy: bool = False
     stored_kv_tokens: int = 0  # tokens covered by the KV copy in Redis (0: none)
     blocks: list[BlockRef] = field(default_factory=list)  # the stored KV: blocks then the tail (manifest records)
     manifest_sha: str | None = None  # compare-and-set tag of the manifest this worker last wrote or read
     redis_bytes: int = 0
     pinned: bool = False  # never offloaded for idleness (durable: kept in the manifest)
     dirty: bool = False  # the last Redis write of its history failed (it is in the journal): write it again
+    base: tuple[int, list[int]] | None = None  # while a call runs (busy): (len(tokens), schedule) when it began
 
     @property
     def key(self) -> tuple[str, str]:
@@ -49,6 +54,34 @@ class Session:
         return State.ACTIVE if self.cache is not None else State.COLD
 
     @property
+    def busy(self) -> bool:
+        return self.base is not None
+
+    @property
+    def durable_tokens(self) -> int:
+        """The length of the committed history (a running call's tokens are not part of it yet)."""
+        return self.base[0] if self.base is not None else len(self.tokens)
+
+    def begin(self) -> None:
+        """A call starts: mark the session busy and remember its committed state."""
+        self.base = (len(self.tokens), list(self.schedule))
+
+    def commit(self) -> None:
+        """The running call's input and output join the durable history."""
+        self.base = (len(self.tokens), list(self.schedule))
+
+    def rollback(self) -> bool:
+        """Undo the running call's uncommitted tokens and passes; True if it had made any."""
+        n, schedule = self.base if self.base is not None else (len(self.tokens), self.schedule)
+        changed = len(self.tokens) != n or self.schedule != schedule
+        del self.tokens[n:]
+        self.schedule = list(schedule)
+        return changed
+
+    def end(self) -> None:
+        self.base = None
+
+    @property
     def kv_tokens(self) -> int:
         return sum(self.schedule)
 
@@ -57,9 +90,11 @@ class Session:
 
     def manifest(self, fingerprint: str, quant_spec: str, blocks: list[BlockRef] | None = None,
                  kv_tokens: int | None = None) -> SessionManifest:
-        """The durable record: by default the stored KV it lists is the one already stored."""
+        """The durable record (the committed history while a call runs): by default the stored KV it lists is
+        the one already stored."""
+        n, schedule = self.base if self.base is not None else (len(self.tokens), self.schedule)
         return SessionManifest(
-            tenant=self.tenant, session_id=self.session_id, tokens=list(self.tokens), schedule=list(self.schedule),
+            tenant=self.tenant, session_id=self.session_id, tokens=self.tokens[:n], schedule=list(schedule),
             kv_tokens=self.stored_kv_tokens if kv_tokens is None else kv_tokens, model_fingerprint=fingerprint,
             quant_spec=quant_spec, created_at=self.created_at, updated_at=time.time(), pinned=self.pinned,
             blocks=list(self.blocks if blocks is None else blocks),

@@ -13,6 +13,9 @@ Invariants:
   `kvstash_recomputes_total`. When the stored KV covers fewer tokens than the schedule, it is loaded and
   the rest replayed.
 - A failed Redis write never loses device state: the session stays ACTIVE and the error is counted.
+- A call is atomic (`Session.begin/commit/rollback`): a call cut short leaves the history as it was. If it
+  had touched the KV, the device copy is dropped (the next call restores or rebuilds it exactly); a
+  session whose newest history is then only in the journal stays in memory (`unsaved`) until Redis has it.
 """
 
 from __future__ import annotations
@@ -62,12 +65,22 @@ class SessionManager:
         self.policy = OffloadPolicy(cfg.session.idle_timeout_s, cfg.tiers.device_bytes)
         self.active: dict[tuple[str, str], Session] = {}  # KV on the device
         self.working: dict[tuple[str, str], Session] = {}  # a call runs on it (KV on the device or not yet)
+        self.unsaved: dict[tuple[str, str], Session] = {}  # no KV on the device, history not yet in Redis (dirty)
 
     # ---- lookup --------------------------------------------------------------------------------
     def find(self, tenant: str, session_id: str) -> Session | None:
         """The session, from memory or from its Redis manifest (then COLD, not yet registered)."""
-        s = self.working.get((tenant, session_id)) or self.active.get((tenant, session_id))
+        s = self.holding(tenant, session_id)
         return s if s is not None else self.history.read(tenant, session_id)
+
+    def holding(self, tenant: str, session_id: str) -> Session | None:
+        """The session if this worker holds it in memory (running, on the device, or not yet in Redis)."""
+        key = (tenant, session_id)
+        return self.working.get(key) or self.active.get(key) or self.unsaved.get(key)
+
+    def held(self) -> list[Session]:
+        """Every session this worker holds in memory, whose history it may know better than Redis."""
+        return list({**self.unsaved, **self.active, **self.working}.values())  # a running hot session is in two
 
     def get(self, tenant: str, session_id: str) -> Session:
         """Like `find`, but an unknown session is NotFound."""
@@ -90,25 +103,38 @@ class SessionManager:
         else:
             s = self.find(tenant, session_id) if create else self.get(tenant, session_id)
         s = self.check_not_busy(s or Session(tenant=tenant, session_id=session_id))
-        s.busy = True
+        s.begin()
         self.working[s.key] = s
+        self.unsaved.pop(s.key, None)
         return s
 
     def device_bytes(self) -> int:
         """Device bytes held by every active session (measured from tensor storages)."""
         return sum(s.device_bytes() for s in list(self.active.values()))
 
-    def invalidate(self, s: Session) -> None:
-        """Forget the device copy of a session whose state can no longer be trusted."""
-        s.cache = None
-        self.active.pop(s.key, None)
+    def commit(self, s: Session) -> bool:
+        """The running call's tokens join the history, durably (journal, then Redis; see `persist`)."""
+        s.commit()
+        s.dirty = True  # until a write succeeds
+        return self.persist(s)
+
+    def rollback(self, s: Session, touched: bool) -> None:
+        """Undo a call cut short. `touched`: it ran the model on the cache (which may be half-updated, or
+        ahead of the history it returns to), so the device copy is dropped."""
+        drop = s.rollback() or touched
+        if drop:
+            s.cache = None
+            self.active.pop(s.key, None)
+        self.metrics.rolled_back.labels("dropped" if drop else "kept").inc()
 
     def release(self, s: Session) -> None:
-        s.busy = False
+        s.end()
         self.working.pop(s.key, None)
         s.last_used = time.time()
         if s.cache is not None:
             self.active[s.key] = s
+        elif s.dirty and s.tokens:
+            self.unsaved[s.key] = s
         self._update_gauges()
 
     # ---- bringing KV to the device ----------------------------------------------------------------
@@ -202,6 +228,15 @@ class SessionManager:
         self.metrics.offloads.inc()
         self._update_gauges()
 
+    def sync_storage(self) -> None:
+        """Housekeeping: after Redis lost its data write every held history back, and write the dirty ones
+        again. Raises if Redis does not answer."""
+        held = self.held()
+        self.history.check_epoch(held)
+        self.history.retry_dirty(held)
+        for key in [k for k, s in self.unsaved.items() if not s.dirty]:
+            del self.unsaved[key]
+
     def offload_idle(self, everything: bool = False) -> int:
         """Offload what the policy picks: idle sessions, then least-recently-used ones over the device budget
         (`everything`: every session not busy, pinned ones too — the worker is going away)."""
@@ -225,11 +260,12 @@ class SessionManager:
             log.exception("prefix registration of %s/%s failed", s.tenant, s.session_id)
 
     def delete(self, tenant: str, session_id: str) -> bool:
-        s = self.working.get((tenant, session_id)) or self.active.get((tenant, session_id))
+        s = self.holding(tenant, session_id)
         if s is not None:
             self.check_not_busy(s)
         stored = self.history.delete(tenant, session_id)
         self.active.pop((tenant, session_id), None)
+        self.unsaved.pop((tenant, session_id), None)
         self._update_gauges()
         return stored or s is not None
 

@@ -99,27 +99,42 @@ def _once_free(call, timeout: float = 30.0):
 
 def test_deadlines_reach_the_worker_and_free_the_session(stack):
     with _client(stack, "key-a", timeout=120) as a:
-        sid = a.generate("a session with a deadline", max_new_tokens=2).session_id
+        first = a.generate("a session with a deadline", max_new_tokens=2)
+        sid = first.session_id
         with _client(stack, "key-a", timeout=1.5) as hurried, pytest.raises(grpc.RpcError) as e:
             hurried.resume(sid, max_new_tokens=4000)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         more = _once_free(lambda: a.resume(sid, max_new_tokens=2))  # the worker stopped: the session is not busy
         assert len(more.token_ids) == 2
-        info = a.get_session(sid)
-        assert info.token_count < 2 + 4000  # generation stopped early
+        # the call cut by its deadline left no trace: the history is the first call's plus these two tokens
+        assert more.usage.session_tokens == first.usage.session_tokens + 2 == a.get_session(sid).token_count
 
 
 def test_a_cancelled_stream_stops_generating_and_frees_its_slot(stack):
     with _client(stack, "key-a", timeout=120) as a:
-        stream = a.generate_stream("cancel me after two tokens", max_new_tokens=4000)
-        sid = ""
-        for i, msg in enumerate(stream):
-            sid = msg.session_id
+        first = a.generate("cancel me after two tokens", max_new_tokens=2)
+        sid = first.session_id
+        stream = a.resume_stream(sid, max_new_tokens=4000)
+        for i, _ in enumerate(stream):
             if i == 1:
                 stream.cancel()
                 break
-        more = _once_free(lambda: a.resume(sid, max_new_tokens=1))
-        assert more.usage.session_tokens < 200  # the cancelled call did not run on to 4000 tokens
+        more = _once_free(lambda: a.resume(sid, max_new_tokens=1))  # the worker stopped: the session is free
+        assert more.usage.session_tokens == first.usage.session_tokens + 1  # the cancelled call left no trace
+        # a new session whose first call is cancelled never existed
+        stream = a.generate_stream("cancel me before I am done", max_new_tokens=4000)
+        new = next(stream).session_id
+        stream.cancel()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                a.get_session(new)
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    break
+                assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert time.monotonic() < deadline, "the cancelled first call left a session behind"
+            time.sleep(0.2)
         deadline = time.monotonic() + 30
         while _metric(stack.metrics_url, "kvstash_worker_queue_depth") > 0:
             assert time.monotonic() < deadline, "a worker still counts the cancelled request"

@@ -27,6 +27,12 @@ if _version_not_supported:
 
 class KvStashStub:
     """The kvstash serving API. All calls are tenant-scoped: a session is visible only to its tenant.
+
+    Generate and ResumeSession are atomic: a call's input and output join the session's history only when
+    the call completes (its last message carries `finish_reason`). A call cut short (cancelled, past its
+    deadline, an error, its worker gone) leaves the history exactly as it was, so retrying it is safe; a
+    new session whose first call is cut short does not exist. A client that lost the last message can
+    tell whether the call committed from GetSession's `token_count`.
     """
 
     def __init__(self, channel):
@@ -79,6 +85,12 @@ class KvStashStub:
 
 class KvStashServicer:
     """The kvstash serving API. All calls are tenant-scoped: a session is visible only to its tenant.
+
+    Generate and ResumeSession are atomic: a call's input and output join the session's history only when
+    the call completes (its last message carries `finish_reason`). A call cut short (cancelled, past its
+    deadline, an error, its worker gone) leaves the history exactly as it was, so retrying it is safe; a
+    new session whose first call is cut short does not exist. A client that lost the last message can
+    tell whether the call committed from GetSession's `token_count`.
     """
 
     def Generate(self, request, context):
@@ -192,6 +204,12 @@ def add_KvStashServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class KvStash:
     """The kvstash serving API. All calls are tenant-scoped: a session is visible only to its tenant.
+
+    Generate and ResumeSession are atomic: a call's input and output join the session's history only when
+    the call completes (its last message carries `finish_reason`). A call cut short (cancelled, past its
+    deadline, an error, its worker gone) leaves the history exactly as it was, so retrying it is safe; a
+    new session whose first call is cut short does not exist. A client that lost the last message can
+    tell whether the call committed from GetSession's `token_count`.
     """
 
     @staticmethod

@@ -1,0 +1,135 @@
+"""A call is atomic: one cut short (cancelled, past its deadline, its worker gone) leaves no trace, whatever
+the worker wrote meanwhile. A real Engine (tiny model) and real redis-servers; every continuation is checked
+token for token against a session that was never interrupted."""
+
+import random
+import time
+
+import pytest
+
+from services.runtime.redis_server import RedisServer
+from services.worker.engine import GenerateCall
+from tests.services.worker.test_kv_store import make_engine, run
+
+rng = random.Random(11)
+IDS = [rng.randrange(1000, 20000) for _ in range(90)]
+
+
+def _start_long_call(eng, sid: str, create: bool = False, ids=None) -> tuple[int, list[dict]]:
+    """Submit a 4000-token call and wait until it has streamed three tokens; (task id, its events)."""
+    events: list[dict] = []
+    tid = eng.submit(GenerateCall("acme", sid, create, {"token_ids": ids} if ids else None, 4000), events.append)
+    deadline = time.monotonic() + 60
+    while sum(e["type"] == "tokens" for e in events) < 3:
+        assert time.monotonic() < deadline and not any(e["type"] == "error" for e in events), events[-1:]
+        time.sleep(0.002)
+    return tid, events
+
+
+def _cancel(eng, tid: int) -> None:
+    eng.scheduler.cancel(tid)
+    eng.scheduler.call(lambda: None).result(timeout=30)  # the inbox is FIFO: the cancel has been handled
+
+
+def _outcome(eng, sid: str, n: int = 1, ids=None, **call) -> dict:
+    """The last event of a call: its `done` or its `error`."""
+    events: list[dict] = []
+    eng.submit(GenerateCall("acme", sid, False, {"token_ids": ids} if ids else None, n, **call), events.append)
+    deadline = time.monotonic() + 60
+    while not events or events[-1]["type"] not in ("done", "error"):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    return events[-1]
+
+
+def _seeded(eng):
+    """The engine, once a first session has made IDS's prefix hot: every later session adopts it alike."""
+    run(eng, "acme", "seed", IDS, n=1)
+    return eng
+
+
+@pytest.fixture
+def engine(tiny_model_dir, redis_server, tmp_path):
+    eng = _seeded(make_engine(tiny_model_dir, redis_server.url, tiers={"journal_dir": str(tmp_path / "j")}))
+    yield eng
+    eng.close()
+
+
+@pytest.mark.parametrize("cut", ["cancel", "deadline"])
+def test_a_call_cut_short_leaves_no_trace_and_the_session_goes_on_exactly(engine, cut):
+    ref, _ = run(engine, "acme", "ref", IDS, n=30)
+    first, _ = run(engine, "acme", "s", IDS, n=10)
+    dropped = engine.metrics.rolled_back.labels("dropped")._value.get()
+    if cut == "cancel":
+        tid, events = _start_long_call(engine, "s")
+        _cancel(engine, tid)
+        assert events[-1]["type"] == "tokens"  # a cancelled call ends silently: its consumer has gone
+    else:
+        assert _outcome(engine, "s", n=4000, deadline=time.time() - 1)["error"]["code"] == "DEADLINE_EXCEEDED"
+    assert engine.tier.get_manifest("acme", "s").tokens == IDS + first
+    assert engine.info("acme", "s").result()["token_count"] == len(IDS) + 10
+    assert ("acme", "s") not in engine.sessions.active  # the model ran on that cache: it is dropped
+    assert engine.metrics.rolled_back.labels("dropped")._value.get() == dropped + 1
+    rest, u = run(engine, "acme", "s", n=20, create=False)
+    assert u["kv_source"] == "recomputed" and first + rest == ref
+
+
+def test_a_refused_call_keeps_the_device_copy(engine):
+    first, _ = run(engine, "acme", "s", IDS, n=4)
+    err = _outcome(engine, "s", ids=[5, 10 ** 7])  # outside the vocabulary
+    assert err["error"]["code"] == "INVALID_ARGUMENT" and "vocabulary" in err["error"]["message"]
+    assert engine.metrics.rolled_back.labels("kept")._value.get() == 1
+    _, u = run(engine, "acme", "s", n=2, create=False)
+    assert u["kv_source"] == "device" and u["session_tokens"] == len(IDS) + 4 + 2
+
+
+def test_a_new_session_whose_first_call_is_cancelled_never_existed(engine):
+    tid, _ = _start_long_call(engine, "new", create=True, ids=IDS)
+    _cancel(engine, tid)
+    assert engine.tier.get_manifest("acme", "new") is None and engine.sessions.find("acme", "new") is None
+    assert _outcome(engine, "new")["error"]["code"] == "NOT_FOUND"
+
+
+def test_manifests_written_while_a_call_runs_record_only_the_committed_history(engine, tiny_model_dir,
+                                                                              redis_server):
+    ref, _ = run(engine, "acme", "ref", IDS, n=30)
+    first, _ = run(engine, "acme", "s", IDS, n=10)
+    tid, _ = _start_long_call(engine, "s")
+    assert engine.pin("acme", "s", True).result()  # a pin persists the session mid-call
+    m = engine.tier.get_manifest("acme", "s")
+    assert m.pinned and m.tokens == IDS + first
+    engine.sessions.history.check_epoch([])
+    redis_server.client().flushall()  # Redis loses its data mid-call: the worker writes its histories back
+    engine.scheduler.call(engine.sessions.sync_storage).result(timeout=30)
+    assert engine.tier.get_manifest("acme", "s").tokens == IDS + first
+    # The worker dies now: another one resumes the session from Redis alone.
+    other = make_engine(tiny_model_dir, redis_server.url, redis={"namespace": engine.tier.namespace},
+                        tiers={"journal": False})
+    try:
+        rest, _ = run(other, "acme", "s", n=20, create=False)
+        assert first + rest == ref
+    finally:
+        _cancel(engine, tid)
+        other.close()
+
+
+def test_a_cut_call_on_a_session_whose_last_commit_missed_redis_keeps_that_commit(tiny_model_dir, tmp_path):
+    with RedisServer(data_dir=str(tmp_path / "r"), appendonly=True) as server:
+        eng = _seeded(make_engine(tiny_model_dir, server.url, redis={"socket_timeout_s": 0.5},
+                                  tiers={"journal_dir": str(tmp_path / "j")}))
+        try:
+            ref, _ = run(eng, "acme", "ref", IDS, n=30)
+            first, _ = run(eng, "acme", "s", IDS, n=10)
+            server.stop()  # cleanly: its AOF keeps the first call
+            second, _ = run(eng, "acme", "s", n=10, create=False)  # committed to the journal only: dirty
+            assert eng.sessions.active[("acme", "s")].dirty
+            assert _outcome(eng, "s", n=4000, deadline=time.time() - 1)["error"]["code"] == "DEADLINE_EXCEEDED"
+            assert ("acme", "s") not in eng.sessions.active and ("acme", "s") in eng.sessions.unsaved
+            server.start()
+            assert eng.tier.get_manifest("acme", "s").tokens == IDS + first  # Redis is behind
+            eng._housekeeping()
+            assert eng.tier.get_manifest("acme", "s").tokens == IDS + first + second and not eng.sessions.unsaved
+            rest, _ = run(eng, "acme", "s", n=10, create=False)
+            assert first + second + rest == ref
+        finally:
+            eng.close()

@@ -1,0 +1,30 @@
+"""`Session`: calls are atomic; manifests written while a call runs record the committed history."""
+
+from services.worker.session import Session
+
+
+def test_a_running_call_is_invisible_to_the_manifest_until_it_commits():
+    s = Session("acme", "s", tokens=[1, 2, 3], schedule=[2])
+    s.begin()
+    assert s.busy and s.durable_tokens == 3
+    s.tokens += [4, 5]
+    s.schedule += [1, 1]
+    m = s.manifest("fp", "int4")
+    assert (m.tokens, m.schedule) == ([1, 2, 3], [2])  # e.g. a pin or an epoch write-back mid-call
+    s.commit()
+    m = s.manifest("fp", "int4")
+    assert (m.tokens, m.schedule) == ([1, 2, 3, 4, 5], [2, 1, 1]) and s.durable_tokens == 5
+    s.end()
+    assert not s.busy
+
+
+def test_rollback_returns_the_session_to_where_the_call_began():
+    s = Session("acme", "s", tokens=[1, 2, 3], schedule=[2])
+    s.begin()
+    assert not s.rollback()  # nothing ran yet
+    s.tokens += [4, 5]
+    s.schedule = [3]  # e.g. a call that adopted a stored prefix rewrote the schedule
+    assert s.rollback()
+    assert (s.tokens, s.schedule) == ([1, 2, 3], [2])
+    s.end()
+    assert (s.manifest("fp", "int4").tokens, s.durable_tokens) == ([1, 2, 3], 3)
