@@ -58,21 +58,25 @@ class Session:
         return self.base is not None
 
     @property
-    def durable_tokens(self) -> int:
-        """The length of the committed history (a running call's tokens are not part of it yet)."""
-        return self.base[0] if self.base is not None else len(self.tokens)
+    def committed(self) -> tuple[int, list[int]]:
+        """(history length, schedule) of the committed history: a running call's tokens are not part of it."""
+        return self.base if self.base is not None else (len(self.tokens), self.schedule)
 
-    def begin(self) -> None:
-        """A call starts: mark the session busy and remember its committed state."""
-        self.base = (len(self.tokens), list(self.schedule))
+    @property
+    def durable_tokens(self) -> int:
+        return self.committed[0]
 
     def commit(self) -> None:
-        """The running call's input and output join the durable history."""
+        """The running call's input and output join the durable history (at its end)."""
         self.base = (len(self.tokens), list(self.schedule))
+
+    def begin(self) -> None:
+        """A call starts: the session is busy, and what it holds now is the committed state."""
+        self.commit()
 
     def rollback(self) -> bool:
         """Undo the running call's uncommitted tokens and passes; True if it had made any."""
-        n, schedule = self.base if self.base is not None else (len(self.tokens), self.schedule)
+        n, schedule = self.committed
         changed = len(self.tokens) != n or self.schedule != schedule
         del self.tokens[n:]
         self.schedule = list(schedule)
@@ -92,7 +96,7 @@ class Session:
                  kv_tokens: int | None = None) -> SessionManifest:
         """The durable record (the committed history while a call runs): by default the stored KV it lists is
         the one already stored."""
-        n, schedule = self.base if self.base is not None else (len(self.tokens), self.schedule)
+        n, schedule = self.committed
         return SessionManifest(
             tenant=self.tenant, session_id=self.session_id, tokens=self.tokens[:n], schedule=list(schedule),
             kv_tokens=self.stored_kv_tokens if kv_tokens is None else kv_tokens, model_fingerprint=fingerprint,
