@@ -129,10 +129,9 @@ def test_a_cancelled_stream_stops_generating_and_frees_its_slot(stack):
         while True:
             try:
                 a.get_session(new)
-            except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.NOT_FOUND:
-                    break
-                assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            except grpc.RpcError as err:  # GetSession answers while the call still runs, then NOT_FOUND
+                assert err.code() == grpc.StatusCode.NOT_FOUND, err
+                break
             assert time.monotonic() < deadline, "the cancelled first call left a session behind"
             time.sleep(0.2)
         deadline = time.monotonic() + 30
