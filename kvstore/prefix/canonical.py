@@ -22,7 +22,7 @@ Invariants (pure functions):
 from __future__ import annotations
 
 from kvstore.prefix.hashing import BlockGrid
-from kvstore.tiers.manifest import SEAL
+from kvstore.schedule import SEAL
 
 
 def canonical_tokens(schedule: list[int], chunk: int) -> int:

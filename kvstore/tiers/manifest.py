@@ -7,15 +7,15 @@ run-length encoded as little-endian uint32 (value, count) pairs (a schedule is m
 (version 2) one 65-byte record per stored KV block: a flags byte (bit 0: public scope), the block's key
 digest and its content hash. The blocks are the sealed blocks in order, then the tail (window etc.).
 
-Schedule entries are forward-pass lengths, or `SEAL` (0): "seal the whole window now", which marks where
-a session adopted a stored prefix (kvstore.prefix); replaying the schedule reproduces the KV bit for bit.
+Schedule entries are forward passes (tokens fed, rows of the pass) or `SEAL`, encoded as kvstore/schedule.py
+says; replaying the schedule reproduces the KV bit for bit.
 
 Invariants (checked by `validate` on encode and on decode; a violation raises ContainerError):
 - `tenant` and `session_id` match `[A-Za-z0-9._-]{1,128}`.
-- Every token id is an int in [0, 2^32); every schedule entry is a forward pass length in [1, 2^32) or SEAL.
-- `sum(schedule) <= len(tokens)`: the passes only ever fed tokens of the history.
+- Every token id is an int in [0, 2^32); every schedule entry encodes a pass or is SEAL (kvstore.schedule).
+- `schedule_tokens(schedule) <= len(tokens)`: the passes only ever fed tokens of the history.
 - `kv_tokens` (the tokens the stored KV covers; 0 if none) is 0 or a prefix sum of `schedule` — the KV
-  stops at a pass boundary — so `kv_tokens <= sum(schedule)`; it equals `sum(schedule)` right after an
+  stops at a pass boundary — so `kv_tokens <= schedule_tokens(schedule)`; it equals that right after an
   offload, and is smaller when the history moved on after the KV was stored (replay covers the rest).
 - Timestamps are finite numbers; `decode(m.encode()) == m` (timestamps come back as floats).
 - `blocks` is empty or lists the sealed blocks then the tail (`tail` true) of a KV covering kv_tokens > 0.
@@ -28,15 +28,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from itertools import accumulate
 
 import numpy as np
 
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
+from kvstore.schedule import SEAL, boundaries, check_schedule, entry_tokens, schedule_tokens
 
 MANIFEST_VERSION = 2
 READ_VERSIONS = (1, 2)
-SEAL = 0  # schedule entry: seal the whole window (a stored prefix was adopted here)
 _REF = 65  # bytes per block record: flags, key digest, content hash
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _U32_LIMIT = 1 << 32
@@ -96,7 +95,7 @@ class SessionManifest:
     tenant: str
     session_id: str
     tokens: list[int]  # the whole token history (the durable truth)
-    schedule: list[int]  # lengths of the forward passes that built the KV, in order
+    schedule: list[int]  # the forward passes that built the KV, in order (kvstore.schedule entries)
     kv_tokens: int  # how many leading tokens the stored KV covers (0 if none)
     model_fingerprint: str
     quant_spec: str
@@ -114,6 +113,10 @@ class SessionManifest:
             raise ContainerError(f"manifest {e}") from None
         tokens = _int_list(self.tokens, "tokens", 0)
         schedule = _int_list(self.schedule, "schedule", SEAL)
+        try:
+            check_schedule(schedule)
+        except ValueError as e:
+            raise ContainerError(f"manifest {e}") from None
         for name in ("model_fingerprint", "quant_spec"):
             if not isinstance(getattr(self, name), str):
                 raise ContainerError(f"manifest {name} must be a str, not {type(getattr(self, name)).__name__}")
@@ -121,13 +124,13 @@ class SessionManifest:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ContainerError(f"manifest {name}={v!r} must be a finite number")
-        total = sum(schedule)
+        total = schedule_tokens(schedule)
         if total > len(tokens):
             raise ContainerError(f"manifest schedule covers {total} tokens, the history has only {len(tokens)}")
         kv = self.kv_tokens
         if isinstance(kv, bool) or not isinstance(kv, int) or kv < 0:
             raise ContainerError(f"manifest kv_tokens={kv!r} must be an int >= 0")
-        if kv != 0 and kv not in set(accumulate(schedule)):
+        if kv != 0 and kv not in set(boundaries(schedule)[1:]):
             raise ContainerError(f"manifest kv_tokens={kv} is not a boundary of the schedule (which covers {total})")
         if self.blocks and kv == 0:
             raise ContainerError("manifest lists stored blocks but kv_tokens is 0")
@@ -182,7 +185,7 @@ class SessionManifest:
         runs = np.frombuffer(payload, dtype="<u4", count=2 * n_runs, offset=4 * n_tokens).reshape(-1, 2).tolist()
         # Bound the run-length expansion before materializing it: every pass feeds >= 1 token.
         seals = sum(n for v, n in runs if v == SEAL)
-        if any(n == 0 for _, n in runs) or sum(v * n for v, n in runs) > n_tokens or seals > max(1, n_tokens):
+        if any(n == 0 for _, n in runs) or sum(entry_tokens(v) * n for v, n in runs) > n_tokens or seals > max(1, n_tokens):
             raise ContainerError(f"manifest schedule is inconsistent with its history of {n_tokens} tokens")
         schedule = [v for v, n in runs for _ in range(n)]
         at = 4 * n_tokens + 8 * n_runs

@@ -2,9 +2,9 @@
 
 Invariants:
 - `tokens` is the whole history, the durable truth; the KV is a cache of it.
-- `schedule` lists the lengths of the forward passes that built the KV, in order, so the KV can be
-  rebuilt bit-exactly by replaying them. `sum(schedule) == cache.get_seq_length()` while the cache is
-  on the device, and `sum(schedule) <= len(tokens)` always (the last sampled token is not yet fed).
+- `schedule` lists the forward passes that built the KV, in order (kvstore/schedule.py), so the KV can be
+  rebuilt bit-exactly by replaying them. `schedule_tokens(schedule) == cache.get_seq_length()` while the
+  cache is on the device, and `schedule_tokens(schedule) <= len(tokens)` always (the last sampled token is not yet fed).
 - At most one request works on a session at a time (`busy`).
 - Calls are atomic: while one runs, `base` holds the history and schedule as they stood when it began,
   and every manifest written meanwhile (a pin, a Redis epoch write-back) records that durable state,
@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvstore.quant.cache import QuantizedKVCache
+from kvstore.schedule import schedule_tokens
 from kvstore.tiers.manifest import BlockRef, SessionManifest
 
 
@@ -87,7 +88,7 @@ class Session:
 
     @property
     def kv_tokens(self) -> int:
-        return sum(self.schedule)
+        return schedule_tokens(self.schedule)
 
     def device_bytes(self) -> int:
         return self.cache.device_bytes() if self.cache is not None else 0

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from kvstore.prefix.canonical import adopted_schedule, canonical_tokens
-from kvstore.tiers.manifest import SEAL
+from kvstore.schedule import SEAL
 from kvstore.hashing import hash_fields
 from kvstore.tiers.journal import HistoryJournal
 from kvstore.tiers.policy import OffloadPolicy, Resident

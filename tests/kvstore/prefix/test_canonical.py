@@ -2,7 +2,7 @@ import pytest
 
 from kvstore.prefix.canonical import adopted_schedule, adoption_points, canonical_tokens, passes
 from kvstore.prefix.hashing import BlockGrid
-from kvstore.tiers.manifest import SEAL
+from kvstore.schedule import SEAL
 
 
 def test_passes_end_at_chunk_multiples():

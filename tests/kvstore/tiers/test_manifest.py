@@ -135,7 +135,8 @@ def test_pinned_is_durable_and_optional():
 
 
 def test_block_records_round_trip_and_seal_markers_are_schedule_entries():
-    from kvstore.tiers.manifest import SEAL, BlockRef
+    from kvstore.schedule import SEAL
+    from kvstore.tiers.manifest import BlockRef
 
     refs = [BlockRef(bytes([i]) * 32, bytes([i + 1]) * 32, public=i == 0) for i in range(3)]
     m = _m(schedule=[8, 8, SEAL, 14, 1], kv_tokens=31, blocks=refs)

@@ -1,0 +1,93 @@
+"""The schedule: how a session's KV was built, one entry per forward pass, so that replaying it rebuilds
+the KV bit for bit.
+
+On CPU (and GPU) a forward pass's bits depend on its shape: the same token run in a pass of 1,000 or 1,001
+tokens, or in a batch of 1 or 16 rows, rounds differently. With a fixed shape they do not depend on what
+the other rows hold (batch invariance; `services/worker/batching.py` checks it at start). So a session's
+KV is a function of its tokens and of the shape of every pass that fed them, and the schedule records
+exactly that shape:
+
+- `Pass(tokens=n, rows=1)`: a pass of the session's own, `n` consecutive tokens in one sequence
+  (`input_ids` of shape [1, n]): prefill chunks, and decode steps run alone.
+- `Pass(tokens=n, rows=R)`, R >= 2: `n` consecutive tokens of the session as `n` of the `R` rows of a
+  batched pass of shape [R, 1] (each row one token; the other rows are other sessions or padding, and
+  do not change this session's bits). A live decode step has n = 1; replay may run up to R consecutive
+  entries of the same R as one pass whose rows are all this session's.
+- `SEAL`: seal the whole window now (the session adopted a stored prefix here; kvstore/prefix).
+
+Stored as uint32 values (run-length encoded by the manifest): `tokens | (rows - 1) << 24`, SEAL = 0.
+A pass of rows = 1 is its token count, as before batching existed.
+
+Invariants (pure functions):
+- `decode_pass(encode_pass(p)) == p` for every valid pass; `encode_pass` raises ValueError otherwise.
+- `schedule_tokens(s)` = the tokens the schedule's passes fed; `boundaries(s)` its prefix sums (with 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+SEAL = 0  # schedule entry: seal the whole window (a stored prefix was adopted here)
+ROWS_SHIFT = 24
+MAX_PASS_TOKENS = (1 << ROWS_SHIFT) - 1  # 16,777,215 tokens in one pass
+MAX_ROWS = 1 << (32 - ROWS_SHIFT)  # 256 rows in one batched pass
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass of a session: `tokens` consecutive tokens, in a pass of `rows` rows (1: its own)."""
+
+    tokens: int
+    rows: int = 1
+
+    @property
+    def batched(self) -> bool:
+        return self.rows > 1
+
+
+def encode_pass(p: Pass) -> int:
+    """The schedule entry (uint32) of pass `p`; ValueError if it cannot be one."""
+    if not 1 <= p.tokens <= MAX_PASS_TOKENS:
+        raise ValueError(f"a pass feeds 1..{MAX_PASS_TOKENS} tokens, not {p.tokens}")
+    if not 1 <= p.rows <= MAX_ROWS:
+        raise ValueError(f"a pass has 1..{MAX_ROWS} rows, not {p.rows}")
+    if p.rows > 1 and p.tokens > p.rows:
+        raise ValueError(f"a batched pass of {p.rows} rows cannot feed {p.tokens} tokens of one session")
+    return p.tokens | (p.rows - 1) << ROWS_SHIFT
+
+
+def decode_pass(entry: int) -> Pass | None:
+    """The pass an entry records, or None for SEAL; ValueError for a value no pass encodes to."""
+    if entry == SEAL:
+        return None
+    if not 0 < entry < 1 << 32:
+        raise ValueError(f"schedule entry {entry} is out of range [0, 2^32)")
+    p = Pass(tokens=entry & MAX_PASS_TOKENS, rows=(entry >> ROWS_SHIFT) + 1)
+    if p.tokens == 0 or (p.rows > 1 and p.tokens > p.rows):
+        raise ValueError(f"schedule entry {entry:#x} encodes no pass ({p.tokens} tokens in {p.rows} rows)")
+    return p
+
+
+def entry_tokens(entry: int) -> int:
+    """Tokens fed by one entry (0 for SEAL)."""
+    return entry & MAX_PASS_TOKENS
+
+
+def schedule_tokens(schedule: list[int]) -> int:
+    """Tokens fed by every pass of the schedule."""
+    return sum(e & MAX_PASS_TOKENS for e in schedule)
+
+
+def boundaries(schedule: list[int]) -> list[int]:
+    """Token counts at every entry boundary: [0, after entry 0, after entry 1, ...]."""
+    return [0, *accumulate(e & MAX_PASS_TOKENS for e in schedule)]
+
+
+def check_schedule(schedule: list[int]) -> None:
+    """ValueError naming the first entry that encodes no pass."""
+    for i, e in enumerate(schedule):
+        try:
+            decode_pass(int(e))
+        except ValueError as err:
+            raise ValueError(f"schedule[{i}]: {err}") from None

@@ -1,0 +1,50 @@
+"""kvstore/schedule.py: the pass encoding round-trips, rows = 1 keeps the pre-batching values, bad entries
+are refused, and token counts and boundaries read the encoded entries."""
+
+import pytest
+
+from kvstore.schedule import (
+    MAX_PASS_TOKENS,
+    MAX_ROWS,
+    SEAL,
+    Pass,
+    boundaries,
+    check_schedule,
+    decode_pass,
+    encode_pass,
+    entry_tokens,
+    schedule_tokens,
+)
+
+
+@pytest.mark.parametrize("p", [Pass(1), Pass(512), Pass(MAX_PASS_TOKENS), Pass(1, 2), Pass(1, 16), Pass(16, 16),
+                               Pass(3, MAX_ROWS), Pass(MAX_ROWS, MAX_ROWS)])
+def test_a_pass_round_trips(p):
+    assert decode_pass(encode_pass(p)) == p
+    assert entry_tokens(encode_pass(p)) == p.tokens
+
+
+def test_a_pass_of_its_own_is_its_token_count():
+    assert encode_pass(Pass(7)) == 7 and encode_pass(Pass(512, rows=1)) == 512
+    assert encode_pass(Pass(1, 16)) != 1 and decode_pass(encode_pass(Pass(1, 16))).batched
+
+
+@pytest.mark.parametrize("p", [Pass(0), Pass(MAX_PASS_TOKENS + 1), Pass(1, 0), Pass(1, MAX_ROWS + 1), Pass(5, 4)])
+def test_a_pass_that_cannot_be_one_is_refused(p):
+    with pytest.raises(ValueError):
+        encode_pass(p)
+
+
+def test_entries_that_encode_no_pass_are_refused():
+    assert decode_pass(SEAL) is None
+    for bad in (1 << 24, (3 << 24) | 5, -1, 1 << 32):  # 0 tokens; 5 tokens in 4 rows; out of range
+        with pytest.raises(ValueError):
+            decode_pass(bad)
+    with pytest.raises(ValueError, match=r"schedule\[1\]"):
+        check_schedule([4, 1 << 24])
+
+
+def test_tokens_and_boundaries_count_the_tokens_not_the_encoded_values():
+    s = [512, 64, encode_pass(Pass(1, 16)), encode_pass(Pass(1, 16)), SEAL, encode_pass(Pass(3, 4)), 1]
+    assert schedule_tokens(s) == 512 + 64 + 1 + 1 + 3 + 1
+    assert boundaries(s) == [0, 512, 576, 577, 578, 578, 581, 582]
