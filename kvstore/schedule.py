@@ -91,3 +91,22 @@ def check_schedule(schedule: list[int]) -> None:
             decode_pass(int(e))
         except ValueError as err:
             raise ValueError(f"schedule[{i}]: {err}") from None
+
+
+def replay_passes(schedule: list[int], pack: bool = True) -> list[Pass | None]:
+    """The passes that rebuild `schedule`'s KV, in order (None: SEAL).
+
+    With `pack`, consecutive batched entries of the same row count R are merged into passes of at most R
+    of the session's tokens: in an [R, 1] pass each row's bits do not depend on the other rows, and rows of
+    one cache attend in row order, so R recorded steps replay as one pass, bit for bit. (Callers whose
+    cache acts between whole passes — token eviction — replay unpacked.)"""
+    out: list[Pass | None] = []
+    for entry in schedule:
+        p = decode_pass(entry)
+        last = out[-1] if out else None
+        if (pack and p is not None and p.batched and last is not None and last.rows == p.rows
+                and last.tokens + p.tokens <= p.rows):
+            out[-1] = Pass(last.tokens + p.tokens, p.rows)
+        else:
+            out.append(p)
+    return out

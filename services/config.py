@@ -88,6 +88,28 @@ class SessionConfig:
 
 
 @dataclass
+class BatchConfig:
+    buckets: str = _f("1,2,4,8,16,32", "Row counts a batched decode pass may have (comma-separated): the sessions "
+                      "ready for a decode step run in one pass padded to the smallest bucket that holds them. "
+                      "One bucket (e.g. \"16\") makes greedy outputs independent of other traffic; \"1\" "
+                      "decodes each session alone (no batching).")
+    prefill_tokens_per_step: int = _f(512, "Prefill tokens a worker runs between two batched decode passes (at "
+                                      "least one prefill pass always runs): higher favours time to first token, "
+                                      "lower the running sessions' per-token latency.")
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The buckets, sorted; ValueError when they do not parse or are out of range."""
+        try:
+            sizes = sorted({int(x) for x in self.buckets.split(",") if x.strip()})
+        except ValueError:
+            raise ValueError(f"batch.buckets={self.buckets!r} must be comma-separated integers") from None
+        if not sizes or sizes[0] < 1 or sizes[-1] > 256:
+            raise ValueError(f"batch.buckets={self.buckets!r} must list row counts in [1, 256]")
+        return tuple(sizes)
+
+
+@dataclass
 class RedisConfig:
     url: str = _f("", "Redis URL: redis://[:password@]host:port/db, or rediss:// for TLS (AUTH via the password). "
                       "Empty: `kvstash up` spawns a local redis-server.")
@@ -140,6 +162,7 @@ class KvstashConfig:
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     tiers: TiersConfig = field(default_factory=TiersConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -201,6 +224,9 @@ class KvstashConfig:
             raise ValueError("gateway.tls_cert_file and gateway.tls_key_file must be set together")
         if self.session.max_requests_per_worker < 1:
             raise ValueError("session.max_requests_per_worker must be >= 1")
+        self.batch.sizes  # raises on bad buckets
+        if self.batch.prefill_tokens_per_step < 1:
+            raise ValueError("batch.prefill_tokens_per_step must be >= 1")
         if self.ray.num_workers < 1:
             raise ValueError("ray.num_workers must be >= 1")
         if self.session.default_max_new_tokens > self.session.max_new_tokens_limit:

@@ -18,6 +18,9 @@ KL_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 ERROR_BUCKETS = (1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
 class WorkerMetrics:
     """Metrics one worker exports (via the gateway)."""
 
@@ -71,6 +74,18 @@ class WorkerMetrics:
         self.prefix_hit_tokens = Counter(
             "kvstash_prefix_hit_tokens_total", "Prompt tokens whose KV was adopted from a stored prefix instead of "
             "prefilled, by the tier it came from (device: the worker's hot prefix trie; redis).", ["tier"], registry=r)
+        self.batch_rows = Histogram(
+            "kvstash_batch_rows", "Row count (bucket) of each decode pass.", buckets=ROW_BUCKETS, registry=r)
+        self.batch_sessions = Histogram(
+            "kvstash_batch_sessions", "Sessions decoded by each decode pass (its rows minus padding).",
+            buckets=ROW_BUCKETS, registry=r)
+        self.batch_max_rows = Gauge(
+            "kvstash_batch_max_rows", "Largest decode bucket this worker uses (1: batching is off or refused).",
+            registry=r)
+        self.batch_invariance_failures = Counter(
+            "kvstash_batch_invariance_failures_total", "Decode buckets refused at start because a pass of that "
+            "row count was not batch-invariant on this build (a session's KV would depend on its batch-mates).",
+            ["rows"], registry=r)
         for kv in ("kept", "dropped"):
             self.rolled_back.labels(kv)
         for reason in ("missing", "corrupt"):

@@ -43,6 +43,14 @@ def active(cache):
 
 def kv_attention(module, query, key, value, attention_mask, **kwargs):
     cache = _ACTIVE.get()
+    if hasattr(cache, "attend_rows"):  # a batched pass whose rows belong to different caches (kvstore.quant.rows)
+        return cache.attend_rows(module, query, key, value, **kwargs)
+    return attend(cache, module, query, key, value, attention_mask, **kwargs)
+
+
+def attend(cache, module, query, key, value, attention_mask, **kwargs):
+    """Attention of `query` over `key`/`value` as `cache` (or None) hands them over: rotated sides undone,
+    the cache's evictor and quality probe fed. Shapes as in the module docstring."""
     idx = getattr(module, "layer_idx", None)
     rot = None
     if cache is not None and idx is not None and idx < len(getattr(cache, "layers", ())):

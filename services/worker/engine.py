@@ -1,8 +1,9 @@
 """`Engine`: a worker's model, sessions and scheduler, independent of Ray (the actor wraps it).
 
 A generation request appends its input to the session's history, runs the not-yet-cached tokens
-through the model in one forward pass, then decodes one token per forward pass, yielding to the
-scheduler between passes. Each pass's length is appended to the session's schedule.
+through the model in passes of its own (prefill chunks), then decodes one token per step: each step is a
+`DecodeStep` the scheduler runs batched with the other sessions' steps (services/worker/batching.py).
+Every pass is appended to the session's schedule with its shape (`Pass(tokens, rows)`, kvstore/schedule.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from dataclasses import dataclass, field
 import redis
 
 from kvstore.prefix.canonical import passes
+from kvstore.schedule import Pass, encode_pass
 from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig
 from services.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from services.metrics import WorkerMetrics
+from services.worker.batching import Batcher, DecodeResult, DecodeStep, verified_sizes
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from services.worker.scheduler import Scheduler, Sink
 from services.worker.session_manager import NEW, SessionManager
@@ -68,7 +71,12 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - Redis down at start (the housekeeping loop retries) or no CONFIG
             log.warning("could not read Redis settings at start: %s", e)
         self._probe_rng = random.Random(f"kvstash-probe-{worker_id}")  # which decode steps get probed
-        self.scheduler = Scheduler(on_idle=self._housekeeping, idle_interval_s=cfg.session.idle_check_interval_s)
+        sizes = verified_sizes(self.runner, cfg.quant, cfg.batch.sizes,
+                               on_failure=lambda n: self.metrics.batch_invariance_failures.labels(str(n)).inc())
+        self.batcher = Batcher(self.runner, sizes)
+        self.metrics.batch_max_rows.set(self.batcher.max_rows)
+        self.scheduler = Scheduler(on_idle=self._housekeeping, idle_interval_s=cfg.session.idle_check_interval_s,
+                                   batcher=self, prefill_tokens_per_step=cfg.batch.prefill_tokens_per_step)
 
     def _check_quota(self, tenant: str, new: bool) -> None:
         """quota.max_sessions (for a new session) and quota.max_stored_bytes, from the tenant's Redis stats."""
@@ -173,23 +181,29 @@ class Engine:
             for n in chunks[:-1]:  # prefill in passes ending at chunk multiples (what sessions share)
                 self._check_deadline(call)
                 self.runner.forward(s.cache, s.tokens[pos:pos + n])
-                s.schedule.append(n)
+                s.schedule.append(encode_pass(Pass(n)))
                 pos += n
-                yield
+                yield n
             pending = s.tokens[pos:]
             sampling = Sampling(call.temperature, call.top_p, call.seed)
             gen = sampling.generator(self.runner.device)
             detok, finish, produced = Detokenizer(self.runner), "length", 0
             stops = StopMatcher(call.stop)
             self.metrics.prefill_tokens.inc(len(s.tokens) - s.kv_tokens)
+            fed = 0  # tokens of the call's own pass just before this step (the prompt's last chunk)
             for step in range(max_new):
                 self._check_deadline(call)
                 probing = len(pending) == 1 and self._probe_rng.random() < self.cfg.kv.quality_sample_rate
                 s.cache.probe = [] if probing else None
-                logits = self.runner.forward(s.cache, pending)
+                if len(pending) == 1:  # a decode step: batched with the other sessions' steps
+                    result: DecodeResult = yield DecodeStep(s.cache, pending[0], fed)
+                    logits, this_pass = result.logits, Pass(1, result.rows)
+                else:  # the prompt's last chunk: a pass of its own
+                    logits, this_pass = self.runner.forward(s.cache, pending), Pass(len(pending))
+                    fed = len(pending)
                 if probing:
                     self._observe_quality(s.cache)
-                s.schedule.append(len(pending))
+                s.schedule.append(encode_pass(this_pass))
                 if step == 0:
                     if len(s.tokens) - cached >= self.sessions.store.block_tokens:  # a prefill, not a decode step
                         self.sessions.store.cost.observe_prefill(len(s.tokens) - cached,
@@ -208,8 +222,7 @@ class Engine:
                 if tok in self.runner.eos_ids:
                     finish = "stop"
                     break
-                pending = [tok]
-                yield
+                pending, fed = [tok], (fed if step == 0 else 0)
             if rest := stops.flush():
                 sink({"type": "tokens", "ids": [], "text": rest})
             self.sessions.commit(s)
@@ -223,6 +236,18 @@ class Engine:
                 # history is as it began, and a cache the model ran on (maybe half-updated) is dropped.
                 self.sessions.rollback(s, touched)
             self.sessions.release(s)
+
+    # ---- the scheduler's batcher ---------------------------------------------------------------------
+    @property
+    def max_rows(self) -> int:
+        return self.batcher.max_rows
+
+    def run(self, steps: list[DecodeStep]) -> list[DecodeResult]:
+        """One batched decode pass (the scheduler calls this), counted in the batch metrics."""
+        results = self.batcher.run(steps)
+        self.metrics.batch_rows.observe(results[0].rows)
+        self.metrics.batch_sessions.observe(len(steps))
+        return results
 
     # ---- control operations (run on the engine thread) -------------------------------------------
     def info(self, tenant: str, session_id: str) -> dict:

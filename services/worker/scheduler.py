@@ -1,14 +1,24 @@
-"""`Scheduler`: one engine thread that interleaves the forward passes of every running request.
+"""`Scheduler`: one engine thread that runs every request's forward passes, decode steps batched.
 
-A request is a generator that does one forward pass between `yield`s; the scheduler steps the running
-generators round-robin, so a long generation never blocks other sessions on the same worker. Control
-operations (offload, delete, describe) are closures run on the same thread between steps, so session
-state is only ever touched by this one thread.
+A request is a generator that yields between forward passes. What it yields says what it waits for:
+- `None`, or an int n (the tokens its own pass just fed: a prefill chunk, a replayed pass): it wants
+  another *solo* step; solo steps run round-robin;
+- a `DecodeStep` (services/worker/batching.py): it waits for a decode step, which the scheduler runs
+  together with every other waiting step in one batched pass (`Batcher.run`) and sends back as a
+  `DecodeResult`.
+
+Each turn of the loop runs solo steps until `prefill_tokens_per_step` tokens were fed (at least one when
+any is waiting), then one batched decode pass over the oldest waiting steps (up to the batcher's largest
+bucket). So a long prompt is prefilled a chunk per turn and never stalls the running sessions for its
+whole prefill, and new prompts get their first token without waiting for every running session to end.
+Control operations (offload, delete, describe) are closures run on the same thread between turns, so
+session state is only ever touched by this one thread.
 
 Invariants:
 - Every submitted task ends with exactly one terminal event for its sink: `done` or `error`
   (a cancelled task ends silently: its consumer has gone).
 - A task's generator is always closed, so its `finally` blocks (releasing the session) always run.
+- A task is in exactly one of: the solo queue, the decode queue, or neither (finished).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from services.errors import Internal, KvstashError, to_wire
+from services.worker.batching import DecodeStep
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +48,16 @@ class Task:
     sink: Sink
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
+    step: DecodeStep | None = None  # the decode step it waits for (then it is in the decode queue)
 
 
 class Scheduler:
-    def __init__(self, on_idle: Callable[[], None] | None = None, idle_interval_s: float = 5.0):
+    def __init__(self, on_idle: Callable[[], None] | None = None, idle_interval_s: float = 5.0, batcher=None,
+                 prefill_tokens_per_step: int = 512):
         self._inbox: queue.Queue = queue.Queue()
-        self._running: collections.deque[Task] = collections.deque()
+        self._running: collections.deque[Task] = collections.deque()  # the solo queue
+        self._decoding: list[Task] = []  # waiting for a decode step, oldest first
+        self._batcher, self._budget = batcher, prefill_tokens_per_step
         self._tasks: dict[int, Task] = {}
         self._ids = itertools.count(1)
         self._on_idle, self._idle_interval = on_idle, idle_interval_s
@@ -79,9 +94,13 @@ class Scheduler:
     def _loop(self) -> None:
         next_idle = time.monotonic() + self._idle_interval
         while not self._stop.is_set():
-            self._drain_inbox(block=not self._running, timeout=max(0.0, next_idle - time.monotonic()))
-            if self._running:
-                self._step(self._running.popleft())
+            self._drain_inbox(block=not (self._running or self._decoding),
+                              timeout=max(0.0, next_idle - time.monotonic()))
+            budget = self._budget
+            while self._running and budget > 0:
+                budget -= max(1, self._step(self._running.popleft()))
+            if self._decoding:
+                self._decode()
             if self._on_idle is not None and time.monotonic() >= next_idle:
                 next_idle = time.monotonic() + self._idle_interval
                 try:
@@ -124,26 +143,52 @@ class Scheduler:
                 except BaseException as e:  # noqa: BLE001
                     arg.set_exception(e)
 
-    def _step(self, task: Task) -> None:
+    def _step(self, task: Task, value=None) -> int:
+        """Advance the task by one step (sending `value`); returns the tokens its solo pass fed."""
         if task.cancelled:
-            return
+            return 0
         try:
-            next(task.gen)
+            out = task.gen.send(value)
         except StopIteration:
             self._finish(task)
-            return
+            return 0
         except Exception as e:  # noqa: BLE001
             _emit_error(task.sink, e)
             self._finish(task)
-            return
+            return 0
+        if isinstance(out, DecodeStep):
+            if self._batcher is None:
+                _emit_error(task.sink, Internal("a decode step was asked of a scheduler without a batcher"))
+                self._finish(task)
+                return 0
+            task.step = out
+            self._decoding.append(task)
+            return out.fed
         self._running.append(task)
+        return out if isinstance(out, int) else 0
+
+    def _decode(self) -> None:
+        """One batched pass over the oldest waiting decode steps; each task then takes its next step."""
+        batch = self._decoding[:self._batcher.max_rows]
+        del self._decoding[:len(batch)]
+        try:
+            results = self._batcher.run([t.step for t in batch])
+        except Exception as e:  # noqa: BLE001 - the pass failed: every call in it fails, the engine goes on
+            for task in batch:
+                _emit_error(task.sink, e)
+                self._finish(task)
+            return
+        for task, result in zip(batch, results):
+            task.step = None
+            self._step(task, result)
 
     def _finish(self, task: Task) -> None:
         self._tasks.pop(task.id, None)
-        try:
-            self._running.remove(task)
-        except ValueError:
-            pass
+        for q in (self._running, self._decoding):
+            try:
+                q.remove(task)
+            except ValueError:
+                pass
         try:
             task.gen.close()
         except Exception:  # noqa: BLE001

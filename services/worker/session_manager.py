@@ -24,10 +24,9 @@ import logging
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
-from itertools import accumulate
 
 from kvstore.prefix.canonical import adopted_schedule, canonical_tokens
-from kvstore.schedule import SEAL
+from kvstore.schedule import SEAL, boundaries, replay_passes, schedule_tokens
 from kvstore.hashing import hash_fields
 from kvstore.tiers.journal import HistoryJournal
 from kvstore.tiers.policy import OffloadPolicy, Resident
@@ -178,29 +177,36 @@ class SessionManager:
         self.metrics.restore_seconds.labels(source).observe(time.perf_counter() - t0)
         return KvOrigin(source, s.kv_tokens, tier if source == RESTORED else "")
 
-    def _replay(self, s: Session, cache) -> Generator[None, None, int]:
-        """Run the schedule entries `cache` does not cover (all of them when it is None); returns tokens run."""
+    def _replay(self, s: Session, cache) -> Generator[int, None, int]:
+        """Run the schedule entries `cache` does not cover (all of them when it is None); returns tokens run.
+
+        Each pass runs with the shape it was recorded with (kvstore/schedule.py): a pass of its own, or rows
+        of a batched pass — packed, up to its row count, into one pass (`replay_passes`)."""
         schedule, start, done = s.schedule, 0, 0
         if cache is not None:  # the stored KV covers a prefix of the schedule ending at a pass boundary
-            start = max(i for i, t in enumerate([0, *accumulate(schedule)]) if t == s.stored_kv_tokens)
+            start = max(i for i, t in enumerate(boundaries(schedule)) if t == s.stored_kv_tokens)
             done = s.stored_kv_tokens
         elif SEAL in schedule:  # the session adopted a canonical prefix: take it from storage if still there
             j = schedule.index(SEAL)
-            prefix = sum(schedule[:j])
+            prefix = schedule_tokens(schedule[:j])
             if canonical_tokens(schedule[:j], self.store.chunk) == prefix:
                 adoption = self.store.adopt(s.tenant, s.tokens[:prefix + 1])
                 if adoption is not None and adoption.tokens == prefix:
                     cache, start, done = adoption.cache, j + 1, prefix
         cache = cache if cache is not None else self.runner.new_cache(self.quant)
         replayed = 0
-        for n in schedule[start:]:
-            if n == SEAL:
+        for p in replay_passes(schedule[start:], pack=cache.evictor is None):
+            if p is None:
                 cache.seal_all()
                 continue
-            self.runner.forward(cache, s.tokens[done:done + n])
-            done += n
-            replayed += n
-            yield
+            ids = s.tokens[done:done + p.tokens]
+            if p.batched:
+                self.runner.forward_rows([(cache, t) for t in ids], p.rows)
+            else:
+                self.runner.forward(cache, ids)
+            done += p.tokens
+            replayed += p.tokens
+            yield p.tokens
         s.cache = cache
         return replayed
 

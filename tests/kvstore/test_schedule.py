@@ -13,6 +13,7 @@ from kvstore.schedule import (
     decode_pass,
     encode_pass,
     entry_tokens,
+    replay_passes,
     schedule_tokens,
 )
 
@@ -48,3 +49,11 @@ def test_tokens_and_boundaries_count_the_tokens_not_the_encoded_values():
     s = [512, 64, encode_pass(Pass(1, 16)), encode_pass(Pass(1, 16)), SEAL, encode_pass(Pass(3, 4)), 1]
     assert schedule_tokens(s) == 512 + 64 + 1 + 1 + 3 + 1
     assert boundaries(s) == [0, 512, 576, 577, 578, 578, 581, 582]
+
+
+def test_replay_packs_runs_of_batched_steps_up_to_their_row_count():
+    b4, b16 = encode_pass(Pass(1, 4)), encode_pass(Pass(1, 16))
+    s = [512, 64] + [b4] * 6 + [b16] * 3 + [1, SEAL, b4]
+    assert replay_passes(s) == [Pass(512), Pass(64), Pass(4, 4), Pass(2, 4), Pass(3, 16), Pass(1), None, Pass(1, 4)]
+    assert replay_passes(s, pack=False) == [decode_pass(e) for e in s]
+    assert sum(p.tokens for p in replay_passes(s) if p) == schedule_tokens(s)

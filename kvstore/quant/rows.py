@@ -1,0 +1,73 @@
+"""`RowBatch`: one batched forward pass whose rows belong to different caches.
+
+A pass of shape [R, 1]: row r feeds one token, at the next position of its cache `caches[r]`, or is
+padding (`None`: any token, no cache). Everything row-wise in the model — embeddings, norms, projections,
+MLP, lm_head — runs on all R rows at once; attention runs row by row, in row order, each row over its
+own cache: the row's key/value are appended to its cache's layer (`QuantizedKVLayer.update`) and its
+query attends to everything that layer then holds, through the same `attention.attend` a pass of the
+cache's own uses (rotated bases, eviction, quality probe). Several rows may share a cache when they are
+that cache's consecutive next tokens in row order (replay packs a session's batched decode steps so);
+each then sees exactly the keys it saw when it ran as one row among other sessions' rows.
+
+Invariants:
+- Rows of one cache are consecutive positions in increasing row order (`RowBatch` checks the count).
+- A padding row touches no cache and its output is zeros.
+- Given batch invariance of the row-wise ops at R rows (checked at start by the worker,
+  services/worker/batching.py), what a pass leaves in a cache and the logits of its rows do not depend
+  on the other rows, nor on the slot a row sits in.
+- Sliding-window layers (`module.sliding_window`) mask keys at or before position p - window for a query
+  at position p, as transformers' sliding mask does; full layers attend to every held key.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from kvstore.quant.attention import attend
+
+
+class RowBatch(Cache):
+    """The `past_key_values` of a batched pass: hands each row to its own cache inside attention."""
+
+    def __init__(self, caches: list):
+        super().__init__(layers=[])
+        self.caches = caches
+
+    # transformers asks these to build masks and positions; attention ignores that mask (each row builds its own)
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        return key_states, value_states  # appended row by row in attend_rows
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def attend_rows(self, module, query, key, value, **kwargs):
+        """query [R, Hq, 1, D], key/value [R, Hkv, 1, D] -> output [R, 1, Hq, D]."""
+        rows = query.shape[0]
+        if rows != len(self.caches) or query.shape[2] != 1:
+            raise ValueError(f"a row batch of {len(self.caches)} rows got queries of shape {tuple(query.shape)}")
+        idx = module.layer_idx
+        window = getattr(module, "sliding_window", None)
+        out = torch.zeros(rows, 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
+        for r, cache in enumerate(self.caches):
+            if cache is None:
+                continue
+            layer = cache.layers[idx]
+            k, v = layer.update(key[r:r + 1], value[r:r + 1])
+            mask = None
+            if window and k.shape[-2] > window:
+                pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted
+                mask = (pos > layer.num_tokens - 1 - window).view(1, 1, 1, -1)
+            o, _ = attend(cache, module, query[r:r + 1], k, v, mask, **kwargs)
+            out[r] = o[0]
+        return out, None

@@ -1,0 +1,130 @@
+"""Batched decode: the sessions ready for a decode step share one forward pass of a fixed row count.
+
+A running call's generator asks for a decode step by yielding a `DecodeStep` (its cache, the token to
+feed) and receives a `DecodeResult` (the logits, and the row count of the pass it ran in, which the
+session records in its schedule as `Pass(1, rows)`). The scheduler gathers the waiting steps and hands
+them to `Batcher.run`, which pads them to the smallest bucket (`batch.buckets`) that holds them:
+
+- a bucket of 1 runs the session's own pass (`ModelRunner.forward`, shape [1, 1]), exactly the decode
+  step kvstash ran before batching existed;
+- a bucket of R >= 2 runs one [R, 1] pass (`ModelRunner.forward_rows`, kvstore/quant/rows.py): row-wise
+  ops on all rows at once, attention per session over its own quantized cache.
+
+Why this keeps exact resume: with a fixed row count, each row's bits do not depend on what the other rows
+hold or which slot it sits in (batch invariance of this build's kernels at that shape). So a session's KV
+is a function of its tokens and of the recorded row count of every pass, and replay (which packs up to R
+recorded steps of a session into one [R, 1] pass) rebuilds it bit for bit. `check_invariance` verifies
+the property for every bucket when a worker starts, on the real model; a bucket that fails is refused
+(logged as an error, counted in `kvstash_batch_invariance_failures_total`) and the worker decodes without it —
+with no bucket left above 1 it decodes each session alone, exact as before.
+
+Invariants:
+- `Batcher.sizes` always contains 1 unless the configured buckets exclude it; every size in it passed
+  `check_invariance` (or is 1).
+- `run(steps)` returns one result per step, in order; each step's pass has `rows` rows with
+  `rows >= len(steps in that pass)`, the smallest configured bucket that holds them (the largest bucket
+  when more steps wait than it holds: the rest wait for the next pass).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.quant.cache import QuantizedKVCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeStep:
+    """A running call's request for one decode step: feed `token` on top of `cache`. `fed` counts the tokens
+    the call's own pass fed just before asking (a prompt's last chunk), for the scheduler's prefill budget."""
+
+    cache: QuantizedKVCache
+    token: int
+    fed: int = 0
+
+
+@dataclass
+class DecodeResult:
+    """The step's float32 logits [vocab], and the row count of the pass that ran it."""
+
+    logits: torch.Tensor
+    rows: int
+
+
+class Batcher:
+    def __init__(self, runner, sizes: tuple[int, ...]):
+        self.runner = runner
+        self.sizes = tuple(sorted(sizes))
+
+    @property
+    def max_rows(self) -> int:
+        return self.sizes[-1]
+
+    def bucket(self, n: int) -> int:
+        """The smallest bucket holding `n` rows (the largest bucket when none does)."""
+        return next((b for b in self.sizes if b >= n), self.sizes[-1])
+
+    def run(self, steps: list[DecodeStep]) -> list[DecodeResult]:
+        """Decode up to `max_rows` steps in one pass (callers pass at most that many)."""
+        if not 0 < len(steps) <= self.max_rows:
+            raise ValueError(f"{len(steps)} steps for a batcher of at most {self.max_rows} rows")
+        rows = self.bucket(len(steps))
+        if rows == 1:
+            return [DecodeResult(self.runner.forward(steps[0].cache, [steps[0].token]), 1)]
+        logits = self.runner.forward_rows([(s.cache, s.token) for s in steps], rows)
+        return [DecodeResult(logits[i], rows) for i in range(len(steps))]
+
+
+def check_invariance(runner, quant, sizes: tuple[int, ...], trials: int = 3, seed: int = 0) -> list[int]:
+    """The row counts in `sizes` (>= 2) at which a pass is NOT batch-invariant on this build and model.
+
+    For each size, a subject session (a cache of 40 tokens, the same each trial) takes one decode step in
+    `trials` passes with different batch-mates — real sessions (which grow as they take steps) and padding
+    rows, all with random tokens — at different slots; its logits and every tensor of its cache afterwards
+    must be bit-identical across the trials. Deterministic for a given `seed`."""
+    rng = random.Random(seed)
+    vocab = runner.vocab_size
+    subject0 = runner.new_cache(quant)
+    runner.forward(subject0, [rng.randrange(vocab) for _ in range(40)])
+    state = subject0.export_state()
+    mates = []
+    for n in (3, 17, 29):
+        mates.append(runner.new_cache(quant))
+        runner.forward(mates[-1], [rng.randrange(vocab) for _ in range(n)])
+    failed = []
+    for size in sizes:
+        if size < 2:
+            continue
+        seen = None
+        for _ in range(trials):
+            subject = runner.restore_cache(state)
+            rows = [(m, rng.randrange(vocab)) for m in rng.sample(mates, rng.randrange(min(size, len(mates) + 1)))]
+            rows.insert(rng.randrange(len(rows) + 1), (subject, 7))
+            rows += [(None, rng.randrange(vocab)) for _ in range(rng.randrange(size - len(rows) + 1))]
+            slot = next(i for i, r in enumerate(rows) if r[0] is subject)
+            logits = runner.forward_rows(rows, size)[slot]
+            got = (logits.numpy().tobytes(), [(n, a.tobytes()) for n, a in subject.export_state().tensors])
+            if seen is None:
+                seen = got
+            elif got != seen:
+                failed.append(size)
+                break
+    return failed
+
+
+def verified_sizes(runner, quant, sizes: tuple[int, ...], on_failure=None) -> tuple[int, ...]:
+    """`sizes` without those `check_invariance` refuses (logged loudly; `on_failure(size)` per refused size)."""
+    bad = check_invariance(runner, quant, sizes)
+    for size in bad:
+        log.error("batched decode at %d rows is NOT batch-invariant on this torch build and model: a session's "
+                  "KV would depend on its batch-mates, so that bucket is refused (exact resume is kept)", size)
+        if on_failure is not None:
+            on_failure(size)
+    ok = tuple(s for s in sizes if s not in bad)
+    return ok if ok else (1,)
