@@ -115,8 +115,17 @@ class QuantizedKVCache(Cache):
             layer.seal_all()
 
     def device_bytes(self) -> int:
-        """Device memory held by every layer, measured from tensor storages."""
+        """Device memory held by every layer, measured from tensor storages (decode views included)."""
         return sum(layer.device_bytes() for layer in self.layers)
+
+    def state_bytes(self) -> int:
+        """Device memory of the cache's state alone: what it holds between calls (no decode views)."""
+        return sum(layer.state_bytes() for layer in self.layers)
+
+    def drop_views(self) -> None:
+        """Free every layer's decode view (the session's call ended); the state is unchanged."""
+        for layer in self.layers:
+            layer.drop_view()
 
     def export_state(self) -> KVState:
         """Copy the cache to host memory as a `KVState` (numpy arrays, model dtype recorded)."""

@@ -29,6 +29,11 @@ Invariants:
 - A key group's sealed bits depend only on its own tokens' keys/values and positions, never on how many
   groups were sealed at once.
 - Export then import gives bit-identical tensors (`tensors` / `from_tensors`).
+- The decode view (`view`): while a session decodes, a layer whose reads are elementwise (no rotation
+  undone on read, keys not sealed before RoPE) keeps its sinks and sealed region dequantized, extended
+  group by group as tokens seal, so a step does not dequantize the whole history again. Dequantizing is
+  elementwise there, so the view is bit-identical to `dequantized_sealed(rotated=True)`; it is scratch,
+  never exported, counted in `device_bytes`, and dropped (`drop_view`) when the session's call ends.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         # sides handed to attention in the rotated basis: keys only when RoPE is applied after un-rotating
         self.returns_rotated = {"k": "k" in rot and not self.pre_rope and self.bits[0] != 16,
                                 "v": "v" in rot and self.bits[1] != 16}
+        self.view: dict[str, torch.Tensor] | None = None  # the decode view (module docstring), or None
+        self._view_ok = not self.pre_rope and not any(
+            side in config.rotate and not self.returns_rotated[side] for side in ("k", "v"))
 
     # ---- transformers Cache layer protocol -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -109,8 +117,20 @@ class QuantizedKVLayer(CacheLayerMixin):
         k_win, v_win = (hadamard(self.keys) if rk else self.keys), (hadamard(self.values) if rv else self.values)
         if self.n_sealed == 0 and self.n_sink == 0:
             return k_win, v_win
-        k_old, v_old = self.dequantized_sealed(rotated=True)
+        k_old, v_old = self._sealed_for_attention()
         return torch.cat([k_old, k_win], dim=-2), torch.cat([v_old, v_win], dim=-2)
+
+    def _sealed_for_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`dequantized_sealed(rotated=True)`, from the decode view where this layer keeps one."""
+        if not self._view_ok:
+            return self.dequantized_sealed(rotated=True)
+        if self.view is None or self.view["k"].shape[-2] != self.n_sink + self.n_sealed:
+            k, v = self.dequantized_sealed(rotated=True)
+            self.view = {"k": k, "v": v}
+        return self.view["k"], self.view["v"]
+
+    def drop_view(self) -> None:
+        self.view = None
 
     @property
     def stored_tokens(self) -> int:
@@ -130,6 +150,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.sealed = {}
+        self.view = None
         self.num_tokens = self.n_sealed = self.forced = 0
         self.is_initialized = False
 
@@ -205,6 +226,9 @@ class QuantizedKVLayer(CacheLayerMixin):
             # a group's bits never depend on how many groups were sealed together (prefix blocks rely on it).
             step = self.config.key_group if plan.bits != 16 and (plan.rotate or plan.outliers) else m
             pieces = [sides.seal(x[..., i:i + step, :], plan) for i in range(0, m, step)]
+            if self.view is not None and self.view[side].shape[-2] == self.n_sink + self.n_sealed:
+                new = [sides.read(p, plan, self.head_dim, rotated_out=self.returns_rotated[side]) for p in pieces]
+                self.view[side] = torch.cat([self.view[side], *(t.to(self.dtype) for t in new)], dim=-2)
             for name in pieces[0]:
                 t = pieces[0][name] if len(pieces) == 1 else torch.cat([p[name] for p in pieces], dim=-2)
                 name = f"{side}_{name}"  # every sealed tensor grows along dim -2 (tokens or blocks)
@@ -280,7 +304,13 @@ class QuantizedKVLayer(CacheLayerMixin):
         return {**self.sealed, "k_win": self.keys, "v_win": self.values}
 
     def device_bytes(self) -> int:
-        """Bytes of device memory held, measured from the tensors' storages (not computed on paper)."""
+        """Bytes of device memory held, measured from the tensors' storages (not computed on paper), with the
+        decode view while there is one."""
+        held = sum(t.untyped_storage().nbytes() for t in self.tensors().values())
+        return held + sum(t.untyped_storage().nbytes() for t in (self.view or {}).values())
+
+    def state_bytes(self) -> int:
+        """Bytes of the layer's state alone (what is exported; no decode view)."""
         return sum(t.untyped_storage().nbytes() for t in self.tensors().values())
 
     @classmethod

@@ -43,12 +43,14 @@ def add_bench_parser(sub) -> None:
     r.add_argument("--redis-url", default="")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=lambda args: run_bench(args))
+    from services.cli.bench_batch import add_batch_parser
     from services.cli.bench_codec import add_codec_parser
     from services.cli.bench_dedup import add_dedup_parser
     from services.cli.bench_load import add_load_parser
     from services.cli.bench_soak import add_soak_parser
     from services.cli.bench_timing import add_timing_parser
 
+    add_batch_parser(kinds)
     add_codec_parser(kinds, str(DEFAULT_TEXT))
     add_dedup_parser(kinds, str(DEFAULT_TEXT))
     add_load_parser(kinds)
@@ -137,7 +139,7 @@ def run_bench(args) -> int:
                      lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:])], args.reps)
                 rows.append({
                     "history": n, "kv": spec, "dtype": args.dtype, "blocks": len(s.blocks),
-                    "device_bytes_per_token": cache.device_bytes() / (n - 1), "raw_state_bytes": before.nbytes,
+                    "device_bytes_per_token": cache.state_bytes() / (n - 1), "raw_state_bytes": before.nbytes,
                     "redis_bytes_per_session": redis_bytes, "restore_s": restore_s, "reprefill_s": reprefill_s,
                     "resume_speedup": reprefill_s / restore_s, "next_token_restore_s": next_restore,
                     "next_token_reprefill_s": next_prefill,

@@ -131,6 +131,7 @@ class SessionManager:
         self.working.pop(s.key, None)
         s.last_used = time.time()
         if s.cache is not None:
+            s.cache.drop_views()  # decode scratch: an idle session holds its quantized state only
             self.active[s.key] = s
         elif s.dirty and s.tokens:
             self.unsaved[s.key] = s

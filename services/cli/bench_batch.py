@@ -1,0 +1,190 @@
+"""`kvstash bench batch`: decode throughput and latency against concurrent sessions, in one process, side by
+side with transformers' own continuous batching.
+
+    kvstash bench batch [--model M] [--kv SPEC] [--concurrency 1,2,4,8,16,32] [--seconds 20]
+                        [--prompt-tokens 64] [--new-tokens 32] [--modes batched,interleaved,hf]
+                        [--buckets 1,2,4,8,16,32] [--json]
+
+For each mode and each concurrency N, N client threads run a closed loop for `--seconds`: each call sends a
+fresh random prompt of `--prompt-tokens` tokens and takes `--new-tokens` greedy tokens, streamed. Modes:
+- `batched`: a kvstash `Engine` (the worker without Ray and gRPC; a real redis-server) with `--buckets`;
+- `interleaved`: the same Engine with `batch.buckets = "1"` (each session decodes alone: kvstash before
+  batching);
+- `hf`: transformers' `ContinuousBatchingManager` (`model.init_continuous_batching`) on the same model
+  weights, dtype and machine, with its own paged fp KV cache and no kvstash in the way.
+Measured from the clients: generated tokens/s, time to first token p50/p99, per-token latency (gaps
+between streamed tokens after the first) p50/p99. `vs 1` is tokens/s over the same mode's N=1 row; `vs hf`
+over the `hf` row at the same N. Calls that started in the first `--warmup` seconds are not counted (all N
+clients start at once; the warm-up lets the first burst of prompts drain).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import threading
+import time
+
+
+def add_batch_parser(kinds) -> None:
+    p = kinds.add_parser("batch", help="decode throughput/latency vs concurrency: kvstash batched, interleaved, "
+                                       "and transformers' continuous batching (in process)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--kv", default="", help="kvstash KV spec (default: the service default)")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--modes", default="batched,interleaved,hf")
+    p.add_argument("--buckets", default="", help="batch.buckets of the batched mode (default: the service default)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=run_batch)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+class _Stats:
+    def __init__(self, count_from: float):
+        self.lock = threading.Lock()
+        self.count_from = count_from
+        self.tokens, self.ttft, self.gaps, self.calls, self.errors = 0, [], [], 0, 0
+
+    def call(self, started: float, stamps: list[float], ok: bool) -> None:
+        with self.lock:
+            if not ok:
+                self.errors += 1
+            self.tokens += len(stamps)  # tokens produced in the window count whenever their call started
+            if started < self.count_from or not stamps:
+                return
+            self.calls += 1
+            self.ttft.append(stamps[0] - started)
+            self.gaps.extend(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
+    t0 = time.monotonic()
+    stats, stop_at = _Stats(t0 + warmup), t0 + seconds
+
+    def client(i: int) -> None:
+        rng = random.Random(1000 * n + i)
+        while time.monotonic() < stop_at:
+            started = time.monotonic()
+            stamps, ok = one_call(rng, stop_at)
+            stats.call(started, [s for s in stamps if s <= stop_at], ok)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    return {"concurrency": n, "tokens_per_s": stats.tokens / wall, "ttft_p50_s": _pct(stats.ttft, 0.5),
+            "ttft_p99_s": _pct(stats.ttft, 0.99), "tpot_p50_s": _pct(stats.gaps, 0.5),
+            "tpot_p99_s": _pct(stats.gaps, 0.99), "calls": stats.calls, "errors": stats.errors, "seconds": wall}
+
+
+def _kvstash_mode(args, buckets: str, redis_url: str, ns: int):
+    from services.config import KvstashConfig
+    from services.worker.engine import Engine, GenerateCall
+
+    d = {"model": {"name": args.model}, "redis": {"url": redis_url, "namespace": f"bench{ns}"},
+         "kv": {"quality_sample_rate": 0}, "session": {"max_requests_per_worker": 4096}}
+    if args.kv:
+        d["kv"]["spec"] = args.kv
+    if buckets:
+        d["batch"] = {"buckets": buckets}
+    eng = Engine(KvstashConfig.from_dict(d))
+    vocab = eng.runner.vocab_size
+
+    def one_call(rng, stop_at):
+        ids = [rng.randrange(1000, min(vocab, 20000)) for _ in range(args.prompt_tokens)]
+        done, stamps, ok = threading.Event(), [], [True]
+
+        def sink(e):
+            if e["type"] == "tokens" and e["ids"]:
+                stamps.append(time.monotonic())
+            elif e["type"] in ("done", "error"):
+                ok[0] = e["type"] == "done"
+                done.set()
+
+        eng.submit(GenerateCall("bench", f"s{rng.getrandbits(64):x}", True, {"token_ids": ids}, args.new_tokens,
+                                fresh=True), sink)
+        done.wait()
+        return stamps, ok[0]
+
+    return eng, one_call
+
+
+def _hf_mode(args):
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from services.worker.model_store import store_for
+
+    path = store_for().resolve(args.model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    gen = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=-1)
+    manager = model.init_continuous_batching(generation_config=gen)
+    manager.start()
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    def one_call(rng, stop_at):
+        ids = [rng.randrange(1000, min(vocab, 20000)) for _ in range(args.prompt_tokens)]
+        rid = manager.add_request(ids, max_new_tokens=args.new_tokens, streaming=True)
+        stamps, seen = [], 0
+        for out in manager.request_id_iter(rid):
+            now = time.monotonic()
+            while seen < len(out.generated_tokens):
+                stamps.append(now)
+                seen += 1
+            if out.is_finished():
+                return stamps, out.error is None
+        return stamps, False
+
+    return manager, one_call
+
+
+def run_batch(args) -> int:
+    from services.runtime.redis_server import RedisServer
+
+    levels = [int(n) for n in args.concurrency.split(",")]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    redis = RedisServer(data_dir=tempfile.mkdtemp(prefix="kvstash-bench-batch-")).start()
+    rows = []
+    try:
+        for i, mode in enumerate(modes):
+            if mode == "hf":
+                handle, one_call = _hf_mode(args)
+            elif mode in ("batched", "interleaved"):
+                handle, one_call = _kvstash_mode(args, args.buckets if mode == "batched" else "1", redis.url, i)
+            else:
+                raise SystemExit(f"unknown mode {mode!r}: batched, interleaved or hf")
+            try:
+                for n in levels:
+                    rows.append({"mode": mode, **_closed_loop(n, args.seconds, args.warmup, one_call)})
+            finally:
+                handle.stop() if mode == "hf" else handle.close()
+    finally:
+        redis.cleanup()
+    for r in rows:
+        base = next(x for x in rows if x["mode"] == r["mode"] and x["concurrency"] == levels[0])
+        r["vs_1"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else float("nan")
+        hf = next((x for x in rows if x["mode"] == "hf" and x["concurrency"] == r["concurrency"]), None)
+        r["vs_hf"] = r["tokens_per_s"] / hf["tokens_per_s"] if hf and hf["tokens_per_s"] else float("nan")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print("| mode | sessions | tokens/s | vs 1 | vs hf | TTFT p50 s | TTFT p99 s | per-token p50 s | per-token p99 s | calls |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['mode']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['vs_1']:.2f}x | {r['vs_hf']:.2f}x "
+              f"| {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['tpot_p50_s']:.3f} | {r['tpot_p99_s']:.3f} "
+              f"| {r['calls']} |")
+    return 0
