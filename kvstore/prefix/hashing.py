@@ -76,7 +76,7 @@ class KvDomain:
 
     model_fingerprint: str
     quant_spec: str
-    prefill_chunk: int  # canonical forward-pass length of a prefill (kvstore.prefix.blocks)
+    prefill_chunk: int  # canonical forward-pass length of a prefill (kvstore.prefix.canonical)
     block_tokens: int
     device_kind: str  # "cpu", "cuda", ...: kernels differ in their rounding
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.config import QuantConfig
-from kvstore.prefix.blocks import ModelShape
+from kvstore.layout import ModelShape
 from kvstore.quant import attention
 from kvstore.quant.cache import QuantizedKVCache, check_model_supported, check_spec_supported, rope_for
 from kvstore.quant.state import KVState
