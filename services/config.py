@@ -153,7 +153,7 @@ class KvstashConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "KvstashConfig":
+    def from_dict(cls, d: dict[str, Any]) -> KvstashConfig:
         cfg = cls()
         for section, values in d.items():
             _set_section(cfg, section, values)
@@ -161,7 +161,7 @@ class KvstashConfig:
         return cfg
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> "KvstashConfig":
+    def load(cls, path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> KvstashConfig:
         env = os.environ if env is None else env
         path = path or env.get("KVSTASH_CONFIG") or None
         d: dict[str, dict[str, Any]] = {}
