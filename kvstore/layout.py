@@ -97,7 +97,8 @@ def _layout(quant: QuantConfig, shape: ModelShape, block_tokens: int, first: boo
     out = []
     for l in range(shape.layers):
         if first and quant.sinks:
-            out += [(f"{l}.k_sink", kv_dtype, (1, h, quant.sinks, d)), (f"{l}.v_sink", kv_dtype, (1, h, quant.sinks, d))]
+            sink = (1, h, quant.sinks, d)
+            out += [(f"{l}.k_sink", kv_dtype, sink), (f"{l}.v_sink", kv_dtype, sink)]
         kb, vb = quant.bits_for(l)
         for side, bits in (("k", kb), ("v", vb)):
             if bits == 16:

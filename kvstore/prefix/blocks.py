@@ -1,11 +1,12 @@
 """Cutting an exported KV state into content blocks and a per-session tail, and joining them back.
 
 A `QuantizedKVLayer`'s sealed tensors all grow along dim -2, in tokens or in key groups of `key_group`
-tokens (`kvstore.layout`: `TOKEN_FIELDS`, `GROUP_FIELDS`), so the sealed region is the concatenation of per-block slices. With a `BlockGrid` of B tokens per block
-(B a multiple of key_group) block i holds, for every layer in order, the slices of the sealed tokens
-[i*B, (i+1)*B) (sealed coordinates: positions after the sinks); block 0 also holds the sink tensors
-`k_sink`/`v_sink`. Everything else is the *tail*: the full-precision window, sealed groups past the last
-whole block, the evictor's state, and the state's metadata (including the original tensor order).
+tokens (`kvstore.layout`: `TOKEN_FIELDS`, `GROUP_FIELDS`), so the sealed region is the concatenation of
+per-block slices. With a `BlockGrid` of B tokens per block (B a multiple of key_group) block i holds, for
+every layer in order, the slices of the sealed tokens [i*B, (i+1)*B) (sealed coordinates: positions after
+the sinks); block 0 also holds the sink tensors `k_sink`/`v_sink`. Everything else is the *tail*: the
+full-precision window, sealed groups past the last whole block, the evictor's state, and the state's
+metadata (including the original tensor order).
 
 Invariants:
 - `join(split(s, grid, n)) .equals(s)`: bit-exact, same tensor order, for every n <= whole blocks held.
