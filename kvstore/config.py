@@ -145,7 +145,7 @@ class QuantConfig:
         return ":".join(parts)
 
     @classmethod
-    def parse(cls, spec: str) -> "QuantConfig":
+    def parse(cls, spec: str) -> QuantConfig:
         """Parse a KV spec (grammar in the module docstring). Raises QuantConfigError with the offending part."""
         if not isinstance(spec, str) or not spec.strip():
             raise QuantConfigError("empty KV spec")
@@ -188,7 +188,7 @@ class QuantConfig:
         return cls(**kw)
 
     @classmethod
-    def load(cls, spec_or_path: str) -> "QuantConfig":
+    def load(cls, spec_or_path: str) -> QuantConfig:
         """A spec string, or a file holding one: plain text, or TOML with `spec = "..."` (top level or [kv])."""
         path = Path(spec_or_path)
         if not (path.suffix in (".toml", ".txt", ".spec") and path.is_file()):
@@ -201,5 +201,5 @@ class QuantConfig:
                 raise QuantConfigError(f"{path} has no `spec` key (top level or in [kv])")
         return cls.parse(text.strip())
 
-    def replace(self, **changes) -> "QuantConfig":
+    def replace(self, **changes) -> QuantConfig:
         return dataclasses.replace(self, **changes)

@@ -142,7 +142,7 @@ class KvstashClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "KvstashClient":
+    def __enter__(self) -> KvstashClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -176,7 +176,7 @@ class KvstashConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "KvstashConfig":
+    def from_dict(cls, d: dict[str, Any]) -> KvstashConfig:
         cfg = cls()
         for section, values in d.items():
             _set_section(cfg, section, values)
@@ -184,7 +184,7 @@ class KvstashConfig:
         return cfg
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> "KvstashConfig":
+    def load(cls, path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> KvstashConfig:
         env = os.environ if env is None else env
         path = path or env.get("KVSTASH_CONFIG") or None
         d: dict[str, dict[str, Any]] = {}
@@ -224,7 +224,7 @@ class KvstashConfig:
             raise ValueError("gateway.tls_cert_file and gateway.tls_key_file must be set together")
         if self.session.max_requests_per_worker < 1:
             raise ValueError("session.max_requests_per_worker must be >= 1")
-        self.batch.sizes  # raises on bad buckets
+        _ = self.batch.sizes  # raises on bad buckets
         if self.batch.prefill_tokens_per_step < 1:
             raise ValueError("batch.prefill_tokens_per_step must be >= 1")
         if self.ray.num_workers < 1:

@@ -12,7 +12,7 @@ Container meta (canonical JSON):
 
 The payload is `kvstore.codec.entropy`'s (codec RANS_CTX): the codes rANS-coded with previous-token
 contexts, scales and zeros predicted from decoded neighbours, side tables in a zstd frame. The tensors'
-names, dtypes and shapes are not stored: `kvstore.prefix.blocks.layout` predicts them from the header, and
+names, dtypes and shapes are not stored: `kvstore.layout.layout` predicts them from the header, and
 the payload must fit that layout exactly.
 
 Invariants:
@@ -33,7 +33,7 @@ from kvstore.codec import entropy
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
 from kvstore.config import QuantConfig
 from kvstore.hashing import hash_fields
-from kvstore.prefix.blocks import ModelShape, Tensors, layout, layout_bytes
+from kvstore.layout import ModelShape, Tensors, layout, layout_bytes
 
 BLOCK_VERSION = 1
 

@@ -31,7 +31,7 @@ from kvstore.codec.block import content_hash
 from kvstore.codec.container import Codec, ContainerError, Kind
 from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.config import QuantConfig
-from kvstore.prefix.blocks import SINK_FIELDS, ModelShape, Tensors, layout
+from kvstore.layout import SINK_FIELDS, ModelShape, Tensors, layout
 from kvstore.quant.cold import ColdSpecError, check_specs, cold_state, warm_state
 from kvstore.quant.state import KVState
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import math
 import struct
 from typing import Any
 
@@ -149,10 +148,3 @@ def unpack_container(data: bytes, expect_kind: Kind | None = None) -> tuple[Kind
     if expect_kind is not None and kind != expect_kind:
         raise ContainerError(f"wrong container kind: expected a {Kind(expect_kind).name} object, found {kind.name}")
     return kind, codec, meta, data[HEADER_SIZE + meta_len:]
-
-
-def finite_number(value: Any) -> bool:
-    """True for an int or a finite float (bools excluded) — a helper for meta validation."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return math.isfinite(value)

@@ -45,7 +45,6 @@ import numpy as np
 import zstandard
 
 from kvstore.codec import ans, lanes, rans, simd
-from kvstore.codec.container import ContainerError
 from kvstore.codec.plan import Layout, Stream, plan_of
 from kvstore.codec.plan import block_error as _err
 from kvstore.codec.streams import _planes, _unplanes

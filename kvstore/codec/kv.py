@@ -20,9 +20,8 @@ Invariants:
 
 from __future__ import annotations
 
-import zstandard
-
 import numpy as np
+import zstandard
 
 from kvstore.codec import streams
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container

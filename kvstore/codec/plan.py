@@ -72,11 +72,6 @@ class Plan:
     generic: list[int]  # layout indices of the tensors coded by zstd
 
 
-def block_error(msg: str) -> ContainerError:
-    """The ContainerError of a KV block that does not decode or encode, saying why."""
-    return ContainerError(f"KV block: {msg}")
-
-
 def plan_of(layout, bits) -> Plan:
     """Validated layout -> plan; cached, since a session's blocks share one layout."""
     if not isinstance(bits, dict):

@@ -151,7 +151,7 @@ def _kernel(w: int = LANES, cpu: str | None = None):
         return _compiled(w, cpu)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(w: int, cpu: str | None):
     import llvmlite.binding as llvm
 

@@ -33,7 +33,7 @@ class StreamContext:
     head_dims: dict[int, int]  # layer -> head_dim (the last dim of its key scales, present with key codes)
 
     @classmethod
-    def of(cls, quant_spec: str, shapes: dict[str, tuple[int, ...]]) -> "StreamContext":
+    def of(cls, quant_spec: str, shapes: dict[str, tuple[int, ...]]) -> StreamContext:
         dims = {int(n.split(".")[0]): int(s[-1]) for n, s in shapes.items() if n.endswith(".k_scale")}
         return cls(QuantConfig.parse(quant_spec), dims)
 

@@ -46,7 +46,7 @@ class BlockHash:
         return self.digest.hex()
 
     @classmethod
-    def from_hex(cls, text: str) -> "BlockHash":
+    def from_hex(cls, text: str) -> BlockHash:
         return cls(bytes.fromhex(text))
 
     def __repr__(self) -> str:
@@ -61,12 +61,12 @@ class Salt:
     public: bool = False
 
     @classmethod
-    def for_tenant(cls, tenant: str, key: bytes = b"") -> "Salt":
+    def for_tenant(cls, tenant: str, key: bytes = b"") -> Salt:
         """The tenant's private salt; `key` is an optional server secret (prefix.salt_key)."""
         return cls(hash_fields([b"tenant", tenant, key], person=b"kvstash-salt"))
 
     @classmethod
-    def public_salt(cls, key: bytes = b"") -> "Salt":
+    def public_salt(cls, key: bytes = b"") -> Salt:
         return cls(hash_fields([PUBLIC, key], person=b"kvstash-salt"), public=True)
 
 
@@ -76,7 +76,7 @@ class KvDomain:
 
     model_fingerprint: str
     quant_spec: str
-    prefill_chunk: int  # canonical forward-pass length of a prefill (kvstore.prefix.blocks)
+    prefill_chunk: int  # canonical forward-pass length of a prefill (kvstore.prefix.canonical)
     block_tokens: int
     device_kind: str  # "cpu", "cuda", ...: kernels differ in their rounding
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from kvstore.prefix.blocks import Tensors
+from kvstore.layout import Tensors
 from kvstore.prefix.hashing import BlockHash
 
 

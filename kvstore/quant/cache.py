@@ -97,7 +97,7 @@ class QuantizedKVCache(Cache):
         self.probe: list[tuple[int, float, float]] | None = None  # set to [] to probe the next step's quality
 
     @classmethod
-    def for_model(cls, model, quant: QuantConfig) -> "QuantizedKVCache":
+    def for_model(cls, model, quant: QuantConfig) -> QuantizedKVCache:
         check_spec_supported(model.config, quant)
         return cls(quant, check_model_supported(model.config), rope_for(model, quant))
 
@@ -149,7 +149,7 @@ class QuantizedKVCache(Cache):
             yield "evict.imp", self.evictor.imp
 
     @classmethod
-    def from_state(cls, state: KVState, device: torch.device | str = "cpu", rope: Rope | None = None) -> "QuantizedKVCache":
+    def from_state(cls, state: KVState, device: torch.device | str = "cpu", rope: Rope | None = None) -> QuantizedKVCache:
         """Rebuild a cache from `export_state()` output; tensors are bit-identical to the exported ones.
 
         `rope` is the model's (`rope_for`), needed when the spec stores keys before RoPE."""

@@ -318,7 +318,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         cls, config: QuantConfig, num_tokens: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
         layer_idx: int = 0, rope: Rope | None = None, evictor: Evictor | None = None, n_staged: int = 0,
         n_evicted: int = 0, forced: int = 0,
-    ) -> "QuantizedKVLayer":
+    ) -> QuantizedKVLayer:
         """Rebuild a layer from `tensors()` output; the inverse of export, bit for bit."""
         layer = cls(config, layer_idx, rope, evictor)
         layer.n_staged, layer.n_evicted, layer.forced = n_staged, n_evicted, forced

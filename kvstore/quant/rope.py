@@ -34,7 +34,7 @@ class Rope:
         self._per_layer = "layer_type" in inspect.signature(rotary.forward).parameters
 
     @classmethod
-    def from_model(cls, model) -> "Rope":
+    def from_model(cls, model) -> Rope:
         text = model.config.get_text_config(decoder=True)
         base = getattr(model, "model", model)
         rotary = getattr(base, "rotary_emb", None) or getattr(getattr(base, "language_model", None), "rotary_emb", None)

@@ -33,7 +33,7 @@ class KVState:
     def tensor_dict(self) -> dict[str, np.ndarray]:
         return dict(self.tensors)
 
-    def equals(self, other: "KVState") -> bool:
+    def equals(self, other: KVState) -> bool:
         """Bit-equality of every tensor and of the metadata."""
         if (self.num_tokens, self.quant_spec, self.meta) != (other.num_tokens, other.quant_spec, other.meta):
             return False

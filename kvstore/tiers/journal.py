@@ -102,7 +102,7 @@ class HistoryJournal:
         if self.path.exists() and self.path.stat().st_size > own.scanned:  # a torn tail from a crash
             os.truncate(self.path, own.scanned)
             own.ino = -1
-        self._fh = open(self.path, "ab")
+        self._fh = open(self.path, "ab")  # noqa: SIM115 - the journal appends to it until close()
         self._last_sync = 0.0
 
     # ---- writing -------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class HistoryJournal:
             os.fsync(f.fileno())
         self._fh.close()
         os.replace(tmp, self.path)
-        self._fh = open(self.path, "ab")
+        self._fh = open(self.path, "ab")  # noqa: SIM115 - the journal appends to it until close()
         return self.path.stat().st_size
 
     def close(self) -> None:

@@ -84,7 +84,7 @@ class BlockRef:
         return bytes([1 if self.public else 0]) + self.key + self.content
 
     @classmethod
-    def unpack(cls, b: bytes) -> "BlockRef":
+    def unpack(cls, b: bytes) -> BlockRef:
         if b[0] not in (0, 1):
             raise ContainerError(f"manifest block record has unknown flags {b[0]}")
         return cls(key=bytes(b[1:33]), content=bytes(b[33:65]), public=b[0] == 1)
@@ -157,7 +157,7 @@ class SessionManifest:
         return pack_container(Kind.MANIFEST, Codec.RAW, meta, tokens.tobytes() + run_arr.tobytes() + refs)
 
     @classmethod
-    def decode(cls, data: bytes) -> "SessionManifest":
+    def decode(cls, data: bytes) -> SessionManifest:
         """Open and validate a manifest container; raises ContainerError on any problem."""
         _, codec, meta, payload = unpack_container(data, expect_kind=Kind.MANIFEST)
         if codec != Codec.RAW:

@@ -162,7 +162,9 @@ def run_codec(args) -> int:
 
     from kvstore.codec.kv import encode_kv
     from kvstore.config import QuantConfig
+    from kvstore.layout import GROUP_FIELDS, TOKEN_FIELDS
     from kvstore.prefix import blocks as blk
+    from kvstore.quant.state import KVState
     from services.cli.bench import prefill, worker_store
     from services.cli.eval import load_ids
     from services.config import ModelConfig
@@ -179,9 +181,9 @@ def run_codec(args) -> int:
     sealed = blk.whole_blocks(state, quant.key_group) * quant.key_group
     elements = 2 * runner.shape.layers * runner.shape.kv_heads * sealed * runner.shape.head_dim
     meta_raw = sum(a.nbytes for n, a in state.tensors if n.endswith(("_scale", "_zero"))) * 8 / elements
-    packed = sum(a.nbytes for n, a in state.tensors if n.split(".", 1)[1] in blk.TOKEN_FIELDS + blk.GROUP_FIELDS)
-    window = blk.KVState(state.num_tokens, state.quant_spec, state.meta,
-                         [(n, a) for n, a in state.tensors if n.endswith(("_win", "_sink"))])
+    packed = sum(a.nbytes for n, a in state.tensors if n.split(".", 1)[1] in TOKEN_FIELDS + GROUP_FIELDS)
+    window = KVState(state.num_tokens, state.quant_spec, state.meta,
+                     [(n, a) for n, a in state.tensors if n.endswith(("_win", "_sink"))])
     res = {"spec": quant.spec(), "tokens": len(ids), "sealed_elements": elements,
            "packed_bits_per_element": packed * 8 / elements, "metadata_raw_bits_per_element": meta_raw,
            "floors": predictor_floors(state, quant, runner.num_layers),

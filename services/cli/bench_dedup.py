@@ -83,11 +83,10 @@ def scenario(engine, name: str, system: list[int], owns: list[list[int]]) -> dic
 
 def run_dedup(args) -> int:
     from services.cli.eval import load_ids
-    from services.config import KvstashConfig
+    from services.config import KvstashConfig, ModelConfig
     from services.runtime.redis_server import RedisServer
     from services.worker.engine import Engine
     from services.worker.model_runner import ModelRunner
-    from services.config import ModelConfig
 
     runner = ModelRunner.load(ModelConfig(name=args.model))
     ids = load_ids(runner, args.text, args.prefix + 2000 + args.sessions * args.own)

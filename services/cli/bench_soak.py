@@ -118,8 +118,8 @@ async def _soak(svc, redis_server, args) -> dict:
 
 
 def run_soak(args) -> int:
-    from services.runtime.process import ServiceProcess
     from services.cli.bench import models_dir
+    from services.runtime.process import ServiceProcess
     from services.runtime.redis_server import RedisServer
 
     home = tempfile.mkdtemp(prefix="kvstash-soak-")

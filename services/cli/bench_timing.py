@@ -63,11 +63,11 @@ def _phase(target, keys, system, rng) -> dict:
 
 
 def run_timing(args) -> int:
+    from services.cli.bench import models_dir
     from services.cli.eval import load_ids
     from services.client import KvstashClient
     from services.config import ModelConfig
     from services.runtime.process import ServiceProcess
-    from services.cli.bench import models_dir
     from services.worker.model_runner import ModelRunner
 
     system = load_ids(ModelRunner.load(ModelConfig(name=args.model)), args.text, args.prefix)

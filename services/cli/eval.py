@@ -108,7 +108,6 @@ class Evaluator:
 
     def reference(self):
         """Per window: fp log-probs [n - 1, vocab] and the summed target NLL."""
-        import torch
 
         from kvstore.config import QuantConfig
 

@@ -102,11 +102,12 @@ def stored_bits(state, runner, device, cold, prefill_chunk: int) -> tuple[int, i
     service cuts them (its default `prefix.block_tokens` for these specs and prefill chunk)."""
     from kvstore.codec.block import encode_block
     from kvstore.codec.cold_block import encode_cold
+    from kvstore.layout import ModelShape
     from kvstore.prefix import blocks as blk
     from services.config import default_block_tokens
 
     bt = default_block_tokens(device.key_group, cold.key_group, prefill_chunk)
-    shape = blk.ModelShape.of_state(state)
+    shape = ModelShape.of_state(state)
     n = blk.whole_blocks(state, bt)
     parts, _ = blk.split(state, bt, n)
     kw = dict(quant=device, shape=shape, block_tokens=bt, model_fingerprint=runner.fingerprint)

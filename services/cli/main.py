@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from services.config import KvstashConfig, reference_markdown
 
@@ -74,7 +75,7 @@ def cmd_chat(args) -> int:
 def cmd_public_prefix(args) -> int:
     from services.client import KvstashClient
 
-    text = open(args.file, encoding="utf-8").read() if args.file else args.text
+    text = Path(args.file).read_text(encoding="utf-8") if args.file else args.text
     if text is None:
         print("give --file or --text", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ class Authenticator:
             self._tenants[_digest(key)] = tenant
 
     @classmethod
-    def from_file(cls, path: str, admins: str = "") -> "Authenticator":
+    def from_file(cls, path: str, admins: str = "") -> Authenticator:
         if not path:
             return cls(None, admins)
         data = tomllib.loads(Path(path).read_text())

@@ -57,7 +57,7 @@ class Router:
 
     @classmethod
     async def start(cls, cfg: KvstashConfig, collector: WorkerMetricsCollector | None = None,
-                    ready_timeout_s: float = 600.0) -> "Router":
+                    ready_timeout_s: float = 600.0) -> Router:
         """Create (or find) the worker actors and wait until each has loaded its model."""
         gpus = cfg.ray.num_gpus_per_worker
         if gpus < 0:

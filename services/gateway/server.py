@@ -115,7 +115,7 @@ class Gateway:
             await asyncio.sleep(self.cfg.gateway.metrics_poll_interval_s)
             try:
                 await self.poll_once()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("metrics poll failed")
 
     async def wait(self) -> None:
@@ -128,7 +128,7 @@ class Gateway:
         calls = [w.actor.drain.remote() for w in self.router.live()]
         try:
             await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("workers did not finish offloading within %.0f s", timeout_s)
 
     async def stop(self, grace: float = 2.0) -> None:

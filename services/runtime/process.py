@@ -30,11 +30,12 @@ class ServiceProcess:
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
 
-    def start(self, timeout: float = 240.0) -> "ServiceProcess":
+    def start(self, timeout: float = 240.0) -> ServiceProcess:
         self.ready_file.unlink(missing_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", "--ready-file", str(self.ready_file)],
-                                     cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_path, "ab") as log:  # the child holds its own descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", "--ready-file",
+                                          str(self.ready_file)], cwd=REPO, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -82,7 +82,7 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **kwargs)
 
     # ---- lifecycle ------------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> RedisServer:
         if self.running:
             return self
         binary = shutil.which(self.binary)
@@ -113,7 +113,7 @@ class RedisServer:
         args = [binary, "-", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--dir", str(Path(self.data_dir).resolve()),
                 "--daemonize", "no", "--logfile", ""]
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - held while the server runs; closed by stop()
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)
         config = f"requirepass {_quote(self.password)}\n" if self.password else ""
@@ -205,7 +205,7 @@ class RedisServer:
         self._terminate()
         self.start(timeout)
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

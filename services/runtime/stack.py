@@ -26,7 +26,7 @@ class LocalStack:
         self.gateway: Gateway | None = None
         self._own_ray = False
 
-    async def start(self) -> "LocalStack":
+    async def start(self) -> LocalStack:
         cfg = self.cfg
         if not cfg.redis.url:
             data_dir = Path(cfg.redis.data_dir or kvstash_home() / "redis")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.config import QuantConfig
-from kvstore.prefix.blocks import ModelShape
+from kvstore.layout import ModelShape
 from kvstore.quant import attention
 from kvstore.quant.cache import QuantizedKVCache, check_model_supported, check_spec_supported, rope_for
 from kvstore.quant.rows import RowBatch
@@ -79,7 +79,7 @@ class ModelRunner:
         log.info("loaded %s on %s (%s), fingerprint %s", cfg.name, self.device, cfg.dtype, self.fingerprint[:12])
 
     @classmethod
-    def load(cls, cfg: ModelConfig) -> "ModelRunner":
+    def load(cls, cfg: ModelConfig) -> ModelRunner:
         """Resolve `cfg.name` (built-in, folder or hub id) through the model store and load it."""
         from services.worker.model_store import store_for
 

@@ -43,7 +43,7 @@ BUILTINS = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def store_for(cache_dir: str = "") -> "ModelStore":
+def store_for(cache_dir: str = "") -> ModelStore:
     """The model store a config names (`model.cache_dir`, or $KVSTASH_HOME/models)."""
     from services.config import kvstash_home
 

@@ -106,7 +106,7 @@ class Session:
         )
 
     @classmethod
-    def from_manifest(cls, m: SessionManifest, sha1: str | None = None) -> "Session":
+    def from_manifest(cls, m: SessionManifest, sha1: str | None = None) -> Session:
         return cls(tenant=m.tenant, session_id=m.session_id, tokens=list(m.tokens), schedule=list(m.schedule),
                    created_at=m.created_at, last_used=m.updated_at, stored_kv_tokens=m.kv_tokens, pinned=m.pinned,
                    blocks=list(m.blocks), manifest_sha=sha1)

@@ -25,16 +25,16 @@ import time
 from collections.abc import Generator
 from dataclasses import dataclass
 
+from kvstore.hashing import hash_fields
 from kvstore.prefix.canonical import adopted_schedule, canonical_tokens
 from kvstore.schedule import SEAL, boundaries, replay_passes, schedule_tokens
-from kvstore.hashing import hash_fields
 from kvstore.tiers.journal import HistoryJournal
 from kvstore.tiers.policy import OffloadPolicy, Resident
 from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig, kvstash_home
 from services.errors import FailedPrecondition, NotFound, Unavailable
-from services.worker.history import HistoryStore
 from services.metrics import WorkerMetrics
+from services.worker.history import HistoryStore
 from services.worker.kv_store import KVStore, Loaded
 from services.worker.model_runner import ModelRunner
 from services.worker.session import Session
@@ -263,7 +263,7 @@ class SessionManager:
         """After a new session's first prefill: keep its canonical blocks hot for later sessions."""
         try:
             self.store.register(s)
-        except Exception:  # noqa: BLE001 - an optimisation only
+        except Exception:  # an optimisation only
             log.exception("prefix registration of %s/%s failed", s.tenant, s.session_id)
 
     def delete(self, tenant: str, session_id: str) -> bool:

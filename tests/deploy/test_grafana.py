@@ -110,7 +110,7 @@ def test_panel_ids_unique_and_layout_does_not_overlap(dashboard):
     cells = {}
     for p in dashboard["panels"]:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, f"panel {p['id']} is outside the 24-column grid"
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, f"panel {p['id']} is outside the 24-column grid"
         for x in range(g["x"], g["x"] + g["w"]):
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, f"panels {cells[(x, y)]} and {p['id']} overlap"

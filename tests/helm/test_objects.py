@@ -8,8 +8,18 @@ import pytest
 import yaml
 
 from services.api.kvstash.v1 import kvstash_pb2
-from tests.helm.chart import (CHART, NAMESPACE, REPO, container, helm, objects, one, pod_templates, render,
-                              selector_matches)
+from tests.helm.chart import (
+    CHART,
+    NAMESPACE,
+    REPO,
+    container,
+    helm,
+    objects,
+    one,
+    pod_templates,
+    render,
+    selector_matches,
+)
 
 KVSTASH_SERVICE = kvstash_pb2.DESCRIPTOR.services_by_name["KvStash"].full_name
 

@@ -108,7 +108,7 @@ def test_redis_killed_during_offloads_then_restarted_loses_nothing(stack, redis_
         assert set(errors) <= {grpc.StatusCode.UNAVAILABLE}
         redis_aof.restart()
         for f, ref in zip(firsts, refs):
-            rest = _retry(lambda: c.resume(f.session_id, max_new_tokens=N - K))
+            rest = _retry(lambda f=f: c.resume(f.session_id, max_new_tokens=N - K))
             assert list(f.token_ids) + list(rest.token_ids) == ref
 
 
@@ -119,7 +119,7 @@ def test_redis_restarted_from_its_aof_resumes_every_idle_session_exactly(stack, 
             c.evict_session(f.session_id)
         redis_aof.restart()
         for f, ref in zip(firsts, refs):
-            rest = _retry(lambda: c.resume(f.session_id, max_new_tokens=N - K))
+            rest = _retry(lambda f=f: c.resume(f.session_id, max_new_tokens=N - K))
             assert rest.usage.kv_source == pb.KV_SOURCE_RESTORED
             assert list(f.token_ids) + list(rest.token_ids) == ref
 
@@ -132,7 +132,7 @@ def test_redis_data_lost_recomputes_from_the_journal_and_counts_it(stack, redis_
         before = _metrics(stack.metrics_url).get("kvstash_history_recoveries_total", 0)
         redis_aof.client().flushall()
         for f, ref in zip(firsts, refs):
-            rest = _retry(lambda: c.resume(f.session_id, max_new_tokens=N - K), codes=("UNAVAILABLE", "NOT_FOUND"))
+            rest = _retry(lambda f=f: c.resume(f.session_id, max_new_tokens=N - K), codes=("UNAVAILABLE", "NOT_FOUND"))
             assert rest.usage.kv_source == pb.KV_SOURCE_RECOMPUTED
             assert list(f.token_ids) + list(rest.token_ids) == ref
         _wait(lambda: _metrics(stack.metrics_url).get("kvstash_history_recoveries_total", 0) >= before + 2,

@@ -111,7 +111,7 @@ def test_invalid_utf8_and_undecodable_messages_are_invalid_argument(tiny_stack):
         unary = ch.unary_unary("/kvstash.v1.KvStash/GetSession", request_serializer=None, response_deserializer=None)
         for m in messages:
             CASES["n"] += 2
-            for call in (lambda: list(raw(m, timeout=30)), lambda: unary(m, timeout=30)):
+            for call in (lambda m=m: list(raw(m, timeout=30)), lambda m=m: unary(m, timeout=30)):
                 with pytest.raises(grpc.RpcError) as e:
                     call()
                 assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,), (m[:10], e.value.details())

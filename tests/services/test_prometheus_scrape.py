@@ -8,7 +8,6 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
@@ -47,9 +46,10 @@ def test_prometheus_scrapes_kvstash(tiny_stack, tmp_path):
     cfg["rule_files"] = [str(REPO / "deploy/prometheus/rules.yml")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     port = _free_port()
-    proc = subprocess.Popen([prom, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "prometheus.log", "wb"))
+    with open(tmp_path / "prometheus.log", "wb") as log:  # the child holds its own descriptor
+        proc = subprocess.Popen([prom, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 60
         while True:

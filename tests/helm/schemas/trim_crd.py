@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -46,7 +47,7 @@ def trim(node, name: str = ""):
 
 
 def main(src: str, version: str, dest: str) -> None:
-    crd = yaml.safe_load(open(src))
+    crd = yaml.safe_load(Path(src).read_text())
     ver = next(v for v in crd["spec"]["versions"] if v["name"] == version)
     schema = trim(ver["schema"]["openAPIV3Schema"])
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

@@ -10,6 +10,7 @@ from kvstore.codec.block import content_hash, encode_block
 from kvstore.codec.cold_block import check_cold, decode_cold, encode_cold, is_cold
 from kvstore.codec.container import ContainerError
 from kvstore.config import QuantConfig
+from kvstore.layout import ModelShape
 from kvstore.prefix import blocks as blk
 from kvstore.quant.cache import QuantizedKVCache
 from kvstore.quant.cold import ColdSpecError, apply_cold
@@ -32,7 +33,7 @@ def cache():
 
 
 def shape_of(state):
-    return blk.ModelShape.of_state(state)
+    return ModelShape.of_state(state)
 
 
 def test_blockwise_cold_equals_region_cold_and_round_trips_exactly(cache):

@@ -1,11 +1,22 @@
+import hashlib
 import struct
 
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.codec.container import (HEADER_SIZE, Codec, ContainerError, Kind, pack_container,
-                                     unpack_container)
+from kvstore.codec.container import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    MAGIC,
+    Codec,
+    ContainerError,
+    Kind,
+    pack_container,
+    unpack_container,
+)
+from kvstore.hashing import checksum
 
 META = {"a": 1, "b": [1, 2], "c": "ü"}
 
@@ -61,13 +72,6 @@ def test_not_bytes():
 
 
 # ---- every corruption is named -------------------------------------------------------------------
-
-import hashlib  # noqa: E402
-
-import xxhash  # noqa: E402
-
-from kvstore.codec.container import FORMAT_VERSION, MAGIC  # noqa: E402
-from kvstore.hashing import checksum  # noqa: E402
 
 
 def _craft(kind=2, codec=0, meta=b"{}", payload=b"", version=FORMAT_VERSION, magic=MAGIC, sum_of=None) -> bytes:

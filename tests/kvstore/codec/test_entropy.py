@@ -3,7 +3,6 @@ and rejection of every malformed payload."""
 
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,11 +1,16 @@
 import numpy as np
 import pytest
 import torch
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
 from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.config import QuantConfig
 from kvstore.quant.cache import QuantizedKVCache
+from kvstore.quant.state import KVState
 
 FP = "f" * 64
 
@@ -78,12 +83,6 @@ def test_consistent_but_lying_headers_are_refused():
 
 # ---- every dtype, raw codec, lying payloads ------------------------------------------------------
 
-import zstandard  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
-
-from kvstore.quant.state import KVState  # noqa: E402
 
 DTYPES = [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64, np.float16, np.float32,
           np.float64, np.bool_]

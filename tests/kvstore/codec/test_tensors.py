@@ -1,5 +1,10 @@
+import struct
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from kvstore.codec.container import ContainerError
 from kvstore.codec.tensors import decode_tensors, encode_tensors
@@ -47,11 +52,6 @@ def test_rejects_bad_input():
 
 # ---- more dtypes, shapes and hostile bundles ---------------------------------------------------------
 
-import struct  # noqa: E402
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
 
 ALL = DTYPES + [np.uint64, np.bool_]
 

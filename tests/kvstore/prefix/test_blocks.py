@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kvstore.config import QuantConfig
+from kvstore.layout import ModelShape, layout
 from kvstore.prefix import blocks as blk
 from kvstore.quant.cache import QuantizedKVCache
 
@@ -39,13 +40,13 @@ def test_split_join_is_bit_exact_and_layout_predicts_blocks(spec, block_tokens):
     state = c.export_state()
     n = blk.whole_blocks(state, block_tokens)
     assert n >= 2
-    shape = blk.ModelShape.of_state(state)
+    shape = ModelShape.of_state(state)
     quant = QuantConfig.parse(spec)
     for k in range(n + 1):
         blocks, tail = blk.split(state, block_tokens, k)
         assert blk.join(blocks, tail).equals(state)
         for i, b in enumerate(blocks):
-            assert [(nm, a.dtype, a.shape) for nm, a in b] == blk.layout(quant, shape, block_tokens, i)
+            assert [(nm, a.dtype, a.shape) for nm, a in b] == layout(quant, shape, block_tokens, i)
 
 
 def test_blocks_of_a_longer_history_equal_the_shorter_one_s():
@@ -66,7 +67,7 @@ def test_prefix_state_is_what_seal_all_leaves(spec):
     n = blk.whole_blocks(state, 16)
     assert n * 16 + q.sinks == 96 and c.layers[0].keys.shape[-2] == 0
     blocks, _ = blk.split(state, 16, n)
-    adopted = blk.prefix_state(blocks, q, blk.ModelShape.of_state(state), 16)
+    adopted = blk.prefix_state(blocks, q, ModelShape.of_state(state), 16)
     assert _same(adopted, state) and adopted.meta["layer_forced"] == state.meta["layer_forced"]
     back = QuantizedKVCache.from_state(adopted)
     assert back.get_seq_length() == 96 and back.layers[0].forced == 96 - q.sinks
@@ -83,11 +84,11 @@ def test_sealing_groups_together_or_one_by_one_gives_the_same_bits():
 def test_bfloat16_blocks_round_trip():
     c, _, _ = _cache("int4:k16v4:g16:gv8:r8:s2", 70, dtype=torch.bfloat16)
     state = c.export_state()
-    shape = blk.ModelShape.of_state(state)
+    shape = ModelShape.of_state(state)
     assert shape.dtype == "torch.bfloat16" and shape.numpy_dtype == np.int16
     blocks, tail = blk.split(state, 16, 3)
     assert blk.join(blocks, tail).equals(state)
-    assert [(n, a.dtype, a.shape) for n, a in blocks[0]] == blk.layout(QuantConfig.parse("int4:k16v4:g16:gv8:r8:s2"), shape, 16, 0)
+    assert [(n, a.dtype, a.shape) for n, a in blocks[0]] == layout(QuantConfig.parse("int4:k16v4:g16:gv8:r8:s2"), shape, 16, 0)
 
 
 def test_split_refuses_bad_requests():

@@ -16,7 +16,14 @@ from kvstore.config import QuantConfig
 from kvstore.quant import side as sides
 from kvstore.quant.cache import QuantizedKVCache
 from kvstore.quant.cold import (
-    ColdSpecError, apply_cold, check_specs, cold_state, concat_cold, grid_dequantize, grid_quantize, warm_state,
+    ColdSpecError,
+    apply_cold,
+    check_specs,
+    cold_state,
+    concat_cold,
+    grid_dequantize,
+    grid_quantize,
+    warm_state,
 )
 from kvstore.quant.rope import Rope
 

@@ -1,4 +1,9 @@
+import math
+
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
 from kvstore.tiers.manifest import SessionManifest
@@ -49,12 +54,6 @@ def test_decode_rejects_lies_and_other_kinds():
 
 
 # ---- more invariants, and a property round trip -----------------------------------------------------
-
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 def test_stored_kv_may_lag_the_schedule_at_a_pass_boundary():

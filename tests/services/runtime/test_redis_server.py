@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import redis
 
@@ -28,8 +30,6 @@ def test_missing_binary_fails_loudly():
 
 
 # ---- lifecycle details ---------------------------------------------------------------------------------
-
-from pathlib import Path  # noqa: E402
 
 
 def test_context_manager_binds_loopback_without_snapshots():
