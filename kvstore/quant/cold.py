@@ -304,3 +304,4 @@ def apply_cold(cache, cold: QuantConfig, rope: Rope | None = None) -> None:
     for layer, tensors in zip(cache.layers, new):  # only once every layer went through
         if tensors is not None:
             layer.sealed.update(tensors)
+            layer.drop_view()  # the decode view showed the replaced tensors

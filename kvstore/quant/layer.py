@@ -75,7 +75,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.returns_rotated = {"k": "k" in rot and not self.pre_rope and self.bits[0] != 16,
                                 "v": "v" in rot and self.bits[1] != 16}
         self.view: dict[str, torch.Tensor] | None = None  # the decode view (module docstring), or None
-        self._view_ok = not self.pre_rope and not any(
+        self._view_ok = self.bits != (16, 16) and not self.pre_rope and not any(
             side in config.rotate and not self.returns_rotated[side] for side in ("k", "v"))
 
     # ---- transformers Cache layer protocol -------------------------------------------------
