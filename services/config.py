@@ -84,7 +84,7 @@ class SessionConfig:
     max_prompt_tokens: int = _f(8192, "Largest number of new input tokens in one call.")
     max_session_tokens: int = _f(32768, "Largest token history of one session.")
     max_requests_per_worker: int = _f(
-        16, "Generate/Resume calls a worker runs at once; more get RESOURCE_EXHAUSTED with a retry-after-ms hint.")
+        64, "Generate/Resume calls a worker runs at once; more get RESOURCE_EXHAUSTED with a retry-after-ms hint.")
 
 
 @dataclass
