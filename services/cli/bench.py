@@ -44,6 +44,7 @@ def add_bench_parser(sub) -> None:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=lambda args: run_bench(args))
     from services.cli.bench_batch import add_batch_parser
+    from services.cli.bench_chat import add_chat_parser
     from services.cli.bench_codec import add_codec_parser
     from services.cli.bench_dedup import add_dedup_parser
     from services.cli.bench_load import add_load_parser
@@ -51,6 +52,7 @@ def add_bench_parser(sub) -> None:
     from services.cli.bench_timing import add_timing_parser
 
     add_batch_parser(kinds)
+    add_chat_parser(kinds)
     add_codec_parser(kinds, str(DEFAULT_TEXT))
     add_dedup_parser(kinds, str(DEFAULT_TEXT))
     add_load_parser(kinds)
