@@ -48,16 +48,17 @@ def kv_attention(module, query, key, value, attention_mask, **kwargs):
     return attend(cache, module, query, key, value, attention_mask, **kwargs)
 
 
-def attend(cache, module, query, key, value, attention_mask, **kwargs):
+def attend(cache, module, query, key, value, attention_mask, sdpa=sdpa_attention_forward, **kwargs):
     """Attention of `query` over `key`/`value` as `cache` (or None) hands them over: rotated sides undone,
-    the cache's evictor and quality probe fed. Shapes as in the module docstring."""
+    the cache's evictor and quality probe fed (they read, never change, what attention computes). `sdpa`
+    computes the attention itself (transformers' SDPA by default). Shapes as in the module docstring."""
     idx = getattr(module, "layer_idx", None)
     rot = None
     if cache is not None and idx is not None and idx < len(getattr(cache, "layers", ())):
         rot = getattr(cache.layers[idx], "returns_rotated", None)
     if rot and rot["k"]:
         query = hadamard(query)
-    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out, weights = sdpa(module, query, key, value, attention_mask, **kwargs)
     if rot and rot["v"]:
         out = hadamard(out)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5

@@ -22,6 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from kvstore.quant.attention import attend
@@ -68,6 +69,14 @@ class RowBatch(Cache):
             if window and k.shape[-2] > window:
                 pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted
                 mask = (pos > layer.num_tokens - 1 - window).view(1, 1, 1, -1)
-            o, _ = attend(cache, module, query[r:r + 1], k, v, mask, **kwargs)
+            o, _ = attend(cache, module, query[r:r + 1], k, v, mask, sdpa=row_sdpa, **kwargs)
             out[r] = o[0]
         return out, None
+
+
+def row_sdpa(module, query, key, value, attention_mask, scaling=None, **_):
+    """One row's attention: torch's SDPA with grouped KV heads, [1, Hq, 1, D] -> [1, 1, Hq, D]. (transformers'
+    wrapper checks and reshapes per call; a batched pass calls this once per row and layer.)"""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2), None
