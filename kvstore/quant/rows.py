@@ -15,7 +15,7 @@ Invariants:
 - Given batch invariance of the row-wise ops at R rows (checked at start by the worker,
   services/worker/batching.py), what a pass leaves in a cache and the logits of its rows do not depend
   on the other rows, nor on the slot a row sits in.
-- Sliding-window layers (`module.sliding_window`) mask keys at or before position p - window for a query
+- Sliding-window layers (the `sliding_window` the model hands attention) mask keys at or before position p - window for a query
   at position p, as transformers' sliding mask does; full layers attend to every held key.
 """
 
@@ -25,7 +25,32 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
+from kvstore.quant import attention
 from kvstore.quant.attention import attend
+
+
+@torch.inference_mode()
+def forward_rows(model, rows: list[tuple[object | None, int]], size: int) -> torch.Tensor:
+    """One batched pass of shape [size, 1] through `model` (with the kvstash attention installed): row i
+    feeds token `rows[i][1]` at the next position of cache `rows[i][0]` (None: a padding row); rows past
+    len(rows) are padding (token 0). Rows of one cache must be its consecutive next tokens, in row order.
+    Returns the float32 logits [len(rows), vocab]; a padding row's are meaningless."""
+    if not 0 < len(rows) <= size:
+        raise ValueError(f"{len(rows)} rows do not fit a pass of {size}")
+    ids = torch.zeros(size, 1, dtype=torch.long)
+    pos = torch.zeros(size, 1, dtype=torch.long)
+    caches: list = [None] * size
+    seen: dict[int, int] = {}
+    for i, (cache, token) in enumerate(rows):
+        ids[i, 0] = token
+        if cache is not None:
+            p = seen.get(id(cache), cache.get_seq_length())
+            pos[i, 0], seen[id(cache)], caches[i] = p, p + 1, cache
+    device, batch = model.device, RowBatch(caches)
+    with attention.active(batch):
+        out = model(input_ids=ids.to(device), position_ids=pos.to(device), past_key_values=batch, use_cache=True,
+                    logits_to_keep=1)
+    return out.logits[:len(rows), -1].float()
 
 
 class RowBatch(Cache):
@@ -58,7 +83,7 @@ class RowBatch(Cache):
         if rows != len(self.caches) or query.shape[2] != 1:
             raise ValueError(f"a row batch of {len(self.caches)} rows got queries of shape {tuple(query.shape)}")
         idx = module.layer_idx
-        window = getattr(module, "sliding_window", None)
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)  # as the model passes it
         out = torch.zeros(rows, 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
         for r, cache in enumerate(self.caches):
             if cache is None:

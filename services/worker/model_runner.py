@@ -20,7 +20,7 @@ from kvstore.config import QuantConfig
 from kvstore.layout import ModelShape
 from kvstore.quant import attention
 from kvstore.quant.cache import QuantizedKVCache, check_model_supported, check_spec_supported, rope_for
-from kvstore.quant.rows import RowBatch
+from kvstore.quant.rows import forward_rows
 from kvstore.quant.state import KVState
 from services.config import ModelConfig
 from services.errors import InvalidArgument
@@ -126,29 +126,10 @@ class ModelRunner:
             out = self.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=keep)
         return out.logits[0].float()
 
-    @torch.inference_mode()
     def forward_rows(self, rows: list[tuple[QuantizedKVCache | None, int]], size: int) -> torch.Tensor:
-        """One batched pass of shape [size, 1] (kvstore.quant.rows): row i feeds token `rows[i][1]` at the next
-        position of cache `rows[i][0]` (None: a padding row); rows past len(rows) are padding (token 0).
-
-        Rows of one cache must be its consecutive next tokens, in row order. Returns the float32 logits
-        [len(rows), vocab]; a padding row's are meaningless."""
-        if not 0 < len(rows) <= size:
-            raise ValueError(f"{len(rows)} rows do not fit a pass of {size}")
-        ids = torch.zeros(size, 1, dtype=torch.long)
-        pos = torch.zeros(size, 1, dtype=torch.long)
-        caches: list[QuantizedKVCache | None] = [None] * size
-        seen: dict[int, int] = {}
-        for i, (cache, token) in enumerate(rows):
-            ids[i, 0] = token
-            if cache is not None:
-                p = seen.get(id(cache), cache.get_seq_length())
-                pos[i, 0], seen[id(cache)], caches[i] = p, p + 1, cache
-        batch = RowBatch(caches)
-        with attention.active(batch):
-            out = self.model(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
-                             past_key_values=batch, use_cache=True, logits_to_keep=1)
-        return out.logits[:len(rows), -1].float()
+        """One batched pass of shape [size, 1]: row i feeds token `rows[i][1]` at the next position of cache
+        `rows[i][0]` (None: padding); float32 logits [len(rows), vocab] (kvstore.quant.rows.forward_rows)."""
+        return forward_rows(self.model, rows, size)
 
     @staticmethod
     def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
