@@ -1,7 +1,7 @@
 """The `kvstash bench` argparse tree: benchmarks (services/bench), each command a `run_*(args)` there.
 
     kvstash bench resume [--history 512,2048] [--kv fp,int8:r128,int4:r128] [--json]  (services/bench/resume.py)
-    kvstash bench batch [--concurrency 1,2,4,8,16,32] [--modes batched,interleaved,hf] [--json] (services/bench/batch.py)
+    kvstash bench batch [--concurrency 1,2,4,8,16,32] [--modes batched,interleaved,hf]  (services/bench/batch.py)
     kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]            (services/bench/codec.py)
     kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--json]         (services/bench/dedup.py)
     kvstash bench load [--concurrency 1,2,4,8] [--seconds 20] [--json]                (services/bench/load.py)
