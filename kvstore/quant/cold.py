@@ -3,7 +3,7 @@
 Opt-in. When a session goes idle its sealed region (the quantized part, see `QuantizedKVLayer`) can be
 stored in a cheaper, lossy cold format; on resume it is brought back to the device format. Sinks and the
 full-precision window are never touched. Quality is what a resumed session holds, `warm(cold(x))`
-(`apply_cold` rewrites a cache to exactly that; `services/cli/eval_cold.py` measures it).
+(`apply_cold` rewrites a cache to exactly that; `services/eval/cold.py` measures it).
 
     cold_state(device tensors, device, cold, layer_idx, head_dim)  -> cold tensors (the stored format)
     warm_state(cold tensors,   device, cold, layer_idx, head_dim)  -> device tensors (same names, shapes,

@@ -1,164 +1,133 @@
-"""`kvstash bench`: speed and memory measurements, each against a baseline run in the same process.
+"""The `kvstash bench` argparse tree: benchmarks (services/bench), each command a `run_*(args)` there.
 
-    kvstash bench resume --history 512,2048 --kv fp,int8:r128,int4:r128 [--dtype float32] [--json]
-    kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]   (services/cli/bench_codec.py)
-    kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--json] (services/cli/bench_dedup.py)
-    kvstash bench load [--concurrency 1,2,4,8] [--seconds 20] [--json]        (services/cli/bench_load.py)
-    kvstash bench soak [--minutes 10] [--concurrency 16] [--json]             (services/cli/bench_soak.py)
-    kvstash bench timing [--prefix 1024] [--trials 12] [--json]               (services/cli/bench_timing.py)
-
-`resume`: for each history length and KV spec, a session's cache is built by the worker's canonical
-prefill, offloaded through the worker's own `KVStore` to a real redis-server (spawned unless --redis-url;
-the host tier is off, so every resume reads Redis), and measured:
-- device KV bytes per token (from tensor storages) and Redis bytes of the offloaded session;
-- restore: read the manifest, fetch the blocks in pipelined round trips (decoding the first while the next
-  arrive), check, decode, rebuild the cache — the cache is then bit-identical to the offloaded one
-  (asserted) — versus re-prefill: the same history run through the model again, as a server without a KV
-  tier would;
-- `resume_speedup` = re-prefill / restore; and the time to the next token's logits both ways.
-Medians over --reps rounds, each round running every measurement once in turn (after one warm-up), so a
-shared machine's slow spells weigh on restore and re-prefill alike.
+    kvstash bench resume [--history 512,2048] [--kv fp,int8:r128,int4:r128] [--json]  (services/bench/resume.py)
+    kvstash bench batch [--concurrency 1,2,4,8,16,32] [--modes batched,interleaved,hf]  (services/bench/batch.py)
+    kvstash bench chat [--users 8] [--rounds 5] [--modes default,no-tier,fp]           (services/bench/chat.py)
+    kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]            (services/bench/codec.py)
+    kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--json]         (services/bench/dedup.py)
+    kvstash bench load [--concurrency 1,2,4,8] [--seconds 20] [--json]                (services/bench/load.py)
+    kvstash bench soak [--minutes 10] [--concurrency 16] [--json]                     (services/bench/soak.py)
+    kvstash bench timing [--prefix 1024] [--trials 12] [--json]                       (services/bench/timing.py)
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import time
-from pathlib import Path
-
-from services.cli.eval import DEFAULT_TEXT
+from services.cli.commands import runs
+from services.eval.corpus import DEFAULT_TEXT
 
 
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (speed, memory) against in-process baselines")
     kinds = bench.add_subparsers(dest="bench_cmd", required=True)
-    r = kinds.add_parser("resume", help="device bytes/token, Redis bytes/session, restore vs re-prefill latency")
-    r.add_argument("--model", default="smollm2-135m-instruct")
-    r.add_argument("--dtype", default="float32")
-    r.add_argument("--history", default="512,2048", help="comma-separated history lengths in tokens")
-    r.add_argument("--kv", default="fp,int8:r128,int4:r128", help="comma-separated KV specs")
-    r.add_argument("--text", default=str(DEFAULT_TEXT), help="text to take the history from")
-    r.add_argument("--reps", type=int, default=3)
-    r.add_argument("--redis-url", default="")
-    r.add_argument("--json", action="store_true")
-    r.set_defaults(fn=lambda args: run_bench(args))
-    from services.cli.bench_batch import add_batch_parser
-    from services.cli.bench_chat import add_chat_parser
-    from services.cli.bench_codec import add_codec_parser
-    from services.cli.bench_dedup import add_dedup_parser
-    from services.cli.bench_load import add_load_parser
-    from services.cli.bench_soak import add_soak_parser
-    from services.cli.bench_timing import add_timing_parser
-
-    add_batch_parser(kinds)
-    add_chat_parser(kinds)
-    add_codec_parser(kinds, str(DEFAULT_TEXT))
-    add_dedup_parser(kinds, str(DEFAULT_TEXT))
-    add_load_parser(kinds)
-    add_soak_parser(kinds)
-    add_timing_parser(kinds, str(DEFAULT_TEXT))
+    for add in (_resume, _batch, _chat, _codec, _dedup, _load, _soak, _timing):
+        add(kinds)
 
 
-def models_dir() -> str:
-    """The model cache this environment uses, for benches that run a service under a home of their own."""
-    from services.config import KvstashConfig
-    from services.worker.model_store import store_for
-
-    return str(store_for(KvstashConfig.load().model.cache_dir).cache_dir)
-
-
-def median_times(fns, reps: int) -> list[float]:
-    """Median seconds of each of `fns` over `reps` rounds that run them in turn, so that a shared machine's
-    slow and fast spells weigh on every one of them alike."""
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+def _resume(kinds) -> None:
+    p = kinds.add_parser("resume", help="device bytes/token, Redis bytes/session, restore vs re-prefill latency")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--history", default="512,2048", help="comma-separated history lengths in tokens")
+    p.add_argument("--kv", default="fp,int8:r128,int4:r128", help="comma-separated KV specs")
+    p.add_argument("--text", default=str(DEFAULT_TEXT), help="text to take the history from")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--redis-url", default="")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.resume", "run_resume"))
 
 
-def worker_store(runner, redis_url: str, spec: str, namespace: str, **sections):
-    """A worker's `KVStore` (host tier off) on `runner` and a Redis URL, as the service builds it."""
-    import redis
-
-    from kvstore.tiers.redis_tier import RedisTier
-    from services.config import KvstashConfig
-    from services.metrics import WorkerMetrics
-    from services.worker.kv_store import KVStore
-
-    cfg = KvstashConfig.from_dict({"kv": {"spec": spec}, "tiers": {"host_bytes": 0}, **sections})
-    tier = RedisTier(redis.Redis.from_url(redis_url), namespace=namespace)
-    return KVStore(runner, tier, cfg, WorkerMetrics()), tier
-
-
-def prefill(runner, store, ids):
-    """A fresh cache and schedule after the worker's canonical prefill of `ids`."""
-    from kvstore.prefix.canonical import passes
-
-    cache, schedule, pos = runner.new_cache(store.quant), [], 0
-    for n in passes(0, len(ids), store.chunk):
-        runner.forward(cache, ids[pos:pos + n])
-        schedule.append(n)
-        pos += n
-    return cache, schedule
+def _batch(kinds) -> None:
+    p = kinds.add_parser("batch", help="decode throughput/latency vs concurrency: kvstash batched, interleaved, "
+                                       "and transformers' continuous batching (in process)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--kv", default="", help="kvstash KV spec (default: the service default)")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--modes", default="batched,interleaved,hf")
+    p.add_argument("--buckets", default="", help="batch.buckets of the batched mode (default: the service default)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.batch", "run_batch"))
 
 
-def run_bench(args) -> int:
-    from services.config import ModelConfig
-    from services.runtime.redis_server import RedisServer
-    from services.worker.model_runner import ModelRunner
-    from services.worker.session import Session
+def _chat(kinds) -> None:
+    p = kinds.add_parser("chat", help="multi-turn chat with idle sessions between rounds: kvstash vs no KV tier vs "
+                                      "a full-precision tier")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--users", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--system-tokens", type=int, default=256)
+    p.add_argument("--turn-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--idle", type=float, default=2.0, help="session.idle_timeout_s of the workers")
+    p.add_argument("--think", type=float, default=4.0, help="seconds between rounds (> --idle)")
+    p.add_argument("--modes", default="default,no-tier,fp")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.chat", "run_chat"))
 
-    runner = ModelRunner.load(ModelConfig(name=args.model, dtype=args.dtype))
-    text = Path(args.text).read_text(encoding="utf-8")
-    all_ids = runner.tokenizer(text[:200_000], add_special_tokens=False)["input_ids"]
-    server = None if args.redis_url else RedisServer().start()
-    rows = []
-    try:
-        for n in (int(x) for x in args.history.split(",")):
-            ids = all_ids[:n]
-            for spec in args.kv.split(","):
-                store, tier = worker_store(runner, args.redis_url or server.url, spec, "kvstash-bench")
-                cache, schedule = prefill(runner, store, ids[:-1])
-                s = Session("bench", f"s{n}", tokens=list(ids), schedule=schedule, cache=cache)
-                before = cache.export_state()
-                redis_bytes = store.save(s)
 
-                def restore():
-                    record = tier.get_record("bench", s.session_id)
-                    cold = Session.from_manifest(*record)
-                    loaded = store.load(cold)
-                    assert loaded.cache is not None, loaded.reason
-                    return loaded.cache
+def _codec(kinds) -> None:
+    p = kinds.add_parser("codec", help="lossless block codec: bits per element for every predictor x coder")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--text", default=str(DEFAULT_TEXT))
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--kv", default="int4:g32:gv32:r128")
+    p.add_argument("--blocks", default="32,64,128", help="block sizes in tokens (multiples of the key group)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.codec", "run_codec"))
 
-                assert restore().export_state().equals(before), "restored cache differs from the offloaded one"
-                restore(), prefill(runner, store, ids[:-1])  # warm-up
-                restore_s, reprefill_s, next_restore, next_prefill = median_times(
-                    [restore, lambda: prefill(runner, store, ids[:-1]), lambda: runner.forward(restore(), ids[-1:]),
-                     lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:])], args.reps)
-                rows.append({
-                    "history": n, "kv": spec, "dtype": args.dtype, "blocks": len(s.blocks),
-                    "device_bytes_per_token": cache.state_bytes() / (n - 1), "raw_state_bytes": before.nbytes,
-                    "redis_bytes_per_session": redis_bytes, "restore_s": restore_s, "reprefill_s": reprefill_s,
-                    "resume_speedup": reprefill_s / restore_s, "next_token_restore_s": next_restore,
-                    "next_token_reprefill_s": next_prefill,
-                })
-                tier.delete_session("bench", s.session_id)
-    finally:
-        if server:
-            server.stop()
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(f"model {args.model} ({args.dtype}), {runner.device}")
-        print("| history | kv | device B/token | Redis B/session | restore s | re-prefill s | speedup | "
-              "next token: restore s / re-prefill s |")
-        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for r in rows:
-            print(f"| {r['history']} | `{r['kv']}` | {r['device_bytes_per_token']:.0f} | {r['redis_bytes_per_session']} "
-                  f"| {r['restore_s']:.4f} | {r['reprefill_s']:.3f} | {r['resume_speedup']:.1f}x "
-                  f"| {r['next_token_restore_s']:.3f} / {r['next_token_reprefill_s']:.3f} |")
-    return 0
+
+def _dedup(kinds) -> None:
+    p = kinds.add_parser("dedup", help="Redis bytes of sessions sharing a prompt prefix vs storing each alone")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--text", default=str(DEFAULT_TEXT))
+    p.add_argument("--kv", default="int4:k8v4:g32:r128")
+    p.add_argument("--sessions", type=int, default=100)
+    p.add_argument("--prefix", type=int, default=1024, help="tokens of the shared prompt prefix")
+    p.add_argument("--own", type=int, default=128, help="tokens of each session's own prompt")
+    p.add_argument("--scenarios", default="one-tenant,public,private-tenants")
+    p.add_argument("--block-tokens", type=int, default=0, help="prefix.block_tokens (0: the service default)")
+    p.add_argument("--redis-url", default="")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.dedup", "run_dedup"))
+
+
+def _load(kinds) -> None:
+    p = kinds.add_parser("load", help="tokens/s and time to first token against concurrent sessions (real gRPC)")
+    p.add_argument("--target", default="", help="a running gateway; empty starts one (kvstash up)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--metrics-url", default="", help="the gateway's /metrics (with --target) for offload/restore counts")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--kv", default="")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--concurrency", default="1,2,4,8")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--resume-every", type=int, default=4, help="every k-th call evicts and resumes a session (0: never)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.load", "run_load"))
+
+
+def _soak(kinds) -> None:
+    p = kinds.add_parser("soak", help="load with injected faults, then count lost sessions (must be 0)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--kv", default="")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--fault-every", type=float, default=30.0)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.soak", "run_soak"))
+
+
+def _timing(kinds) -> None:
+    p = kinds.add_parser("timing", help="does TTFT reveal another tenant's cached prefix? (private vs public)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--text", default=str(DEFAULT_TEXT))
+    p.add_argument("--prefix", type=int, default=1024)
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.timing", "run_timing"))

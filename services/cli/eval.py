@@ -1,47 +1,68 @@
-"""`kvstash eval ppl`: quality of a KV spec against a full-precision cache, same tokens, same run.
+"""The `kvstash eval` argparse tree: quality evaluations (services/eval), each command a `run_*(args)` there.
 
-    kvstash eval ppl --model M --text FILE --kv SPEC [--tokens 4096] [--window 1024] [--chunk 32] [--json]
-
-The first `--tokens` tokens of the text are cut into windows of `--window` tokens. Each window is fed
-through a fresh cache in chunks of `--chunk` tokens (as a serving session would: earlier chunks are read
-back from the cache, so quantization error propagates as in decoding), once with the `fp` cache and
-once with SPEC. Reported:
-- `ppl_ref`, `ppl`, `delta_ppl`: perplexity of the next-token predictions, fp cache vs SPEC;
-- `kl`: mean KL(p_ref || p_spec) of next-token distributions; `top1_agreement`: argmax agreement;
-- `bits_per_element`: bits of the sealed (quantized) region per K/V element: codes, scales, zeros, outliers;
-- `bits_per_element_total`: bits of the whole cache (window and all) per K/V element at window length.
+    kvstash eval ppl --kv SPEC[,SPEC...] [--baseline hf-quanto] ...   (services/eval/ppl.py)
+    kvstash eval alloc --kl-budget 0.02 [--bits 2,3,4,8] ...          (services/eval/alloc.py)
+    kvstash eval cold [--kv SPEC] [--cold SPEC] ...                   (services/eval/cold.py)
+    kvstash eval plot RESULTS.jsonl ... --out plot.svg                (services/eval/plot.py)
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from services.cli.commands import runs
+from services.eval.corpus import DEFAULT_TEXT
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wiki.test.raw"
+# `eval cold`'s defaults (kept here, not in services/eval/cold.py, so that building the tree imports no numpy)
+DEFAULT_DEVICE = "int4:k8v4:g32:r128"
+# SmolLM2-135M-Instruct (30 layers): keys 2-4 bits and values 2-3 bits per layer, allocated greedily from
+# per-layer KL sensitivities (about 2.1 bits per sealed element, delta PPL about +0.2 to +0.3). The flat
+# `int:k3v2:g128:gv64:s1:hadv` (about 2.3 bits, delta PPL about +0.2) fits any model.
+DEFAULT_COLD = "int:g128:gv64:s1:hadv:lb222222322232223232323222222232322232422243323233332232222222"
 
 
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="quality evaluations against an in-process full-precision baseline")
     kinds = ev.add_subparsers(dest="eval_cmd", required=True)
+
     p = kinds.add_parser("ppl", help="perplexity, KL and top-1 agreement of KV specs vs the fp cache")
     _common(p)
     p.add_argument("--kv", required=True,
                    help="KV spec, e.g. int4:k8v4:g32:r128, or a spec file; comma-separate several to compare")
     p.add_argument("--baseline", action="append", default=[], choices=["hf-quanto", "hf-hqq"],
                    help="also run transformers' QuantizedCache with the first spec's bits, group and window")
-    p.set_defaults(fn=run_eval)
-    from services.cli.alloc import add_alloc_parser
-    from services.cli.eval_cold import add_cold_parser
-    from services.cli.plot import add_plot_parser
+    p.set_defaults(fn=runs("services.eval.ppl", "run_ppl"))
 
-    add_alloc_parser(kinds, _common)
-    add_cold_parser(kinds, _common)
-    add_plot_parser(kinds)
+    p = kinds.add_parser("alloc", help="pick bits per layer and K/V under a KL budget; compare with flat")
+    _common(p)
+    p.add_argument("--kl-budget", default="0.02", help="mean KL(p_fp || p_kv) allowed; comma-separate several")
+    p.add_argument("--bits", default="2,3,4,8", help="bit widths to choose from")
+    p.add_argument("--base", default="int4:g32:gv32:r128", help="spec whose groups, window and options are kept")
+    p.add_argument("--out", default="", help="write the adaptive spec to this file")
+    p.set_defaults(fn=runs("services.eval.alloc", "run_alloc"), tokens=1024)
+
+    p = kinds.add_parser("cold", help="lossy cold mode: delta PPL and KL after resume vs bits per sealed element")
+    _common(p)
+    p.add_argument("--kv", default=DEFAULT_DEVICE, help="device KV spec (or spec file) the history is prefilled with")
+    p.add_argument("--cold", default=DEFAULT_COLD,
+                   help="cold spec(s), comma-separated (grammar: kvstore/quant/cold.py)")
+    p.add_argument("--history", type=int, default=2048, help="tokens prefilled before the session goes cold")
+    p.add_argument("--continuation", type=int, default=512, help="tokens fed and scored after resume")
+    p.add_argument("--windows", type=int, default=3, help="non-overlapping windows of history + continuation")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill pass")
+    p.add_argument("--offset", type=int, default=0, help="tokens of the text skipped before the first window "
+                                                        "(e.g. to score windows held out from a calibration)")
+    p.set_defaults(fn=runs("services.eval.cold", "run_cold"))
+
+    p = kinds.add_parser("plot", help="SVG line plot of `eval ppl --json` result files")
+    p.add_argument("files", nargs="+", help="JSON-lines files, one series each")
+    p.add_argument("--x", default="evicted_fraction")
+    p.add_argument("--y", default="delta_ppl")
+    p.add_argument("--title", default="")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=runs("services.eval.plot", "run_plot"))
 
 
 def _common(p) -> None:
+    """The flags every model evaluation takes: model, text, token budget, windows, chunk, dtype, output."""
     p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, HF folder or hub id")
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="UTF-8 text file (default: WikiText-2 raw test)")
     p.add_argument("--tokens", type=int, default=4096)
@@ -49,177 +70,3 @@ def _common(p) -> None:
     p.add_argument("--chunk", type=int, default=32, help="tokens per forward pass")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object per evaluated cache")
-
-
-@dataclass
-class PplResult:
-    spec: str
-    tokens: int
-    window: int
-    ppl_ref: float
-    ppl: float
-    delta_ppl: float
-    kl: float
-    top1_agreement: float
-    bits_per_element: float
-    bits_per_element_total: float
-    evicted_fraction: float = 0.0  # positions evicted at the end of a window, over the window's positions
-
-
-def cache_bits(cache) -> tuple[float, float]:
-    """(bits per sealed element, bits per element of the whole cache), measured from tensor storages.
-
-    The sealed region is everything quantized: codes, fp16 scales and zeros, outlier side tables (a
-    side a per-layer spec keeps at 16 bits counts at its dtype's size). The whole cache adds sinks and
-    the full-precision window."""
-    q_bits = q_elems = all_bits = all_elems = 0
-    for layer in cache.layers:
-        if not layer.is_initialized:
-            continue
-        b, h, _, d = layer.keys.shape
-        tensors = layer.tensors()
-        all_bits += sum(t.untyped_storage().nbytes() * 8 for t in tensors.values())
-        all_elems += 2 * b * h * layer.num_tokens * d  # per position: evicted ones count, at zero bits
-        sealed = [t for n, t in tensors.items() if n[2:] in ("codes", "scale", "zero", "oidx", "oval", "fp")]
-        q_bits += sum(t.untyped_storage().nbytes() * 8 for t in sealed)
-        q_elems += 2 * b * h * layer.n_sealed * d
-    return (q_bits / q_elems if q_elems else 0.0), (all_bits / all_elems if all_elems else 0.0)
-
-
-def window_logprobs(runner, ids: list[int], cache, chunk: int):
-    """Next-token log-probs [len(ids) - 1, vocab] of one window fed through `cache` in chunks."""
-    import torch
-
-    outs = []
-    for start in range(0, len(ids) - 1, chunk):
-        logits = runner.logits(cache, ids[start:min(start + chunk, len(ids) - 1)])
-        outs.append(torch.log_softmax(logits, dim=-1))
-    return torch.cat(outs)
-
-
-class Evaluator:
-    """Scores caches on the same windows against one full-precision reference pass (computed once)."""
-
-    def __init__(self, runner, ids: list[int], window: int, chunk: int, progress: bool = False):
-        self.runner, self.chunk, self.progress = runner, chunk, progress
-        self.windows = [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
-        self.window = window
-        self._ref = None
-
-    def reference(self):
-        """Per window: fp log-probs [n - 1, vocab] and the summed target NLL."""
-
-        from kvstore.config import QuantConfig
-
-        if self._ref is None:
-            fp = QuantConfig.parse("fp")
-            self._ref = []
-            for w in self._iter(self.windows, "eval fp"):
-                lp = window_logprobs(self.runner, w, self.runner.new_cache(fp), self.chunk)
-                self._ref.append(lp)
-        return self._ref
-
-    def _iter(self, items, desc):
-        from tqdm import tqdm
-
-        return tqdm(items, desc=desc, disable=not self.progress, unit="window")
-
-    def score(self, label: str, make_cache, bits=None) -> PplResult:
-        """PplResult of caches from `make_cache()` (one per window); `bits(cache)` gives the bit figures."""
-        import torch
-
-        refs = self.reference()
-        nll_ref = nll = kl = agree = 0.0
-        count = 0
-        bits_q, bits_total, evicted = [], [], []
-        for w, lp_ref in zip(self._iter(self.windows, f"eval {label}"), refs):
-            targets = torch.tensor(w[1:], device=self.runner.device)
-            cache = make_cache()
-            lp = window_logprobs(self.runner, w, cache, self.chunk)
-            rows = torch.arange(len(targets), device=self.runner.device)
-            nll_ref -= float(lp_ref[rows, targets].sum())
-            nll -= float(lp[rows, targets].sum())
-            kl += float((lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp_min(0).sum())
-            agree += float((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
-            count += len(targets)
-            q, t = (bits or cache_bits)(cache)
-            bits_q.append(q)
-            bits_total.append(t)
-            evicted.append(getattr(cache.layers[0], "n_evicted", 0) / max(1, len(w) - 1))
-        ppl_ref, ppl = math.exp(nll_ref / count), math.exp(nll / count)
-        return PplResult(spec=label, tokens=count + len(self.windows), window=self.window, ppl_ref=ppl_ref,
-                         ppl=ppl, delta_ppl=ppl - ppl_ref, kl=kl / count, top1_agreement=agree / count,
-                         bits_per_element=sum(bits_q) / len(bits_q),
-                         bits_per_element_total=sum(bits_total) / len(bits_total),
-                         evicted_fraction=sum(evicted) / len(evicted))
-
-    def spec(self, spec) -> PplResult:
-        return self.score(spec.spec(), lambda: self.runner.new_cache(spec))
-
-    def hf(self, baseline: str, spec) -> PplResult:
-        """transformers' QuantizedCache (quanto or hqq backend) with `spec`'s key bits, key group and window.
-
-        Its bits are nominal: codes plus an fp16 scale and zero per group (its internals are not ours to
-        measure); the total adds the full-precision window at the model dtype's width."""
-        from transformers import QuantizedCache
-
-        backend = baseline.removeprefix("hf-")
-        nbits, group, residual = spec.key_bits, spec.key_group, spec.residual
-        width = self.runner.dtype.itemsize * 8
-
-        def bits(cache):
-            n = cache.get_seq_length()
-            sealed = n - min(n, residual) if residual else n
-            q = nbits + 32 / group
-            return q, (sealed * q + (n - sealed) * width) / max(n, 1)
-
-        label = f"{baseline}:int{nbits}:g{group}:r{residual}"
-        return self.score(label, lambda: QuantizedCache(backend=backend, config=self.runner.model.config, nbits=nbits,
-                                                        q_group_size=group, residual_length=residual), bits)
-
-
-def evaluate_ppl(runner, ids: list[int], spec, window: int, chunk: int, progress: bool = False) -> PplResult:
-    return Evaluator(runner, ids, window, chunk, progress).spec(spec)
-
-
-def load_ids(runner, path: str, tokens: int) -> list[int]:
-    text = Path(path).read_text(encoding="utf-8")
-    ids = runner.tokenizer(text[: tokens * 16], add_special_tokens=False)["input_ids"][:tokens]
-    if len(ids) < tokens:
-        raise SystemExit(f"{path} has only {len(ids)} tokens, fewer than --tokens {tokens}")
-    return ids
-
-
-def load_runner(args):
-    from services.config import ModelConfig
-    from services.worker.model_runner import ModelRunner
-
-    if args.chunk < 1 or args.window < 2 or args.tokens < 2:
-        raise SystemExit("--chunk must be >= 1, --window and --tokens >= 2")
-    return ModelRunner.load(ModelConfig(name=args.model, dtype=args.dtype))
-
-
-def print_results(results: list[PplResult], as_json: bool, header: str) -> None:
-    if as_json:
-        for r in results:
-            print(json.dumps(asdict(r)))
-        return
-    print(header)
-    print("| kv | ppl | ΔPPL | mean KL | top-1 agree | bits/elem (quantized) | bits/elem (total) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| fp (reference) | {results[0].ppl_ref:.3f} | 0 | 0 | 1 | - | - |")
-    for r in results:
-        print(f"| `{r.spec}` | {r.ppl:.3f} | {r.delta_ppl:+.3f} | {r.kl:.5f} | {r.top1_agreement:.4f} "
-              f"| {r.bits_per_element:.3f} | {r.bits_per_element_total:.3f} |")
-
-
-def run_eval(args) -> int:
-    from kvstore.config import QuantConfig
-
-    specs = [QuantConfig.load(s) for s in args.kv.split(",")]
-    runner = load_runner(args)
-    ev = Evaluator(runner, load_ids(runner, args.text, args.tokens), args.window, args.chunk, progress=not args.json)
-    results = [ev.spec(s) for s in specs] + [ev.hf(b, specs[0]) for b in args.baseline]
-    print_results(results, args.json, f"model {args.model}, {results[0].tokens} tokens in windows of "
-                                      f"{args.window}, chunk {args.chunk}")
-    return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import asdict
 
 import ray
 
@@ -122,7 +121,3 @@ class WorkerActor:
             return {"ok": self.engine.storage_stats()}
         except Exception as e:  # noqa: BLE001
             return {"error": {"code": "UNAVAILABLE", "message": f"storage unavailable: {type(e).__name__}"}}
-
-
-def call_dict(call: GenerateCall) -> dict:
-    return asdict(call)

@@ -289,7 +289,8 @@ class Engine:
         return self.scheduler.submit(task, sink)
 
     def prefix_match(self, tenant: str, input: dict):
-        """Future: prompt tokens of `input` (as a new session's) this worker holds hot, for routing."""
+        """Returns a Future of how many prompt tokens of `input` (as a new session's) this worker holds hot,
+        for routing (0 when nothing is hot or the input does not encode)."""
         def op():
             if not len(self.sessions.store.trie):  # nothing hot: no need to tokenize
                 return 0
@@ -301,7 +302,7 @@ class Engine:
         return self.scheduler.call(op)
 
     def drain(self):
-        """Future: offload every session not busy; the number offloaded."""
+        """Returns a Future of the number of sessions offloaded: every session not busy leaves the device."""
         return self.scheduler.call(lambda: self.sessions.offload_idle(everything=True))
 
     def refresh_public(self):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.bench_load import _phase
+from services.bench.load import _phase
 from tests.services.conftest import TINY_SPEC
 from tests.services.stack import ServiceProcess, descendants
 

@@ -17,7 +17,7 @@ from kvstore.quant.pack import pack, unpack
 from kvstore.quant.side import SidePlan, seal
 
 # The bound on real SmolLM2 blocks (<= 4.45 bits per element at INT4 g32) is asserted by
-# tests/services/cli/test_bench_codec.py, which builds a real session.
+# tests/services/bench/test_codec.py, which builds a real session.
 
 
 def layout_of(tensors):

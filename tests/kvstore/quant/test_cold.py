@@ -284,7 +284,7 @@ def test_bad_arguments_raise():
 
 
 def test_cold_coding_is_smaller_than_the_device_region():
-    from services.cli.eval_cold import encoded_bits
+    from services.eval.cold import encoded_bits
 
     region = _region(_cache().layers[0])
     c = cold_state(region, DEVICE, QuantConfig.parse("int:k3v2:g64:gv16:s1"), 0, D)

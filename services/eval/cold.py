@@ -41,27 +41,6 @@ import sys
 
 import numpy as np
 
-DEFAULT_DEVICE = "int4:k8v4:g32:r128"
-# SmolLM2-135M-Instruct (30 layers): keys 2-4 bits and values 2-3 bits per layer, allocated greedily from
-# per-layer KL sensitivities (about 2.1 bits per sealed element, delta PPL about +0.2 to +0.3). The flat
-# `int:k3v2:g128:gv64:s1:hadv` (about 2.3 bits, delta PPL about +0.2) fits any model.
-DEFAULT_COLD = "int:g128:gv64:s1:hadv:lb222222322232223232323222222232322232422243323233332232222222"
-
-
-def add_cold_parser(kinds, common) -> None:
-    p = kinds.add_parser("cold", help="lossy cold mode: delta PPL and KL after resume vs bits per sealed element")
-    common(p)
-    p.add_argument("--kv", default=DEFAULT_DEVICE, help="device KV spec (or spec file) the history is prefilled with")
-    p.add_argument("--cold", default=DEFAULT_COLD,
-                   help="cold spec(s), comma-separated (grammar: kvstore/quant/cold.py)")
-    p.add_argument("--history", type=int, default=2048, help="tokens prefilled before the session goes cold")
-    p.add_argument("--continuation", type=int, default=512, help="tokens fed and scored after resume")
-    p.add_argument("--windows", type=int, default=3, help="non-overlapping windows of history + continuation")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill pass")
-    p.add_argument("--offset", type=int, default=0, help="tokens of the text skipped before the first window "
-                                                        "(e.g. to score windows held out from a calibration)")
-    p.set_defaults(fn=run_cold)
-
 
 def encoded_bits(named: list[tuple[str, np.ndarray]], device_spec: str, level: int = 19) -> int:
     """Bits of named arrays ("<layer>.<name>") coded as the service codes KV: stream transforms (keyed on
@@ -130,7 +109,8 @@ def run_cold(args) -> int:
     from kvstore.config import QuantConfig
     from kvstore.quant.cold import apply_cold, check_specs
     from kvstore.quant.rope import Rope, RopeUnavailable
-    from services.cli.eval import load_ids, load_runner
+    from services.eval.corpus import load_ids
+    from services.eval.ppl import load_runner
 
     torch.set_num_threads(1)
     device = QuantConfig.load(args.kv)

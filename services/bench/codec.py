@@ -27,17 +27,6 @@ import time
 import numpy as np
 
 
-def add_codec_parser(kinds, text_default: str) -> None:
-    p = kinds.add_parser("codec", help="lossless block codec: bits per element for every predictor x coder")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--text", default=text_default)
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--kv", default="int4:g32:gv32:r128")
-    p.add_argument("--blocks", default="32,64,128", help="block sizes in tokens (multiples of the key group)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=run_codec)
-
-
 def entropy(a: np.ndarray) -> float:
     _, cnt = np.unique(a, return_counts=True)
     p = cnt / cnt.sum()
@@ -165,9 +154,9 @@ def run_codec(args) -> int:
     from kvstore.layout import GROUP_FIELDS, TOKEN_FIELDS
     from kvstore.prefix import blocks as blk
     from kvstore.quant.state import KVState
-    from services.cli.bench import prefill, worker_store
-    from services.cli.eval import load_ids
+    from services.bench.common import prefill, worker_store
     from services.config import ModelConfig
+    from services.eval.corpus import load_ids
     from services.worker.model_runner import ModelRunner
 
     torch.set_num_threads(1)

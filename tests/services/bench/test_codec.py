@@ -4,8 +4,8 @@ within the stated bound of 4.45 bits per sealed element at INT4 g32 with the ser
 import argparse
 import json
 
-from services.cli.bench_codec import run_codec
-from services.cli.eval import DEFAULT_TEXT
+from services.bench.codec import run_codec
+from services.eval.corpus import DEFAULT_TEXT
 
 
 def test_block_codec_on_real_kv_is_within_the_bound(capsys):

@@ -30,22 +30,6 @@ import threading
 import time
 
 
-def add_chat_parser(kinds) -> None:
-    p = kinds.add_parser("chat", help="multi-turn chat with idle sessions between rounds: kvstash vs no KV tier vs "
-                                      "a full-precision tier")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--users", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--system-tokens", type=int, default=256)
-    p.add_argument("--turn-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--idle", type=float, default=2.0, help="session.idle_timeout_s of the workers")
-    p.add_argument("--think", type=float, default=4.0, help="seconds between rounds (> --idle)")
-    p.add_argument("--modes", default="default,no-tier,fp")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=run_chat)
-
-
 def _engine(args, mode: str, redis_url: str, ns: str):
     from services.config import KvstashConfig
     from services.worker.engine import Engine
@@ -106,8 +90,8 @@ def _run_mode(args, mode: str, redis_url: str) -> dict:
                 turn = [rng.randrange(1000, vocab) for _ in range(args.turn_tokens)]
                 ids = system + turn if rnd == 0 else turn
 
-                def one(u=u, ids=ids):
-                    results[u] = _call(eng, f"u{u}", ids, args.new_tokens, create=rnd == 0)
+                def one(u=u, ids=ids, results=results, create=rnd == 0):
+                    results[u] = _call(eng, f"u{u}", ids, args.new_tokens, create=create)
 
                 threads.append(threading.Thread(target=one))
             for t in threads:

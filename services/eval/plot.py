@@ -16,16 +16,6 @@ W, H, PAD = 640, 400, 60
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
 
-def add_plot_parser(kinds) -> None:
-    p = kinds.add_parser("plot", help="SVG line plot of `eval ppl --json` result files")
-    p.add_argument("files", nargs="+", help="JSON-lines files, one series each")
-    p.add_argument("--x", default="evicted_fraction")
-    p.add_argument("--y", default="delta_ppl")
-    p.add_argument("--title", default="")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=run_plot)
-
-
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [lo + (hi - lo) * i / n for i in range(n + 1)]
 

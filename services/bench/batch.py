@@ -26,28 +26,7 @@ import tempfile
 import threading
 import time
 
-
-def add_batch_parser(kinds) -> None:
-    p = kinds.add_parser("batch", help="decode throughput/latency vs concurrency: kvstash batched, interleaved, "
-                                       "and transformers' continuous batching (in process)")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--kv", default="", help="kvstash KV spec (default: the service default)")
-    p.add_argument("--concurrency", default="1,2,4,8,16,32")
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--warmup", type=float, default=3.0)
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--modes", default="batched,interleaved,hf")
-    p.add_argument("--buckets", default="", help="batch.buckets of the batched mode (default: the service default)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=run_batch)
-
-
-def _pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+from services.bench.common import percentile
 
 
 class _Stats:
@@ -85,9 +64,9 @@ def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
-    return {"concurrency": n, "tokens_per_s": stats.tokens / wall, "ttft_p50_s": _pct(stats.ttft, 0.5),
-            "ttft_p99_s": _pct(stats.ttft, 0.99), "tpot_p50_s": _pct(stats.gaps, 0.5),
-            "tpot_p99_s": _pct(stats.gaps, 0.99), "calls": stats.calls, "errors": stats.errors, "seconds": wall}
+    return {"concurrency": n, "tokens_per_s": stats.tokens / wall, "ttft_p50_s": percentile(stats.ttft, 0.5),
+            "ttft_p99_s": percentile(stats.ttft, 0.99), "tpot_p50_s": percentile(stats.gaps, 0.5),
+            "tpot_p99_s": percentile(stats.gaps, 0.99), "calls": stats.calls, "errors": stats.errors, "seconds": wall}
 
 
 def _kvstash_mode(args, buckets: str, redis_url: str, ns: int):

@@ -23,29 +23,7 @@ import random
 import tempfile
 import time
 
-
-def add_load_parser(kinds) -> None:
-    p = kinds.add_parser("load", help="tokens/s and time to first token against concurrent sessions (real gRPC)")
-    p.add_argument("--target", default="", help="a running gateway; empty starts one (kvstash up)")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--metrics-url", default="", help="the gateway's /metrics (with --target) for offload/restore counts")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--kv", default="")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--concurrency", default="1,2,4,8")
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--resume-every", type=int, default=4, help="every k-th call evicts and resumes a session (0: never)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=run_load)
-
-
-def _pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+from services.bench.common import percentile
 
 
 async def _client(target, api_key, seed, stop_at, args, out) -> None:
@@ -94,8 +72,8 @@ async def _phase(target, api_key, n, args) -> dict:
     stop_at = t0 + args.seconds
     await asyncio.gather(*(_client(target, api_key, 1000 * n + i, stop_at, args, out) for i in range(n)))
     wall = time.monotonic() - t0
-    return {"concurrency": n, "tokens_per_s": out["tokens"] / wall, "ttft_p50_s": _pct(out["ttft"], 0.5),
-            "ttft_p99_s": _pct(out["ttft"], 0.99), "calls": sum(out["codes"].values()), "codes": out["codes"],
+    return {"concurrency": n, "tokens_per_s": out["tokens"] / wall, "ttft_p50_s": percentile(out["ttft"], 0.5),
+            "ttft_p99_s": percentile(out["ttft"], 0.99), "calls": sum(out["codes"].values()), "codes": out["codes"],
             "seconds": wall}
 
 

@@ -23,18 +23,6 @@ import time
 from pathlib import Path
 
 
-def add_soak_parser(kinds) -> None:
-    p = kinds.add_parser("soak", help="load with injected faults, then count lost sessions (must be 0)")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--kv", default="")
-    p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--fault-every", type=float, default=30.0)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=run_soak)
-
-
 async def _client(target, seed, stop_at, args, seen, codes) -> None:
     import grpc
 
@@ -118,7 +106,7 @@ async def _soak(svc, redis_server, args) -> dict:
 
 
 def run_soak(args) -> int:
-    from services.cli.bench import models_dir
+    from services.bench.common import models_dir
     from services.runtime.process import ServiceProcess
     from services.runtime.redis_server import RedisServer
 

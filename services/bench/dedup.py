@@ -23,21 +23,6 @@ import json
 import time
 
 
-def add_dedup_parser(kinds, text_default: str) -> None:
-    p = kinds.add_parser("dedup", help="Redis bytes of sessions sharing a prompt prefix vs storing each alone")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--text", default=text_default)
-    p.add_argument("--kv", default="int4:k8v4:g32:r128")
-    p.add_argument("--sessions", type=int, default=100)
-    p.add_argument("--prefix", type=int, default=1024, help="tokens of the shared prompt prefix")
-    p.add_argument("--own", type=int, default=128, help="tokens of each session's own prompt")
-    p.add_argument("--scenarios", default="one-tenant,public,private-tenants")
-    p.add_argument("--block-tokens", type=int, default=0, help="prefix.block_tokens (0: the service default)")
-    p.add_argument("--redis-url", default="")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=run_dedup)
-
-
 def run_call(engine, call) -> dict:
     """Run one call on an engine to its end; the `done` event (raises on `error`)."""
     events: list[dict] = []
@@ -82,8 +67,8 @@ def scenario(engine, name: str, system: list[int], owns: list[list[int]]) -> dic
 
 
 def run_dedup(args) -> int:
-    from services.cli.eval import load_ids
     from services.config import KvstashConfig, ModelConfig
+    from services.eval.corpus import load_ids
     from services.runtime.redis_server import RedisServer
     from services.worker.engine import Engine
     from services.worker.model_runner import ModelRunner

@@ -22,16 +22,6 @@ import json
 from dataclasses import asdict
 
 
-def add_alloc_parser(kinds, common) -> None:
-    p = kinds.add_parser("alloc", help="pick bits per layer and K/V under a KL budget; compare with flat")
-    common(p)
-    p.add_argument("--kl-budget", default="0.02", help="mean KL(p_fp || p_kv) allowed; comma-separate several")
-    p.add_argument("--bits", default="2,3,4,8", help="bit widths to choose from")
-    p.add_argument("--base", default="int4:g32:gv32:r128", help="spec whose groups, window and options are kept")
-    p.add_argument("--out", default="", help="write the adaptive spec to this file")
-    p.set_defaults(fn=run_alloc, tokens=1024)
-
-
 def side_cost(base, side: str, bits: int, head_dim: int) -> float:
     """Nominal bits per element of one side: codes plus fp16 scale and zero per group."""
     group = base.key_group if side == "k" else min(base.value_group, head_dim)
@@ -82,7 +72,8 @@ def allocate(full, sens, layers, choices, cost, budget: float, spec_with, base) 
 
 def run_alloc(args) -> int:
     from kvstore.config import QuantConfig
-    from services.cli.eval import Evaluator, load_ids, load_runner
+    from services.eval.corpus import load_ids
+    from services.eval.ppl import Evaluator, load_runner
 
     base = QuantConfig.load(args.base)
     choices = sorted({int(b) for b in args.bits.split(",")})

@@ -22,16 +22,6 @@ import time
 from pathlib import Path
 
 
-def add_timing_parser(kinds, text_default: str) -> None:
-    p = kinds.add_parser("timing", help="does TTFT reveal another tenant's cached prefix? (private vs public)")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--text", default=text_default)
-    p.add_argument("--prefix", type=int, default=1024)
-    p.add_argument("--trials", type=int, default=12)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=run_timing)
-
-
 def _ttft(client, ids) -> float:
     t0 = time.perf_counter()
     for msg in client.generate_stream(token_ids=ids, max_new_tokens=1):
@@ -63,10 +53,10 @@ def _phase(target, keys, system, rng) -> dict:
 
 
 def run_timing(args) -> int:
-    from services.cli.bench import models_dir
-    from services.cli.eval import load_ids
+    from services.bench.common import models_dir
     from services.client import KvstashClient
     from services.config import ModelConfig
+    from services.eval.corpus import load_ids
     from services.runtime.process import ServiceProcess
     from services.worker.model_runner import ModelRunner
 

@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 from kvstore.config import QuantConfig
-from services.cli.alloc import greedy, side_cost
+from services.eval.alloc import greedy, side_cost
 from tests.services.stack import REPO
 
 

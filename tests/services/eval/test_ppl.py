@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvstore.config import QuantConfig
-from services.cli.eval import evaluate_ppl
 from services.config import ModelConfig
+from services.eval.ppl import evaluate_ppl
 from services.worker.model_runner import ModelRunner
 from tests.services.stack import REPO, smollm2_path
 
@@ -68,7 +68,7 @@ def test_smollm2_int8_is_near_lossless_and_int2_is_not():
 
 
 def test_hf_baseline_runs_on_the_same_tokens(tiny_runner):
-    from services.cli.eval import Evaluator
+    from services.eval.ppl import Evaluator
 
     ev = Evaluator(tiny_runner, _ids(tiny_runner, 200), window=100, chunk=16)
     ours = ev.spec(QuantConfig.parse("int4:g32:gv16:r0"))

@@ -1,0 +1,48 @@
+"""What several benchmarks share: the model cache, a worker's store and its prefill, percentiles.
+
+Imports no benchmark module: benchmarks import it.
+"""
+
+from __future__ import annotations
+
+
+def models_dir() -> str:
+    """The model cache this environment uses, for benches that run a service under a home of their own."""
+    from services.config import KvstashConfig
+    from services.worker.model_store import store_for
+
+    return str(store_for(KvstashConfig.load().model.cache_dir).cache_dir)
+
+
+def worker_store(runner, redis_url: str, spec: str, namespace: str, **sections):
+    """A worker's `KVStore` (host tier off) on `runner` and a Redis URL, as the service builds it."""
+    import redis
+
+    from kvstore.tiers.redis_tier import RedisTier
+    from services.config import KvstashConfig
+    from services.metrics import WorkerMetrics
+    from services.worker.kv_store import KVStore
+
+    cfg = KvstashConfig.from_dict({"kv": {"spec": spec}, "tiers": {"host_bytes": 0}, **sections})
+    tier = RedisTier(redis.Redis.from_url(redis_url), namespace=namespace)
+    return KVStore(runner, tier, cfg, WorkerMetrics()), tier
+
+
+def prefill(runner, store, ids):
+    """A fresh cache and schedule after the worker's canonical prefill of `ids`."""
+    from kvstore.prefix.canonical import passes
+
+    cache, schedule, pos = runner.new_cache(store.quant), [], 0
+    for n in passes(0, len(ids), store.chunk):
+        runner.forward(cache, ids[pos:pos + n])
+        schedule.append(n)
+        pos += n
+    return cache, schedule
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The `q`-quantile of `xs` (the sorted element at index floor(q * n), capped at the last); NaN when empty."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]

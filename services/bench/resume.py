@@ -1,0 +1,95 @@
+"""`kvstash bench resume`: what offloading a session saves, and what restoring it costs against re-prefill.
+
+    kvstash bench resume --history 512,2048 --kv fp,int8:r128,int4:r128 [--dtype float32] [--json]
+
+For each history length and KV spec, a session's cache is built by the worker's canonical
+prefill, offloaded through the worker's own `KVStore` to a real redis-server (spawned unless --redis-url;
+the host tier is off, so every resume reads Redis), and measured:
+- device KV bytes per token (from tensor storages) and Redis bytes of the offloaded session;
+- restore: read the manifest, fetch the blocks in pipelined round trips (decoding the first while the next
+  arrive), check, decode, rebuild the cache — the cache is then bit-identical to the offloaded one
+  (asserted) — versus re-prefill: the same history run through the model again, as a server without a KV
+  tier would;
+- `resume_speedup` = re-prefill / restore; and the time to the next token's logits both ways.
+Medians over --reps rounds, each round running every measurement once in turn (after one warm-up), so a
+shared machine's slow spells weigh on restore and re-prefill alike.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from services.bench.common import prefill, worker_store
+
+
+def median_times(fns, reps: int) -> list[float]:
+    """Median seconds of each of `fns` over `reps` rounds that run them in turn, so that a shared machine's
+    slow and fast spells weigh on every one of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def run_resume(args) -> int:
+    from services.config import ModelConfig
+    from services.runtime.redis_server import RedisServer
+    from services.worker.model_runner import ModelRunner
+    from services.worker.session import Session
+
+    runner = ModelRunner.load(ModelConfig(name=args.model, dtype=args.dtype))
+    text = Path(args.text).read_text(encoding="utf-8")
+    all_ids = runner.tokenizer(text[:200_000], add_special_tokens=False)["input_ids"]
+    server = None if args.redis_url else RedisServer().start()
+    rows = []
+    try:
+        for n in (int(x) for x in args.history.split(",")):
+            ids = all_ids[:n]
+            for spec in args.kv.split(","):
+                store, tier = worker_store(runner, args.redis_url or server.url, spec, "kvstash-bench")
+                cache, schedule = prefill(runner, store, ids[:-1])
+                s = Session("bench", f"s{n}", tokens=list(ids), schedule=schedule, cache=cache)
+                before = cache.export_state()
+                redis_bytes = store.save(s)
+
+                def restore():
+                    record = tier.get_record("bench", s.session_id)
+                    cold = Session.from_manifest(*record)
+                    loaded = store.load(cold)
+                    assert loaded.cache is not None, loaded.reason
+                    return loaded.cache
+
+                assert restore().export_state().equals(before), "restored cache differs from the offloaded one"
+                restore(), prefill(runner, store, ids[:-1])  # warm-up
+                restore_s, reprefill_s, next_restore, next_prefill = median_times(
+                    [restore, lambda: prefill(runner, store, ids[:-1]), lambda: runner.forward(restore(), ids[-1:]),
+                     lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:])], args.reps)
+                rows.append({
+                    "history": n, "kv": spec, "dtype": args.dtype, "blocks": len(s.blocks),
+                    "device_bytes_per_token": cache.state_bytes() / (n - 1), "raw_state_bytes": before.nbytes,
+                    "redis_bytes_per_session": redis_bytes, "restore_s": restore_s, "reprefill_s": reprefill_s,
+                    "resume_speedup": reprefill_s / restore_s, "next_token_restore_s": next_restore,
+                    "next_token_reprefill_s": next_prefill,
+                })
+                tier.delete_session("bench", s.session_id)
+    finally:
+        if server:
+            server.stop()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"model {args.model} ({args.dtype}), {runner.device}")
+        print("| history | kv | device B/token | Redis B/session | restore s | re-prefill s | speedup | "
+              "next token: restore s / re-prefill s |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['history']} | `{r['kv']}` | {r['device_bytes_per_token']:.0f} | {r['redis_bytes_per_session']} "
+                  f"| {r['restore_s']:.4f} | {r['reprefill_s']:.3f} | {r['resume_speedup']:.1f}x "
+                  f"| {r['next_token_restore_s']:.3f} / {r['next_token_reprefill_s']:.3f} |")
+    return 0
