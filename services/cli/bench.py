@@ -4,6 +4,7 @@
     kvstash bench batch [--concurrency 1,2,4,8,16,32] [--modes batched,interleaved,hf]  (services/bench/batch.py)
     kvstash bench chat [--users 8] [--rounds 5] [--modes default,no-tier,fp]           (services/bench/chat.py)
     kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]            (services/bench/codec.py)
+    kvstash bench decode [--context 512,2048] [--kv int4:k8v4:g32:r128]              (services/bench/decode.py)
     kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--json]         (services/bench/dedup.py)
     kvstash bench load [--concurrency 1,2,4,8] [--seconds 20] [--json]                (services/bench/load.py)
     kvstash bench soak [--minutes 10] [--concurrency 16] [--json]                     (services/bench/soak.py)
@@ -19,7 +20,7 @@ from services.eval.corpus import DEFAULT_TEXT
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (speed, memory) against in-process baselines")
     kinds = bench.add_subparsers(dest="bench_cmd", required=True)
-    for add in (_resume, _batch, _chat, _codec, _dedup, _load, _soak, _timing):
+    for add in (_resume, _batch, _chat, _codec, _decode, _dedup, _load, _soak, _timing):
         add(kinds)
 
 
@@ -77,6 +78,17 @@ def _codec(kinds) -> None:
     p.add_argument("--blocks", default="32,64,128", help="block sizes in tokens (multiples of the key group)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=runs("services.bench.codec", "run_codec"))
+
+
+def _decode(kinds) -> None:
+    p = kinds.add_parser("decode", help="one session's decode step at long contexts: kvstash cache vs DynamicCache")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--context", default="512,2048")
+    p.add_argument("--kv", default="int4:k8v4:g32:r128", help="comma-separated kvstash KV specs")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.decode", "run_decode"))
 
 
 def _dedup(kinds) -> None:

@@ -13,6 +13,7 @@ COMMANDS = {
     ("bench", "resume"): "services.bench.resume.run_resume",
     ("bench", "batch"): "services.bench.batch.run_batch",
     ("bench", "chat"): "services.bench.chat.run_chat",
+    ("bench", "decode"): "services.bench.decode.run_decode",
     ("bench", "codec"): "services.bench.codec.run_codec",
     ("bench", "dedup"): "services.bench.dedup.run_dedup",
     ("bench", "load"): "services.bench.load.run_load",
