@@ -8,7 +8,7 @@
     kvstash bench timing [--prefix 1024] [--trials 12] [--json]               (services/cli/bench_timing.py)
 
 `resume`: for each history length and KV spec, a session's cache is built by the worker's canonical
-prefill, offloaded through the worker's own `KVStore` to a real redis-server (spawned unless --redis-url;
+prefill, offloaded through the worker's own `CacheStore` (services/worker/session_store.py) to a real redis-server (spawned unless --redis-url;
 the host tier is off, so every resume reads Redis), and measured:
 - device KV bytes per token (from tensor storages) and Redis bytes of the offloaded session;
 - restore: read the manifest, fetch the blocks in pipelined round trips (decoding the first while the next
@@ -77,17 +77,17 @@ def median_times(fns, reps: int) -> list[float]:
 
 
 def worker_store(runner, redis_url: str, spec: str, namespace: str, **sections):
-    """A worker's `KVStore` (host tier off) on `runner` and a Redis URL, as the service builds it."""
+    """A worker's `CacheStore` (host tier off) on `runner` and a Redis URL, as the service builds it."""
     import redis
 
     from kvstore.tiers.redis_tier import RedisTier
     from services.config import KvstashConfig
     from services.metrics import WorkerMetrics
-    from services.worker.kv_store import KVStore
+    from services.worker.session_store import CacheStore
 
     cfg = KvstashConfig.from_dict({"kv": {"spec": spec}, "tiers": {"host_bytes": 0}, **sections})
     tier = RedisTier(redis.Redis.from_url(redis_url), namespace=namespace)
-    return KVStore(runner, tier, cfg, WorkerMetrics()), tier
+    return CacheStore(runner, tier, cfg, WorkerMetrics()), tier
 
 
 def prefill(runner, store, ids):
@@ -95,7 +95,7 @@ def prefill(runner, store, ids):
     from kvstore.prefix.canonical import passes
 
     cache, schedule, pos = runner.new_cache(store.quant), [], 0
-    for n in passes(0, len(ids), store.chunk):
+    for n in passes(0, len(ids), store.prefill_chunk):
         runner.forward(cache, ids[pos:pos + n])
         schedule.append(n)
         pos += n
@@ -126,9 +126,9 @@ def run_bench(args) -> int:
                 def restore():
                     record = tier.get_record("bench", s.session_id)
                     cold = Session.from_manifest(*record)
-                    loaded = store.load(cold)
-                    assert loaded.cache is not None, loaded.reason
-                    return loaded.cache
+                    got = store.store.restore(cold.tenant, cold.blocks, cold.stored_kv_tokens)  # no cost model
+                    assert got.state is not None, got.reason
+                    return runner.restore_cache(got.state)
 
                 assert restore().export_state().equals(before), "restored cache differs from the offloaded one"
                 restore(), prefill(runner, store, ids[:-1])  # warm-up

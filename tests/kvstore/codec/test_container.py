@@ -67,7 +67,7 @@ import hashlib  # noqa: E402
 import xxhash  # noqa: E402
 
 from kvstore.codec.container import FORMAT_VERSION, MAGIC  # noqa: E402
-from kvstore.hashing import checksum  # noqa: E402
+from kvstore.digest import checksum  # noqa: E402
 
 
 def _craft(kind=2, codec=0, meta=b"{}", payload=b"", version=FORMAT_VERSION, magic=MAGIC, sum_of=None) -> bytes:
