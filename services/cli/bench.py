@@ -108,7 +108,7 @@ def run_bench(args) -> int:
     from services.worker.model_runner import ModelRunner
     from services.worker.session import Session
 
-    runner = ModelRunner.load(ModelConfig(name=args.model, dtype=args.dtype))
+    runner = ModelRunner.from_config(ModelConfig(name=args.model, dtype=args.dtype))
     text = Path(args.text).read_text(encoding="utf-8")
     all_ids = runner.tokenizer(text[:200_000], add_special_tokens=False)["input_ids"]
     server = None if args.redis_url else RedisServer().start()

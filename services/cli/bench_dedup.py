@@ -89,7 +89,7 @@ def run_dedup(args) -> int:
     from services.worker.model_runner import ModelRunner
     from services.config import ModelConfig
 
-    runner = ModelRunner.load(ModelConfig(name=args.model))
+    runner = ModelRunner.from_config(ModelConfig(name=args.model))
     ids = load_ids(runner, args.text, args.prefix + 2000 + args.sessions * args.own)
     del runner
     system = ids[:args.prefix]

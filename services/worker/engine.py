@@ -54,7 +54,7 @@ class Engine:
     def __init__(self, cfg: KvstashConfig, worker_id: str = "w0"):
         self.cfg, self.worker_id = cfg, worker_id
         self.metrics = WorkerMetrics()
-        self.runner = ModelRunner.load(cfg.model)
+        self.runner = ModelRunner.from_config(cfg.model)
         self.runner.new_cache(cfg.quant)  # fail at start, not per request, when the spec cannot serve the model
         self.tier = RedisTier(redis_client(cfg), namespace=cfg.redis.namespace, ttl_s=cfg.redis.kv_ttl_s)
         self.sessions = SessionManager(self.runner, self.tier, cfg, self.metrics, worker_id)
@@ -211,7 +211,7 @@ class Engine:
                 yield
             if rest := stops.flush():
                 sink({"type": "tokens", "ids": [], "text": rest})
-            self.sessions.commit(s)
+            self.sessions.finish_call(s)
             committed = True
             sink({"type": "done", "finish_reason": finish, "usage": {
                 "prompt_tokens": len(new_ids), "cached_tokens": cached, "generated_tokens": produced,
@@ -295,7 +295,8 @@ class Engine:
         is here only (Redis missed its last write)."""
         return self.sessions.holding(tenant, session_id) is not None
 
-    def load(self) -> dict:
+    def occupancy(self) -> dict:
+        """How busy this worker is (the router's load signal): queue depth, device bytes, active sessions."""
         return {"queue_depth": self.scheduler.depth, "device_bytes": self.sessions.device_bytes(),
                 "active_sessions": len(self.sessions.active)}
 

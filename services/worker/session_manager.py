@@ -113,8 +113,9 @@ class SessionManager:
         """Device bytes held by every active session (measured from tensor storages)."""
         return sum(s.device_bytes() for s in list(self.active.values()))
 
-    def commit(self, s: Session) -> bool:
-        """The running call's tokens join the history, durably (journal, then Redis; see `persist`)."""
+    def finish_call(self, s: Session) -> bool:
+        """The running call's tokens join the history (`Session.commit`), durably (journal, then Redis; see
+        `persist`)."""
         s.commit()
         s.dirty = True  # until a write succeeds
         return self.persist(s)
