@@ -1,7 +1,10 @@
 """`SessionManager`: a worker's sessions, their tiers, and the offload/restore/recompute paths.
 
 Only ACTIVE sessions (KV on the device) live in memory; a cold session is its Redis manifest (the
-durable token history) plus, usually, stored KV blocks (`CacheStore` over the library's `SessionStore`). All methods run on the engine thread.
+durable token history) plus, usually, stored KV blocks (`CacheStore` over the library's `SessionStore`).
+All methods run on the engine thread. The engine reaches storage only through the methods here
+(`prefill_chunk`, `block_tokens`, `observe_prefill`, `register_prefix`, `hot_prefix_tokens`,
+`has_hot_prefixes`, `refresh_public`, `mark_public`).
 
 Invariants:
 - Restoring gives a cache bit-identical to the one offloaded (the codec is lossless, blocks are shared

@@ -160,3 +160,19 @@ def test_public_prefix_is_shared_across_tenants(tier):
     assert adoption.tokens == n and adoption.from_redis == n // BLOCK
     with pytest.raises(ValueError):
         store.public_tokens(CHUNK - 2)
+
+
+def test_cold_mode_restores_the_decoded_state_the_same_every_time_and_keeps_cold_blocks(tier):
+    from kvstore.codec.cold_block import is_cold
+
+    store = make_store(tier, block_tokens=64, sharing=False, cold=QuantConfig.parse("int2:g64:gv16:s1"))
+    tokens, schedule, state = session(80, 1)
+    saved = store.save(manifest("a", tokens, schedule), state, [], None)
+    assert len(saved.blocks) == 3 and all(is_cold(tier.client.hget(tier.block_key("acme", r), "d"))
+                                          for r in saved.blocks[:-1])
+    first = store.restore("acme", saved.blocks, saved.kv_tokens).state
+    assert first.num_tokens == state.num_tokens and not first.equals(state)  # lossy: the warm decoded cache
+    assert make_store(tier, block_tokens=64, sharing=False, cold=QuantConfig.parse("int2:g64:gv16:s1")).restore(
+        "acme", saved.blocks, saved.kv_tokens).state.equals(first)
+    again = store.save(manifest("a", tokens, schedule), first, saved.blocks, saved.manifest_sha)
+    assert again.blocks[:-1] == saved.blocks[:-1]  # resumed cold blocks are kept, never re-quantized
