@@ -42,9 +42,22 @@ from kvstore.tiers.manifest import BlockRef, SessionManifest
 from kvstore.tiers.naming import BlockNamer
 from kvstore.tiers.policy import RestoreCost
 from kvstore.tiers.redis_tier import BlockRefused, RedisTier, StaleManifest
-from kvstore.tiers.store_types import (CORRUPT, MISSING, Adoption, BytesWritten, CompressionMeasured, ModelIdentity,
-                                       Published, RestoreDecided, Restored, Saved, StorageFailed, StoreEvents,
-                                       StoreSettings, ignore_events)
+from kvstore.tiers.store_types import (
+    CORRUPT,
+    MISSING,
+    Adoption,
+    BytesWritten,
+    CompressionMeasured,
+    ModelIdentity,
+    Published,
+    Restored,
+    RestoreDecided,
+    Saved,
+    StorageFailed,
+    StoreEvents,
+    StoreSettings,
+    ignore_events,
+)
 
 log = logging.getLogger(__name__)
 _ZERO = bytes(32)

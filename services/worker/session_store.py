@@ -21,8 +21,17 @@ from kvstore.prefix.canonical import passes
 from kvstore.quant.cache import QuantizedKVCache
 from kvstore.tiers.redis_tier import RedisTier
 from kvstore.tiers.store import SessionStore
-from kvstore.tiers.store_types import (MISSING, BytesWritten, CompressionMeasured, ModelIdentity, Published,
-                                       RestoreDecided, StorageFailed, StoreEvent, StoreSettings)
+from kvstore.tiers.store_types import (
+    MISSING,
+    BytesWritten,
+    CompressionMeasured,
+    ModelIdentity,
+    Published,
+    RestoreDecided,
+    StorageFailed,
+    StoreEvent,
+    StoreSettings,
+)
 from services.config import KvstashConfig
 from services.metrics import WorkerMetrics
 from services.worker.model_runner import ModelRunner

@@ -15,8 +15,15 @@ from kvstore.quant.cache import QuantizedKVCache
 from kvstore.tiers.manifest import SessionManifest
 from kvstore.tiers.redis_tier import RedisTier
 from kvstore.tiers.store import SessionStore
-from kvstore.tiers.store_types import (CORRUPT, MISSING, BytesWritten, CompressionMeasured, ModelIdentity,
-                                       RestoreDecided, StoreSettings)
+from kvstore.tiers.store_types import (
+    CORRUPT,
+    MISSING,
+    BytesWritten,
+    CompressionMeasured,
+    ModelIdentity,
+    RestoreDecided,
+    StoreSettings,
+)
 
 SPEC = "int4:g32:gv16:r32"
 SHAPE = ModelShape(layers=2, kv_heads=2, head_dim=16, dtype="torch.float32")
@@ -91,7 +98,7 @@ def test_shared_prefix_blocks_are_stored_once_and_adopted(tier):
     assert store.restore("acme", saved_b.blocks, saved_b.kv_tokens).state.equals(b)
     # another tenant shares nothing: its names are salted with its own salt
     saved_c = store.save(manifest("c", ta, sa, tenant="other"), a, [], None)
-    assert not set(r.key for r in saved_c.blocks) & set(r.key for r in saved_a.blocks)
+    assert not {r.key for r in saved_c.blocks} & {r.key for r in saved_a.blocks}
     events = []
     adopter = make_store(tier, events)
     adoption = adopter.adopt("acme", PREFIX + [7, 8, 9])
