@@ -18,7 +18,7 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "lb" (K V)+           per-layer bits, two characters per layer (2, 3, 4, 8, or f for 16),
                                      e.g. lb848442 for three layers; overrides k/v bits layer by layer
 
-Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had:out0.01`. `QuantConfig.load` also takes a
+Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had:out0.01`. `QuantConfig.from_spec_or_file` also takes a
 file holding a spec (plain text, or TOML with `spec = "..."`), e.g. one written by `kvstash eval alloc`.
 
 Invariant: `QuantConfig.parse(c.spec()) == c` for every valid config.
@@ -188,7 +188,7 @@ class QuantConfig:
         return cls(**kw)
 
     @classmethod
-    def load(cls, spec_or_path: str) -> QuantConfig:
+    def from_spec_or_file(cls, spec_or_path: str) -> QuantConfig:
         """A spec string, or a file holding one: plain text, or TOML with `spec = "..."` (top level or [kv])."""
         path = Path(spec_or_path)
         if not (path.suffix in (".toml", ".txt", ".spec") and path.is_file()):

@@ -170,7 +170,7 @@ class KvstashConfig:
 
     @property
     def quant(self) -> QuantConfig:
-        return QuantConfig.load(self.kv.spec)
+        return QuantConfig.from_spec_or_file(self.kv.spec)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -198,7 +198,7 @@ class KvstashConfig:
 
     @property
     def cold(self) -> QuantConfig | None:
-        return QuantConfig.load(self.tiers.cold_spec) if self.tiers.cold_spec else None
+        return QuantConfig.from_spec_or_file(self.tiers.cold_spec) if self.tiers.cold_spec else None
 
     @property
     def block_tokens(self) -> int:

@@ -32,7 +32,7 @@ import numpy as np
 from kvstore.codec import entropy
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
 from kvstore.config import QuantConfig
-from kvstore.hashing import hash_fields
+from kvstore.digest import hash_fields
 from kvstore.layout import ModelShape, Tensors, layout, layout_bytes
 
 BLOCK_VERSION = 1

@@ -10,7 +10,7 @@ Layout (all integers little-endian, `struct`):
     8       4     u32 meta length in bytes
     12      8     u64 payload length in bytes
     20      16    checksum of header[0:20] + meta + payload: version 3 (written) xxh3-128; still read:
-                  version 2 sha256, version 1 blake2b (`kvstore.hashing.checksum`), both cut to 16 bytes
+                  version 2 sha256, version 1 blake2b (`kvstore.digest.checksum`), both cut to 16 bytes
     36      M     meta: canonical JSON object (sort_keys, compact separators, utf-8, no NaN/inf)
     36+M    P     payload bytes
 
@@ -22,7 +22,7 @@ Invariants:
   or a kind other than the one expected.
 - Nothing is ever unpickled; meta is plain JSON.
 - Versions differ only in the checksum. It detects corruption (Redis, disk, network), it does not
-  authenticate: names are content-addressed by the chained block hashes (`kvstore.prefix.hashing`),
+  authenticate: names are content-addressed by the chained block hashes (`kvstore.prefix.block_hash`),
   never by this sum. Version 3's xxh3-128 runs at ~20 GB/s, 15x sha256 (version 2) with SHA-NI and 35x
   blake2b (version 1); with the vector rANS decoder, sha256 had become a tenth of a block's decode time.
 """
@@ -37,7 +37,7 @@ from typing import Any
 
 import xxhash
 
-from kvstore.hashing import checksum
+from kvstore.digest import checksum
 
 MAGIC = b"KVST"
 FORMAT_VERSION = 3

@@ -21,7 +21,7 @@ Invariants (pure functions):
 
 from __future__ import annotations
 
-from kvstore.prefix.hashing import BlockGrid
+from kvstore.prefix.block_hash import BlockGrid
 from kvstore.schedule import SEAL
 
 

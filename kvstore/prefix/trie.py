@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from kvstore.layout import Tensors
-from kvstore.prefix.hashing import BlockHash
+from kvstore.prefix.block_hash import BlockHash
 
 
 @dataclass

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvstore.hashing import checksum
+from kvstore.digest import checksum
 
 MAGIC = b"KVJ1"
 MANIFEST, TOMBSTONE = 1, 2

@@ -1,10 +1,10 @@
-"""The offload policy (which sessions leave the device) and the load-or-recompute cost model.
+"""The offload policy (which sessions leave the device) and the restore-or-recompute cost model.
 
 `OffloadPolicy.victims` picks, among sessions that are neither busy nor pinned: every session idle for
 `idle_timeout_s`, then least-recently-used ones until the device holds at most `device_budget_bytes`
-(0: no budget). `LoadCost` keeps exponentially weighted averages of measured costs — seconds per block
-fetched and decoded, seconds per token prefilled — and decides, per block, whether loading beats
-recomputing. Both are pure policy: they never touch the cache or storage themselves.
+(0: no budget). `RestoreCost` keeps exponentially weighted averages of measured costs — seconds per block
+fetched and decoded, seconds per token prefilled — and decides, per block, whether restoring (fetch and
+decode) beats recomputing. Both are pure policy: they never touch the cache or storage themselves.
 """
 
 from __future__ import annotations
@@ -42,23 +42,23 @@ class OffloadPolicy:
         return out
 
 
-class LoadCost:
-    """Measured cost of loading a stored block versus prefilling its tokens (EWMA, starting from priors)."""
+class RestoreCost:
+    """Measured cost of restoring a stored block (fetch and decode) versus prefilling its tokens (EWMA, starting from priors)."""
 
-    def __init__(self, load_s_per_block: float = 0.002, prefill_s_per_token: float = 0.002, alpha: float = 0.2):
-        self.load_s_per_block, self.prefill_s_per_token, self.alpha = load_s_per_block, prefill_s_per_token, alpha
+    def __init__(self, restore_s_per_block: float = 0.002, prefill_s_per_token: float = 0.002, alpha: float = 0.2):
+        self.restore_s_per_block, self.prefill_s_per_token, self.alpha = restore_s_per_block, prefill_s_per_token, alpha
 
     def _mix(self, old: float, new: float) -> float:
         return (1 - self.alpha) * old + self.alpha * new
 
-    def observe_load(self, blocks: int, seconds: float) -> None:
+    def observe_restore(self, blocks: int, seconds: float) -> None:
         if blocks > 0 and seconds >= 0:
-            self.load_s_per_block = self._mix(self.load_s_per_block, seconds / blocks)
+            self.restore_s_per_block = self._mix(self.restore_s_per_block, seconds / blocks)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds >= 0:
             self.prefill_s_per_token = self._mix(self.prefill_s_per_token, seconds / tokens)
 
-    def load_pays(self, blocks: int, tokens: int) -> bool:
+    def restore_pays(self, blocks: int, tokens: int) -> bool:
         """True when fetching and decoding `blocks` is expected to be cheaper than prefilling `tokens`."""
-        return blocks * self.load_s_per_block < tokens * self.prefill_s_per_token
+        return blocks * self.restore_s_per_block < tokens * self.prefill_s_per_token

@@ -139,8 +139,8 @@ class RedisTier:
         return raw[::2] if self.ttl_s else raw
 
     # ---- writes ------------------------------------------------------------------------------------
-    def commit(self, manifest: SessionManifest, previous: list[BlockRef], data: dict[bytes, bytes] | None = None,
-               expect_sha: str = "*") -> Committed:
+    def commit_session(self, manifest: SessionManifest, previous: list[BlockRef], data: dict[bytes, bytes] | None = None,
+                       expect_sha: str = "*") -> Committed:
         """Write `manifest`, reference its blocks and release those of `previous` (the manifest it replaces).
 
         `data` maps a block key digest to its container, for blocks that may be absent. Raises BlockRefused

@@ -160,8 +160,8 @@ def run_codec(args) -> int:
     from services.worker.model_runner import ModelRunner
 
     torch.set_num_threads(1)
-    quant = QuantConfig.load(args.kv)
-    runner = ModelRunner.load(ModelConfig(name=args.model))
+    quant = QuantConfig.from_spec_or_file(args.kv)
+    runner = ModelRunner.from_config(ModelConfig(name=args.model))
     ids = load_ids(runner, args.text, 2 * args.tokens)
     store, _ = worker_store(runner, "redis://127.0.0.1:1/0", args.kv, "bench-codec")
     cache, _ = prefill(runner, store, ids[:args.tokens])

@@ -15,17 +15,17 @@ def models_dir() -> str:
 
 
 def worker_store(runner, redis_url: str, spec: str, namespace: str, **sections):
-    """A worker's `KVStore` (host tier off) on `runner` and a Redis URL, as the service builds it."""
+    """A worker's `CacheStore` (host tier off) on `runner` and a Redis URL, as the service builds it."""
     import redis
 
     from kvstore.tiers.redis_tier import RedisTier
     from services.config import KvstashConfig
     from services.metrics import WorkerMetrics
-    from services.worker.kv_store import KVStore
+    from services.worker.session_store import CacheStore
 
     cfg = KvstashConfig.from_dict({"kv": {"spec": spec}, "tiers": {"host_bytes": 0}, **sections})
     tier = RedisTier(redis.Redis.from_url(redis_url), namespace=namespace)
-    return KVStore(runner, tier, cfg, WorkerMetrics()), tier
+    return CacheStore(runner, tier, cfg, WorkerMetrics()), tier
 
 
 def prefill(runner, store, ids):
@@ -33,7 +33,7 @@ def prefill(runner, store, ids):
     from kvstore.prefix.canonical import passes
 
     cache, schedule, pos = runner.new_cache(store.quant), [], 0
-    for n in passes(0, len(ids), store.chunk):
+    for n in passes(0, len(ids), store.prefill_chunk):
         runner.forward(cache, ids[pos:pos + n])
         schedule.append(n)
         pos += n

@@ -28,8 +28,7 @@ def run_decode(args) -> int:
     from services.config import ModelConfig
     from services.worker.model_runner import ModelRunner
 
-    runner = ModelRunner.from_config(ModelConfig(name=args.model)) if hasattr(ModelRunner, "from_config") \
-        else ModelRunner.load(ModelConfig(name=args.model))
+    runner = ModelRunner.from_config(ModelConfig(name=args.model))
     rng = random.Random(0)
     rows = []
     for length in (int(x) for x in args.context.split(",")):

@@ -53,7 +53,7 @@ def scenario(engine, name: str, system: list[int], owns: list[list[int]]) -> dic
         engine.evict(tenant, f"s{i}").result()
     tier = engine.tier
     records = [tier.get_manifest("acme" if name == "one-tenant" else f"tenant{i}", f"s{i}") for i in range(len(owns))]
-    store = engine.sessions.store
+    store = engine.sessions.store.store  # the library's SessionStore
     points = [p for p in adoption_points(len(system) + 1, store.grid, store.chunk)]
     shared = store.grid.count(points[-1]) if points else 0  # blocks of the shareable part of the prefix
     prefix_bytes = sum(st.size for st in tier.check(records[0].tenant, records[0].blocks[:shared]))
@@ -73,7 +73,7 @@ def run_dedup(args) -> int:
     from services.worker.engine import Engine
     from services.worker.model_runner import ModelRunner
 
-    runner = ModelRunner.load(ModelConfig(name=args.model))
+    runner = ModelRunner.from_config(ModelConfig(name=args.model))
     ids = load_ids(runner, args.text, args.prefix + 2000 + args.sessions * args.own)
     del runner
     system = ids[:args.prefix]

@@ -3,7 +3,7 @@
     kvstash bench resume --history 512,2048 --kv fp,int8:r128,int4:r128 [--dtype float32] [--json]
 
 For each history length and KV spec, a session's cache is built by the worker's canonical
-prefill, offloaded through the worker's own `KVStore` to a real redis-server (spawned unless --redis-url;
+prefill, offloaded through the worker's own `CacheStore` (services/worker/session_store.py) to a real redis-server (spawned unless --redis-url;
 the host tier is off, so every resume reads Redis), and measured:
 - device KV bytes per token (from tensor storages) and Redis bytes of the offloaded session;
 - restore: read the manifest, fetch the blocks in pipelined round trips (decoding the first while the next
@@ -43,7 +43,7 @@ def run_resume(args) -> int:
     from services.worker.model_runner import ModelRunner
     from services.worker.session import Session
 
-    runner = ModelRunner.load(ModelConfig(name=args.model, dtype=args.dtype))
+    runner = ModelRunner.from_config(ModelConfig(name=args.model, dtype=args.dtype))
     text = Path(args.text).read_text(encoding="utf-8")
     all_ids = runner.tokenizer(text[:200_000], add_special_tokens=False)["input_ids"]
     server = None if args.redis_url else RedisServer().start()
@@ -61,9 +61,9 @@ def run_resume(args) -> int:
                 def restore():
                     record = tier.get_record("bench", s.session_id)
                     cold = Session.from_manifest(*record)
-                    loaded = store.load(cold)
-                    assert loaded.cache is not None, loaded.reason
-                    return loaded.cache
+                    got = store.store.restore(cold.tenant, cold.blocks, cold.stored_kv_tokens)  # no cost model
+                    assert got.state is not None, got.reason
+                    return runner.restore_cache(got.state)
 
                 assert restore().export_state().equals(before), "restored cache differs from the offloaded one"
                 restore(), prefill(runner, store, ids[:-1])  # warm-up

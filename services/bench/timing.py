@@ -60,7 +60,7 @@ def run_timing(args) -> int:
     from services.runtime.process import ServiceProcess
     from services.worker.model_runner import ModelRunner
 
-    system = load_ids(ModelRunner.load(ModelConfig(name=args.model)), args.text, args.prefix)
+    system = load_ids(ModelRunner.from_config(ModelConfig(name=args.model)), args.text, args.prefix)
     home = Path(tempfile.mkdtemp(prefix="kvstash-timing-"))
     fresh = [f"key-b{i}" for i in range(2 * args.trials)]  # a new tenant per trial and phase
     (home / "keys.toml").write_text('[keys]\n"key-a" = "alpha"\n"key-ops" = "ops"\n'

@@ -75,7 +75,7 @@ def run_alloc(args) -> int:
     from services.eval.corpus import load_ids
     from services.eval.ppl import Evaluator, load_runner
 
-    base = QuantConfig.load(args.base)
+    base = QuantConfig.from_spec_or_file(args.base)
     choices = sorted({int(b) for b in args.bits.split(",")})
     runner = load_runner(args)
     ids = load_ids(runner, args.text, args.tokens)

@@ -113,8 +113,8 @@ def run_cold(args) -> int:
     from services.eval.ppl import load_runner
 
     torch.set_num_threads(1)
-    device = QuantConfig.load(args.kv)
-    colds = [QuantConfig.load(s) for s in args.cold.split(",")]
+    device = QuantConfig.from_spec_or_file(args.kv)
+    colds = [QuantConfig.from_spec_or_file(s) for s in args.cold.split(",")]
     for c in colds:
         check_specs(device, c)  # fail before loading anything
     if args.history < 1 or args.continuation < 1 or args.windows < 1 or args.prefill_chunk < 1 or args.offset < 0:

@@ -157,7 +157,7 @@ def load_runner(args):
 
     if args.chunk < 1 or args.window < 2 or args.tokens < 2:
         raise SystemExit("--chunk must be >= 1, --window and --tokens >= 2")
-    return ModelRunner.load(ModelConfig(name=args.model, dtype=args.dtype))
+    return ModelRunner.from_config(ModelConfig(name=args.model, dtype=args.dtype))
 
 
 def print_results(results: list[PplResult], as_json: bool, header: str) -> None:
@@ -177,7 +177,7 @@ def print_results(results: list[PplResult], as_json: bool, header: str) -> None:
 def run_ppl(args) -> int:
     from kvstore.config import QuantConfig
 
-    specs = [QuantConfig.load(s) for s in args.kv.split(",")]
+    specs = [QuantConfig.from_spec_or_file(s) for s in args.kv.split(",")]
     runner = load_runner(args)
     ev = Evaluator(runner, load_ids(runner, args.text, args.tokens), args.window, args.chunk, progress=not args.json)
     results = [ev.spec(s) for s in specs] + [ev.hf(b, specs[0]) for b in args.baseline]

@@ -169,7 +169,7 @@ class Router:
             if not w.alive:
                 self._revive(w)
         live = self.live()
-        loads = await asyncio.gather(*(w.actor.load.remote() for w in live), return_exceptions=True)
+        loads = await asyncio.gather(*(w.actor.occupancy.remote() for w in live), return_exceptions=True)
         snaps = await asyncio.gather(*(w.actor.metrics_snapshot.remote() for w in live), return_exceptions=True)
         for w, load, snap in zip(live, loads, snaps):
             if isinstance(load, ray.exceptions.RayActorError) or isinstance(snap, ray.exceptions.RayActorError):

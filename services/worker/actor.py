@@ -100,8 +100,8 @@ class WorkerActor:
     async def holds(self, tenant: str, session_id: str) -> bool:
         return self.engine.holds(tenant, session_id)
 
-    async def load(self) -> dict:
-        return self.engine.load()
+    async def occupancy(self) -> dict:
+        return self.engine.occupancy()
 
     async def metrics_snapshot(self) -> list[dict]:
         return self.engine.metrics_snapshot()

@@ -57,13 +57,13 @@ class Engine:
     def __init__(self, cfg: KvstashConfig, worker_id: str = "w0"):
         self.cfg, self.worker_id = cfg, worker_id
         self.metrics = WorkerMetrics()
-        self.runner = ModelRunner.load(cfg.model)
+        self.runner = ModelRunner.from_config(cfg.model)
         self.runner.new_cache(cfg.quant)  # fail at start, not per request, when the spec cannot serve the model
         self.tier = RedisTier(redis_client(cfg), namespace=cfg.redis.namespace, ttl_s=cfg.redis.kv_ttl_s)
         self.sessions = SessionManager(self.runner, self.tier, cfg, self.metrics, worker_id)
         self._next_collect = time.monotonic() + cfg.tiers.collect_interval_s
         try:
-            self.sessions.store.refresh_public()
+            self.sessions.refresh_public()
             policy = self.tier.client.config_get("maxmemory-policy").get(b"maxmemory-policy", b"").decode()
             if policy.startswith("allkeys"):
                 log.error("Redis maxmemory-policy is %s: Redis may evict session manifests (their durable "
@@ -106,7 +106,7 @@ class Engine:
     def _housekeeping(self) -> None:
         try:  # storage first: a Redis that lost its data gets the histories back before anything else
             self.sessions.sync_storage()
-            self.sessions.store.refresh_public()
+            self.sessions.refresh_public()
             self.metrics.storage_up.set(1)
         except Exception as e:  # noqa: BLE001 - storage down: serve from the device, retry next time
             self.metrics.storage_up.set(0)
@@ -174,7 +174,7 @@ class Engine:
             origin = yield from self.sessions.ensure_kv(s)
             source, cached = origin.source, origin.cached_tokens
             pos = s.kv_tokens
-            chunks = passes(pos, len(s.tokens), self.sessions.store.chunk)
+            chunks = passes(pos, len(s.tokens), self.sessions.prefill_chunk)
             if not chunks:
                 raise Internal("the session has no token to continue from")
             t_prefill = time.perf_counter()
@@ -205,9 +205,8 @@ class Engine:
                     self._observe_quality(s.cache)
                 s.schedule.append(encode_pass(this_pass))
                 if step == 0:
-                    if len(s.tokens) - cached >= self.sessions.store.block_tokens:  # a prefill, not a decode step
-                        self.sessions.store.cost.observe_prefill(len(s.tokens) - cached,
-                                                                 time.perf_counter() - t_prefill)
+                    if len(s.tokens) - cached >= self.sessions.block_tokens:  # a prefill, not a decode step
+                        self.sessions.observe_prefill(len(s.tokens) - cached, time.perf_counter() - t_prefill)
                     if source == NEW:
                         self.sessions.register_prefix(s)
                 tok = self.runner.sample(logits, sampling, gen)
@@ -225,7 +224,7 @@ class Engine:
                 pending, fed = [tok], (fed if step == 0 else 0)
             if rest := stops.flush():
                 sink({"type": "tokens", "ids": [], "text": rest})
-            self.sessions.commit(s)
+            self.sessions.finish_call(s)
             committed = True
             sink({"type": "done", "finish_reason": finish, "usage": {
                 "prompt_tokens": len(new_ids), "cached_tokens": cached, "generated_tokens": produced,
@@ -282,7 +281,7 @@ class Engine:
             else:
                 ids = self._encode_input(GenerateCall("", "", False, input), [])
             try:
-                n, new = yield from self.sessions.store.mark_public(ids)
+                n, new = yield from self.sessions.mark_public(ids)
             except ValueError as e:
                 raise InvalidArgument(str(e)) from None
             sink({"type": "done", "tokens": n, "registered": new, "prompt_tokens": len(ids)})
@@ -292,13 +291,13 @@ class Engine:
         """Returns a Future of how many prompt tokens of `input` (as a new session's) this worker holds hot,
         for routing (0 when nothing is hot or the input does not encode)."""
         def op():
-            if not len(self.sessions.store.trie):  # nothing hot: no need to tokenize
+            if not self.sessions.has_hot_prefixes():  # nothing hot: no need to tokenize
                 return 0
             try:
                 ids = self._encode_input(GenerateCall(tenant, "", True, input), [])
             except InvalidArgument:
                 return 0
-            return self.sessions.store.hot_tokens(tenant, ids)
+            return self.sessions.hot_prefix_tokens(tenant, ids)
         return self.scheduler.call(op)
 
     def drain(self):
@@ -306,7 +305,7 @@ class Engine:
         return self.scheduler.call(lambda: self.sessions.offload_idle(everything=True))
 
     def refresh_public(self):
-        return self.scheduler.call(self.sessions.store.refresh_public)
+        return self.scheduler.call(self.sessions.refresh_public)
 
     def evict(self, tenant: str, session_id: str):
         def op():
@@ -322,7 +321,8 @@ class Engine:
         is here only (Redis missed its last write)."""
         return self.sessions.holding(tenant, session_id) is not None
 
-    def load(self) -> dict:
+    def occupancy(self) -> dict:
+        """How busy this worker is (the router's load signal): queue depth, device bytes, active sessions."""
         return {"queue_depth": self.scheduler.depth, "device_bytes": self.sessions.device_bytes(),
                 "active_sessions": len(self.sessions.active)}
 

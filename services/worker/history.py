@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 
 from kvstore.codec.container import ContainerError
 from kvstore.tiers.journal import HistoryJournal
@@ -98,7 +99,7 @@ class HistoryStore:
         previous = s.blocks
         for _ in range(2):
             try:
-                done = self.tier.commit(self.manifest(s), previous,
+                done = self.tier.commit_session(self.manifest(s), previous,
                                         expect_sha=expect_sha or s.manifest_sha or "*")
                 s.manifest_sha, s.dirty = done.sha1, False
                 return True
@@ -116,10 +117,11 @@ class HistoryStore:
         s.dirty = True
         return False
 
-    def delete(self, tenant: str, session_id: str) -> bool:
-        """Remove the session from Redis (and its blocks' references); journal the deletion."""
+    def delete(self, tenant: str, session_id: str, remove: Callable[[str, str], bool] | None = None) -> bool:
+        """Remove the session from Redis (and its blocks' references) with `remove` (by default the tier's
+        `delete_session`); journal the deletion."""
         try:
-            stored = self.tier.delete_session(tenant, session_id)
+            stored = (remove or self.tier.delete_session)(tenant, session_id)
         except Exception as e:  # noqa: BLE001
             self.metrics.storage_errors.labels("delete").inc()
             raise Unavailable(f"session storage is unavailable: {type(e).__name__}") from None
@@ -168,7 +170,7 @@ class HistoryStore:
             try:
                 m = SessionManifest.decode(raw)
                 m.blocks, m.kv_tokens = [], 0
-                self.tier.commit(m, [], expect_sha="")  # only where Redis has no record of it
+                self.tier.commit_session(m, [], expect_sha="")  # only where Redis has no record of it
                 self.metrics.history_recoveries.inc()
                 n += 1
             except StaleManifest:

@@ -79,7 +79,7 @@ class ModelRunner:
         log.info("loaded %s on %s (%s), fingerprint %s", cfg.name, self.device, cfg.dtype, self.fingerprint[:12])
 
     @classmethod
-    def load(cls, cfg: ModelConfig) -> ModelRunner:
+    def from_config(cls, cfg: ModelConfig) -> ModelRunner:
         """Resolve `cfg.name` (built-in, folder or hub id) through the model store and load it."""
         from services.worker.model_store import store_for
 

@@ -1,7 +1,10 @@
 """`SessionManager`: a worker's sessions, their tiers, and the offload/restore/recompute paths.
 
 Only ACTIVE sessions (KV on the device) live in memory; a cold session is its Redis manifest (the
-durable token history) plus, usually, stored KV blocks (`KVStore`). All methods run on the engine thread.
+durable token history) plus, usually, stored KV blocks (`CacheStore` over the library's `SessionStore`).
+All methods run on the engine thread. The engine reaches storage only through the methods here
+(`prefill_chunk`, `block_tokens`, `observe_prefill`, `register_prefix`, `hot_prefix_tokens`,
+`has_hot_prefixes`, `refresh_public`, `mark_public`).
 
 Invariants:
 - Restoring gives a cache bit-identical to the one offloaded (the codec is lossless, blocks are shared
@@ -25,7 +28,7 @@ import time
 from collections.abc import Generator
 from dataclasses import dataclass
 
-from kvstore.hashing import hash_fields
+from kvstore.digest import hash_fields
 from kvstore.prefix.canonical import adopted_schedule, canonical_tokens
 from kvstore.schedule import SEAL, boundaries, replay_passes, schedule_tokens
 from kvstore.tiers.journal import HistoryJournal
@@ -35,9 +38,9 @@ from services.config import KvstashConfig, kvstash_home
 from services.errors import FailedPrecondition, NotFound, Unavailable
 from services.metrics import WorkerMetrics
 from services.worker.history import HistoryStore
-from services.worker.kv_store import KVStore, Loaded
 from services.worker.model_runner import ModelRunner
 from services.worker.session import Session
+from services.worker.session_store import AdoptedPrefix, CacheStore, RestoredCache
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,8 @@ class SessionManager:
                  worker_id: str = "w0"):
         self.runner, self.tier, self.metrics = runner, tier, metrics
         self.quant = cfg.quant
-        self.store = KVStore(runner, tier, cfg, metrics)
+        self.store = CacheStore(runner, tier, cfg, metrics)
+        self.prefill_chunk, self.block_tokens = self.store.prefill_chunk, self.store.block_tokens
         self.history = HistoryStore(tier, journal_for(cfg, worker_id), metrics, runner.fingerprint, self.quant.spec())
         self.policy = OffloadPolicy(cfg.session.idle_timeout_s, cfg.tiers.device_bytes)
         self.active: dict[tuple[str, str], Session] = {}  # KV on the device
@@ -111,8 +115,9 @@ class SessionManager:
         """Device bytes held by every active session (measured from tensor storages)."""
         return sum(s.device_bytes() for s in list(self.active.values()))
 
-    def commit(self, s: Session) -> bool:
-        """The running call's tokens join the history, durably (journal, then Redis; see `persist`)."""
+    def finish_call(self, s: Session) -> bool:
+        """The running call's tokens join the history (`Session.commit`), durably (journal, then Redis; see
+        `persist`)."""
         s.commit()
         s.dirty = True  # until a write succeeds
         return self.persist(s)
@@ -145,27 +150,20 @@ class SessionManager:
         if s.cache is not None:
             return KvOrigin(DEVICE, s.kv_tokens, "device")
         if not s.schedule:
-            adoption = self.store.adopt(s.tenant, s.tokens)
+            adoption = self.adopt_prefix(s.tenant, s.tokens)
             if adoption is None:
                 s.cache = self.runner.new_cache(self.quant)
                 self.metrics.prefix_lookups.labels("miss").inc()
                 return KvOrigin(NEW)
-            s.cache, s.schedule = adoption.cache, adopted_schedule(adoption.tokens, self.store.chunk)
+            s.cache, s.schedule = adoption.cache, adopted_schedule(adoption.tokens, self.prefill_chunk)
             self.metrics.prefix_lookups.labels("hit").inc()
-            per_block = self.store.block_tokens
+            per_block = self.block_tokens
             self.metrics.prefix_hit_tokens.labels("device").inc(adoption.from_trie * per_block)
             self.metrics.prefix_hit_tokens.labels("redis").inc(adoption.from_redis * per_block)
             return KvOrigin(PREFIX, adoption.tokens, "redis" if adoption.from_redis else "device")
         t0 = time.perf_counter()
-        loaded = Loaded(None, reason="missing")
-        if s.blocks and s.stored_kv_tokens:
-            if self.store.cost.load_pays(len(s.blocks), s.stored_kv_tokens):
-                loaded = self.store.load(s)
-                self.metrics.load_decisions.labels("resume", "load").inc(len(s.blocks))
-            else:
-                loaded = Loaded(None, reason="cost")
-                self.metrics.load_decisions.labels("resume", "recompute").inc(len(s.blocks))
-        cache, tier, reason = loaded.cache, loaded.tier, loaded.reason
+        restored: RestoredCache = self.store.restore(s)
+        cache, tier, reason = restored.cache, restored.tier, restored.reason
         replayed = yield from self._replay(s, cache)
         source = RESTORED if replayed == 0 else RECOMPUTED
         if replayed:
@@ -190,8 +188,8 @@ class SessionManager:
         elif SEAL in schedule:  # the session adopted a canonical prefix: take it from storage if still there
             j = schedule.index(SEAL)
             prefix = schedule_tokens(schedule[:j])
-            if canonical_tokens(schedule[:j], self.store.chunk) == prefix:
-                adoption = self.store.adopt(s.tenant, s.tokens[:prefix + 1])
+            if canonical_tokens(schedule[:j], self.prefill_chunk) == prefix:
+                adoption = self.adopt_prefix(s.tenant, s.tokens[:prefix + 1])
                 if adoption is not None and adoption.tokens == prefix:
                     cache, start, done = adoption.cache, j + 1, prefix
         cache = cache if cache is not None else self.runner.new_cache(self.quant)
@@ -262,15 +260,41 @@ class SessionManager:
     def register_prefix(self, s: Session) -> None:
         """After a new session's first prefill: keep its canonical blocks hot for later sessions."""
         try:
-            self.store.register(s)
+            self.store.register_prefix(s)
         except Exception:  # an optimisation only
             log.exception("prefix registration of %s/%s failed", s.tenant, s.session_id)
+
+    # ---- what the engine asks of stored KV ---------------------------------------------------------------
+    def adopt_prefix(self, tenant: str, tokens: list[int]) -> AdoptedPrefix | None:
+        """The longest stored canonical prefix of `tokens` worth restoring, as a device cache, or None."""
+        return self.store.adopt(tenant, tokens)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """A measured prefill, for the restore-or-recompute cost model."""
+        self.store.observe_prefill(tokens, seconds)
+
+    def hot_prefix_tokens(self, tenant: str, tokens: list[int]) -> int:
+        """Prompt tokens a new session of `tenant` would adopt from this worker's trie (routing probe)."""
+        return self.store.hot_tokens(tenant, tokens)
+
+    def has_hot_prefixes(self) -> bool:
+        return self.store.has_hot_prefixes()
+
+    def refresh_public(self) -> int:
+        """Reload the registry of public prefixes; returns the blocks it names."""
+        return self.store.refresh_public()
+
+    def mark_public(self, tokens: list[int]) -> Generator[None, None, tuple[int, bool]]:
+        """Share the canonical prefix of `tokens` with every tenant (yields between prefill passes); returns
+        (tokens shared, whether newly registered). ValueError when sharing is off or no whole chunk."""
+        published = yield from self.store.mark_public(tokens)
+        return published.tokens, published.registered
 
     def delete(self, tenant: str, session_id: str) -> bool:
         s = self.holding(tenant, session_id)
         if s is not None:
             self.check_not_busy(s)
-        stored = self.history.delete(tenant, session_id)
+        stored = self.history.delete(tenant, session_id, self.store.delete)
         self.active.pop((tenant, session_id), None)
         self.unsaved.pop((tenant, session_id), None)
         self._update_gauges()
@@ -278,8 +302,8 @@ class SessionManager:
 
     def _update_gauges(self) -> None:
         self.metrics.kv_bytes.labels("device").set(self.device_bytes())
-        self.metrics.kv_bytes.labels("host").set(self.store.host.nbytes)
-        self.metrics.kv_bytes.labels("prefix_trie").set(self.store.trie.nbytes)
+        self.metrics.kv_bytes.labels("host").set(self.store.host_bytes)
+        self.metrics.kv_bytes.labels("prefix_trie").set(self.store.trie_bytes)
         self.metrics.sessions.labels("active").set(len(self.active))
 
 

@@ -53,8 +53,8 @@ def test_load_reads_spec_files(tmp_path):
     (tmp_path / "a.toml").write_text('[kv]\nspec = "int4:k8v4:r64"\n')
     (tmp_path / "b.txt").write_text("int2:lb8442\n")
     (tmp_path / "c.toml").write_text('other = 1\n')
-    assert QuantConfig.load(str(tmp_path / "a.toml")) == QuantConfig(8, 4, residual=64)
-    assert QuantConfig.load(str(tmp_path / "b.txt")).layer_bits == ((8, 4), (4, 2))
-    assert QuantConfig.load("int4:out0.01").outliers == 0.01
+    assert QuantConfig.from_spec_or_file(str(tmp_path / "a.toml")) == QuantConfig(8, 4, residual=64)
+    assert QuantConfig.from_spec_or_file(str(tmp_path / "b.txt")).layer_bits == ((8, 4), (4, 2))
+    assert QuantConfig.from_spec_or_file("int4:out0.01").outliers == 0.01
     with pytest.raises(QuantConfigError, match="no `spec`"):
-        QuantConfig.load(str(tmp_path / "c.toml"))
+        QuantConfig.from_spec_or_file(str(tmp_path / "c.toml"))

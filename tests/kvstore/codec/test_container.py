@@ -16,7 +16,7 @@ from kvstore.codec.container import (
     pack_container,
     unpack_container,
 )
-from kvstore.hashing import checksum
+from kvstore.digest import checksum
 
 META = {"a": 1, "b": [1, 2], "c": "ü"}
 

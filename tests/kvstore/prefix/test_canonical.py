@@ -1,7 +1,7 @@
 import pytest
 
+from kvstore.prefix.block_hash import BlockGrid
 from kvstore.prefix.canonical import adopted_schedule, adoption_points, canonical_tokens, passes
-from kvstore.prefix.hashing import BlockGrid
 from kvstore.schedule import SEAL
 
 

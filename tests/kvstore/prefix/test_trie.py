@@ -1,6 +1,6 @@
 import numpy as np
 
-from kvstore.prefix.hashing import BlockHash
+from kvstore.prefix.block_hash import BlockHash
 from kvstore.prefix.trie import PrefixTrie, TrieNode
 
 

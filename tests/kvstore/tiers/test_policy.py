@@ -1,7 +1,7 @@
 """`OffloadPolicy.victims` (idle first, then least recently used down to the device budget; never a busy
-or pinned session) and `LoadCost` (EWMA of measured costs; load only when it is cheaper)."""
+or pinned session) and `RestoreCost` (EWMA of measured costs; load only when it is cheaper)."""
 
-from kvstore.tiers.policy import LoadCost, OffloadPolicy, Resident
+from kvstore.tiers.policy import RestoreCost, OffloadPolicy, Resident
 
 
 def _r(name: str, last_used: float, nbytes: int = 100, **flags) -> Resident:
@@ -47,26 +47,26 @@ def test_sessions_that_cannot_move_still_count_against_the_budget():
 
 
 def test_load_cost_mixes_each_measure_into_its_average():
-    cost = LoadCost(load_s_per_block=1.0, prefill_s_per_token=1.0, alpha=0.5)
-    cost.observe_load(blocks=3, seconds=6.0)  # 2 s per block
+    cost = RestoreCost(restore_s_per_block=1.0, prefill_s_per_token=1.0, alpha=0.5)
+    cost.observe_restore(blocks=3, seconds=6.0)  # 2 s per block
     cost.observe_prefill(tokens=4, seconds=0.0)  # 0 s per token
-    assert (cost.load_s_per_block, cost.prefill_s_per_token) == (1.5, 0.5)
-    cost.observe_load(blocks=1, seconds=0.5)
-    assert cost.load_s_per_block == 1.0
+    assert (cost.restore_s_per_block, cost.prefill_s_per_token) == (1.5, 0.5)
+    cost.observe_restore(blocks=1, seconds=0.5)
+    assert cost.restore_s_per_block == 1.0
 
 
 def test_load_cost_ignores_empty_and_negative_measures():
-    cost = LoadCost(load_s_per_block=1.0, prefill_s_per_token=2.0, alpha=0.5)
-    cost.observe_load(blocks=0, seconds=5.0)
-    cost.observe_load(blocks=2, seconds=-1.0)
+    cost = RestoreCost(restore_s_per_block=1.0, prefill_s_per_token=2.0, alpha=0.5)
+    cost.observe_restore(blocks=0, seconds=5.0)
+    cost.observe_restore(blocks=2, seconds=-1.0)
     cost.observe_prefill(tokens=0, seconds=5.0)
     cost.observe_prefill(tokens=2, seconds=-1.0)
-    assert (cost.load_s_per_block, cost.prefill_s_per_token) == (1.0, 2.0)
+    assert (cost.restore_s_per_block, cost.prefill_s_per_token) == (1.0, 2.0)
 
 
 def test_loading_pays_only_when_strictly_cheaper_than_prefill():
-    cost = LoadCost(load_s_per_block=2.0, prefill_s_per_token=0.5, alpha=0.5)
-    assert cost.load_pays(blocks=1, tokens=5)  # 2 < 2.5
-    assert not cost.load_pays(blocks=1, tokens=4)  # 2 == 2: recompute
-    assert not cost.load_pays(blocks=3, tokens=8)  # 6 > 4
-    assert cost.load_pays(blocks=0, tokens=1)  # nothing to load
+    cost = RestoreCost(restore_s_per_block=2.0, prefill_s_per_token=0.5, alpha=0.5)
+    assert cost.restore_pays(blocks=1, tokens=5)  # 2 < 2.5
+    assert not cost.restore_pays(blocks=1, tokens=4)  # 2 == 2: recompute
+    assert not cost.restore_pays(blocks=3, tokens=8)  # 6 > 4
+    assert cost.restore_pays(blocks=0, tokens=1)  # nothing to load

@@ -61,7 +61,7 @@ def _true_refs(tier, live: dict) -> dict:
 
 def test_commit_and_read_back_bit_exact(tier):
     refs = [_ref(1), _ref(2), _ref(3, public=True)]
-    held = tier.commit(_m("s1", blocks=refs), [], _data(refs)).bytes
+    held = tier.commit_session(_m("s1", blocks=refs), [], _data(refs)).bytes
     assert tier.get_manifest("acme", "s1") == _m("s1", blocks=refs)
     assert tier.get_blocks("acme", refs) == [_data(refs)[r.key] for r in refs]
     assert held == len(_m("s1", blocks=refs).encode())
@@ -73,8 +73,8 @@ def test_commit_and_read_back_bit_exact(tier):
 def test_shared_blocks_are_stored_once_and_survive_one_owner_s_deletion(tier):
     shared = [_ref(1), _ref(2)]
     a, b = shared + [_ref(10)], shared + [_ref(20)]
-    tier.commit(_m("a", blocks=a), [], _data(a))
-    tier.commit(_m("b", blocks=b), [], {r.key: d for r, d in zip(b, _data(b).values()) if r not in shared})
+    tier.commit_session(_m("a", blocks=a), [], _data(a))
+    tier.commit_session(_m("b", blocks=b), [], {r.key: d for r, d in zip(b, _data(b).values()) if r not in shared})
     st = _stored(tier)
     assert st["blocks"] == 4 and st["refs"][tier.block_key("acme", shared[0])] == 2
     assert tier.delete_session("acme", "a") is True
@@ -86,25 +86,25 @@ def test_shared_blocks_are_stored_once_and_survive_one_owner_s_deletion(tier):
 
 
 def test_conflicting_or_missing_blocks_are_refused_and_nothing_is_written(tier):
-    tier.commit(_m("a", blocks=[_ref(1)]), [], _data([_ref(1)]))
+    tier.commit_session(_m("a", blocks=[_ref(1)]), [], _data([_ref(1)]))
     before = _stored(tier)
     other = _ref(1, content=99)  # same key, other bits: must not share
     with pytest.raises(BlockRefused) as e:
-        tier.commit(_m("b", blocks=[other, _ref(2)]), [], {})
+        tier.commit_session(_m("b", blocks=[other, _ref(2)]), [], {})
     assert e.value.conflicts == [other] and e.value.missing == [_ref(2)]
     pub = _ref(7, public=True)
     with pytest.raises(BlockRefused):
-        tier.commit(_m("c", blocks=[pub, _ref(1, content=98)]), [], _data([pub]))
+        tier.commit_session(_m("c", blocks=[pub, _ref(1, content=98)]), [], _data([pub]))
     assert _stored(tier) == before and tier.get_manifest("acme", "b") is None
     assert tier.stats() == {k: before[k] for k in ("bytes", "sessions", "blocks")}
 
 
 def test_stale_manifests_are_refused(tier):
-    done = tier.commit(_m("a"), [])
+    done = tier.commit_session(_m("a"), [])
     with pytest.raises(StaleManifest):
-        tier.commit(_m("a", n=30), [], expect_sha="0" * 40)
+        tier.commit_session(_m("a", n=30), [], expect_sha="0" * 40)
     assert tier.get_manifest("acme", "a") == _m("a")
-    tier.commit(_m("a", n=30), [], expect_sha=done.sha1)  # the writer's own tag is current
+    tier.commit_session(_m("a", n=30), [], expect_sha=done.sha1)  # the writer's own tag is current
     assert tier.get_manifest("acme", "a") == _m("a", n=30)
 
 
@@ -117,7 +117,7 @@ def test_stats_and_reference_counts_track_every_operation_exactly(tier):
         if rng.random() < 0.75:
             blocks = rng.sample(pool, rng.randrange(0, 6))
             prev = live.get((tenant, sid))
-            tier.commit(_m(sid, n=rng.randrange(2, 60), tenant=tenant, blocks=blocks),
+            tier.commit_session(_m(sid, n=rng.randrange(2, 60), tenant=tenant, blocks=blocks),
                         prev.blocks if prev else [], _data(blocks))
             live[(tenant, sid)] = _m(sid, tenant=tenant, blocks=blocks)
         else:
@@ -132,7 +132,7 @@ def test_stats_and_reference_counts_track_every_operation_exactly(tier):
 
 def test_collect_repairs_leaked_counts_and_removes_orphans(tier):
     refs = [_ref(1), _ref(2, public=True)]
-    tier.commit(_m("a", blocks=refs), [], _data(refs))
+    tier.commit_session(_m("a", blocks=refs), [], _data(refs))
     tier.client.hincrby(tier.block_key("acme", refs[1]), "r", 3)  # counts leaked by crashed writers
     orphan = _ref(5, public=True)
     tier._run_refs("add", "acme", [orphan], _data([orphan]), int(time.time()))  # a writer died before its manifest commit
@@ -145,7 +145,7 @@ def test_collect_repairs_leaked_counts_and_removes_orphans(tier):
 
 def test_ttl_applies_to_blocks_never_to_manifests(redis_server):
     tier = RedisTier(redis.Redis.from_url(redis_server.url), namespace="ttl" + uuid.uuid4().hex[:6], ttl_s=500)
-    tier.commit(_m("a", blocks=[_ref(1)]), [], _data([_ref(1)]))
+    tier.commit_session(_m("a", blocks=[_ref(1)]), [], _data([_ref(1)]))
     assert 0 < tier.client.ttl(tier.block_key("acme", _ref(1))) <= 500
     assert tier.client.ttl(tier.session_key("acme", "a")) == -1
 
@@ -159,13 +159,13 @@ def test_every_script_touches_one_cluster_slot(tier):
 
 
 def test_tenants_are_separate_scopes(tier):
-    tier.commit(_m("same", tenant="a", blocks=[_ref(1)]), [], {_ref(1).key: b"A" * 50})
-    tier.commit(_m("same", tenant="b", blocks=[_ref(1)]), [], {_ref(1).key: b"B" * 50})
+    tier.commit_session(_m("same", tenant="a", blocks=[_ref(1)]), [], {_ref(1).key: b"A" * 50})
+    tier.commit_session(_m("same", tenant="b", blocks=[_ref(1)]), [], {_ref(1).key: b"B" * 50})
     assert tier.get_blocks("a", [_ref(1)]) == [b"A" * 50] and tier.get_blocks("b", [_ref(1)]) == [b"B" * 50]
 
 
 def test_corrupt_misfiled_and_garbage_manifests_are_detected(tier):
-    tier.commit(_m("c"), [])
+    tier.commit_session(_m("c"), [])
     key = tier.session_key("acme", "c")
     raw = bytearray(tier.client.hget(key, "m"))
     raw[-1] ^= 0xFF
@@ -191,18 +191,18 @@ def test_invalid_manifest_is_refused_before_writing(tier):
     bad = _m("bad")
     bad.kv_tokens = 3
     with pytest.raises(ContainerError, match="not a boundary"):
-        tier.commit(bad, [])
+        tier.commit_session(bad, [])
     with pytest.raises(ValueError, match="must be 1..128"):
-        tier.commit(_m("bad", tenant="no spaces"), [])
+        tier.commit_session(_m("bad", tenant="no spaces"), [])
     assert tier.stats() == {"bytes": 0, "sessions": 0, "blocks": 0}
 
 
 def test_legacy_kv_field_is_dropped_and_accounted_on_rewrite(tier):
     key = tier.session_key("acme", "old")
-    tier.commit(_m("old"), [])
+    tier.commit_session(_m("old"), [])
     tier.client.hset(key, "kv", b"x" * 1000)  # what a format-1 writer left
     tier.client.hincrby(tier.stats_key("acme"), "bytes", 1000)
-    tier.commit(_m("old", n=30), [])
+    tier.commit_session(_m("old", n=30), [])
     assert tier.client.hkeys(key) == [b"m"]
     st = _stored(tier)
     assert tier.stats() == {k: st[k] for k in ("bytes", "sessions", "blocks")}
@@ -212,10 +212,10 @@ def test_survives_a_redis_restart_and_reports_down(tmp_path):
     """Lua scripts are flushed by a restart; the tier must reload them (and ping must say False when down)."""
     with RedisServer(data_dir=str(tmp_path), appendonly=True) as server:
         tier = RedisTier(redis.Redis.from_url(server.url, socket_timeout=2), namespace="restart")
-        tier.commit(_m("r1", blocks=[_ref(1)]), [], _data([_ref(1)]))
+        tier.commit_session(_m("r1", blocks=[_ref(1)]), [], _data([_ref(1)]))
         server.restart()
         assert tier.get_blocks("acme", [_ref(1)]) == [_data([_ref(1)])[_ref(1).key]]
-        tier.commit(_m("r2"), [])
+        tier.commit_session(_m("r2"), [])
         assert tier.delete_session("acme", "r1") is True
         st = _stored(tier)
         assert tier.stats() == {k: st[k] for k in ("bytes", "sessions", "blocks")} and st["sessions"] == 1
@@ -226,7 +226,7 @@ def test_survives_a_redis_restart_and_reports_down(tmp_path):
 def test_list_sessions_pages_through_one_tenant_only(tier):
     for tenant, n in (("acme", 23), ("other", 5)):
         for i in range(n):
-            tier.commit(SessionManifest(tenant, f"s{i}", [1, 2, 3], [3], 0, "fp", "fp", 1.0, 2.0), [])
+            tier.commit_session(SessionManifest(tenant, f"s{i}", [1, 2, 3], [3], 0, "fp", "fp", 1.0, 2.0), [])
     seen, cursor, pages = [], 0, 0
     while True:
         cursor, page = tier.list_sessions("acme", cursor, limit=5)
@@ -246,7 +246,7 @@ def test_public_prefixes_hold_their_blocks_across_tenants(tier):
     assert tier.public_prefixes() == {pub[-1].key.hex(): [r.key for r in pub]}
     for tenant in ("a", "b"):
         own = [_ref(10)]
-        tier.commit(_m("s", tenant=tenant, blocks=pub + own), [], _data(own))
+        tier.commit_session(_m("s", tenant=tenant, blocks=pub + own), [], _data(own))
     st = _stored(tier)
     assert st["refs"][tier.block_key("x", pub[0])] == 3 and st["blocks"] == 4  # stored once, shared by both
     assert tier.stats() == {k: st[k] for k in ("bytes", "sessions", "blocks")}

@@ -33,7 +33,7 @@ def test_alloc_cli_meets_the_budget_and_writes_a_usable_spec(tiny_model_dir, tmp
                           "--out", str(out_spec), "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout.strip().splitlines()[-1])
-    spec = QuantConfig.load(str(out_spec))
+    spec = QuantConfig.from_spec_or_file(str(out_spec))
     assert d["kl_budget"] == 0.001 and d["adaptive"] is not None
     assert len(spec.layer_bits) == 2 and spec.spec() == d["adaptive"]["spec"]
     assert d["adaptive"]["kl"] <= 0.001  # verified for real, not just estimated

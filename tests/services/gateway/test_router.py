@@ -56,7 +56,7 @@ class StandInWorker:
         self.sessions, self.hot, self.polled = set(sessions), hot, load or {}
         self.dead = False
         self.calls: list[tuple] = []
-        for fn in (self._holds, self._prefix_match, self._load, self._metrics_snapshot, self._ready):
+        for fn in (self._holds, self._prefix_match, self._occupancy, self._metrics_snapshot, self._ready):
             setattr(self, fn.__name__[1:], Method(self, fn))
 
     def _holds(self, tenant, session_id):
@@ -67,7 +67,7 @@ class StandInWorker:
             raise self.hot
         return self.hot
 
-    def _load(self):
+    def _occupancy(self):
         return self.polled
 
     def _metrics_snapshot(self):

@@ -22,7 +22,7 @@ from services.worker.batching import Batcher, DecodeStep, check_invariance, veri
 from services.worker.engine import GenerateCall
 from services.worker.model_runner import ModelRunner
 from tests.services.stack import smollm2_path
-from tests.services.worker.test_kv_store import block_keys, make_engine, run
+from tests.services.worker.test_session_store import block_keys, make_engine, run
 
 pytestmark = pytest.mark.model
 SPEC = "int4:k8v4:g32:r128"  # the default device spec

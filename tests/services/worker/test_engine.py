@@ -9,7 +9,7 @@ import pytest
 
 from services.runtime.redis_server import RedisServer
 from services.worker.engine import GenerateCall
-from tests.services.worker.test_kv_store import make_engine, run
+from tests.services.worker.test_session_store import make_engine, run
 
 rng = random.Random(11)
 IDS = [rng.randrange(1000, 20000) for _ in range(90)]

@@ -5,7 +5,7 @@ import time
 
 from services.runtime.redis_server import RedisServer, free_port
 from services.worker.engine import GenerateCall
-from tests.services.worker.test_kv_store import make_engine, run
+from tests.services.worker.test_session_store import make_engine, run
 
 rng = random.Random(3)
 

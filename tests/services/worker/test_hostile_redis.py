@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kvstore.codec.container import Kind, pack_container, unpack_container
-from tests.services.worker.test_kv_store import block_keys, make_engine, run
+from tests.services.worker.test_session_store import block_keys, make_engine, run
 
 rng = random.Random(13)
 

@@ -1,4 +1,4 @@
-from kvstore.hashing import checksum, hash_fields
+from kvstore.digest import checksum, hash_fields
 
 
 def test_length_prefix_prevents_boundary_shifts():

@@ -68,7 +68,7 @@ def test_shared_prefix_is_stored_once_and_a_deduplicated_session_resumes_exactly
     ka, kb = block_keys(engine, "acme", "a"), block_keys(engine, "acme", "b")
     shared = [k for k in ka if k in kb]
     # every canonical block a has sealed (its window still holds the prefix's last block in full precision)
-    per = engine.sessions.store.block_tokens
+    per = engine.sessions.block_tokens
     assert len(shared) == min(3 * CHUNK // per, len(ka) - 1) >= 2 and all(refcount(engine, k) == 2 for k in shared)
     assert engine.tier.delete_session("acme", "a")
     assert all(refcount(engine, k) == 1 for k in shared)  # b's copy is intact
@@ -83,7 +83,7 @@ def test_lost_shared_blocks_are_recomputed_exactly_from_the_history(engine):
     engine.evict("acme", "b").result()
     for key in block_keys(engine, "acme", "b"):
         engine.tier.client.delete(key)
-    engine.sessions.store.trie = type(engine.sessions.store.trie)(0)  # the hot copy is gone too
+    engine.sessions.store.store.trie = type(engine.sessions.store.store.trie)(0)  # the hot copy is gone too
     rest, u = run(engine, "acme", "b", create=False)
     assert u["kv_source"] == "recomputed"  # replayed: canonical passes, SEAL, then b's own passes
     assert b + rest == twin
@@ -113,7 +113,7 @@ def test_private_prefixes_never_cross_tenants_and_public_ones_do(engine):
     for t in ("acme", "zeta"):
         engine.evict(t, "p").result()
     shared = set(block_keys(engine, "acme", "p")) & set(block_keys(engine, "zeta", "p"))
-    assert len(shared) == 3 * CHUNK // engine.sessions.store.block_tokens and all("{~public}" in k for k in shared)
+    assert len(shared) == 3 * CHUNK // engine.sessions.block_tokens and all("{~public}" in k for k in shared)
 
 
 def test_corrupt_and_truncated_blocks_are_caught_and_recomputed_exactly(engine):
@@ -138,7 +138,7 @@ def test_corrupt_and_truncated_blocks_are_caught_and_recomputed_exactly(engine):
 
 def test_a_long_session_resumes_through_several_round_trips_and_a_late_missing_block_is_recomputed(
         tiny_model_dir, redis_server):
-    """Blocks of 32 tokens and a tail: three pipelined round trips (kv_store._FETCH_CHUNK) that overlap
+    """Blocks of 32 tokens and a tail: three pipelined round trips (kvstore.tiers.store.FETCH_CHUNK) that overlap
     decoding; the tail comes first, so a block of the last round trip going missing is found late."""
     eng = make_engine(tiny_model_dir, redis_server.url, prefix={"block_tokens": 32})
     try:
@@ -183,7 +183,7 @@ def test_expensive_loads_are_recomputed_by_the_cost_model(engine):
     first, _ = run(engine, "acme", "c", ids)
     twin, _ = run(engine, "acme", "twin", ids, n=24)
     engine.evict("acme", "c").result()
-    engine.sessions.store.cost.load_s_per_block = 10.0  # as if Redis were far away
+    engine.sessions.store.store.cost.restore_s_per_block = 10.0  # as if Redis were far away
     before = engine.metrics.load_decisions.labels("resume", "recompute")._value.get()
     rest, u = run(engine, "acme", "c", create=False)
     assert u["kv_source"] == "recomputed" and first + rest == twin

@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from kvstore.prefix.hashing import BlockGrid, BlockHash, KvDomain, Salt, chain, content_key
+from kvstore.prefix.block_hash import BlockGrid, BlockHash, KvDomain, Salt, chain, content_key
 
 DOMAIN = KvDomain("f" * 64, "int:k8v4:g32:gv32:r128", 512, 32, "cpu")
 

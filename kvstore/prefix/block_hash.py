@@ -6,7 +6,7 @@ Block i's chain hash is
 
     h_i = blake2b-256(person="kvstash-block"; parent ‖ token ids ‖ domain ‖ salt)
 
-over length-prefixed fields (`kvstore.hashing.hash_fields`): `parent` is h_{i-1} (empty for block 0),
+over length-prefixed fields (`kvstore.digest.hash_fields`): `parent` is h_{i-1} (empty for block 0),
 token ids are little-endian u32, `domain` (`KvDomain`) digests everything else that decides the KV of
 given tokens (model fingerprint, quant spec, prefill chunk, block size, device kind), and `salt` (`Salt`)
 scopes sharing: a tenant's private salt, derived by the server from the authenticated tenant (clients
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvstore.hashing import hash_fields
+from kvstore.digest import hash_fields
 
 PUBLIC = b"public"
 

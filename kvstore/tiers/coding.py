@@ -1,0 +1,120 @@
+"""`BlockCoder`: encodes and decodes one model's stored blocks and tails on a pool of threads.
+
+A session's stored KV is content blocks (kvstore.codec.block, or kvstore.codec.cold_block in cold mode)
+plus one tail (kvstore.codec.kv). The coder binds them to the model's identity (fingerprint, shape, spec,
+block size), so a container for another model or configuration is rejected when decoded.
+
+Invariants:
+- `decode_part(encode(...))` gives back the tensors bit for bit (cold blocks: the warm tensors of the
+  cold copy, the same every time).
+- A tail's content id is a hash of its container header, which holds the checksum of everything else
+  (`decode_kv` verifies it), so a tail's megabytes are hashed once, not twice, on a resume.
+- The coders release the GIL: `pool` jobs run on every core.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from kvstore.codec import rans
+from kvstore.codec.block import EncodedBlock, decode_block, encode_block
+from kvstore.codec.cold_block import ColdBlock, check_cold, decode_cold, encode_cold, is_cold
+from kvstore.codec.container import HEADER_SIZE, ContainerError
+from kvstore.codec.kv import decode_kv, encode_kv
+from kvstore.config import QuantConfig
+from kvstore.digest import hash_fields
+from kvstore.prefix import blocks as blk
+from kvstore.prefix.blocks import ModelShape, Tensors
+from kvstore.quant.cache import QuantizedKVCache
+from kvstore.quant.state import KVState
+from kvstore.tiers.store_types import ModelIdentity, StoreSettings
+
+
+def tail_content(blob: bytes) -> bytes:
+    """A tail's content id: the hash of its container header (which checksums the rest)."""
+    return hash_fields([bytes(blob[:HEADER_SIZE])], person=b"kvstash-tail")
+
+
+class BlockCoder:
+    def __init__(self, model: ModelIdentity, settings: StoreSettings):
+        self.model, self.quant, self.shape = model, model.quant, model.shape
+        self.block_tokens, self.level, self.cold = settings.block_tokens, settings.codec_level, settings.cold
+        if self.cold is not None:
+            check_cold(self.quant, self.cold, self.block_tokens, self.shape.layers)
+        self.pool = ThreadPoolExecutor(settings.codec_threads or os.cpu_count() or 1, thread_name_prefix="kvcodec")
+
+    def _kw(self, index: int) -> dict:
+        return dict(quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=index,
+                    model_fingerprint=self.model.fingerprint)
+
+    # ---- encoding ----------------------------------------------------------------------------------
+    def encode(self, part: Tensors, index: int) -> EncodedBlock:
+        return encode_block(part, **self._kw(index))
+
+    def encode_cold(self, part: Tensors, index: int) -> ColdBlock:
+        return encode_cold(part, cold=self.cold, **self._kw(index))[0]
+
+    def encode_many(self, parts: list[Tensors], idx: list[int], cold: bool = False) -> list:
+        """Blocks `idx` of `parts` encoded on the pool, in order (`cold`: as cold blocks)."""
+        one = self.encode_cold if cold else self.encode
+        return list(self.pool.map(lambda i: one(parts[i], i), idx))
+
+    def encode_tail(self, tail: KVState) -> bytes:
+        return encode_kv(tail, model_fingerprint=self.model.fingerprint, level=self.level)
+
+    # ---- decoding ----------------------------------------------------------------------------------
+    def decode(self, data: bytes, index: int, content: bytes | None = None) -> Tensors:
+        """Block `index`'s tensors (warm or cold container); ContainerError when it is not the block
+        expected (checksum, identity, layout, and `content` when given)."""
+        decode = decode_cold if is_cold(data) else decode_block
+        return decode(data, content=content, **self._kw(index))
+
+    def decode_tail(self, data: bytes, content: bytes) -> KVState:
+        if tail_content(data) != content:
+            raise ContainerError("stored tail has another content hash than the session recorded")
+        return decode_kv(data, model_fingerprint=self.model.fingerprint)
+
+    def submit_decode(self, data: bytes, index: int, contents: list[bytes]) -> Future:
+        """Decode ref `index` of a session's refs (blocks, then the tail, whose content is `contents[-1]`)
+        on the pool."""
+        if index < len(contents) - 1:
+            return self.pool.submit(self.decode, data, index, contents[index])
+        return self.pool.submit(self.decode_tail, data, contents[-1])
+
+    # ---- start-up ------------------------------------------------------------------------------------
+    def warm_up(self, new_cache: Callable[[], QuantizedKVCache] | None = None) -> None:
+        """Code a small random session once (2 blocks and a tail, through every codec in use), so the coder's
+        kernels are compiled or loaded from numba's cache now: on a first offload or resume that time would
+        be taken for the cost of restoring (`RestoreCost`) and steer resumes to recomputation. `new_cache`
+        makes the model's empty cache (needed for specs that seal keys before RoPE)."""
+        rans.warm_up()  # the vector kernel too, which small sessions' streams do not reach
+        state = random_state(self.quant, self.shape, 2 * self.block_tokens + self.quant.residual + self.quant.key_group,
+                             new_cache=new_cache)
+        parts, tail = blk.split(state, self.block_tokens, blk.whole_blocks(state, self.block_tokens))
+        kw = dict(quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, model_fingerprint="warm-up")
+        for i, p in enumerate(parts):
+            decode_block(encode_block(p, index=i, **kw).data, index=i, **kw)
+            if self.cold is not None:
+                decode_cold(encode_cold(p, cold=self.cold, index=i, **kw)[0].data, index=i, **kw)
+        decode_kv(encode_kv(tail, model_fingerprint="warm-up", level=self.level))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def random_state(quant: QuantConfig, shape: ModelShape, tokens: int, seed: int = 0,
+                 new_cache: Callable[[], QuantizedKVCache] | None = None) -> KVState:
+    """The exported state of a cache of `shape` (made by `new_cache`, by default one without RoPE) fed
+    `tokens` random keys and values after the sinks, in one pass."""
+    import torch
+
+    cache = new_cache() if new_cache is not None else QuantizedKVCache(quant, shape.layers)
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, shape.dtype.removeprefix("torch."))
+    n = quant.sinks + tokens
+    for layer in range(shape.layers):
+        k, v = (torch.randn(1, shape.kv_heads, n, shape.head_dim, generator=g).to(dtype) for _ in "kv")
+        cache.update(k, v, layer)
+    return cache.export_state()
