@@ -28,7 +28,8 @@ import ray
 from services.config import KvstashConfig
 from services.errors import Unavailable
 from services.metrics import WorkerMetricsCollector
-from services.worker.actor import ACTOR_PREFIX, WorkerActor
+from services.wire import ACTOR_PREFIX
+from services.worker.actor import WorkerActor
 
 log = logging.getLogger(__name__)
 

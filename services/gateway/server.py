@@ -22,6 +22,7 @@ from services.gateway.interceptors import ErrorInterceptor
 from services.gateway.router import Router
 from services.gateway.servicer import KvStashServicer
 from services.metrics import GatewayMetrics, WorkerMetricsCollector
+from services.wire import ErrorEvent
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvStash"].full_name
@@ -93,8 +94,8 @@ class Gateway:
             res = await live[0].actor.storage_stats.remote()
         except Exception:  # noqa: BLE001
             return
-        up = "ok" in res
-        stats = res.get("ok", {})
+        up = not isinstance(res, ErrorEvent)
+        stats = res if up else {}
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(STORAGE_HEALTH, status)  # generation goes on from the device meanwhile
 

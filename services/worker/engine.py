@@ -11,7 +11,6 @@ import logging
 import random
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field
 
 import redis
 
@@ -22,27 +21,11 @@ from services.errors import DeadlineExceeded, Internal, InvalidArgument, Resourc
 from services.metrics import WorkerMetrics
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from services.worker.scheduler import Scheduler, Sink
-from services.worker.session_manager import NEW, SessionManager
+from services.worker.session_manager import SessionManager
 from services.worker.stops import StopMatcher
+from services.wire import DoneEvent, GenerateCall, KvSource, PrefixSharedEvent, TokensEvent, Usage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerateCall:
-    """A Generate/ResumeSession call as the worker sees it (tenant already authenticated)."""
-
-    tenant: str
-    session_id: str
-    create: bool  # Generate may create; ResumeSession may not
-    input: dict | None  # {"text": str} | {"chat": [{"role", "content"}]} | {"token_ids": [int]} | None
-    max_new_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)  # stop sequences (validated by the gateway)
-    deadline: float | None = None  # unix time after which the call is abandoned (the client's gRPC deadline)
-    fresh: bool = False  # the server just made the session id: no store needs asking whether it exists
 
 
 def redis_client(cfg: KvstashConfig) -> redis.Redis:
@@ -194,14 +177,14 @@ class Engine:
                     if len(s.tokens) - cached >= self.sessions.store.block_tokens:  # a prefill, not a decode step
                         self.sessions.store.cost.observe_prefill(len(s.tokens) - cached,
                                                                  time.perf_counter() - t_prefill)
-                    if source == NEW:
+                    if source == KvSource.NEW:
                         self.sessions.register_prefix(s)
                 tok = self.runner.sample(logits, sampling, gen)
                 s.tokens.append(tok)
                 produced += 1
                 self.metrics.generated_tokens.inc()
                 text, hit = stops.push(detok.push(tok))
-                sink({"type": "tokens", "ids": [tok], "text": text})
+                sink(TokensEvent([tok], text))
                 if hit:
                     finish = "stop_sequence"
                     break
@@ -211,12 +194,12 @@ class Engine:
                 pending = [tok]
                 yield
             if rest := stops.flush():
-                sink({"type": "tokens", "ids": [], "text": rest})
+                sink(TokensEvent([], rest))
             self.sessions.commit(s)
             committed = True
-            sink({"type": "done", "finish_reason": finish, "usage": {
-                "prompt_tokens": len(new_ids), "cached_tokens": cached, "generated_tokens": produced,
-                "kv_source": source, "session_tokens": len(s.tokens), "cached_tier": origin.tier}})
+            sink(DoneEvent(finish, Usage(
+                prompt_tokens=len(new_ids), cached_tokens=cached, generated_tokens=produced,
+                kv_source=source, session_tokens=len(s.tokens), cached_tier=origin.tier)))
         finally:
             if not committed:
                 # Cut short (an error, its deadline, a cancelled stream): the call leaves no trace. The
@@ -249,8 +232,8 @@ class Engine:
         return self.scheduler.call(op)
 
     def mark_public(self, input: dict, sink: Sink) -> int:
-        """Schedule sharing a prompt prefix with every tenant (MarkPublicPrefix); the sink gets `done` with
-        {"tokens", "registered"} or `error`. Chat input is rendered as the conversation's opening turns."""
+        """Schedule sharing a prompt prefix with every tenant (MarkPublicPrefix); the sink gets a
+        `PrefixSharedEvent` or an `ErrorEvent`. Chat input is rendered as the conversation's opening turns."""
         def task(sink: Sink) -> Generator[None, None, None]:
             if "chat" in input:
                 ids = self.runner.render_chat(input["chat"])
@@ -260,7 +243,7 @@ class Engine:
                 n, new = yield from self.sessions.store.mark_public(ids)
             except ValueError as e:
                 raise InvalidArgument(str(e)) from None
-            sink({"type": "done", "tokens": n, "registered": new, "prompt_tokens": len(ids)})
+            sink(PrefixSharedEvent(prompt_tokens=len(ids), shared_tokens=n, newly_registered=new))
         return self.scheduler.submit(task, sink)
 
     def prefix_match(self, tenant: str, input: dict):

@@ -51,6 +51,7 @@ from services.config import KvstashConfig
 from services.metrics import WorkerMetrics
 from services.worker.model_runner import ModelRunner
 from services.worker.session import Session
+from services.wire import Tier
 
 log = logging.getLogger(__name__)
 _ZERO = bytes(32)
@@ -65,11 +66,11 @@ def _tail_content(blob: bytes) -> bytes:
 
 @dataclass
 class Loaded:
-    """What `KVStore.load` found: the cache and the tier ("host" or "redis"), or None and why ("missing",
-    "corrupt")."""
+    """What `KVStore.load` found: the cache and the tier (Tier.HOST, or Tier.REDIS when any block came from
+    Redis), or None and why ("missing", "corrupt")."""
 
     cache: QuantizedKVCache | None
-    tier: str = ""
+    tier: Tier = Tier.NONE
     reason: str = ""
 
 
@@ -267,12 +268,12 @@ class KVStore:
         Containers decode on every core (the coder releases the GIL) while the next ones are fetched."""
         if not s.blocks or s.stored_kv_tokens == 0:
             return Loaded(None, reason="missing")
-        t0, jobs, tier = time.perf_counter(), [None] * len(s.blocks), "host"
+        t0, jobs, tier = time.perf_counter(), [None] * len(s.blocks), Tier.HOST
         try:
             for i, data, remote in self._fetch(s.tenant, s.blocks):
                 if data is None:
                     return Loaded(None, reason="missing")
-                jobs[i], tier = self._pool.submit(self._decode, s, i, data), "redis" if remote else tier
+                jobs[i], tier = self._pool.submit(self._decode, s, i, data), Tier.REDIS if remote else tier
         except Exception as e:  # noqa: BLE001 - storage down: recompute
             self.metrics.storage_errors.labels("get_blocks").inc()
             log.warning("could not read KV of %s/%s: %s", s.tenant, s.session_id, e)
