@@ -6,14 +6,16 @@ the prompt's tokens it holds hot (its prefix trie), and the best score wins — 
 `gateway.prefix_tokens_per_request` for every request running or queued there, so a long shared prefix
 outweighs a little load but a busy worker loses to an idle one; (3) otherwise the least-loaded live
 worker (fewest streams this gateway has open on it, then the smallest polled queue depth), which
-restores the session from Redis. Workers are Ray named actors `kvstash-worker-<i>` in the configured namespace, created with
-`get_if_exists`, so a gateway restart (or a second gateway) finds the same workers, and on a Ray
-cluster the actors land wherever Ray places them.
+restores the session from Redis. Workers are Ray named actors (`services.wire.actor_name(i)`) in the
+configured namespace; the router gets their handles from a factory (worker index -> actor handle) handed
+in by whoever starts the stack (`services.runtime.workers.WorkerSpawner`, which creates them with
+`get_if_exists`), or, without one, looks them up by name. It imports no worker code: messages to and
+from the workers are `services.wire` types.
 
 Invariants: a worker whose actor died is dropped from routing and from the affinity table; `poll` then
-creates it again under the same name and returns it to routing once its model is loaded. On an external
-Ray cluster (`ray.address` set) the actors are detached, so they outlive the gateway that created them:
-gateways can restart, roll or run side by side, all finding the same workers by name.
+asks the factory for it again (same name) and returns it to routing once its model is loaded. On an
+external Ray cluster (`ray.address` set) the actors are detached, so they outlive the gateway that
+created them: gateways can restart, roll or run side by side, all finding the same workers by name.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -28,10 +31,11 @@ import ray
 from services.config import KvstashConfig
 from services.errors import Unavailable
 from services.metrics import WorkerMetricsCollector
-from services.wire import ACTOR_PREFIX
-from services.worker.actor import WorkerActor
+from services.wire import actor_name
 
 log = logging.getLogger(__name__)
+
+Spawn = Callable[[int], object]  # worker index -> its actor handle (created, or found by name)
 
 
 @dataclass
@@ -45,7 +49,7 @@ class WorkerHandle:
 
 class Router:
     def __init__(self, workers: list[WorkerHandle], collector: WorkerMetricsCollector | None = None,
-                 spawn=None, ready_timeout_s: float = 600.0, tokens_per_request: int = 256):
+                 spawn: Spawn | None = None, ready_timeout_s: float = 600.0, tokens_per_request: int = 256):
         self.workers = {w.id: w for w in workers}
         self.affinity: dict[tuple[str, str], str] = {}
         self.collector = collector or WorkerMetricsCollector()
@@ -58,18 +62,14 @@ class Router:
 
     @classmethod
     async def start(cls, cfg: KvstashConfig, collector: WorkerMetricsCollector | None = None,
-                    ready_timeout_s: float = 600.0) -> "Router":
-        """Create (or find) the worker actors and wait until each has loaded its model."""
-        gpus = cfg.ray.num_gpus_per_worker
-        if gpus < 0:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+                    spawn: Spawn | None = None, ready_timeout_s: float = 600.0) -> "Router":
+        """Get the `cfg.ray.num_workers` worker actors from `spawn` (default: find each by name) and wait
+        until each has loaded its model."""
+        if spawn is None:
+            namespace = cfg.ray.namespace
 
-        def spawn(i: int):
-            return WorkerActor.options(
-                name=f"{ACTOR_PREFIX}{i}", namespace=cfg.ray.namespace, get_if_exists=True,
-                lifetime="detached" if cfg.ray.address else None,
-                num_cpus=cfg.ray.num_cpus_per_worker, num_gpus=gpus, max_restarts=0,
-            ).remote(f"w{i}", cfg.to_dict())
+            def spawn(i: int):
+                return ray.get_actor(actor_name(i), namespace=namespace)
 
         handles = [WorkerHandle(f"w{i}", spawn(i)) for i in range(cfg.ray.num_workers)]
         infos = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles)), ready_timeout_s)
@@ -143,7 +143,8 @@ class Router:
         self.affinity.pop((tenant, session_id), None)
 
     def _revive(self, w: WorkerHandle) -> None:
-        """Create a dead worker's actor again (same name) and put it back once its model is loaded."""
+        """Get a dead worker's actor again from the factory (same name) and put it back once its model is
+        loaded."""
         if self._spawn is None or w.id in self._reviving:
             return
 
