@@ -2,8 +2,9 @@
 
 The gateway sends a `GenerateCall` to a worker actor's `generate` stream and gets back `TokensEvent`s, then
 exactly one terminal event: a `DoneEvent` (with its `Usage`) or an `ErrorEvent`. `MarkPublicPrefix`'s
-task ends with a `PrefixSharedEvent` or an `ErrorEvent`; a worker's unary methods answer their value or
-an `ErrorEvent`. The names both sides must agree on are defined here once: KV sources (`KvSource`) and
+task ends with a `PrefixSharedEvent` or an `ErrorEvent`; a worker's unary methods answer their typed
+reply (`WorkerReady`, `WorkerLoad`, `SessionInfo`, `SessionPage`, `StorageStats`, a bool or an int) or
+an `ErrorEvent`. (Metric snapshots keep `services.metrics`' own family format.) The names both sides must agree on are defined here once: KV sources (`KvSource`) and
 tiers (`Tier`), with the string values of the proto mapping; the limits the gateway validates and the
 worker relies on (`MAX_STOPS`, `MAX_STOP_CHARS`); the tenant/session id rule (`ID_RE`); and the worker
 actors' names (`actor_name`).
@@ -145,6 +146,70 @@ class ErrorEvent:
     def exception(self) -> KvstashError:
         """The error to raise on this side (INTERNAL for a code this side does not know)."""
         return error_for(self.code, self.message, self.retry_after_s)
+
+
+# ---- replies of the workers' unary methods (each may also answer an ErrorEvent) -------------------------
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """A worker that has loaded its model: its id, the model's fingerprint and the device it runs on."""
+
+    worker: str
+    fingerprint: str
+    device: str
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """A worker's load as polled: requests running or queued, KV bytes on the device, active sessions."""
+
+    queue_depth: int = 0
+    device_bytes: int = 0
+    active_sessions: int = 0
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """GetSession's answer: `state` is "active" (KV on the device of `worker`) or "cold" (stored only;
+    `worker` is "")."""
+
+    session_id: str
+    state: str
+    token_count: int
+    device_bytes: int
+    redis_bytes: int
+    worker: str
+    created_at: float
+    last_used_at: float
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class StoredSession:
+    """One row of ListSessions: a session's durable record in Redis."""
+
+    session_id: str
+    token_count: int
+    created_at: float
+    last_used_at: float
+    redis_bytes: int
+
+
+@dataclass(frozen=True)
+class SessionPage:
+    """A page of a tenant's stored sessions; `cursor` 0 means there are no more."""
+
+    cursor: int
+    sessions: list[StoredSession]
+
+
+@dataclass(frozen=True)
+class StorageStats:
+    """Totals over every scope in Redis."""
+
+    bytes: int = 0
+    sessions: int = 0
+    blocks: int = 0
 
 
 Event = TokensEvent | DoneEvent | PrefixSharedEvent | ErrorEvent

@@ -31,7 +31,7 @@ import ray
 from services.config import KvstashConfig
 from services.errors import Unavailable
 from services.metrics import WorkerMetricsCollector
-from services.wire import actor_name
+from services.wire import WorkerLoad, actor_name
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ Spawn = Callable[[int], object]  # worker index -> its actor handle (created, or
 class WorkerHandle:
     id: str
     actor: object
-    load: dict = field(default_factory=dict)  # the worker's last polled load (queue depth, KV bytes)
+    load: WorkerLoad = field(default_factory=WorkerLoad)  # the worker's last polled load
     alive: bool = True
     inflight: int = 0  # streams this gateway has open on the worker (exact, not polled)
 
@@ -74,7 +74,7 @@ class Router:
         handles = [WorkerHandle(f"w{i}", spawn(i)) for i in range(cfg.ray.num_workers)]
         infos = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles)), ready_timeout_s)
         for info in infos:
-            log.info("worker %s ready on %s", info["worker"], info["device"])
+            log.info("worker %s ready on %s", info.worker, info.device)
         return cls(handles, collector, spawn, ready_timeout_s, cfg.gateway.prefix_tokens_per_request)
 
     def live(self) -> list[WorkerHandle]:
@@ -106,7 +106,7 @@ class Router:
     def busy(h: WorkerHandle) -> int:
         """Requests on a worker: this gateway's open streams, or the polled depth when that is larger
         (other gateways' traffic)."""
-        return max(h.inflight, h.load.get("queue_depth", 0))
+        return max(h.inflight, h.load.queue_depth)
 
     async def place(self, tenant: str, session_id: str, new_input: dict | None = None) -> WorkerHandle:
         """Affinity first; then, for a new session's `new_input`, prefix locality; else the least loaded
@@ -120,7 +120,7 @@ class Router:
         start = next(self._rr) % len(live)
         rotated = live[start:] + live[:start]
         # this gateway's open streams first (exact and current), then the polled depth (other gateways' load)
-        w = min(rotated, key=lambda h: (h.inflight, h.load.get("queue_depth", 0)))
+        w = min(rotated, key=lambda h: (h.inflight, h.load.queue_depth))
         if new_input is not None and len(live) > 1:
             hot = await self._hot_tokens(rotated, tenant, new_input)
             if any(hot):
@@ -156,7 +156,7 @@ class Router:
                     pass
                 actor = self._spawn(int(w.id[1:]))
                 await asyncio.wait_for(actor.ready.remote(), self._ready_timeout_s)
-                w.actor, w.load, w.alive = actor, {}, True
+                w.actor, w.load, w.alive = actor, WorkerLoad(), True
                 log.warning("worker %s is back", w.id)
             except Exception as e:  # noqa: BLE001  (the next poll tries again)
                 log.error("worker %s could not be created again: %s", w.id, e)
@@ -177,7 +177,7 @@ class Router:
             if isinstance(load, ray.exceptions.RayActorError) or isinstance(snap, ray.exceptions.RayActorError):
                 self.mark_dead(w)
                 continue
-            if isinstance(load, dict):
+            if isinstance(load, WorkerLoad):
                 w.load = load
             if isinstance(snap, list):
                 self.collector.update(w.id, snap)

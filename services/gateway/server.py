@@ -24,7 +24,7 @@ from services.gateway.interceptors import ErrorInterceptor
 from services.gateway.router import Router, Spawn
 from services.gateway.servicer import KvStashServicer
 from services.metrics import GatewayMetrics, WorkerMetricsCollector
-from services.wire import ErrorEvent
+from services.wire import StorageStats
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvStash"].full_name
@@ -96,8 +96,7 @@ class Gateway:
             res = await live[0].actor.storage_stats.remote()
         except Exception:  # noqa: BLE001
             return
-        up = not isinstance(res, ErrorEvent)
-        stats = res if up else {}
+        up = isinstance(res, StorageStats)  # else an ErrorEvent: Redis does not answer
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(STORAGE_HEALTH, status)  # generation goes on from the device meanwhile
 
@@ -106,11 +105,10 @@ class Gateway:
 
         families = [gauge("kvstash_storage_up", "1 when Redis answers, else 0.", up)]
         if up:
-            families += [gauge("kvstash_kv_bytes", "KV bytes held per tier.", stats.get("bytes", 0), tier="redis"),
-                         gauge("kvstash_stored_sessions", "Sessions with a durable record in Redis.",
-                               stats.get("sessions", 0)),
+            families += [gauge("kvstash_kv_bytes", "KV bytes held per tier.", res.bytes, tier="redis"),
+                         gauge("kvstash_stored_sessions", "Sessions with a durable record in Redis.", res.sessions),
                          gauge("kvstash_stored_blocks", "KV blocks in Redis, each stored once however many "
-                               "sessions share it.", stats.get("blocks", 0))]
+                               "sessions share it.", res.blocks)]
         self.collector.update("", families)
 
     async def _poll_loop(self) -> None:

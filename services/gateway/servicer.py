@@ -23,7 +23,7 @@ from services.gateway.quota import TokenRate
 from services.gateway.router import Router, WorkerHandle
 from services.metrics import GatewayMetrics
 from services.wire import (ID_RE, MAX_STOP_CHARS, MAX_STOPS, DoneEvent, ErrorEvent, GenerateCall, KvSource,
-                           Tier, TokensEvent, Usage)
+                           SessionInfo, Tier, TokensEvent, Usage)
 
 # the wire's names -> the proto's enums (every member mapped: tests/services/test_wire.py)
 SOURCES = {KvSource.NEW: pb.KV_SOURCE_NEW, KvSource.DEVICE: pb.KV_SOURCE_DEVICE,
@@ -170,14 +170,14 @@ class KvStashServicer(pb_grpc.KvStashServicer):
             self.router.forget(tenant, sid)
             raise
 
-    def _info(self, d: dict) -> pb.SessionInfo:
-        cold = d["state"] == "cold"
+    def _info(self, d: SessionInfo) -> pb.SessionInfo:
+        cold = d.state == "cold"
         return pb.SessionInfo(
-            session_id=d["session_id"], state=_STATES[d["state"]], tier=pb.TIER_REDIS if cold else pb.TIER_DEVICE,
-            token_count=d["token_count"], worker=d["worker"], created_at=d["created_at"], last_used_at=d["last_used_at"],
-            pinned=d.get("pinned", False),
-            bytes=[pb.TierBytes(tier=pb.TIER_DEVICE, bytes=d["device_bytes"]),
-                   pb.TierBytes(tier=pb.TIER_REDIS, bytes=d["redis_bytes"])])
+            session_id=d.session_id, state=_STATES[d.state], tier=pb.TIER_REDIS if cold else pb.TIER_DEVICE,
+            token_count=d.token_count, worker=d.worker, created_at=d.created_at, last_used_at=d.last_used_at,
+            pinned=d.pinned,
+            bytes=[pb.TierBytes(tier=pb.TIER_DEVICE, bytes=d.device_bytes),
+                   pb.TierBytes(tier=pb.TIER_REDIS, bytes=d.redis_bytes)])
 
     async def GetSession(self, request, context):
         tenant = self.auth.tenant(context.invocation_metadata())
@@ -209,11 +209,11 @@ class KvStashServicer(pb_grpc.KvStashServicer):
             raise Unavailable("no worker is available")
         page = await self._on(live[0], "list_sessions", tenant, int(token or 0), size)
         return pb.ListSessionsResponse(
-            sessions=[pb.SessionInfo(session_id=d["session_id"], token_count=d["token_count"],
-                                     created_at=d["created_at"], last_used_at=d["last_used_at"],
-                                     bytes=[pb.TierBytes(tier=pb.TIER_REDIS, bytes=d["redis_bytes"])])
-                      for d in page["sessions"]],
-            next_page_token=str(page["cursor"]) if page["cursor"] else "")
+            sessions=[pb.SessionInfo(session_id=d.session_id, token_count=d.token_count,
+                                     created_at=d.created_at, last_used_at=d.last_used_at,
+                                     bytes=[pb.TierBytes(tier=pb.TIER_REDIS, bytes=d.redis_bytes)])
+                      for d in page.sessions],
+            next_page_token=str(page.cursor) if page.cursor else "")
 
     async def MarkPublicPrefix(self, request, context):
         self.auth.admin(context.invocation_metadata())

@@ -21,7 +21,8 @@ import ray
 
 from services.config import KvstashConfig, kvstash_home
 from services.errors import KvstashError
-from services.wire import ErrorEvent, GenerateCall, PrefixSharedEvent, is_terminal
+from services.wire import (ErrorEvent, GenerateCall, PrefixSharedEvent, SessionInfo, SessionPage, StorageStats,
+                           StoredSession, WorkerLoad, WorkerReady, is_terminal)
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,8 @@ class WorkerActor:
         run.mkdir(parents=True, exist_ok=True)
         (run / f"worker-{worker_id}.pid").write_text(str(os.getpid()))
 
-    async def ready(self) -> dict:
-        return {"worker": self.worker_id, "fingerprint": self.engine.runner.fingerprint,
-                "device": str(self.engine.runner.device)}
+    async def ready(self) -> WorkerReady:
+        return WorkerReady(self.worker_id, self.engine.runner.fingerprint, str(self.engine.runner.device))
 
     async def generate(self, call: GenerateCall):
         """Stream engine events for one call: `TokensEvent`* then a `DoneEvent` or an `ErrorEvent`."""
@@ -90,7 +90,7 @@ class WorkerActor:
         except KvstashError as e:
             return ErrorEvent.of(e)
 
-    async def info(self, tenant: str, session_id: str) -> dict | ErrorEvent:
+    async def info(self, tenant: str, session_id: str) -> SessionInfo | ErrorEvent:
         return await self._control(self.engine.info(tenant, session_id))
 
     async def pin(self, tenant: str, session_id: str, pinned: bool) -> bool | ErrorEvent:
@@ -105,25 +105,23 @@ class WorkerActor:
     async def holds(self, tenant: str, session_id: str) -> bool:
         return self.engine.holds(tenant, session_id)
 
-    async def load(self) -> dict:
+    async def load(self) -> WorkerLoad:
         return self.engine.load()
 
     async def metrics_snapshot(self) -> list[dict]:
         return self.engine.metrics_snapshot()
 
-    async def list_sessions(self, tenant: str, cursor: int, limit: int) -> dict | ErrorEvent:
-        """{"cursor": next cursor (0: no more), "sessions": [{"session_id", "token_count", "created_at",
-        "last_used_at", "redis_bytes"}]}: a page of the tenant's stored sessions."""
+    async def list_sessions(self, tenant: str, cursor: int, limit: int) -> SessionPage | ErrorEvent:
+        """A page of the tenant's stored sessions, from `cursor` (0: the start)."""
         loop = asyncio.get_running_loop()
         try:
             nxt, page = await loop.run_in_executor(None, self.engine.tier.list_sessions, tenant, cursor, limit)
         except Exception as e:  # noqa: BLE001
             return ErrorEvent("UNAVAILABLE", f"storage unavailable: {type(e).__name__}")
-        return {"cursor": nxt, "sessions": [
-            {"session_id": m.session_id, "token_count": len(m.tokens), "created_at": m.created_at,
-             "last_used_at": m.updated_at, "redis_bytes": size} for m, size in page]}
+        return SessionPage(nxt, [StoredSession(m.session_id, len(m.tokens), m.created_at, m.updated_at, size)
+                                 for m, size in page])
 
-    async def storage_stats(self) -> dict | ErrorEvent:
+    async def storage_stats(self) -> StorageStats | ErrorEvent:
         try:
             return self.engine.storage_stats()
         except Exception as e:  # noqa: BLE001

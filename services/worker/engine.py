@@ -19,11 +19,12 @@ from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig
 from services.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from services.metrics import WorkerMetrics
+from services.wire import (DoneEvent, GenerateCall, KvSource, PrefixSharedEvent, SessionInfo, StorageStats, TokensEvent,
+                           Usage, WorkerLoad)
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from services.worker.scheduler import Scheduler, Sink
 from services.worker.session_manager import SessionManager
 from services.worker.stops import StopMatcher
-from services.wire import DoneEvent, GenerateCall, KvSource, PrefixSharedEvent, TokensEvent, Usage
 
 log = logging.getLogger(__name__)
 
@@ -208,17 +209,18 @@ class Engine:
             self.sessions.release(s)
 
     # ---- control operations (run on the engine thread) -------------------------------------------
-    def info(self, tenant: str, session_id: str) -> dict:
+    def info(self, tenant: str, session_id: str):
+        """Future: the session's `SessionInfo`."""
         def op():
             s = self.sessions.get(tenant, session_id)
             try:
                 redis_bytes = self.tier.session_bytes(tenant, session_id, s.blocks)
             except Exception:  # noqa: BLE001
                 redis_bytes = s.redis_bytes
-            return {"session_id": session_id, "state": s.state.value, "token_count": s.durable_tokens,
-                    "device_bytes": s.device_bytes(), "redis_bytes": redis_bytes,
-                    "worker": self.worker_id if s.cache is not None else "",
-                    "created_at": s.created_at, "last_used_at": s.last_used, "pinned": s.pinned}
+            return SessionInfo(session_id=session_id, state=s.state.value, token_count=s.durable_tokens,
+                               device_bytes=s.device_bytes(), redis_bytes=redis_bytes,
+                               worker=self.worker_id if s.cache is not None else "",
+                               created_at=s.created_at, last_used_at=s.last_used, pinned=s.pinned)
         return self.scheduler.call(op)
 
     def pin(self, tenant: str, session_id: str, pinned: bool):
@@ -279,16 +281,17 @@ class Engine:
         is here only (Redis missed its last write)."""
         return self.sessions.holding(tenant, session_id) is not None
 
-    def load(self) -> dict:
-        return {"queue_depth": self.scheduler.depth, "device_bytes": self.sessions.device_bytes(),
-                "active_sessions": len(self.sessions.active)}
+    def load(self) -> WorkerLoad:
+        return WorkerLoad(queue_depth=self.scheduler.depth, device_bytes=self.sessions.device_bytes(),
+                          active_sessions=len(self.sessions.active))
 
     def metrics_snapshot(self) -> list[dict]:
         self.metrics.queue_depth.set(self.scheduler.depth)
         return self.metrics.snapshot()
 
-    def storage_stats(self) -> dict:
-        return self.tier.stats()
+    def storage_stats(self) -> StorageStats:
+        st = self.tier.stats()
+        return StorageStats(bytes=st["bytes"], sessions=st["sessions"], blocks=st["blocks"])
 
     def close(self) -> None:
         self.scheduler.stop()

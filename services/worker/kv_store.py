@@ -49,9 +49,9 @@ from kvstore.tiers.policy import LoadCost
 from kvstore.tiers.redis_tier import BlockRefused, RedisTier, StaleManifest
 from services.config import KvstashConfig
 from services.metrics import WorkerMetrics
+from services.wire import Tier
 from services.worker.model_runner import ModelRunner
 from services.worker.session import Session
-from services.wire import Tier
 
 log = logging.getLogger(__name__)
 _ZERO = bytes(32)

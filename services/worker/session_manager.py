@@ -34,12 +34,12 @@ from kvstore.tiers.policy import OffloadPolicy, Resident
 from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig, kvstash_home
 from services.errors import FailedPrecondition, NotFound, Unavailable
+from services.wire import KvSource, Tier
 from services.worker.history import HistoryStore
 from services.metrics import WorkerMetrics
 from services.worker.kv_store import KVStore, Loaded
 from services.worker.model_runner import ModelRunner
 from services.worker.session import Session
-from services.wire import KvSource, Tier
 
 log = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ def test_a_call_cut_short_leaves_no_trace_and_the_session_goes_on_exactly(engine
     else:
         assert _outcome(engine, "s", n=4000, deadline=time.time() - 1).code == "DEADLINE_EXCEEDED"
     assert engine.tier.get_manifest("acme", "s").tokens == IDS + first
-    assert engine.info("acme", "s").result()["token_count"] == len(IDS) + 10
+    assert engine.info("acme", "s").result().token_count == len(IDS) + 10
     assert ("acme", "s") not in engine.sessions.active  # the model ran on that cache: it is dropped
     assert engine.metrics.rolled_back.labels("dropped")._value.get() == dropped + 1
     rest, u = run(engine, "acme", "s", n=20, create=False)
