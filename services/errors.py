@@ -1,8 +1,9 @@
-"""Service errors: one exception class per gRPC status, and their wire form between Ray actors.
+"""Service errors: one exception class per gRPC status.
 
-Errors cross the Ray boundary as plain dicts (`to_wire` / `from_wire`), never as pickled exception
-objects, so a worker can never make the gateway unpickle something surprising. The gateway's single
-`ErrorInterceptor` maps `KvstashError.code` to the gRPC status. This module imports no grpc.
+Errors cross the Ray boundary as `services.wire.ErrorEvent` (code, message, retry hint), never as pickled
+exception objects, so a worker can never make the gateway unpickle something surprising; `error_for`
+turns one back into the exception of its code. The gateway's single `ErrorInterceptor` maps
+`KvstashError.code` to the gRPC status. This module imports no grpc.
 """
 
 from __future__ import annotations
@@ -59,14 +60,6 @@ _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondit
                                       Unavailable, Unauthenticated, PermissionDenied, DeadlineExceeded, Internal)}
 
 
-def to_wire(exc: KvstashError) -> dict:
-    d = {"code": exc.code, "message": exc.message}
-    if exc.retry_after_s is not None:
-        d["retry_after_s"] = float(exc.retry_after_s)
-    return d
-
-
-def from_wire(d: dict) -> KvstashError:
-    retry = d.get("retry_after_s")
-    return _BY_CODE.get(d.get("code"), Internal)(str(d.get("message", "")),
-                                                 float(retry) if isinstance(retry, (int, float)) else None)
+def error_for(code: str, message: str, retry_after_s: float | None = None) -> KvstashError:
+    """The exception for a status code name (Internal for a name not listed)."""
+    return _BY_CODE.get(code, Internal)(str(message), float(retry_after_s) if retry_after_s is not None else None)

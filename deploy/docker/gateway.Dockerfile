@@ -5,17 +5,18 @@
 # Python must match the Ray image's (3.11): Ray Client refuses a different minor version.
 FROM python:3.11.13-slim-bookworm
 
-# The package depends on torch, which the gateway never runs: take the CPU build (a plain PyPI resolve
-# of torch==2.13.0 pulls the multi-GB CUDA build). Keep the pin equal to pyproject.toml's.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# The gateway imports no worker code, so no torch, transformers, numba or numpy: it installs only what it
+# imports (gateway-requirements.txt, pins equal to pyproject.toml's), then the project without its
+# dependencies. The worker actors it creates run in the Ray image, which has the full package.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 
 WORKDIR /tmp/kvstash
+COPY deploy/docker/gateway-requirements.txt ./
+RUN pip install -r gateway-requirements.txt
 COPY pyproject.toml README.md ./
 COPY kvstore ./kvstore
 COPY services ./services
-RUN pip install . && cd / && rm -rf /tmp/kvstash
+RUN pip install --no-deps . && cd / && rm -rf /tmp/kvstash
 
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/kvstash kvstash
 USER 10001:10001

@@ -14,8 +14,9 @@ fresh random prompt of `--prompt-tokens` tokens and takes `--new-tokens` greedy 
   weights, dtype and machine, with its own paged fp KV cache and no kvstash in the way.
 Measured from the clients: generated tokens/s, time to first token p50/p99, per-token latency (gaps
 between streamed tokens after the first) p50/p99. `vs 1` is tokens/s over the same mode's N=1 row; `vs hf`
-over the `hf` row at the same N. Calls that started in the first `--warmup` seconds are not counted (all N
-clients start at once; the warm-up lets the first burst of prompts drain).
+over the `hf` row at the same N. Each mode first runs one call alone (warm-up); each level then measures the
+`--seconds` after its first `--warmup` seconds (all N clients start at once; the warm-up lets the first
+burst of prompts drain): tokens streamed inside that window, and the latencies of the calls started in it.
 """
 
 from __future__ import annotations
@@ -30,17 +31,21 @@ from services.bench.common import percentile
 
 
 class _Stats:
-    def __init__(self, count_from: float):
+    """Throughput counts the tokens streamed inside the measured window [start, stop) (calls still running at
+    its edges count their tokens inside it); latencies are those of every call started inside the window,
+    followed to its end."""
+
+    def __init__(self, start: float, stop: float):
         self.lock = threading.Lock()
-        self.count_from = count_from
+        self.start, self.stop = start, stop
         self.tokens, self.ttft, self.gaps, self.calls, self.errors = 0, [], [], 0, 0
 
     def call(self, started: float, stamps: list[float], ok: bool) -> None:
         with self.lock:
             if not ok:
                 self.errors += 1
-            self.tokens += len(stamps)  # tokens produced in the window count whenever their call started
-            if started < self.count_from or not stamps:
+            self.tokens += sum(self.start <= s < self.stop for s in stamps)
+            if not self.start <= started < self.stop or not stamps:
                 return
             self.calls += 1
             self.ttft.append(stamps[0] - started)
@@ -49,29 +54,30 @@ class _Stats:
 
 def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
     t0 = time.monotonic()
-    stats, stop_at = _Stats(t0 + warmup), t0 + seconds
+    stats = _Stats(t0 + warmup, t0 + warmup + seconds)
 
     def client(i: int) -> None:
         rng = random.Random(1000 * n + i)
-        while time.monotonic() < stop_at:
+        while time.monotonic() < stats.stop:
             started = time.monotonic()
-            stamps, ok = one_call(rng, stop_at)
-            stats.call(started, [s for s in stamps if s <= stop_at], ok)
+            stamps, ok = one_call(rng)
+            stats.call(started, stamps, ok)
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - t0
-    return {"concurrency": n, "tokens_per_s": stats.tokens / wall, "ttft_p50_s": percentile(stats.ttft, 0.5),
+    return {"concurrency": n, "tokens_per_s": stats.tokens / seconds, "ttft_p50_s": percentile(stats.ttft, 0.5),
             "ttft_p99_s": percentile(stats.ttft, 0.99), "tpot_p50_s": percentile(stats.gaps, 0.5),
-            "tpot_p99_s": percentile(stats.gaps, 0.99), "calls": stats.calls, "errors": stats.errors, "seconds": wall}
+            "tpot_p99_s": percentile(stats.gaps, 0.99), "calls": stats.calls, "errors": stats.errors,
+            "seconds": seconds}
 
 
 def _kvstash_mode(args, buckets: str, redis_url: str, ns: int):
     from services.config import KvstashConfig
-    from services.worker.engine import Engine, GenerateCall
+    from services.wire import DoneEvent, GenerateCall, TokensEvent, is_terminal
+    from services.worker.engine import Engine
 
     d = {"model": {"name": args.model}, "redis": {"url": redis_url, "namespace": f"bench{ns}"},
          "kv": {"quality_sample_rate": 0}, "session": {"max_requests_per_worker": 4096}}
@@ -79,18 +85,20 @@ def _kvstash_mode(args, buckets: str, redis_url: str, ns: int):
         d["kv"]["spec"] = args.kv
     if buckets:
         d["batch"] = {"buckets": buckets}
+    if args.prefill_budget:
+        d.setdefault("batch", {})["prefill_tokens_per_step"] = args.prefill_budget
     eng = Engine(KvstashConfig.from_dict(d))
     vocab = eng.runner.vocab_size
 
-    def one_call(rng, stop_at):
+    def one_call(rng):
         ids = [rng.randrange(1000, min(vocab, 20000)) for _ in range(args.prompt_tokens)]
         done, stamps, ok = threading.Event(), [], [True]
 
         def sink(e):
-            if e["type"] == "tokens" and e["ids"]:
+            if isinstance(e, TokensEvent) and e.ids:
                 stamps.append(time.monotonic())
-            elif e["type"] in ("done", "error"):
-                ok[0] = e["type"] == "done"
+            elif is_terminal(e):
+                ok[0] = isinstance(e, DoneEvent)
                 done.set()
 
         eng.submit(GenerateCall("bench", f"s{rng.getrandbits(64):x}", True, {"token_ids": ids}, args.new_tokens,
@@ -114,7 +122,7 @@ def _hf_mode(args):
     manager.start()
     vocab = model.get_output_embeddings().weight.shape[0]
 
-    def one_call(rng, stop_at):
+    def one_call(rng):
         ids = [rng.randrange(1000, min(vocab, 20000)) for _ in range(args.prompt_tokens)]
         rid = manager.add_request(ids, max_new_tokens=args.new_tokens, streaming=True)
         stamps, seen = [], 0
@@ -146,6 +154,7 @@ def run_batch(args) -> int:
             else:
                 raise SystemExit(f"unknown mode {mode!r}: batched, interleaved or hf")
             try:
+                one_call(random.Random(-1))  # warm-up: first-call costs (JIT, allocations) stay out of the rows
                 for n in levels:
                     rows.append({"mode": mode, **_closed_loop(n, args.seconds, args.warmup, one_call)})
             finally:

@@ -45,29 +45,26 @@ def _engine(args, mode: str, redis_url: str, ns: str):
     return Engine(KvstashConfig.from_dict(d))
 
 
-def _call(eng, sid: str, ids: list[int], n: int, create: bool) -> tuple[float, int, dict]:
-    from services.worker.engine import GenerateCall
+def _call(eng, sid: str, ids: list[int], n: int, create: bool) -> tuple[float, int, object]:
+    from services.wire import DoneEvent, GenerateCall, TokensEvent, is_terminal
 
-    done, first, count, usage = threading.Event(), [None], [0], {}
+    done, first, count, last = threading.Event(), [None], [0], []
     t0 = time.monotonic()
 
     def sink(e):
-        if e["type"] == "tokens" and e["ids"]:
-            count[0] += len(e["ids"])
+        if isinstance(e, TokensEvent) and e.ids:
+            count[0] += len(e.ids)
             if first[0] is None:
                 first[0] = time.monotonic() - t0
-        elif e["type"] in ("done", "error"):
-            if e["type"] == "error":
-                usage["error"] = e["error"]
-            else:
-                usage.update(e["usage"])
+        elif is_terminal(e):
+            last.append(e)
             done.set()
 
     eng.submit(GenerateCall("chat", sid, create, {"token_ids": ids}, n), sink)
     done.wait()
-    if "error" in usage:
-        raise RuntimeError(f"{sid}: {usage['error']}")
-    return first[0], count[0], usage
+    if not isinstance(last[0], DoneEvent):
+        raise RuntimeError(f"{sid}: {last[0]}")
+    return first[0], count[0], last[0].usage
 
 
 def _run_mode(args, mode: str, redis_url: str) -> dict:
@@ -102,7 +99,7 @@ def _run_mode(args, mode: str, redis_url: str) -> dict:
             for first, n, usage in results.values():
                 ttft[rnd].append(first)
                 tokens += n
-                src = usage.get("kv_source", "?")
+                src = usage.kv_source
                 sources[rnd][src] = sources[rnd].get(src, 0) + 1
         time.sleep(args.think)  # the last round's sessions go to Redis too
         stored = 0  # per session: its record and every block it references (shared ones too)

@@ -23,33 +23,35 @@ import json
 import time
 
 
-def run_call(engine, call) -> dict:
-    """Run one call on an engine to its end; the `done` event (raises on `error`)."""
-    events: list[dict] = []
+def run_call(engine, call):
+    """Run one call on an engine to its end; its `DoneEvent` (raises on an `ErrorEvent`)."""
+    from services.wire import ErrorEvent, is_terminal
+
+    events: list = []
     engine.submit(call, events.append)
-    while not events or events[-1]["type"] not in ("done", "error"):
+    while not events or not is_terminal(events[-1]):
         time.sleep(0.005)
-    if events[-1]["type"] == "error":
-        raise RuntimeError(events[-1]["error"])
+    if isinstance(events[-1], ErrorEvent):
+        raise RuntimeError(f"{events[-1].code}: {events[-1].message}")
     return events[-1]
 
 
 def scenario(engine, name: str, system: list[int], owns: list[list[int]]) -> dict:
     from kvstore.prefix.canonical import adoption_points
-    from services.worker.engine import GenerateCall
+    from services.wire import ErrorEvent, GenerateCall
 
     if name == "public":
-        events: list[dict] = []
+        events: list = []
         engine.mark_public({"token_ids": system}, events.append)
         while not events:
             time.sleep(0.01)
-        if events[-1]["type"] == "error":
-            raise RuntimeError(events[-1]["error"])
+        if isinstance(events[-1], ErrorEvent):
+            raise RuntimeError(f"{events[-1].code}: {events[-1].message}")
     t0, sources = time.perf_counter(), {}
     for i, own in enumerate(owns):
         tenant = "acme" if name == "one-tenant" else f"tenant{i}"
         done = run_call(engine, GenerateCall(tenant, f"s{i}", True, {"token_ids": system + own}, max_new_tokens=1))
-        sources[done["usage"]["kv_source"]] = sources.get(done["usage"]["kv_source"], 0) + 1
+        sources[done.usage.kv_source] = sources.get(done.usage.kv_source, 0) + 1
         engine.evict(tenant, f"s{i}").result()
     tier = engine.tier
     records = [tier.get_manifest("acme" if name == "one-tenant" else f"tenant{i}", f"s{i}") for i in range(len(owns))]

@@ -49,6 +49,8 @@ def _batch(kinds) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--modes", default="batched,interleaved,hf")
     p.add_argument("--buckets", default="", help="batch.buckets of the batched mode (default: the service default)")
+    p.add_argument("--prefill-budget", type=int, default=0,
+                   help="batch.prefill_tokens_per_step of the kvstash modes (default: the service default)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=runs("services.bench.batch", "run_batch"))
 

@@ -12,8 +12,8 @@ import hmac
 import tomllib
 from pathlib import Path
 
-from kvstore.tiers.manifest import ID_RE
 from services.errors import PermissionDenied, Unauthenticated
+from services.wire import ID_RE
 
 ANONYMOUS_TENANT = "default"
 

@@ -6,14 +6,16 @@ the prompt's tokens it holds hot (its prefix trie), and the best score wins — 
 `gateway.prefix_tokens_per_request` for every request running or queued there, so a long shared prefix
 outweighs a little load but a busy worker loses to an idle one; (3) otherwise the least-loaded live
 worker (fewest streams this gateway has open on it, then the smallest polled queue depth), which
-restores the session from Redis. Workers are Ray named actors `kvstash-worker-<i>` in the configured namespace, created with
-`get_if_exists`, so a gateway restart (or a second gateway) finds the same workers, and on a Ray
-cluster the actors land wherever Ray places them.
+restores the session from Redis. Workers are Ray named actors (`services.wire.actor_name(i)`) in the
+configured namespace; the router gets their handles from a factory (worker index -> actor handle) handed
+in by whoever starts the stack (`services.runtime.workers.WorkerSpawner`, which creates them with
+`get_if_exists`), or, without one, looks them up by name. It imports no worker code: messages to and
+from the workers are `services.wire` types.
 
 Invariants: a worker whose actor died is dropped from routing and from the affinity table; `poll` then
-creates it again under the same name and returns it to routing once its model is loaded. On an external
-Ray cluster (`ray.address` set) the actors are detached, so they outlive the gateway that created them:
-gateways can restart, roll or run side by side, all finding the same workers by name.
+asks the factory for it again (same name) and returns it to routing once its model is loaded. On an
+external Ray cluster (`ray.address` set) the actors are detached, so they outlive the gateway that
+created them: gateways can restart, roll or run side by side, all finding the same workers by name.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -28,23 +31,25 @@ import ray
 from services.config import KvstashConfig
 from services.errors import Unavailable
 from services.metrics import WorkerMetricsCollector
-from services.worker.actor import ACTOR_PREFIX, WorkerActor
+from services.wire import WorkerLoad, actor_name
 
 log = logging.getLogger(__name__)
+
+Spawn = Callable[[int], object]  # worker index -> its actor handle (created, or found by name)
 
 
 @dataclass
 class WorkerHandle:
     id: str
     actor: object
-    load: dict = field(default_factory=dict)  # the worker's last polled load (queue depth, KV bytes)
+    load: WorkerLoad = field(default_factory=WorkerLoad)  # the worker's last polled load
     alive: bool = True
     inflight: int = 0  # streams this gateway has open on the worker (exact, not polled)
 
 
 class Router:
     def __init__(self, workers: list[WorkerHandle], collector: WorkerMetricsCollector | None = None,
-                 spawn=None, ready_timeout_s: float = 600.0, tokens_per_request: int = 256):
+                 spawn: Spawn | None = None, ready_timeout_s: float = 600.0, tokens_per_request: int = 256):
         self.workers = {w.id: w for w in workers}
         self.affinity: dict[tuple[str, str], str] = {}
         self.collector = collector or WorkerMetricsCollector()
@@ -57,23 +62,19 @@ class Router:
 
     @classmethod
     async def start(cls, cfg: KvstashConfig, collector: WorkerMetricsCollector | None = None,
-                    ready_timeout_s: float = 600.0) -> Router:
-        """Create (or find) the worker actors and wait until each has loaded its model."""
-        gpus = cfg.ray.num_gpus_per_worker
-        if gpus < 0:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+                    spawn: Spawn | None = None, ready_timeout_s: float = 600.0) -> Router:
+        """Get the `cfg.ray.num_workers` worker actors from `spawn` (default: find each by name) and wait
+        until each has loaded its model."""
+        if spawn is None:
+            namespace = cfg.ray.namespace
 
-        def spawn(i: int):
-            return WorkerActor.options(
-                name=f"{ACTOR_PREFIX}{i}", namespace=cfg.ray.namespace, get_if_exists=True,
-                lifetime="detached" if cfg.ray.address else None,
-                num_cpus=cfg.ray.num_cpus_per_worker, num_gpus=gpus, max_restarts=0,
-            ).remote(f"w{i}", cfg.to_dict())
+            def spawn(i: int):
+                return ray.get_actor(actor_name(i), namespace=namespace)
 
         handles = [WorkerHandle(f"w{i}", spawn(i)) for i in range(cfg.ray.num_workers)]
         infos = await asyncio.wait_for(asyncio.gather(*(h.actor.ready.remote() for h in handles)), ready_timeout_s)
         for info in infos:
-            log.info("worker %s ready on %s", info["worker"], info["device"])
+            log.info("worker %s ready on %s", info.worker, info.device)
         return cls(handles, collector, spawn, ready_timeout_s, cfg.gateway.prefix_tokens_per_request)
 
     def live(self) -> list[WorkerHandle]:
@@ -105,7 +106,7 @@ class Router:
     def busy(h: WorkerHandle) -> int:
         """Requests on a worker: this gateway's open streams, or the polled depth when that is larger
         (other gateways' traffic)."""
-        return max(h.inflight, h.load.get("queue_depth", 0))
+        return max(h.inflight, h.load.queue_depth)
 
     async def place(self, tenant: str, session_id: str, new_input: dict | None = None) -> WorkerHandle:
         """Affinity first; then, for a new session's `new_input`, prefix locality; else the least loaded
@@ -119,7 +120,7 @@ class Router:
         start = next(self._rr) % len(live)
         rotated = live[start:] + live[:start]
         # this gateway's open streams first (exact and current), then the polled depth (other gateways' load)
-        w = min(rotated, key=lambda h: (h.inflight, h.load.get("queue_depth", 0)))
+        w = min(rotated, key=lambda h: (h.inflight, h.load.queue_depth))
         if new_input is not None and len(live) > 1:
             hot = await self._hot_tokens(rotated, tenant, new_input)
             if any(hot):
@@ -142,7 +143,8 @@ class Router:
         self.affinity.pop((tenant, session_id), None)
 
     def _revive(self, w: WorkerHandle) -> None:
-        """Create a dead worker's actor again (same name) and put it back once its model is loaded."""
+        """Get a dead worker's actor again from the factory (same name) and put it back once its model is
+        loaded."""
         if self._spawn is None or w.id in self._reviving:
             return
 
@@ -154,7 +156,7 @@ class Router:
                     pass
                 actor = self._spawn(int(w.id[1:]))
                 await asyncio.wait_for(actor.ready.remote(), self._ready_timeout_s)
-                w.actor, w.load, w.alive = actor, {}, True
+                w.actor, w.load, w.alive = actor, WorkerLoad(), True
                 log.warning("worker %s is back", w.id)
             except Exception as e:  # noqa: BLE001  (the next poll tries again)
                 log.error("worker %s could not be created again: %s", w.id, e)
@@ -175,7 +177,7 @@ class Router:
             if isinstance(load, ray.exceptions.RayActorError) or isinstance(snap, ray.exceptions.RayActorError):
                 self.mark_dead(w)
                 continue
-            if isinstance(load, dict):
+            if isinstance(load, WorkerLoad):
                 w.load = load
             if isinstance(snap, list):
                 self.collector.update(w.id, snap)

@@ -1,7 +1,9 @@
 """`Gateway`: the grpc.aio server (kvstash.v1, health, reflection) plus the Prometheus endpoint.
 
-It connects to Ray (a local instance or `ray.address`), finds or creates the worker actors through
-`Router.start`, and polls them for load and metrics in the background.
+It runs on a connected Ray (a local instance or `ray.address`), gets the worker actors through
+`Router.start` from the factory it was given (`services.runtime.workers.WorkerSpawner` creates them; by
+default they are found by name), and polls them for load and metrics in the background. It imports no
+worker code (no torch, transformers or numba): what crosses to the workers is `services.wire`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from services.api.kvstash.v1 import kvstash_pb2_grpc as pb_grpc
 from services.config import KvstashConfig
 from services.gateway.auth import Authenticator
 from services.gateway.interceptors import ErrorInterceptor
-from services.gateway.router import Router
+from services.gateway.router import Router, Spawn
 from services.gateway.servicer import KvStashServicer
 from services.metrics import GatewayMetrics, WorkerMetricsCollector
+from services.wire import StorageStats
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvStash"].full_name
@@ -29,8 +32,8 @@ STORAGE_HEALTH = "kvstash.v1.Storage"  # health of the Redis tier (a name for gr
 
 
 class Gateway:
-    def __init__(self, cfg: KvstashConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: KvstashConfig, spawn: Spawn | None = None):
+        self.cfg, self.spawn = cfg, spawn  # spawn: worker index -> actor handle (None: find them by name)
         self.registry = CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
         self.collector = WorkerMetricsCollector()
@@ -45,8 +48,8 @@ class Gateway:
         self._poller: asyncio.Task | None = None
 
     async def start(self) -> int:
-        """Start workers, then serve. Returns the bound gRPC port."""
-        self.router = await Router.start(self.cfg, self.collector)
+        """Get the workers (waiting until their models are loaded), then serve. Returns the bound gRPC port."""
+        self.router = await Router.start(self.cfg, self.collector, self.spawn)
         opts = [("grpc.max_receive_message_length", self.cfg.gateway.max_message_bytes),
                 ("grpc.max_send_message_length", self.cfg.gateway.max_message_bytes)]
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.metrics)], options=opts)
@@ -93,8 +96,7 @@ class Gateway:
             res = await live[0].actor.storage_stats.remote()
         except Exception:  # noqa: BLE001
             return
-        up = "ok" in res
-        stats = res.get("ok", {})
+        up = isinstance(res, StorageStats)  # else an ErrorEvent: Redis does not answer
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(STORAGE_HEALTH, status)  # generation goes on from the device meanwhile
 
@@ -103,11 +105,10 @@ class Gateway:
 
         families = [gauge("kvstash_storage_up", "1 when Redis answers, else 0.", up)]
         if up:
-            families += [gauge("kvstash_kv_bytes", "KV bytes held per tier.", stats.get("bytes", 0), tier="redis"),
-                         gauge("kvstash_stored_sessions", "Sessions with a durable record in Redis.",
-                               stats.get("sessions", 0)),
+            families += [gauge("kvstash_kv_bytes", "KV bytes held per tier.", res.bytes, tier="redis"),
+                         gauge("kvstash_stored_sessions", "Sessions with a durable record in Redis.", res.sessions),
                          gauge("kvstash_stored_blocks", "KV blocks in Redis, each stored once however many "
-                               "sessions share it.", stats.get("blocks", 0))]
+                               "sessions share it.", res.blocks)]
         self.collector.update("", families)
 
     async def _poll_loop(self) -> None:

@@ -14,22 +14,41 @@ import uuid
 
 import ray
 
-from kvstore.tiers.manifest import ID_RE
 from services.api.kvstash.v1 import kvstash_pb2 as pb
 from services.api.kvstash.v1 import kvstash_pb2_grpc as pb_grpc
 from services.config import KvstashConfig
-from services.errors import InvalidArgument, NotFound, Unavailable, from_wire
+from services.errors import Internal, InvalidArgument, NotFound, Unavailable
 from services.gateway.auth import Authenticator
 from services.gateway.quota import TokenRate
 from services.gateway.router import Router, WorkerHandle
 from services.metrics import GatewayMetrics
-from services.worker.engine import GenerateCall
-from services.worker.stops import MAX_STOP_CHARS, MAX_STOPS
+from services.wire import (
+    ID_RE,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    DoneEvent,
+    ErrorEvent,
+    GenerateCall,
+    KvSource,
+    SessionInfo,
+    Tier,
+    TokensEvent,
+    Usage,
+)
 
-_SOURCES = {"new": pb.KV_SOURCE_NEW, "device": pb.KV_SOURCE_DEVICE, "restored": pb.KV_SOURCE_RESTORED,
-            "recomputed": pb.KV_SOURCE_RECOMPUTED, "prefix": pb.KV_SOURCE_PREFIX}
-_TIERS = {"": pb.TIER_UNSPECIFIED, "device": pb.TIER_DEVICE, "host": pb.TIER_HOST, "redis": pb.TIER_REDIS}
+# the wire's names -> the proto's enums (every member mapped: tests/services/test_wire.py)
+SOURCES = {KvSource.NEW: pb.KV_SOURCE_NEW, KvSource.DEVICE: pb.KV_SOURCE_DEVICE,
+           KvSource.RESTORED: pb.KV_SOURCE_RESTORED, KvSource.RECOMPUTED: pb.KV_SOURCE_RECOMPUTED,
+           KvSource.PREFIX: pb.KV_SOURCE_PREFIX}
+TIERS = {Tier.NONE: pb.TIER_UNSPECIFIED, Tier.DEVICE: pb.TIER_DEVICE, Tier.HOST: pb.TIER_HOST,
+         Tier.REDIS: pb.TIER_REDIS}
 _STATES = {"active": pb.SESSION_STATE_ACTIVE, "cold": pb.SESSION_STATE_COLD}
+
+
+def _usage(u: Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens, generated_tokens=u.generated_tokens,
+                    kv_source=SOURCES[KvSource(u.kv_source)], session_tokens=u.session_tokens,
+                    cached_tier=TIERS[Tier(u.cached_tier)])
 
 
 def _session_id(sid: str) -> str:
@@ -85,14 +104,14 @@ class KvStashServicer(pb_grpc.KvStashServicer):
         return GenerateCall(tenant=tenant, session_id=sid, create=create, input=self._input(request.input, required),
                             max_new_tokens=request.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                             seed=s.seed if s.HasField("seed") else None, stop=list(request.stop),
-                            deadline=time.time() + remaining if remaining is not None else None)
+                            deadline=time.time() + remaining if remaining is not None else None,
+                            fresh=create and not request.session_id)
 
     # ---- streaming calls --------------------------------------------------------------------------
     async def Generate(self, request, context):
         tenant = self.auth.tenant(context.invocation_metadata())
         sid = _session_id(request.session_id) if request.session_id else uuid.uuid4().hex
         call = self._call(tenant, sid, create=True, request=request, required=True, context=context)
-        call.fresh = not request.session_id
         async for msg in self._stream("Generate", call, await self.router.place(tenant, sid, call.input)):
             yield msg
 
@@ -107,33 +126,33 @@ class KvStashServicer(pb_grpc.KvStashServicer):
         self.rate.check(call.tenant)
         t0 = last = time.perf_counter()
         first = True
-        stream = worker.actor.generate.options(num_returns="streaming").remote(call.__dict__)
+        stream = worker.actor.generate.options(num_returns="streaming").remote(call)
         finished = False
         worker.inflight += 1
         try:
             async for ref in stream:
                 ev = await ref
-                if ev["type"] == "tokens":
+                if isinstance(ev, TokensEvent):
                     now = time.perf_counter()
                     (self.metrics.ttft if first else self.metrics.tpot).labels(method).observe(now - last if not first else now - t0)
                     first, last = False, now
-                    yield pb.GenerateResponse(session_id=call.session_id, token_ids=ev["ids"], text=ev["text"])
-                elif ev["type"] == "done":
+                    yield pb.GenerateResponse(session_id=call.session_id, token_ids=ev.ids, text=ev.text)
+                elif isinstance(ev, DoneEvent):
                     finished = True
-                    u = ev["usage"]
-                    self.rate.add(call.tenant, u["prompt_tokens"] + u["generated_tokens"])
-                    self.metrics.tenant_tokens.labels(call.tenant, "prompt").inc(u["prompt_tokens"])
-                    self.metrics.tenant_tokens.labels(call.tenant, "generated").inc(u["generated_tokens"])
-                    yield pb.GenerateResponse(session_id=call.session_id, finish_reason=ev["finish_reason"], usage=pb.Usage(
-                        prompt_tokens=u["prompt_tokens"], cached_tokens=u["cached_tokens"],
-                        generated_tokens=u["generated_tokens"], kv_source=_SOURCES[u["kv_source"]],
-                        session_tokens=u["session_tokens"], cached_tier=_TIERS[u.get("cached_tier", "")]))
+                    u = ev.usage
+                    self.rate.add(call.tenant, u.prompt_tokens + u.generated_tokens)
+                    self.metrics.tenant_tokens.labels(call.tenant, "prompt").inc(u.prompt_tokens)
+                    self.metrics.tenant_tokens.labels(call.tenant, "generated").inc(u.generated_tokens)
+                    yield pb.GenerateResponse(session_id=call.session_id, finish_reason=ev.finish_reason,
+                                              usage=_usage(u))
                     return
                 else:
                     finished = True
-                    if ev["error"]["code"] == "NOT_FOUND":
+                    err = ev.exception() if isinstance(ev, ErrorEvent) else Internal(
+                        f"the worker sent {type(ev).__name__} on a generate stream")
+                    if isinstance(err, NotFound):
                         self.router.forget(call.tenant, call.session_id)
-                    raise from_wire(ev["error"])
+                    raise err
         except ray.exceptions.RayActorError:
             self.router.mark_dead(worker)
             raise Unavailable("the worker serving this session died; retry (the session resumes from storage)") from None
@@ -144,15 +163,15 @@ class KvStashServicer(pb_grpc.KvStashServicer):
 
     # ---- unary calls -----------------------------------------------------------------------------
     async def _on(self, worker: WorkerHandle, op: str, *args):
-        """Run actor method `op` on `worker`; its {"ok"} result, or its error raised (UNAVAILABLE if it died)."""
+        """Run actor method `op` on `worker`; its result, or its `ErrorEvent` raised (UNAVAILABLE if it died)."""
         try:
             result = await getattr(worker.actor, op).remote(*args)
         except ray.exceptions.RayActorError:
             self.router.mark_dead(worker)
             raise Unavailable("the worker died; retry") from None
-        if "error" in result:
-            raise from_wire(result["error"])
-        return result["ok"]
+        if isinstance(result, ErrorEvent):
+            raise result.exception()
+        return result
 
     async def _control(self, op: str, tenant: str, sid: str, *args):
         worker = await self.router.locate(tenant, sid) or (await self.router.place(tenant, sid))
@@ -162,14 +181,14 @@ class KvStashServicer(pb_grpc.KvStashServicer):
             self.router.forget(tenant, sid)
             raise
 
-    def _info(self, d: dict) -> pb.SessionInfo:
-        cold = d["state"] == "cold"
+    def _info(self, d: SessionInfo) -> pb.SessionInfo:
+        cold = d.state == "cold"
         return pb.SessionInfo(
-            session_id=d["session_id"], state=_STATES[d["state"]], tier=pb.TIER_REDIS if cold else pb.TIER_DEVICE,
-            token_count=d["token_count"], worker=d["worker"], created_at=d["created_at"], last_used_at=d["last_used_at"],
-            pinned=d.get("pinned", False),
-            bytes=[pb.TierBytes(tier=pb.TIER_DEVICE, bytes=d["device_bytes"]),
-                   pb.TierBytes(tier=pb.TIER_REDIS, bytes=d["redis_bytes"])])
+            session_id=d.session_id, state=_STATES[d.state], tier=pb.TIER_REDIS if cold else pb.TIER_DEVICE,
+            token_count=d.token_count, worker=d.worker, created_at=d.created_at, last_used_at=d.last_used_at,
+            pinned=d.pinned,
+            bytes=[pb.TierBytes(tier=pb.TIER_DEVICE, bytes=d.device_bytes),
+                   pb.TierBytes(tier=pb.TIER_REDIS, bytes=d.redis_bytes)])
 
     async def GetSession(self, request, context):
         tenant = self.auth.tenant(context.invocation_metadata())
@@ -201,11 +220,11 @@ class KvStashServicer(pb_grpc.KvStashServicer):
             raise Unavailable("no worker is available")
         page = await self._on(live[0], "list_sessions", tenant, int(token or 0), size)
         return pb.ListSessionsResponse(
-            sessions=[pb.SessionInfo(session_id=d["session_id"], token_count=d["token_count"],
-                                     created_at=d["created_at"], last_used_at=d["last_used_at"],
-                                     bytes=[pb.TierBytes(tier=pb.TIER_REDIS, bytes=d["redis_bytes"])])
-                      for d in page["sessions"]],
-            next_page_token=str(page["cursor"]) if page["cursor"] else "")
+            sessions=[pb.SessionInfo(session_id=d.session_id, token_count=d.token_count,
+                                     created_at=d.created_at, last_used_at=d.last_used_at,
+                                     bytes=[pb.TierBytes(tier=pb.TIER_REDIS, bytes=d.redis_bytes)])
+                      for d in page.sessions],
+            next_page_token=str(page.cursor) if page.cursor else "")
 
     async def MarkPublicPrefix(self, request, context):
         self.auth.admin(context.invocation_metadata())
@@ -217,8 +236,8 @@ class KvStashServicer(pb_grpc.KvStashServicer):
         res = await self._on(worker, "mark_public", inp)
         others = [w for w in self.router.live() if w is not worker]
         await asyncio.gather(*(w.actor.refresh_public.remote() for w in others), return_exceptions=True)
-        return pb.MarkPublicPrefixResponse(prompt_tokens=res["prompt_tokens"], shared_tokens=res["tokens"],
-                                           newly_registered=res["registered"])
+        return pb.MarkPublicPrefixResponse(prompt_tokens=res.prompt_tokens, shared_tokens=res.shared_tokens,
+                                           newly_registered=res.newly_registered)
 
     async def DeleteSession(self, request, context):
         tenant = self.auth.tenant(context.invocation_metadata())

@@ -1,7 +1,8 @@
 """`LocalStack`: everything `kvstash up` runs, on one machine.
 
 A redis-server it spawns itself (AOF on, under $KVSTASH_HOME/redis) unless `redis.url` is set; a local
-Ray instance unless `ray.address` is set; the worker actors; the gateway and its metrics endpoint.
+Ray instance unless `ray.address` is set; the worker actors (created by a `WorkerSpawner` handed to the
+gateway); the gateway and its metrics endpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ray
 from services.config import KvstashConfig, kvstash_home
 from services.gateway.server import Gateway
 from services.runtime.redis_server import RedisServer
+from services.runtime.workers import WorkerSpawner
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class LocalStack:
             else:
                 ray.init(num_cpus=cfg.ray.local_num_cpus or None, **kwargs)
             self._own_ray = True
-        self.gateway = Gateway(cfg)
+        self.gateway = Gateway(cfg, WorkerSpawner(cfg))
         await self.gateway.start()
         return self
 

@@ -12,7 +12,6 @@ import logging
 import random
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field
 
 import redis
 
@@ -22,30 +21,24 @@ from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig
 from services.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from services.metrics import WorkerMetrics
+from services.wire import (
+    DoneEvent,
+    GenerateCall,
+    KvSource,
+    PrefixSharedEvent,
+    SessionInfo,
+    StorageStats,
+    TokensEvent,
+    Usage,
+    WorkerLoad,
+)
 from services.worker.batching import Batcher, DecodeResult, DecodeStep, verified_sizes
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from services.worker.scheduler import Scheduler, Sink
-from services.worker.session_manager import NEW, SessionManager
+from services.worker.session_manager import SessionManager
 from services.worker.stops import StopMatcher
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerateCall:
-    """A Generate/ResumeSession call as the worker sees it (tenant already authenticated)."""
-
-    tenant: str
-    session_id: str
-    create: bool  # Generate may create; ResumeSession may not
-    input: dict | None  # {"text": str} | {"chat": [{"role", "content"}]} | {"token_ids": [int]} | None
-    max_new_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)  # stop sequences (validated by the gateway)
-    deadline: float | None = None  # unix time after which the call is abandoned (the client's gRPC deadline)
-    fresh: bool = False  # the server just made the session id: no store needs asking whether it exists
 
 
 def redis_client(cfg: KvstashConfig) -> redis.Redis:
@@ -207,14 +200,14 @@ class Engine:
                 if step == 0:
                     if len(s.tokens) - cached >= self.sessions.block_tokens:  # a prefill, not a decode step
                         self.sessions.observe_prefill(len(s.tokens) - cached, time.perf_counter() - t_prefill)
-                    if source == NEW:
+                    if source == KvSource.NEW:
                         self.sessions.register_prefix(s)
                 tok = self.runner.sample(logits, sampling, gen)
                 s.tokens.append(tok)
                 produced += 1
                 self.metrics.generated_tokens.inc()
                 text, hit = stops.push(detok.push(tok))
-                sink({"type": "tokens", "ids": [tok], "text": text})
+                sink(TokensEvent([tok], text))
                 if hit:
                     finish = "stop_sequence"
                     break
@@ -223,12 +216,12 @@ class Engine:
                     break
                 pending, fed = [tok], (fed if step == 0 else 0)
             if rest := stops.flush():
-                sink({"type": "tokens", "ids": [], "text": rest})
+                sink(TokensEvent([], rest))
             self.sessions.finish_call(s)
             committed = True
-            sink({"type": "done", "finish_reason": finish, "usage": {
-                "prompt_tokens": len(new_ids), "cached_tokens": cached, "generated_tokens": produced,
-                "kv_source": source, "session_tokens": len(s.tokens), "cached_tier": origin.tier}})
+            sink(DoneEvent(finish, Usage(
+                prompt_tokens=len(new_ids), cached_tokens=cached, generated_tokens=produced,
+                kv_source=source, session_tokens=len(s.tokens), cached_tier=origin.tier)))
         finally:
             if not committed:
                 # Cut short (an error, its deadline, a cancelled stream): the call leaves no trace. The
@@ -249,17 +242,18 @@ class Engine:
         return results
 
     # ---- control operations (run on the engine thread) -------------------------------------------
-    def info(self, tenant: str, session_id: str) -> dict:
+    def info(self, tenant: str, session_id: str):
+        """Future: the session's `SessionInfo`."""
         def op():
             s = self.sessions.get(tenant, session_id)
             try:
                 redis_bytes = self.tier.session_bytes(tenant, session_id, s.blocks)
             except Exception:  # noqa: BLE001
                 redis_bytes = s.redis_bytes
-            return {"session_id": session_id, "state": s.state.value, "token_count": s.durable_tokens,
-                    "device_bytes": s.device_bytes(), "redis_bytes": redis_bytes,
-                    "worker": self.worker_id if s.cache is not None else "",
-                    "created_at": s.created_at, "last_used_at": s.last_used, "pinned": s.pinned}
+            return SessionInfo(session_id=session_id, state=s.state.value, token_count=s.durable_tokens,
+                               device_bytes=s.device_bytes(), redis_bytes=redis_bytes,
+                               worker=self.worker_id if s.cache is not None else "",
+                               created_at=s.created_at, last_used_at=s.last_used, pinned=s.pinned)
         return self.scheduler.call(op)
 
     def pin(self, tenant: str, session_id: str, pinned: bool):
@@ -273,8 +267,8 @@ class Engine:
         return self.scheduler.call(op)
 
     def mark_public(self, input: dict, sink: Sink) -> int:
-        """Schedule sharing a prompt prefix with every tenant (MarkPublicPrefix); the sink gets `done` with
-        {"tokens", "registered"} or `error`. Chat input is rendered as the conversation's opening turns."""
+        """Schedule sharing a prompt prefix with every tenant (MarkPublicPrefix); the sink gets a
+        `PrefixSharedEvent` or an `ErrorEvent`. Chat input is rendered as the conversation's opening turns."""
         def task(sink: Sink) -> Generator[None, None, None]:
             if "chat" in input:
                 ids = self.runner.render_chat(input["chat"])
@@ -284,7 +278,7 @@ class Engine:
                 n, new = yield from self.sessions.mark_public(ids)
             except ValueError as e:
                 raise InvalidArgument(str(e)) from None
-            sink({"type": "done", "tokens": n, "registered": new, "prompt_tokens": len(ids)})
+            sink(PrefixSharedEvent(prompt_tokens=len(ids), shared_tokens=n, newly_registered=new))
         return self.scheduler.submit(task, sink)
 
     def prefix_match(self, tenant: str, input: dict):
@@ -321,17 +315,18 @@ class Engine:
         is here only (Redis missed its last write)."""
         return self.sessions.holding(tenant, session_id) is not None
 
-    def occupancy(self) -> dict:
+    def occupancy(self) -> WorkerLoad:
         """How busy this worker is (the router's load signal): queue depth, device bytes, active sessions."""
-        return {"queue_depth": self.scheduler.depth, "device_bytes": self.sessions.device_bytes(),
-                "active_sessions": len(self.sessions.active)}
+        return WorkerLoad(queue_depth=self.scheduler.depth, device_bytes=self.sessions.device_bytes(),
+                          active_sessions=len(self.sessions.active))
 
     def metrics_snapshot(self) -> list[dict]:
         self.metrics.queue_depth.set(self.scheduler.depth)
         return self.metrics.snapshot()
 
-    def storage_stats(self) -> dict:
-        return self.tier.stats()
+    def storage_stats(self) -> StorageStats:
+        st = self.tier.stats()
+        return StorageStats(bytes=st["bytes"], sessions=st["sessions"], blocks=st["blocks"])
 
     def close(self) -> None:
         self.scheduler.stop()

@@ -15,8 +15,8 @@ Control operations (offload, delete, describe) are closures run on the same thre
 session state is only ever touched by this one thread.
 
 Invariants:
-- Every submitted task ends with exactly one terminal event for its sink: `done` or `error`
-  (a cancelled task ends silently: its consumer has gone).
+- Every submitted task ends with exactly one terminal event for its sink (`services.wire.is_terminal`:
+  done, prefix shared, or an `ErrorEvent`); a cancelled task ends silently: its consumer has gone.
 - A task's generator is always closed, so its `finally` blocks (releasing the session) always run.
 - A task is in exactly one of: the solo queue, the decode queue, or neither (finished).
 """
@@ -33,12 +33,13 @@ from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from services.errors import Internal, KvstashError, to_wire
+from services.errors import Internal, KvstashError
+from services.wire import ErrorEvent, Event
 from services.worker.batching import DecodeStep
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[dict], None]
+Sink = Callable[[Event], None]
 
 
 @dataclass
@@ -200,6 +201,6 @@ def _emit_error(sink: Sink, e: Exception) -> None:
         log.exception("request failed", exc_info=e)
         e = Internal(f"internal error: {type(e).__name__}")
     try:
-        sink({"type": "error", "error": to_wire(e)})
+        sink(ErrorEvent.of(e))
     except Exception:  # noqa: BLE001
         log.exception("sink failed")

@@ -37,6 +37,7 @@ from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig, kvstash_home
 from services.errors import FailedPrecondition, NotFound, Unavailable
 from services.metrics import WorkerMetrics
+from services.wire import KvSource, Tier
 from services.worker.history import HistoryStore
 from services.worker.model_runner import ModelRunner
 from services.worker.session import Session
@@ -44,17 +45,16 @@ from services.worker.session_store import AdoptedPrefix, CacheStore, RestoredCac
 
 log = logging.getLogger(__name__)
 
-# Where a session's KV came from at the start of a call (mirrors kvstash.v1.KvSource).
-NEW, DEVICE, RESTORED, RECOMPUTED, PREFIX = "new", "device", "restored", "recomputed", "prefix"
 
 
 @dataclass(frozen=True)
 class KvOrigin:
-    """Where a call's cached KV came from: the source, how many tokens it covers, and the tier ("" if none)."""
+    """Where a call's cached KV came from at its start: the source, how many tokens it covers, and the tier
+    (Tier.NONE when nothing was cached or the KV was rebuilt)."""
 
-    source: str
+    source: KvSource
     cached_tokens: int = 0
-    tier: str = ""  # "device", "host" or "redis"
+    tier: Tier = Tier.NONE
 
 
 class SessionManager:
@@ -146,26 +146,26 @@ class SessionManager:
     def ensure_kv(self, s: Session) -> Generator[None, None, KvOrigin]:
         """Make `s.cache` cover `s.schedule`; yields between replayed passes.
 
-        A session with no KV yet may adopt a stored prefix of its tokens (source PREFIX)."""
+        A session with no KV yet may adopt a stored prefix of its tokens (source KvSource.PREFIX)."""
         if s.cache is not None:
-            return KvOrigin(DEVICE, s.kv_tokens, "device")
+            return KvOrigin(KvSource.DEVICE, s.kv_tokens, Tier.DEVICE)
         if not s.schedule:
             adoption = self.adopt_prefix(s.tenant, s.tokens)
             if adoption is None:
                 s.cache = self.runner.new_cache(self.quant)
                 self.metrics.prefix_lookups.labels("miss").inc()
-                return KvOrigin(NEW)
+                return KvOrigin(KvSource.NEW)
             s.cache, s.schedule = adoption.cache, adopted_schedule(adoption.tokens, self.prefill_chunk)
             self.metrics.prefix_lookups.labels("hit").inc()
             per_block = self.block_tokens
-            self.metrics.prefix_hit_tokens.labels("device").inc(adoption.from_trie * per_block)
-            self.metrics.prefix_hit_tokens.labels("redis").inc(adoption.from_redis * per_block)
-            return KvOrigin(PREFIX, adoption.tokens, "redis" if adoption.from_redis else "device")
+            self.metrics.prefix_hit_tokens.labels(Tier.DEVICE).inc(adoption.from_trie * per_block)
+            self.metrics.prefix_hit_tokens.labels(Tier.REDIS).inc(adoption.from_redis * per_block)
+            return KvOrigin(KvSource.PREFIX, adoption.tokens, Tier.REDIS if adoption.from_redis else Tier.DEVICE)
         t0 = time.perf_counter()
         restored: RestoredCache = self.store.restore(s)
         cache, tier, reason = restored.cache, restored.tier, restored.reason
         replayed = yield from self._replay(s, cache)
-        source = RESTORED if replayed == 0 else RECOMPUTED
+        source = KvSource.RESTORED if replayed == 0 else KvSource.RECOMPUTED
         if replayed:
             self.metrics.recomputes.labels(reason if cache is None else "stale").inc()
             self.metrics.prefill_tokens.inc(replayed)
@@ -174,7 +174,7 @@ class SessionManager:
         else:
             self.metrics.restores.inc()
         self.metrics.restore_seconds.labels(source).observe(time.perf_counter() - t0)
-        return KvOrigin(source, s.kv_tokens, tier if source == RESTORED else "")
+        return KvOrigin(source, s.kv_tokens, tier if source == KvSource.RESTORED else Tier.NONE)
 
     def _replay(self, s: Session, cache) -> Generator[int, None, int]:
         """Run the schedule entries `cache` does not cover (all of them when it is None); returns tokens run.
@@ -301,8 +301,8 @@ class SessionManager:
         return stored or s is not None
 
     def _update_gauges(self) -> None:
-        self.metrics.kv_bytes.labels("device").set(self.device_bytes())
-        self.metrics.kv_bytes.labels("host").set(self.store.host_bytes)
+        self.metrics.kv_bytes.labels(Tier.DEVICE).set(self.device_bytes())
+        self.metrics.kv_bytes.labels(Tier.HOST).set(self.store.host_bytes)
         self.metrics.kv_bytes.labels("prefix_trie").set(self.store.trie_bytes)
         self.metrics.sessions.labels("active").set(len(self.active))
 

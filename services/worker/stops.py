@@ -9,8 +9,7 @@ for another reason.
 
 from __future__ import annotations
 
-MAX_STOPS = 8
-MAX_STOP_CHARS = 256
+from services.wire import MAX_STOP_CHARS, MAX_STOPS  # noqa: F401 - the limits live on the wire
 
 
 class StopMatcher:

@@ -59,10 +59,43 @@ def test_gateway_image_matches_the_ray_python_and_the_project_pins():
     (base,) = base_images(DOCKER / "gateway.Dockerfile")
     assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", base), base
     text = (DOCKER / "gateway.Dockerfile").read_text()
-    assert f"torch=={pins()['torch']}" in text
-    assert "pip install ." in text
+    assert "torch" not in "".join(rest for _, rest in instructions(DOCKER / "gateway.Dockerfile"))
+    assert "pip install -r gateway-requirements.txt" in text and "pip install --no-deps ." in text
     uid = [rest for ins, rest in instructions(DOCKER / "gateway.Dockerfile") if ins == "USER"][-1].split(":")[0]
     assert f"runAsUser: {uid}" in (REPO / "helm/kvstash/templates/gateway-deployment.yaml").read_text()
+
+
+def gateway_requirements() -> dict[str, str]:
+    """name -> version spec of deploy/docker/gateway-requirements.txt (extras dropped)."""
+    lines = [line.split("#")[0].strip() for line in (DOCKER / "gateway-requirements.txt").read_text().splitlines()]
+    return dict(re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^]]*\])?(\S+)$", line).groups() for line in lines if line)
+
+
+def test_gateway_requirements_are_the_project_pins_without_the_model_stack():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    specs = dict(re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^]]*\])?(\S+)$", d).groups() for d in deps)
+    reqs = gateway_requirements()
+    for name, spec in reqs.items():
+        assert specs.get(name) == spec, f"gateway-requirements.txt: {name}{spec}, pyproject.toml: {specs.get(name)}"
+    assert not {"torch", "transformers", "numba", "numpy", "zstandard", "accelerate", "gguf"} & set(reqs)
+    assert "!deploy/docker/gateway-requirements.txt" in (DOCKER / "gateway.Dockerfile.dockerignore").read_text()
+
+
+def test_gateway_requirements_cover_what_the_gateway_imports():
+    """Every project dependency the gateway's process imports (`kvstash up`: CLI, stack, gateway, the actor
+    class it creates workers from) is in the image's requirements."""
+    import importlib.metadata as md
+
+    from tests.services.gateway.test_imports import imported
+
+    modules = imported("services.cli.main", "services.runtime.stack", "services.gateway.server",
+                       "services.worker.actor")["modules"]
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = {norm(re.match(r"^[A-Za-z0-9_.-]+", d)[0]) for d in deps}
+    by_module = md.packages_distributions()
+    used = {norm(d) for m in modules for d in by_module.get(m.split(".")[0], ())} & project
+    assert used and used <= {norm(n) for n in gateway_requirements()}, used - {norm(n) for n in gateway_requirements()}
 
 
 def test_ray_image_is_the_official_ray_at_the_pinned_version():

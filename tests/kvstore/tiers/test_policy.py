@@ -1,7 +1,7 @@
 """`OffloadPolicy.victims` (idle first, then least recently used down to the device budget; never a busy
 or pinned session) and `RestoreCost` (EWMA of measured costs; load only when it is cheaper)."""
 
-from kvstore.tiers.policy import RestoreCost, OffloadPolicy, Resident
+from kvstore.tiers.policy import OffloadPolicy, Resident, RestoreCost
 
 
 def _r(name: str, last_used: float, nbytes: int = 100, **flags) -> Resident:

@@ -15,6 +15,7 @@ from ray.exceptions import RayActorError
 
 from services.errors import Unavailable
 from services.gateway.router import Router, WorkerHandle
+from services.wire import WorkerLoad, WorkerReady
 
 
 class Reply:
@@ -52,8 +53,8 @@ class Method:
 class StandInWorker:
     """What the Router asks a worker: does it hold a session, how much of a prompt is hot, its load."""
 
-    def __init__(self, sessions=(), hot: int | Exception = 0, load: dict | None = None):
-        self.sessions, self.hot, self.polled = set(sessions), hot, load or {}
+    def __init__(self, sessions=(), hot: int | Exception = 0, load: WorkerLoad | None = None):
+        self.sessions, self.hot, self.polled = set(sessions), hot, load or WorkerLoad()
         self.dead = False
         self.calls: list[tuple] = []
         for fn in (self._holds, self._prefix_match, self._occupancy, self._metrics_snapshot, self._ready):
@@ -74,7 +75,7 @@ class StandInWorker:
         return []
 
     def _ready(self):
-        return {"worker": "stand-in", "device": "cpu"}
+        return WorkerReady(worker="stand-in", fingerprint="", device="cpu")
 
     def asked(self, method: str) -> int:
         return sum(1 for c in self.calls if c[0] == f"_{method}")
@@ -116,7 +117,7 @@ def test_sessions_are_per_tenant():
 def test_a_new_session_goes_to_the_least_loaded_worker_open_streams_first():
     r = _router(StandInWorker(), StandInWorker(), StandInWorker())
     for wid, streams, depth in (("w0", 2, 0), ("w1", 1, 5), ("w2", 1, 1)):
-        r.workers[wid].inflight, r.workers[wid].load = streams, {"queue_depth": depth}  # as polled
+        r.workers[wid].inflight, r.workers[wid].load = streams, WorkerLoad(queue_depth=depth)  # as polled
     assert _place(r, "s") == "w2"  # w1 and w2 have one stream each; w2's polled queue is shorter
 
 
@@ -143,7 +144,7 @@ def test_a_busy_worker_loses_a_short_hot_prefix_to_an_idle_one():
 def test_load_is_the_larger_of_open_streams_and_the_polled_queue():
     idle, warm = StandInWorker(), StandInWorker(hot=1000)
     r = _router(idle, warm, tokens_per_request=256)
-    r.workers["w1"].load = {"queue_depth": 4}  # polled: other gateways' requests; none open from this one
+    r.workers["w1"].load = WorkerLoad(queue_depth=4)  # polled: other gateways' requests; none open from this one
     assert Router.busy(r.workers["w1"]) == 4
     assert _place(r, "s", PROMPT) == "w0" and r.prefix_routed == 0  # 1000 - 4 * 256 < 0
 
@@ -198,10 +199,10 @@ def test_forget_drops_the_affinity():
 
 
 def test_poll_records_loads_and_drops_a_worker_whose_actor_died():
-    a, b = StandInWorker(load={"queue_depth": 3}), StandInWorker(load={"queue_depth": 1})
+    a, b = StandInWorker(load=WorkerLoad(queue_depth=3)), StandInWorker(load=WorkerLoad(queue_depth=1))
     r = _router(a, b)
     r.affinity[("t", "s")] = "w1"
     b.dead = True
     asyncio.run(r.poll())
-    assert r.workers["w0"].load == {"queue_depth": 3} and r.workers["w1"].load == {}
+    assert r.workers["w0"].load == WorkerLoad(queue_depth=3) and r.workers["w1"].load == WorkerLoad()
     assert [w.id for w in r.live()] == ["w0"] and r.affinity == {}

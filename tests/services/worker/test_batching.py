@@ -18,8 +18,8 @@ import torch
 from kvstore.config import QuantConfig
 from kvstore.schedule import decode_pass, replay_passes
 from services.config import ModelConfig
+from services.wire import DoneEvent, GenerateCall, TokensEvent, is_terminal
 from services.worker.batching import Batcher, DecodeStep, check_invariance, verified_sizes
-from services.worker.engine import GenerateCall
 from services.worker.model_runner import ModelRunner
 from tests.services.stack import smollm2_path
 from tests.services.worker.test_session_store import block_keys, make_engine, run
@@ -83,7 +83,7 @@ def test_the_batcher_pads_to_the_smallest_bucket_and_a_bucket_of_one_is_the_sess
     assert [r.rows for r in res] == [4, 4] and torch.equal(res[0].logits, res[1].logits) and bits(a) == bits(c)
 
 
-def _concurrent(eng, calls: dict[str, tuple[list[int] | None, int]]) -> dict[str, tuple[list[int], dict]]:
+def _concurrent(eng, calls: dict[str, tuple[list[int] | None, int]]) -> dict[str, tuple[list[int], object]]:
     """Submit every call at once; wait for all; {sid: (tokens, usage)}."""
     out, events = {}, {sid: [] for sid in calls}
     for sid, (ids, n) in calls.items():
@@ -91,11 +91,11 @@ def _concurrent(eng, calls: dict[str, tuple[list[int] | None, int]]) -> dict[str
                    events[sid].append)
     deadline = time.monotonic() + 600
     for sid, ev in events.items():
-        while not ev or ev[-1]["type"] not in ("done", "error"):
+        while not ev or not is_terminal(ev[-1]):
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert ev[-1]["type"] == "done", ev[-1]
-        out[sid] = ([t for e in ev if e["type"] == "tokens" for t in e["ids"]], ev[-1]["usage"])
+        assert isinstance(ev[-1], DoneEvent), ev[-1]
+        out[sid] = ([t for e in ev if isinstance(e, TokensEvent) for t in e.ids], ev[-1].usage)
     return out
 
 
@@ -149,8 +149,8 @@ def test_sessions_decoded_in_batches_resume_and_recompute_exactly(batched_engine
             for key in block_keys(eng, "acme", sid):
                 eng.tier.client.delete(key)
         tokens, usage = run(eng, "acme", sid, n=12, create=False)
-        assert usage["kv_source"] == ("recomputed" if i % 2 else "restored"), usage
-        assert tokens == control, f"{sid}: continuation after {usage['kv_source']} differs"
+        assert usage.kv_source == ("recomputed" if i % 2 else "restored"), usage
+        assert tokens == control, f"{sid}: continuation after {usage.kv_source} differs"
 
 
 def test_with_one_fixed_bucket_a_prompt_gives_the_same_tokens_alone_and_among_busy_sessions(redis_server):
@@ -179,7 +179,7 @@ def test_a_long_prefill_does_not_stall_the_running_batch(redis_server, tiny_mode
 
         def sink(name):
             def put(e):
-                if e["type"] == "tokens":
+                if isinstance(e, TokensEvent):
                     with lock:
                         order.append(name)
             return put

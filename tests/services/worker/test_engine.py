@@ -8,20 +8,20 @@ import time
 import pytest
 
 from services.runtime.redis_server import RedisServer
-from services.worker.engine import GenerateCall
+from services.wire import ErrorEvent, GenerateCall, TokensEvent, is_terminal
 from tests.services.worker.test_session_store import make_engine, run
 
 rng = random.Random(11)
 IDS = [rng.randrange(1000, 20000) for _ in range(90)]
 
 
-def _start_long_call(eng, sid: str, create: bool = False, ids=None) -> tuple[int, list[dict]]:
+def _start_long_call(eng, sid: str, create: bool = False, ids=None) -> tuple[int, list]:
     """Submit a 4000-token call and wait until it has streamed three tokens; (task id, its events)."""
-    events: list[dict] = []
+    events: list = []
     tid = eng.submit(GenerateCall("acme", sid, create, {"token_ids": ids} if ids else None, 4000), events.append)
     deadline = time.monotonic() + 60
-    while sum(e["type"] == "tokens" for e in events) < 3:
-        assert time.monotonic() < deadline and not any(e["type"] == "error" for e in events), events[-1:]
+    while sum(isinstance(e, TokensEvent) for e in events) < 3:
+        assert time.monotonic() < deadline and not any(isinstance(e, ErrorEvent) for e in events), events[-1:]
         time.sleep(0.002)
     return tid, events
 
@@ -33,10 +33,10 @@ def _cancel(eng, tid: int) -> None:
 
 def _outcome(eng, sid: str, n: int = 1, ids=None, **call) -> dict:
     """The last event of a call: its `done` or its `error`."""
-    events: list[dict] = []
+    events: list = []
     eng.submit(GenerateCall("acme", sid, False, {"token_ids": ids} if ids else None, n, **call), events.append)
     deadline = time.monotonic() + 60
-    while not events or events[-1]["type"] not in ("done", "error"):
+    while not events or not is_terminal(events[-1]):
         assert time.monotonic() < deadline
         time.sleep(0.005)
     return events[-1]
@@ -63,31 +63,31 @@ def test_a_call_cut_short_leaves_no_trace_and_the_session_goes_on_exactly(engine
     if cut == "cancel":
         tid, events = _start_long_call(engine, "s")
         _cancel(engine, tid)
-        assert events[-1]["type"] == "tokens"  # a cancelled call ends silently: its consumer has gone
+        assert isinstance(events[-1], TokensEvent)  # a cancelled call ends silently: its consumer has gone
     else:
-        assert _outcome(engine, "s", n=4000, deadline=time.time() - 1)["error"]["code"] == "DEADLINE_EXCEEDED"
+        assert _outcome(engine, "s", n=4000, deadline=time.time() - 1).code == "DEADLINE_EXCEEDED"
     assert engine.tier.get_manifest("acme", "s").tokens == IDS + first
-    assert engine.info("acme", "s").result()["token_count"] == len(IDS) + 10
+    assert engine.info("acme", "s").result().token_count == len(IDS) + 10
     assert ("acme", "s") not in engine.sessions.active  # the model ran on that cache: it is dropped
     assert engine.metrics.rolled_back.labels("dropped")._value.get() == dropped + 1
     rest, u = run(engine, "acme", "s", n=20, create=False)
-    assert u["kv_source"] == "recomputed" and first + rest == ref
+    assert u.kv_source == "recomputed" and first + rest == ref
 
 
 def test_a_refused_call_keeps_the_device_copy(engine):
     first, _ = run(engine, "acme", "s", IDS, n=4)
     err = _outcome(engine, "s", ids=[5, 10 ** 7])  # outside the vocabulary
-    assert err["error"]["code"] == "INVALID_ARGUMENT" and "vocabulary" in err["error"]["message"]
+    assert err.code == "INVALID_ARGUMENT" and "vocabulary" in err.message
     assert engine.metrics.rolled_back.labels("kept")._value.get() == 1
     _, u = run(engine, "acme", "s", n=2, create=False)
-    assert u["kv_source"] == "device" and u["session_tokens"] == len(IDS) + 4 + 2
+    assert u.kv_source == "device" and u.session_tokens == len(IDS) + 4 + 2
 
 
 def test_a_new_session_whose_first_call_is_cancelled_never_existed(engine):
     tid, _ = _start_long_call(engine, "new", create=True, ids=IDS)
     _cancel(engine, tid)
     assert engine.tier.get_manifest("acme", "new") is None and engine.sessions.find("acme", "new") is None
-    assert _outcome(engine, "new")["error"]["code"] == "NOT_FOUND"
+    assert _outcome(engine, "new").code == "NOT_FOUND"
 
 
 def test_manifests_written_while_a_call_runs_record_only_the_committed_history(engine, tiny_model_dir,
@@ -123,7 +123,7 @@ def test_a_cut_call_on_a_session_whose_last_commit_missed_redis_keeps_that_commi
             server.stop()  # cleanly: its AOF keeps the first call
             second, _ = run(eng, "acme", "s", n=10, create=False)  # committed to the journal only: dirty
             assert eng.sessions.active[("acme", "s")].dirty
-            assert _outcome(eng, "s", n=4000, deadline=time.time() - 1)["error"]["code"] == "DEADLINE_EXCEEDED"
+            assert _outcome(eng, "s", n=4000, deadline=time.time() - 1).code == "DEADLINE_EXCEEDED"
             assert ("acme", "s") not in eng.sessions.active and ("acme", "s") in eng.sessions.unsaved
             server.start()
             assert eng.tier.get_manifest("acme", "s").tokens == IDS + first  # Redis is behind

@@ -4,7 +4,7 @@ import random
 import time
 
 from services.runtime.redis_server import RedisServer, free_port
-from services.worker.engine import GenerateCall
+from services.wire import DoneEvent, ErrorEvent, GenerateCall, is_terminal
 from tests.services.worker.test_session_store import make_engine, run
 
 rng = random.Random(3)
@@ -34,9 +34,9 @@ def test_flushall_loses_no_session_histories_come_back_from_the_journal(tiny_mod
             assert eng.tier.get_manifest("acme", "cold").tokens[:len(ids)] == ids
             assert eng.tier.get_manifest("acme", "gone") is None  # deleted stays deleted
             rest, u = run(eng, "acme", "cold", n=20, create=False)
-            assert u["kv_source"] == "recomputed" and first + rest == ref
+            assert u.kv_source == "recomputed" and first + rest == ref
             more, u = run(eng, "acme", "hot", n=20, create=False)
-            assert u["kv_source"] == "device" and hot + more == ref
+            assert u.kv_source == "device" and hot + more == ref
             assert eng.metrics.history_recoveries._value.get() >= 1
         finally:
             eng.close()
@@ -58,7 +58,7 @@ def test_a_lost_or_corrupt_manifest_is_found_in_the_journal_on_lookup(tiny_model
                 else:
                     eng.tier.client.hset(key, "m", b"KVST" + b"\x00" * 60)
                 rest, u = run(eng, "acme", sid, n=16, create=False)
-                assert u["kv_source"] == "recomputed" and first + rest == ref
+                assert u.kv_source == "recomputed" and first + rest == ref
         finally:
             eng.close()
 
@@ -69,18 +69,18 @@ def test_redis_unreachable_at_start_then_back(tiny_model_dir, tmp_path):
     eng = make_engine(tiny_model_dir, url, redis={"socket_timeout_s": 0.5},
                       tiers={"journal_dir": str(tmp_path / "j")})
     try:
-        events: list[dict] = []
+        events: list = []
         eng.submit(GenerateCall("acme", "fresh-1", True, {"token_ids": _ids(40)}, 6, fresh=True), events.append)
-        while not events or events[-1]["type"] not in ("done", "error"):
+        while not events or not is_terminal(events[-1]):
             time.sleep(0.01)
-        assert events[-1]["type"] == "done"  # served from the device while Redis is down
+        assert isinstance(events[-1], DoneEvent)  # served from the device while Redis is down
         s = eng.sessions.active[("acme", "fresh-1")]
         assert s.dirty
         events = []
         eng.submit(GenerateCall("acme", "chosen-id", True, {"token_ids": [5, 6]}, 2), events.append)
         while not events:
             time.sleep(0.01)
-        assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "UNAVAILABLE"  # cannot tell it is new
+        assert isinstance(events[-1], ErrorEvent) and events[-1].code == "UNAVAILABLE"  # cannot tell it is new
         with RedisServer(port=port, data_dir=str(tmp_path / "r")):
             eng._housekeeping()
             assert not s.dirty and eng.metrics.storage_up._value.get() == 1

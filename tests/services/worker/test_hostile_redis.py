@@ -51,7 +51,7 @@ def test_foreign_block_values_are_refused_and_recomputed(engine, tmp_path):
         real = real or engine.tier.client.hget(key, "d")
         engine.tier.client.hset(key, "d", _variants(real, str(marker))[name])
         rest, u = run(engine, "acme", name, n=16, create=False)
-        assert u["kv_source"] == "recomputed" and first + rest == ref, name
+        assert u.kv_source == "recomputed" and first + rest == ref, name
     assert not marker.exists()
 
 
@@ -66,6 +66,6 @@ def test_foreign_manifests_are_refused_and_the_journal_is_used(engine, tmp_path)
         key = engine.tier.session_key("acme", sid)
         engine.tier.client.hset(key, "m", _variants(engine.tier.client.hget(key, "m"), str(marker))[name])
         rest, u = run(engine, "acme", sid, n=12, create=False)
-        assert u["kv_source"] == "recomputed" and first + rest == ref, name  # history from the journal
+        assert u.kv_source == "recomputed" and first + rest == ref, name  # history from the journal
         assert engine.tier.get_manifest("acme", sid).tokens[:len(ids)] == ids  # and written back
     assert not marker.exists()

@@ -12,7 +12,8 @@ import redis
 
 from services.config import KvstashConfig
 from services.runtime.redis_server import RedisServer
-from services.worker.engine import Engine, GenerateCall
+from services.wire import DoneEvent, GenerateCall, PrefixSharedEvent, TokensEvent, Usage, is_terminal
+from services.worker.engine import Engine
 
 SPEC = "int4:g32:gv16:r32"  # 4-bit keys: their codes are re-packed channel-major when stored
 CHUNK = 64  # small prefill chunks so short prompts have shareable prefixes
@@ -37,15 +38,15 @@ def engine(tiny_model_dir, redis_server):
     eng.close()
 
 
-def run(engine, tenant, sid, ids=None, n=12, create=True) -> tuple[list[int], dict]:
-    events: list[dict] = []
+def run(engine, tenant, sid, ids=None, n=12, create=True) -> tuple[list[int], Usage]:
+    events: list = []
     engine.submit(GenerateCall(tenant, sid, create, {"token_ids": ids} if ids else None, n), events.append)
     deadline = time.monotonic() + 120
-    while not events or events[-1]["type"] not in ("done", "error"):
+    while not events or not is_terminal(events[-1]):
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    assert events[-1]["type"] == "done", events[-1]
-    return [t for e in events if e["type"] == "tokens" for t in e["ids"]], events[-1]["usage"]
+    assert isinstance(events[-1], DoneEvent), events[-1]
+    return [t for e in events if isinstance(e, TokensEvent) for t in e.ids], events[-1].usage
 
 
 def block_keys(engine, tenant, sid) -> list[str]:
@@ -61,8 +62,8 @@ def test_shared_prefix_is_stored_once_and_a_deduplicated_session_resumes_exactly
     a, ua = run(engine, "acme", "a", SYSTEM + [5, 6, 7])
     b, ub = run(engine, "acme", "b", SYSTEM + [8, 9])
     twin, _ = run(engine, "acme", "b-twin", SYSTEM + [8, 9], n=24)  # same path, never leaves the device
-    assert ua["kv_source"] == "new" and ub["kv_source"] == "prefix" and ub["cached_tokens"] == 3 * CHUNK
-    assert ub["cached_tier"] == "device"  # the prefix was hot in the worker's trie
+    assert ua.kv_source == "new" and ub.kv_source == "prefix" and ub.cached_tokens == 3 * CHUNK
+    assert ub.cached_tier == "device"  # the prefix was hot in the worker's trie
     for sid in ("a", "b"):
         engine.evict("acme", sid).result()
     ka, kb = block_keys(engine, "acme", "a"), block_keys(engine, "acme", "b")
@@ -73,7 +74,7 @@ def test_shared_prefix_is_stored_once_and_a_deduplicated_session_resumes_exactly
     assert engine.tier.delete_session("acme", "a")
     assert all(refcount(engine, k) == 1 for k in shared)  # b's copy is intact
     rest, u = run(engine, "acme", "b", create=False)
-    assert u["kv_source"] == "restored" and b + rest == twin
+    assert u.kv_source == "restored" and b + rest == twin
 
 
 def test_lost_shared_blocks_are_recomputed_exactly_from_the_history(engine):
@@ -85,29 +86,29 @@ def test_lost_shared_blocks_are_recomputed_exactly_from_the_history(engine):
         engine.tier.client.delete(key)
     engine.sessions.store.store.trie = type(engine.sessions.store.store.trie)(0)  # the hot copy is gone too
     rest, u = run(engine, "acme", "b", create=False)
-    assert u["kv_source"] == "recomputed"  # replayed: canonical passes, SEAL, then b's own passes
+    assert u.kv_source == "recomputed"  # replayed: canonical passes, SEAL, then b's own passes
     assert b + rest == twin
 
 
 def test_private_prefixes_never_cross_tenants_and_public_ones_do(engine):
     run(engine, "acme", "s", SYSTEM + [1])
     _, u = run(engine, "zeta", "s", SYSTEM + [1])
-    assert u["kv_source"] == "new"  # no hit on another tenant's prefix
+    assert u.kv_source == "new"  # no hit on another tenant's prefix
     lookups = engine.metrics.prefix_lookups.labels("hit")._value.get()
     for t in ("acme", "zeta"):
         engine.evict(t, "s").result()
     ka, kz = block_keys(engine, "acme", "s"), block_keys(engine, "zeta", "s")
     assert not set(ka) & set(kz)
     assert all("{acme}" in k for k in ka) and all("{zeta}" in k for k in kz)
-    events: list[dict] = []
+    events: list = []
     engine.mark_public({"token_ids": SYSTEM}, events.append)
     while not events:
         time.sleep(0.01)
-    assert events[0]["type"] == "done" and events[0]["tokens"] == 3 * CHUNK and events[0]["registered"]
+    assert events[0] == PrefixSharedEvent(prompt_tokens=len(SYSTEM), shared_tokens=3 * CHUNK, newly_registered=True)
     outs = {}
     for t in ("acme", "zeta", "third"):
         outs[t], u = run(engine, t, "p", SYSTEM + [4, 4])
-        assert u["kv_source"] == "prefix" and u["cached_tokens"] == 3 * CHUNK
+        assert u.kv_source == "prefix" and u.cached_tokens == 3 * CHUNK
     assert outs["acme"] == outs["zeta"] == outs["third"]  # the same public KV
     assert engine.metrics.prefix_lookups.labels("hit")._value.get() == lookups + 3
     for t in ("acme", "zeta"):
@@ -132,7 +133,7 @@ def test_corrupt_and_truncated_blocks_are_caught_and_recomputed_exactly(engine):
         engine.tier.client.hset(key, "d", bytes(blob))
         before = engine.metrics.recomputes.labels("corrupt")._value.get()
         rest, u = run(engine, "acme", damage, n=20, create=False)
-        assert u["kv_source"] == "recomputed" and first + rest == ref
+        assert u.kv_source == "recomputed" and first + rest == ref
         assert engine.metrics.recomputes.labels("corrupt")._value.get() == before + 1
 
 
@@ -149,13 +150,13 @@ def test_a_long_session_resumes_through_several_round_trips_and_a_late_missing_b
         keys = block_keys(eng, "acme", "long")
         assert len(keys) >= 3 * 4 - 2  # blocks + the tail: three round trips of up to 4
         mid, u = run(eng, "acme", "long", n=10, create=False)
-        assert u["kv_source"] == "restored" and first + mid == ref[:20]
+        assert u.kv_source == "restored" and first + mid == ref[:20]
         eng.evict("acme", "long").result()
         keys = block_keys(eng, "acme", "long")
         eng.tier.client.hdel(keys[-2], "d")  # the last block: fetched in the last round trip
         before = eng.metrics.recomputes.labels("missing")._value.get()
         rest, u = run(eng, "acme", "long", n=10, create=False)
-        assert u["kv_source"] == "recomputed" and first + mid + rest == ref
+        assert u.kv_source == "recomputed" and first + mid + rest == ref
         assert eng.metrics.recomputes.labels("missing")._value.get() == before + 1
     finally:
         eng.close()
@@ -172,7 +173,7 @@ def test_warm_host_tier_serves_a_resume_without_redis(tiny_model_dir, redis_serv
             eng.tier.client.delete(key)
         rest, u = run(eng, "acme", "h", create=False)
         twin, _ = run(eng, "acme", "t", ids, n=24)
-        assert u["kv_source"] == "restored" and u["cached_tier"] == "host" and first + rest == twin
+        assert u.kv_source == "restored" and u.cached_tier == "host" and first + rest == twin
     finally:
         eng.close()
 
@@ -186,7 +187,7 @@ def test_expensive_loads_are_recomputed_by_the_cost_model(engine):
     engine.sessions.store.store.cost.restore_s_per_block = 10.0  # as if Redis were far away
     before = engine.metrics.load_decisions.labels("resume", "recompute")._value.get()
     rest, u = run(engine, "acme", "c", create=False)
-    assert u["kv_source"] == "recomputed" and first + rest == twin
+    assert u.kv_source == "recomputed" and first + rest == twin
     assert engine.metrics.load_decisions.labels("resume", "recompute")._value.get() > before
 
 
@@ -266,7 +267,7 @@ def test_cold_mode_stores_fewer_bytes_dedupes_and_resumes_exactly_from_the_decod
         assert size(cold, ka[:-1]) < 0.75 * size(plain, kp[:-1])  # 2-bit cold (value metadata dominates at gv16)
         r1, u1 = run(cold, "acme", "a", create=False)
         r2, u2 = run(cold, "acme", "a2", create=False)
-        assert u1["kv_source"] == u2["kv_source"] == "restored" and r1 == r2  # exact w.r.t. the decoded cache
+        assert u1.kv_source == u2.kv_source == "restored" and r1 == r2  # exact w.r.t. the decoded cache
         cold.evict("acme", "a").result()
         again = block_keys(cold, "acme", "a")
         assert again[:len(ka) - 1] == ka[:-1]  # resumed cold blocks are kept, never re-quantized
