@@ -28,6 +28,21 @@ def test_schedule_is_run_length_encoded():
     assert SessionManifest.decode(long.encode()) == long
 
 
+def test_batched_passes_round_trip_and_count_their_tokens():
+    from kvstore.schedule import Pass, encode_pass
+
+    b16, b4 = encode_pass(Pass(1, 16)), encode_pass(Pass(1, 4))
+    m = _m(tokens=list(range(200)), schedule=[100] + [b16] * 40 + [b4] * 3 + [1] * 2, kv_tokens=140)
+    _, _, meta, _ = unpack_container(m.encode())
+    assert meta["n_runs"] == 4  # runs of equal buckets stay compact
+    back = SessionManifest.decode(m.encode())
+    assert back == m and back.schedule[1] == b16
+    with pytest.raises(ContainerError, match="encodes no pass"):
+        _m(schedule=[30, (3 << 24) | 5], kv_tokens=30).encode()  # 5 tokens cannot be rows of a 4-row pass
+    with pytest.raises(ContainerError, match="covers 41 tokens"):
+        _m(schedule=[30] + [b16] * 11, kv_tokens=30).encode()
+
+
 @pytest.mark.parametrize("kw,needle", [
     ({"schedule": [50]}, "covers 50 tokens"),
     ({"kv_tokens": 5}, "not a boundary"),
