@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,12 @@ class DecodeResult:
 
 
 class Batcher:
-    def __init__(self, runner, sizes: tuple[int, ...]):
+    """Runs the scheduler's decode passes; `on_pass(rows, sessions)` is told the shape of each."""
+
+    def __init__(self, runner, sizes: tuple[int, ...], on_pass: Callable[[int, int], None] | None = None):
         self.runner = runner
         self.sizes = tuple(sorted(sizes))
+        self.on_pass = on_pass
 
     @property
     def max_rows(self) -> int:
@@ -76,9 +80,13 @@ class Batcher:
             raise ValueError(f"{len(steps)} steps for a batcher of at most {self.max_rows} rows")
         rows = self.bucket(len(steps))
         if rows == 1:
-            return [DecodeResult(self.runner.forward(steps[0].cache, [steps[0].token]), 1)]
-        logits = self.runner.forward_rows([(s.cache, s.token) for s in steps], rows)
-        return [DecodeResult(logits[i], rows) for i in range(len(steps))]
+            results = [DecodeResult(self.runner.forward(steps[0].cache, [steps[0].token]), 1)]
+        else:
+            logits = self.runner.forward_rows([(s.cache, s.token) for s in steps], rows)
+            results = [DecodeResult(logits[i], rows) for i in range(len(steps))]
+        if self.on_pass is not None:
+            self.on_pass(rows, len(steps))
+        return results
 
 
 def check_invariance(runner, quant, sizes: tuple[int, ...], trials: int = 3, seed: int = 0) -> list[int]:

@@ -66,10 +66,10 @@ class Engine:
         self._probe_rng = random.Random(f"kvstash-probe-{worker_id}")  # which decode steps get probed
         sizes = verified_sizes(self.runner, cfg.quant, cfg.batch.sizes,
                                on_failure=lambda n: self.metrics.batch_invariance_failures.labels(str(n)).inc())
-        self.batcher = Batcher(self.runner, sizes)
+        self.batcher = Batcher(self.runner, sizes, on_pass=self._observe_pass)
         self.metrics.batch_max_rows.set(self.batcher.max_rows)
         self.scheduler = Scheduler(on_idle=self._housekeeping, idle_interval_s=cfg.session.idle_check_interval_s,
-                                   batcher=self, prefill_tokens_per_step=cfg.batch.prefill_tokens_per_step)
+                                   batcher=self.batcher, prefill_tokens_per_step=cfg.batch.prefill_tokens_per_step)
 
     def _check_quota(self, tenant: str, new: bool) -> None:
         """quota.max_sessions (for a new session) and quota.max_stored_bytes, from the tenant's Redis stats."""
@@ -190,6 +190,7 @@ class Engine:
                 s.cache.probe = [] if probing else None
                 if len(pending) == 1:  # a decode step: batched with the other sessions' steps
                     result: DecodeResult = yield DecodeStep(s.cache, pending[0], fed)
+                    fed = 0
                     logits, this_pass = result.logits, Pass(1, result.rows)
                 else:  # the prompt's last chunk: a pass of its own
                     logits, this_pass = self.runner.forward(s.cache, pending), Pass(len(pending))
@@ -214,7 +215,7 @@ class Engine:
                 if tok in self.runner.eos_ids:
                     finish = "stop"
                     break
-                pending, fed = [tok], (fed if step == 0 else 0)
+                pending = [tok]
             if rest := stops.flush():
                 sink(TokensEvent([], rest))
             self.sessions.finish_call(s)
@@ -229,17 +230,10 @@ class Engine:
                 self.sessions.rollback(s, touched)
             self.sessions.release(s)
 
-    # ---- the scheduler's batcher ---------------------------------------------------------------------
-    @property
-    def max_rows(self) -> int:
-        return self.batcher.max_rows
-
-    def run(self, steps: list[DecodeStep]) -> list[DecodeResult]:
-        """One batched decode pass (the scheduler calls this), counted in the batch metrics."""
-        results = self.batcher.run(steps)
-        self.metrics.batch_rows.observe(results[0].rows)
-        self.metrics.batch_sessions.observe(len(steps))
-        return results
+    def _observe_pass(self, rows: int, sessions: int) -> None:
+        """Count one batched decode pass (the batcher calls this after each)."""
+        self.metrics.batch_rows.observe(rows)
+        self.metrics.batch_sessions.observe(sessions)
 
     # ---- control operations (run on the engine thread) -------------------------------------------
     def info(self, tenant: str, session_id: str):

@@ -22,6 +22,7 @@ from kvstore.quant import attention
 from kvstore.quant.cache import QuantizedKVCache, check_model_supported, check_spec_supported, rope_for
 from kvstore.quant.rows import forward_rows
 from kvstore.quant.state import KVState
+from kvstore.schedule import Pass
 from services.config import ModelConfig
 from services.errors import InvalidArgument
 
@@ -125,6 +126,14 @@ class ModelRunner:
         with attention.active(cache):
             out = self.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=keep)
         return out.logits[0].float()
+
+    def run_pass(self, cache: QuantizedKVCache, ids: list[int], p: Pass) -> None:
+        """Feed `ids` (p.tokens of them) on top of `cache` in the pass shape `p` records (kvstore/schedule.py):
+        a pass of its own, or rows of a batched pass of p.rows rows. What replay runs for a schedule entry."""
+        if p.batched:
+            self.forward_rows([(cache, t) for t in ids], p.rows)
+        else:
+            self.forward(cache, ids)
 
     def forward_rows(self, rows: list[tuple[QuantizedKVCache | None, int]], size: int) -> torch.Tensor:
         """One batched pass of shape [size, 1]: row i feeds token `rows[i][1]` at the next position of cache

@@ -198,11 +198,7 @@ class SessionManager:
             if p is None:
                 cache.seal_all()
                 continue
-            ids = s.tokens[done:done + p.tokens]
-            if p.batched:
-                self.runner.forward_rows([(cache, t) for t in ids], p.rows)
-            else:
-                self.runner.forward(cache, ids)
+            self.runner.run_pass(cache, s.tokens[done:done + p.tokens], p)
             done += p.tokens
             replayed += p.tokens
             yield p.tokens

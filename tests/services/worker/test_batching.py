@@ -134,11 +134,7 @@ def test_sessions_decoded_in_batches_resume_and_recompute_exactly(batched_engine
         replayed = runner.new_cache(QuantConfig.parse(SPEC))
         done = 0
         for p in replay_passes(s.schedule):
-            ids = s.tokens[done:done + p.tokens]
-            if p.batched:
-                runner.forward_rows([(replayed, t) for t in ids], p.rows)
-            else:
-                runner.forward(replayed, ids)
+            runner.run_pass(replayed, s.tokens[done:done + p.tokens], p)
             done += p.tokens
         assert bits(replayed) == [(n, a.tobytes()) for n, a in state.tensors]
         # 2. the continuation of the copy that never left the device, decoded alone
