@@ -156,6 +156,15 @@ class QuotaConfig:
 
 
 @dataclass
+class HttpConfig:
+    enabled: bool = _f(True, "Serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
+                       "/health) beside gRPC, in the gateway process.")
+    port: int = _f(8000, "HTTP API port; 0 picks a free one.")
+    max_body_bytes: int = _f(1 << 20, "Largest HTTP request body accepted, in bytes (larger: 413).")
+    model_name: str = _f("kvstash", "Model id the HTTP API lists and accepts (requests naming another get 404).")
+
+
+@dataclass
 class KvstashConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     kv: KVConfig = field(default_factory=KVConfig)
@@ -167,6 +176,7 @@ class KvstashConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     quota: QuotaConfig = field(default_factory=QuotaConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     @property
     def quant(self) -> QuantConfig:

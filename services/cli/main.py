@@ -37,6 +37,7 @@ def cmd_up(args) -> int:
         if args.ready_file:
             with open(args.ready_file + ".tmp", "w") as f:
                 json.dump({"grpc": stack.address, "metrics_port": stack.gateway.metrics_port,
+                           "http_port": stack.gateway.http_port,
                            "redis_url": stack.cfg.redis.url}, f)
             import os
             os.replace(args.ready_file + ".tmp", args.ready_file)

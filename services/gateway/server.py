@@ -20,6 +20,7 @@ from services.api.kvstash.v1 import kvstash_pb2 as pb
 from services.api.kvstash.v1 import kvstash_pb2_grpc as pb_grpc
 from services.config import KvstashConfig
 from services.gateway.auth import Authenticator
+from services.gateway.http_api import HttpApi
 from services.gateway.interceptors import ErrorInterceptor
 from services.gateway.router import Router, Spawn
 from services.gateway.servicer import KvStashServicer
@@ -45,6 +46,8 @@ class Gateway:
         self.port = 0
         self.metrics_port = 0
         self._http = None
+        self.http_api: HttpApi | None = None
+        self.http_port = 0
         self._poller: asyncio.Task | None = None
 
     async def start(self) -> int:
@@ -53,7 +56,8 @@ class Gateway:
         opts = [("grpc.max_receive_message_length", self.cfg.gateway.max_message_bytes),
                 ("grpc.max_send_message_length", self.cfg.gateway.max_message_bytes)]
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.metrics)], options=opts)
-        pb_grpc.add_KvStashServicer_to_server(KvStashServicer(self.cfg, self.router, self.auth, self.metrics), self.server)
+        servicer = KvStashServicer(self.cfg, self.router, self.auth, self.metrics)
+        pb_grpc.add_KvStashServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
@@ -71,11 +75,15 @@ class Gateway:
         if self.cfg.gateway.metrics_port >= 0:
             self._http, _ = start_http_server(self.cfg.gateway.metrics_port, addr=self.cfg.gateway.host, registry=self.registry)
             self.metrics_port = self._http.server_port
+        if self.cfg.http.enabled:
+            self.http_api = HttpApi(self.cfg, servicer)
+            self.http_port = await self.http_api.start()
         await self.poll_once()
         self._poller = asyncio.create_task(self._poll_loop())
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("gateway on %s:%d, metrics on :%d", self.cfg.gateway.host, self.port, self.metrics_port)
+        log.info("gateway on %s:%d, metrics on :%d, HTTP API on :%d", self.cfg.gateway.host, self.port,
+                 self.metrics_port, self.http_port)
         return self.port
 
     async def poll_once(self) -> None:
@@ -135,6 +143,8 @@ class Gateway:
     async def stop(self, grace: float = 2.0) -> None:
         if self._poller:
             self._poller.cancel()
+        if self.http_api:
+            await self.http_api.stop()
         if self.server:
             await self.server.stop(grace)
         if self._http:

@@ -123,6 +123,16 @@ class KvStashServicer(pb_grpc.KvStashServicer):
             yield msg
 
     async def _stream(self, method: str, call: GenerateCall, worker: WorkerHandle):
+        async for ev in self.events(method, call, worker):
+            if isinstance(ev, TokensEvent):
+                yield pb.GenerateResponse(session_id=call.session_id, token_ids=ev.ids, text=ev.text)
+            else:
+                yield pb.GenerateResponse(session_id=call.session_id, finish_reason=ev.finish_reason,
+                                          usage=_usage(ev.usage))
+
+    async def events(self, method: str, call: GenerateCall, worker: WorkerHandle):
+        """The transport-neutral core of a generate call (gRPC and HTTP both use it): quota, metrics, the
+        worker's event stream as `TokensEvent`s then one `DoneEvent`; errors raised as `KvstashError`s."""
         self.rate.check(call.tenant)
         t0 = last = time.perf_counter()
         first = True
@@ -136,15 +146,14 @@ class KvStashServicer(pb_grpc.KvStashServicer):
                     now = time.perf_counter()
                     (self.metrics.ttft if first else self.metrics.tpot).labels(method).observe(now - last if not first else now - t0)
                     first, last = False, now
-                    yield pb.GenerateResponse(session_id=call.session_id, token_ids=ev.ids, text=ev.text)
+                    yield ev
                 elif isinstance(ev, DoneEvent):
                     finished = True
                     u = ev.usage
                     self.rate.add(call.tenant, u.prompt_tokens + u.generated_tokens)
                     self.metrics.tenant_tokens.labels(call.tenant, "prompt").inc(u.prompt_tokens)
                     self.metrics.tenant_tokens.labels(call.tenant, "generated").inc(u.generated_tokens)
-                    yield pb.GenerateResponse(session_id=call.session_id, finish_reason=ev.finish_reason,
-                                              usage=_usage(u))
+                    yield ev
                     return
                 else:
                     finished = True

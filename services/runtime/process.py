@@ -26,6 +26,7 @@ class ServiceProcess:
         self.ready_file = self.tmp / "ready.json"
         self.log_path = self.tmp / "kvstash-up.log"
         self.env = {**os.environ, "KVSTASH_GATEWAY__PORT": "0", "KVSTASH_GATEWAY__METRICS_PORT": "0",
+                    "KVSTASH_HTTP__PORT": "0",
                     "KVSTASH_RAY__LOCAL_NUM_CPUS": "2", "RAY_DISABLE_USAGE_STATS": "1", **env}
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
@@ -48,6 +49,10 @@ class ServiceProcess:
     @property
     def target(self) -> str:
         return self.info["grpc"]
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.info['http_port']}"
 
     @property
     def metrics_url(self) -> str:

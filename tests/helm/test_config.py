@@ -17,7 +17,7 @@ from tests.helm.chart import CHART, container, one, render
 # Service config keys the chart sets itself, and those that only apply to `kvstash up` spawning a local
 # redis-server / Ray instance. Every other service key must be settable through values `config`.
 CHART_OWNED = {("ray", "address"), ("redis", "url"), ("gateway", "host"), ("gateway", "port"),
-               ("gateway", "metrics_port"), ("gateway", "api_keys_file")}
+               ("gateway", "metrics_port"), ("gateway", "api_keys_file"), ("http", "port")}
 LOCAL_ONLY = {("redis", "data_dir"), ("ray", "local_num_cpus")}
 SECRETS = {("prefix", "salt_key")}  # set from a Secret (gateway.extraEnv), never rendered into the config
 JSON_TYPES = {int: {"integer"}, float: {"number", "integer"}, str: {"string"}, bool: {"boolean"}}
@@ -60,7 +60,8 @@ def test_chart_owned_keys_point_at_the_rendered_objects(profile):
     rc = one(docs, "RayCluster")
     assert parsed["ray"]["address"] == f"ray://{rc['metadata']['name']}-head-svc:10001"
     ports = {p["name"]: p["containerPort"] for p in container(one(docs, "Deployment"), "gateway")["ports"]}
-    assert (parsed["gateway"]["port"], parsed["gateway"]["metrics_port"]) == (ports["grpc"], ports["metrics"])
+    assert (parsed["gateway"]["port"], parsed["gateway"]["metrics_port"], parsed["http"]["port"]) == (
+        ports["grpc"], ports["metrics"], ports["http"])
 
 
 def test_values_overrides_reach_the_config():

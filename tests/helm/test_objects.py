@@ -58,7 +58,7 @@ def test_gateway_runs_kvstash_up_with_ports_and_resources():
     assert gw["resources"]["requests"] and gw["resources"]["limits"]["memory"]
     svc = one(docs, "Service", "demo-kvstash-gateway")
     assert {(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
-        ("grpc", 6000, "grpc"), ("metrics", 9464, "metrics")}
+        ("grpc", 6000, "grpc"), ("http", 8000, "http"), ("metrics", 9464, "metrics")}
     assert gw["startupProbe"]["grpc"]["port"] == 6000
     # The worker actors are detached and found by name: gateways may overlap during a rollout.
     strategy = one(docs, "Deployment")["spec"]["strategy"]

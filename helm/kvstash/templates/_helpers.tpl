@@ -90,7 +90,8 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "kvstash.configToml" -}}
 {{- $owned := dict
   "ray" (dict "address" (printf "ray://%s:10001" (include "kvstash.rayHeadService" .)))
-  "gateway" (dict "host" "0.0.0.0" "port" .Values.gateway.ports.grpc "metrics_port" .Values.gateway.ports.metrics) }}
+  "gateway" (dict "host" "0.0.0.0" "port" .Values.gateway.ports.grpc "metrics_port" .Values.gateway.ports.metrics)
+  "http" (dict "port" .Values.gateway.ports.http) }}
 {{- if include "kvstash.apiKeysEnabled" . }}
 {{- $_ := set $owned.gateway "api_keys_file" (printf "/etc/kvstash/api-keys/%s" (include "kvstash.apiKeysFileName" .)) }}
 {{- end }}

@@ -1,0 +1,152 @@
+"""The OpenAI-compatible HTTP API with the official `openai` client against a real stack (real SmolLM2,
+real redis-server, real Ray, real sockets)."""
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from services.api.kvstash.v1 import kvstash_pb2 as pb
+from services.client import KvstashClient
+from tests.services.stack import ServiceProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.model]
+
+KEY_A, KEY_B = "sk-http-alpha-5e1f3a7c9b2d4f6a8c0e", "sk-http-beta-2b4d6f8a0c1e3a5c7e9b"
+MODEL = "kvstash"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+SYSTEM = ("You are a concise assistant for a science museum. Answer visitors' questions about space in plain words, "
+          "in two or three short sentences, without lists, and say so when you are not sure of a fact. "
+          "Keep a friendly tone and never invent names, dates or numbers.")
+USER_TURNS = ["Tell me about the moon.", "How far away is it?", "Who first walked on it?",
+              "What did they bring back?", "Could people live there?", "Summarise our talk in one line."]
+
+
+@pytest.fixture(scope="module")
+def http_stack(redis_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("http")
+    keys = tmp / "keys.toml"
+    keys.write_text(f'[keys]\n"{KEY_A}" = "alpha"\n"{KEY_B}" = "beta"\n')
+    svc = ServiceProcess(tmp, {
+        "KVSTASH_REDIS__URL": redis_server.url, "KVSTASH_REDIS__NAMESPACE": "kvhttp",
+        "KVSTASH_RAY__NUM_WORKERS": "1", "KVSTASH_GATEWAY__API_KEYS_FILE": str(keys),
+        "KVSTASH_SESSION__IDLE_TIMEOUT_S": "2", "KVSTASH_SESSION__IDLE_CHECK_INTERVAL_S": "0.5",
+        "KVSTASH_TIERS__HOST_BYTES": "0", "KVSTASH_HTTP__MAX_BODY_BYTES": "65536",
+        "KVSTASH_PREFIX__PREFILL_CHUNK": "64",  # shared blocks are whole prefill passes: short turns share too
+    })
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+def client(svc, key=KEY_A) -> openai.OpenAI:
+    return openai.OpenAI(base_url=svc.http_url + "/v1", api_key=key, timeout=300, max_retries=0)
+
+
+def test_sdk_sync_streaming_and_not_agree(http_stack):
+    c = client(http_stack)
+    assert [m.id for m in c.models.list().data] == [MODEL]
+    whole = c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
+    assert "Paris" in whole.choices[0].message.content
+    assert whole.usage.completion_tokens == 24 or whole.choices[0].finish_reason == "stop"
+    chunks = list(c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content  # greedy: the same answer streamed or not
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    comp = c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert comp.choices[0].text and comp.usage.prompt_tokens > 0
+
+
+def test_sdk_async_streaming_and_not(http_stack):
+    async def run():
+        c = openai.AsyncOpenAI(base_url=http_stack.http_url + "/v1", api_key=KEY_A, timeout=300, max_retries=0)
+        whole = await c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)
+        stream = await c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0,
+                                                 stream=True)
+        text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+        await c.close()
+        return whole.choices[0].message.content, text
+
+    whole, streamed = asyncio.run(run())
+    assert whole == streamed and "Paris" in whole
+
+
+def _wait_cold(svc, sid: str, key=KEY_A) -> None:
+    with KvstashClient(svc.target, api_key=key, timeout=60) as g:
+        deadline = time.monotonic() + 60
+        while g.get_session(sid).state != pb.SESSION_STATE_COLD:
+            assert time.monotonic() < deadline, f"session {sid} was not offloaded"
+            time.sleep(0.5)
+
+
+def test_six_turns_resending_history_reuse_kv_and_match_a_fresh_prefill(http_stack):
+    a, b = client(http_stack, KEY_A), client(http_stack, KEY_B)
+    history = [{"role": "system", "content": SYSTEM}]
+    for turn, question in enumerate(USER_TURNS, 1):
+        history.append({"role": "user", "content": question})
+        raw = a.chat.completions.with_raw_response.create(model=MODEL, messages=history, max_tokens=40,
+                                                          temperature=0)
+        resp = raw.parse()
+        sid = raw.headers["x-session-id"]
+        cached = resp.usage.prompt_tokens_details.cached_tokens
+        if turn >= 2:
+            assert cached > 0, f"turn {turn} reused no KV"
+        # tenant beta shares nothing with alpha: a full prefill of the same history gives the same answer
+        ref = b.chat.completions.create(model=MODEL, messages=history, max_tokens=40, temperature=0)
+        assert ref.choices[0].message.content == resp.choices[0].message.content, f"turn {turn}"
+        if turn == 1:
+            assert ref.usage.prompt_tokens_details.cached_tokens == 0  # isolation: alpha's blocks are not beta's
+        if turn == 3:
+            _wait_cold(http_stack, sid)  # the conversation went idle: turn 4 adopts its blocks from Redis
+        history.append({"role": "assistant", "content": resp.choices[0].message.content})
+
+
+def test_explicit_session_continues_and_is_tenant_scoped(http_stack):
+    a, b = client(http_stack, KEY_A), client(http_stack, KEY_B)
+    raw = a.chat.completions.with_raw_response.create(model=MODEL, messages=QUESTION, max_tokens=8,
+                                                      temperature=0, extra_headers={"x-session-id": "http-conv-1"})
+    assert raw.headers["x-session-id"] == "http-conv-1"
+    first = raw.parse()
+    follow = a.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "And of Germany?"}],
+                                       max_tokens=8, temperature=0, extra_body={"session_id": "http-conv-1"})
+    assert follow.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    with KvstashClient(http_stack.target, api_key=KEY_A, timeout=60) as g:
+        assert g.get_session("http-conv-1").token_count > first.usage.prompt_tokens + 8
+    other = b.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                      extra_body={"session_id": "http-conv-1"})
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # beta's id names beta's own new session
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http_stack):
+    c = client(http_stack)
+    with pytest.raises(openai.AuthenticationError):
+        client(http_stack, "sk-wrong").models.list()
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="gpt-9", messages=QUESTION)
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])
+    assert "role" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=-1)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.APIStatusError) as e:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 70000}])
+    assert e.value.status_code == 413
+    headers = {"authorization": f"Bearer {KEY_A}", "content-type": "application/json"}
+    req = urllib.request.Request(http_stack.http_url + "/v1/chat/completions", method="POST", headers=headers,
+                                 data=b'{"model": "kvstash", "messages": [')
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    err = json.loads(e.value.read())["error"]
+    assert e.value.code == 400 and "JSON" in err["message"]
+    assert set(err) == {"message", "type", "param", "code"}
+    with urllib.request.urlopen(http_stack.http_url + "/health", timeout=60) as r:
+        assert json.loads(r.read())["status"] == "ok"
+    ok = c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)
+    assert "Paris" in ok.choices[0].message.content
