@@ -3,6 +3,7 @@
     kvstash bench resume [--history 512,2048] [--kv fp,int8:r128,int4:r128] [--json]  (services/bench/resume.py)
     kvstash bench batch [--concurrency 1,2,4,8,16,32] [--modes batched,interleaved,hf]  (services/bench/batch.py)
     kvstash bench chat [--users 8] [--rounds 5] [--modes default,no-tier,fp]           (services/bench/chat.py)
+    kvstash bench http [--http URL] [--grpc TARGET] [--turns 6]                       (services/bench/http.py)
     kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]            (services/bench/codec.py)
     kvstash bench decode [--context 512,2048] [--kv int4:k8v4:g32:r128]              (services/bench/decode.py)
     kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--json]         (services/bench/dedup.py)
@@ -20,7 +21,7 @@ from services.eval.corpus import DEFAULT_TEXT
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (speed, memory) against in-process baselines")
     kinds = bench.add_subparsers(dest="bench_cmd", required=True)
-    for add in (_resume, _batch, _chat, _codec, _decode, _dedup, _load, _soak, _timing):
+    for add in (_resume, _batch, _chat, _http, _codec, _decode, _dedup, _load, _soak, _timing):
         add(kinds)
 
 
@@ -69,6 +70,18 @@ def _chat(kinds) -> None:
     p.add_argument("--modes", default="default,no-tier,fp")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=runs("services.bench.chat", "run_chat"))
+
+
+def _http(kinds) -> None:
+    p = kinds.add_parser("http", help="HTTP API against a running stack: TTFT per turn with reuse on vs off, and "
+                                      "HTTP vs gRPC")
+    p.add_argument("--http", default="http://127.0.0.1:8000")
+    p.add_argument("--grpc", default="127.0.0.1:50051")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.http", "run_http"))
 
 
 def _codec(kinds) -> None:

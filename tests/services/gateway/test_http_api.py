@@ -94,6 +94,7 @@ def test_six_turns_resending_history_reuse_kv_and_match_a_fresh_prefill(http_sta
         resp = raw.parse()
         sid = raw.headers["x-session-id"]
         cached = resp.usage.prompt_tokens_details.cached_tokens
+        print(f"turn {turn}: prompt_tokens={resp.usage.prompt_tokens} cached_tokens={cached}")
         if turn >= 2:
             assert cached > 0, f"turn {turn} reused no KV"
         # tenant beta shares nothing with alpha: a full prefill of the same history gives the same answer
