@@ -63,3 +63,9 @@ def redis_client(url: str, timeout_s: float | None = None) -> redis.Redis | Redi
     cu = ClusterUrl.parse(url)
     return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cu.nodes], username=cu.username,
                         password=cu.password, ssl=cu.tls, **kw)
+
+
+def redis_setting(reply: dict, name: str) -> str:
+    """One value of a CONFIG GET reply: bytes keys from one node, str keys from RedisCluster; "" if absent."""
+    value = reply.get(name.encode(), reply.get(name, b""))
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -22,6 +22,7 @@ from services.config import KvstashConfig
 from services.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from services.metrics import WorkerMetrics
 from services.runtime.redis_url import redis_client as client_for_url
+from services.runtime.redis_url import redis_setting
 from services.wire import (
     DoneEvent,
     GenerateCall,
@@ -58,7 +59,7 @@ class Engine:
         self._next_collect = time.monotonic() + cfg.tiers.collect_interval_s
         try:
             self.sessions.refresh_public()
-            policy = self.tier.client.config_get("maxmemory-policy").get(b"maxmemory-policy", b"").decode()
+            policy = redis_setting(self.tier.client.config_get("maxmemory-policy"), "maxmemory-policy")
             if policy.startswith("allkeys"):
                 log.error("Redis maxmemory-policy is %s: Redis may evict session manifests (their durable "
                           "history) under memory pressure. Use volatile-lru with redis.kv_ttl_s > 0.", policy)

@@ -3,7 +3,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from services.runtime.redis_url import ClusterUrl, redis_client
+from services.runtime.redis_url import ClusterUrl, redis_client, redis_setting
 
 
 def test_cluster_url_nodes_auth_and_tls():
@@ -24,3 +24,9 @@ def test_malformed_cluster_url_refused(url):
 def test_single_node_url_stays_a_plain_client(redis_server):
     assert type(redis_client(redis_server.url, 2.0)) is redis.Redis
     assert not isinstance(redis_client("redis://127.0.0.1:1/0", 2.0), RedisCluster)
+
+
+def test_config_get_reads_the_same_on_one_node_and_a_cluster(redis_server, redis_cluster):
+    for url in (redis_server.url, redis_cluster.url):
+        reply = redis_client(url, 5.0).config_get("maxmemory-policy")
+        assert redis_setting(reply, "maxmemory-policy") == "noeviction"
