@@ -111,8 +111,9 @@ class BatchConfig:
 
 @dataclass
 class RedisConfig:
-    url: str = _f("", "Redis URL: redis://[:password@]host:port/db, or rediss:// for TLS (AUTH via the password). "
-                      "Empty: `kvstash up` spawns a local redis-server.")
+    url: str = _f("", "Redis URL: redis://[:password@]host:port/db, or rediss:// for TLS (AUTH via the password); "
+                      "a Redis Cluster: redis+cluster://[user:password@]host:port[,host:port...] (rediss+cluster:// "
+                      "for TLS). Empty: `kvstash up` spawns a local redis-server.")
     namespace: str = _f("kvstash", "Prefix of every Redis key.")
     socket_timeout_s: float = _f(5.0, "Timeout of one Redis command.")
     kv_ttl_s: int = _f(0, "Expiry of stored KV blocks, renewed on use (0: none). With maxmemory-policy "

@@ -9,3 +9,13 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real Redis Cluster: 3 masters + 3 replicas of redis-server on 127.0.0.1 (never a fake)."""
+    from services.runtime.redis_cluster import LocalRedisCluster
+
+    cluster = LocalRedisCluster().start()
+    yield cluster
+    cluster.stop()

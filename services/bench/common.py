@@ -16,15 +16,14 @@ def models_dir() -> str:
 
 def worker_store(runner, redis_url: str, spec: str, namespace: str, **sections):
     """A worker's `CacheStore` (host tier off) on `runner` and a Redis URL, as the service builds it."""
-    import redis
-
     from kvstore.tiers.redis_tier import RedisTier
     from services.config import KvstashConfig
     from services.metrics import WorkerMetrics
+    from services.runtime.redis_url import redis_client
     from services.worker.session_store import CacheStore
 
     cfg = KvstashConfig.from_dict({"kv": {"spec": spec}, "tiers": {"host_bytes": 0}, **sections})
-    tier = RedisTier(redis.Redis.from_url(redis_url), namespace=namespace)
+    tier = RedisTier(redis_client(redis_url), namespace=namespace)
     return CacheStore(runner, tier, cfg, WorkerMetrics()), tier
 
 

@@ -51,8 +51,9 @@ def _quote(value: str) -> str:
 
 class RedisServer:
     def __init__(self, port: int | None = None, data_dir: str | None = None, appendonly: bool = False,
-                 binary: str = "redis-server", password: str | None = None):
+                 binary: str = "redis-server", password: str | None = None, cluster: bool = False):
         self.port = port
+        self.cluster = cluster  # --cluster-enabled, its nodes file in data_dir
         self.data_dir = data_dir
         self.appendonly = appendonly
         self.binary = binary
@@ -113,6 +114,9 @@ class RedisServer:
         args = [binary, "-", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--dir", str(Path(self.data_dir).resolve()),
                 "--daemonize", "no", "--logfile", ""]
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file",
+                     str(Path(self.data_dir).resolve() / "nodes.conf")]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - held while the server runs; closed by stop()
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)

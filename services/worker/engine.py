@@ -21,6 +21,8 @@ from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig
 from services.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from services.metrics import WorkerMetrics
+from services.runtime.redis_url import redis_client as client_for_url
+from services.runtime.redis_url import redis_setting
 from services.wire import (
     DoneEvent,
     GenerateCall,
@@ -42,8 +44,8 @@ log = logging.getLogger(__name__)
 
 
 def redis_client(cfg: KvstashConfig) -> redis.Redis:
-    return redis.Redis.from_url(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_s,
-                                socket_connect_timeout=cfg.redis.socket_timeout_s, decode_responses=False)
+    """One node or a Redis Cluster, by the form of `redis.url` (services/runtime/redis_url.py)."""
+    return client_for_url(cfg.redis.url, cfg.redis.socket_timeout_s)
 
 
 class Engine:
@@ -57,7 +59,7 @@ class Engine:
         self._next_collect = time.monotonic() + cfg.tiers.collect_interval_s
         try:
             self.sessions.refresh_public()
-            policy = self.tier.client.config_get("maxmemory-policy").get(b"maxmemory-policy", b"").decode()
+            policy = redis_setting(self.tier.client.config_get("maxmemory-policy"), "maxmemory-policy")
             if policy.startswith("allkeys"):
                 log.error("Redis maxmemory-policy is %s: Redis may evict session manifests (their durable "
                           "history) under memory pressure. Use volatile-lru with redis.kv_ttl_s > 0.", policy)
