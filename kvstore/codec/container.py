@@ -9,8 +9,7 @@ Layout (all integers little-endian, `struct`):
     7       1     u8 codec  (Codec: how the payload is compressed; the caller (de)compresses)
     8       4     u32 meta length in bytes
     12      8     u64 payload length in bytes
-    20      16    checksum of header[0:20] + meta + payload: version 3 (written) xxh3-128; still read:
-                  version 2 sha256, version 1 blake2b (`kvstore.digest.checksum`), both cut to 16 bytes
+    20      16    checksum of header[0:20] + meta + payload: xxh3-128 keyed by b"kvstash-sum"
     36      M     meta: canonical JSON object (sort_keys, compact separators, utf-8, no NaN/inf)
     36+M    P     payload bytes
 
@@ -21,37 +20,34 @@ Invariants:
   both lengths, so a flipped header byte is caught), unknown kind/codec, meta not a JSON object,
   or a kind other than the one expected.
 - Nothing is ever unpickled; meta is plain JSON.
-- Versions differ only in the checksum. It detects corruption (Redis, disk, network), it does not
-  authenticate: names are content-addressed by the chained block hashes (`kvstore.prefix.block_hash`),
-  never by this sum. Version 3's xxh3-128 runs at ~20 GB/s, 15x sha256 (version 2) with SHA-NI and 35x
-  blake2b (version 1); with the vector rANS decoder, sha256 had become a tenth of a block's decode time.
+- Only FORMAT_VERSION is read or written: the pre-release versions 1 (blake2b sum) and 2 (sha256 sum)
+  were dropped before the first release (issue #18) and are refused as unsupported.
+- The checksum detects corruption (Redis, disk, network), it does not authenticate: names are
+  content-addressed by the chained block hashes (`kvstore.prefix.block_hash`), never by this sum.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import struct
 from typing import Any
 
 import xxhash
 
-from kvstore.digest import checksum
-
 MAGIC = b"KVST"
 FORMAT_VERSION = 3
-READ_VERSIONS = (1, 2, 3)
+READ_VERSIONS = (FORMAT_VERSION,)
 _PREFIX = struct.Struct("<4sHBBIQ")  # magic, version, kind, codec, meta length, payload length
 _SUM_SIZE = 16
 HEADER_SIZE = _PREFIX.size + _SUM_SIZE  # 36 bytes
 
 
 def container_sum(version: int, *parts: bytes | memoryview) -> bytes:
-    """The 16-byte checksum a container of `version` stores over the concatenation of `parts`."""
-    if version == 1:
-        return checksum(b"".join(parts))
-    h = xxhash.xxh3_128(b"kvstash-sum") if version == 3 else hashlib.sha256(b"kvstash-sum")
+    """The 16-byte xxh3-128 checksum a container of `version` (FORMAT_VERSION) stores over `parts`."""
+    if version != FORMAT_VERSION:
+        raise ContainerError(f"unsupported container version {version}")
+    h = xxhash.xxh3_128(b"kvstash-sum")
     for p in parts:
         h.update(p)
     return h.digest()[:_SUM_SIZE]

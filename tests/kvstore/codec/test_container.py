@@ -91,12 +91,9 @@ def test_craft_matches_pack():
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_version_1_and_2_containers_are_still_read_with_their_own_checksum(version):
-    old = _craft(version=version, meta=b'{"a":1}', payload=b"old payload")
-    assert unpack_container(old) == (Kind.KV, Codec.RAW, {"a": 1}, b"old payload")
-    for version, sum_of in ((1, 2), (2, 1), (3, 2), (2, 3), (3, 1), (1, 3)):  # bytes under another's checksum
-        with pytest.raises(ContainerError, match="checksum mismatch"):
-            unpack_container(_craft(version=version, sum_of=sum_of, payload=b"x"))
+def test_dropped_pre_release_versions_1_and_2_are_refused(version):
+    with pytest.raises(ContainerError, match=f"unsupported container version {version}"):
+        unpack_container(_craft(version=version, meta=b'{"a":1}', payload=b"old payload"))
 
 
 @pytest.mark.parametrize("region", ["kind", "codec", "checksum", "meta", "payload"])
