@@ -11,9 +11,10 @@ DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 
 
 def load_ids(runner, path: str, tokens: int) -> list[int]:
-    """The first `tokens` token ids of the UTF-8 text at `path` (no special tokens); exits if it has fewer."""
+    """The first `tokens` token ids of the UTF-8 text at `path`, tokenized as the worker tokenizes a session's first
+    text (`runner.encode_text(text, first=True)`: BOS prepended iff the tokenizer adds one); exits if it has fewer."""
     text = Path(path).read_text(encoding="utf-8")
-    ids = runner.tokenizer(text[: tokens * 16], add_special_tokens=False)["input_ids"][:tokens]
+    ids = runner.encode_text(text[: tokens * 16], first=True)[:tokens]
     if len(ids) < tokens:
         raise SystemExit(f"{path} has only {len(ids)} tokens, fewer than --tokens {tokens}")
     return ids
