@@ -2,11 +2,14 @@
 side with transformers' own continuous batching.
 
     kvstash bench batch [--model M] [--kv SPEC] [--concurrency 1,2,4,8,16,32] [--seconds 20]
-                        [--prompt-tokens 64] [--new-tokens 32] [--modes batched,interleaved,hf]
+                        [--prompt-tokens 64] [--new-tokens 32|LO-HI] [--modes batched,interleaved,hf]
                         [--buckets 1,2,4,8,16,32] [--json]
 
 For each mode and each concurrency N, N client threads run a closed loop for `--seconds`: each call sends a
-fresh random prompt of `--prompt-tokens` tokens and takes `--new-tokens` greedy tokens, streamed. Modes:
+fresh random prompt of `--prompt-tokens` tokens and takes `--new-tokens` greedy tokens, streamed (`LO-HI`:
+a length drawn uniformly per call from the client's seeded generator, the same sequence in every mode; with
+one fixed length, clients that start together finish together and send their next prompts as one burst).
+Modes:
 - `batched`: a kvstash `Engine` (the worker without Ray and gRPC; a real redis-server) with `--buckets`;
 - `interleaved`: the same Engine with `batch.buckets = "1"` (each session decodes alone: kvstash before
   batching);
@@ -26,6 +29,7 @@ import random
 import tempfile
 import threading
 import time
+import uuid
 
 from services.bench.common import percentile
 
@@ -50,6 +54,18 @@ class _Stats:
             self.calls += 1
             self.ttft.append(stamps[0] - started)
             self.gaps.extend(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def answer_lengths(spec: str) -> tuple[int, int]:
+    """`--new-tokens`: "N" -> (N, N); "LO-HI" -> (LO, HI), 1 <= LO <= HI."""
+    lo, _, hi = spec.partition("-")
+    try:
+        pair = (int(lo), int(hi or lo))
+    except ValueError:
+        raise SystemExit(f"--new-tokens {spec!r}: want N or LO-HI") from None
+    if not 1 <= pair[0] <= pair[1]:
+        raise SystemExit(f"--new-tokens {spec!r}: want 1 <= LO <= HI")
+    return pair
 
 
 def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
@@ -88,10 +104,11 @@ def _kvstash_mode(args, buckets: str, redis_url: str, ns: int):
     if args.prefill_budget:
         d.setdefault("batch", {})["prefill_tokens_per_step"] = args.prefill_budget
     eng = Engine(KvstashConfig.from_dict(d))
-    vocab = eng.runner.vocab_size
+    vocab, lengths = eng.runner.vocab_size, answer_lengths(args.new_tokens)
 
     def one_call(rng):
         ids = [rng.randrange(1000, min(vocab, 20000)) for _ in range(args.prompt_tokens)]
+        n_new = rng.randint(*lengths)
         done, stamps, ok = threading.Event(), [], [True]
 
         def sink(e):
@@ -101,7 +118,7 @@ def _kvstash_mode(args, buckets: str, redis_url: str, ns: int):
                 ok[0] = isinstance(e, DoneEvent)
                 done.set()
 
-        eng.submit(GenerateCall("bench", f"s{rng.getrandbits(64):x}", True, {"token_ids": ids}, args.new_tokens,
+        eng.submit(GenerateCall("bench", f"s{uuid.uuid4().hex}", True, {"token_ids": ids}, n_new,
                                 fresh=True), sink)
         done.wait()
         return stamps, ok[0]
@@ -117,14 +134,16 @@ def _hf_mode(args):
 
     path = store_for().resolve(args.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    gen = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=-1)
+    lengths = answer_lengths(args.new_tokens)
+    gen = GenerationConfig(max_new_tokens=lengths[1], do_sample=False, eos_token_id=-1)
     manager = model.init_continuous_batching(generation_config=gen)
     manager.start()
     vocab = model.get_output_embeddings().weight.shape[0]
 
     def one_call(rng):
         ids = [rng.randrange(1000, min(vocab, 20000)) for _ in range(args.prompt_tokens)]
-        rid = manager.add_request(ids, max_new_tokens=args.new_tokens, streaming=True)
+        n_new = rng.randint(*lengths)
+        rid = manager.add_request(ids, max_new_tokens=n_new, streaming=True)
         stamps, seen = [], 0
         for out in manager.request_id_iter(rid):
             now = time.monotonic()

@@ -47,7 +47,8 @@ def _batch(kinds) -> None:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", default="32",
+                   help="tokens per answer: N, or LO-HI drawn uniformly per call (desynchronized clients)")
     p.add_argument("--modes", default="batched,interleaved,hf")
     p.add_argument("--buckets", default="", help="batch.buckets of the batched mode (default: the service default)")
     p.add_argument("--prefill-budget", type=int, default=0,
