@@ -24,6 +24,7 @@ PROFILES = {
     "cpu": "values-cpu.yaml",
     "gpu": "values-gpu.yaml",
     "external-redis": "values-external-redis.yaml",
+    "external-redis-cluster": "values-external-redis-cluster.yaml",
 }
 
 

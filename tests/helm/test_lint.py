@@ -36,6 +36,7 @@ BAD = [
     (["config.ray.num_workers=8"], [], ["INVALID VALUES", "needs more GPUs"]),
     (["redis.enabled=false"], [], ["INVALID VALUES", "redis.external.url"]),
     (["redis.external.url=redis://x:6379/0"], [], ["INVALID VALUES", "redis.enabled=false"]),
+    (["redis.enabled=false", "redis.external.url=http://x:6379"], [], ["/redis/external/url"]),
     (["gateway.autoscaling.enabled=true", "gateway.autoscaling.minReplicas=5"], [], ["INVALID VALUES", "minReplicas (5) > maxReplicas (3)"]),
 ]
 

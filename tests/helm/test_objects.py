@@ -95,11 +95,19 @@ def test_redis_password_comes_from_the_secret():
     assert gw["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
 
 
-@pytest.mark.parametrize("sets,secret", [((), "kvstash-redis-url"),
-                                          (("redis.external.existingSecret=", "redis.external.url=rediss://:pw@r:6380/1"),
-                                           "demo-kvstash-redis-url")])
-def test_external_redis_renders_no_statefulset(sets, secret):
-    docs = render("external-redis", sets)
+CLUSTER_URL = "rediss+cluster://:pw@r0:6379,r1:6379,r2:6379"
+
+
+@pytest.mark.parametrize("profile,sets,secret", [
+    ("external-redis", (), "kvstash-redis-url"),
+    ("external-redis", ("redis.external.existingSecret=", "redis.external.url=rediss://:pw@r:6380/1"),
+     "demo-kvstash-redis-url"),
+    ("external-redis-cluster", (), "kvstash-redis-url"),
+    ("external-redis-cluster", ("redis.external.existingSecret=", "redis.external.url=" + CLUSTER_URL.replace(",", "\\,")),
+     "demo-kvstash-redis-url"),
+])
+def test_external_redis_renders_no_statefulset(profile, sets, secret):
+    docs = render(profile, sets)
     assert not objects(docs, "StatefulSet")
     assert not [d for d in docs if d["metadata"]["name"].startswith("demo-kvstash-redis")
                 and d["kind"] != "Secret"]
@@ -107,7 +115,7 @@ def test_external_redis_renders_no_statefulset(sets, secret):
     assert "REDIS_PASSWORD" not in env
     assert env["KVSTASH_REDIS__URL"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "redis-url"}
     if sets:
-        assert one(docs, "Secret", secret)["stringData"]["redis-url"] == "rediss://:pw@r:6380/1"
+        assert one(docs, "Secret", secret)["stringData"]["redis-url"] == sets[1].split("=", 1)[1].replace("\\,", ",")  # --set needs commas escaped
 
 
 def pods_selected(docs, selector: dict) -> set[str]:
