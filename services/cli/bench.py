@@ -10,6 +10,7 @@
     kvstash bench load [--concurrency 1,2,4,8] [--seconds 20] [--json]                (services/bench/load.py)
     kvstash bench soak [--minutes 10] [--concurrency 16] [--json]                     (services/bench/soak.py)
     kvstash bench timing [--prefix 1024] [--trials 12] [--json]                       (services/bench/timing.py)
+    kvstash bench gateway [--reps 3] [--json]                                        (services/bench/gateway.py)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from services.eval.corpus import DEFAULT_TEXT
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (speed, memory) against in-process baselines")
     kinds = bench.add_subparsers(dest="bench_cmd", required=True)
-    for add in (_resume, _batch, _chat, _http, _codec, _decode, _dedup, _load, _soak, _timing):
+    for add in (_resume, _batch, _chat, _http, _codec, _decode, _dedup, _load, _soak, _timing, _gateway):
         add(kinds)
 
 
@@ -159,3 +160,10 @@ def _timing(kinds) -> None:
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=runs("services.bench.timing", "run_timing"))
+
+
+def _gateway(kinds) -> None:
+    p = kinds.add_parser("gateway", help="gateway import time, RSS and image packages vs the worker stack")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.gateway", "run_gateway"))

@@ -16,6 +16,7 @@ COMMANDS = {
     ("bench", "decode"): "services.bench.decode.run_decode",
     ("bench", "codec"): "services.bench.codec.run_codec",
     ("bench", "dedup"): "services.bench.dedup.run_dedup",
+    ("bench", "gateway"): "services.bench.gateway.run_gateway",
     ("bench", "http"): "services.bench.http.run_http",
     ("bench", "load"): "services.bench.load.run_load",
     ("bench", "soak"): "services.bench.soak.run_soak",

@@ -7,34 +7,11 @@ is the interpreter's own VmHWM; ru_maxrss is printed too, but Linux carries it o
 process (here pytest, with torch loaded), so it is the larger of the two.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from services.bench.gateway import imported
+
 HEAVY = ("torch", "transformers", "numba")
-
-PROBE = """
-import json, resource, sys, time
-t0 = time.perf_counter()
-for name in sys.argv[1:]:
-    __import__(name)
-seconds = time.perf_counter() - t0
-hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"seconds": seconds, "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "hwm_mib": hwm / 1024, "modules": sorted(sys.modules)}))
-"""
-
-
-def imported(*modules: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", PROBE, *modules], cwd=REPO, env=env, check=True,
-                         capture_output=True, text=True, timeout=300).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def heavy(modules: list[str], also: tuple[str, ...] = ()) -> list[str]:
