@@ -27,7 +27,7 @@ def add_eval_parser(sub) -> None:
     _common(p)
     p.add_argument("--kv", required=True,
                    help="KV spec, e.g. int4:k8v4:g32:r128, or a spec file; comma-separate several to compare")
-    p.add_argument("--baseline", action="append", default=[], choices=["hf-quanto", "hf-hqq"],
+    p.add_argument("--baseline", action="append", default=[], choices=["hf-quanto", "hf-hqq", "hf-fp8"],
                    help="also run transformers' QuantizedCache with the first spec's bits, group and window")
     p.set_defaults(fn=runs("services.eval.ppl", "run_ppl"))
 

@@ -126,7 +126,8 @@ class Evaluator:
         return self.score(spec.spec(), lambda: self.runner.new_cache(spec))
 
     def hf(self, baseline: str, spec) -> PplResult:
-        """transformers' QuantizedCache (quanto or hqq backend) with `spec`'s key bits, key group and window.
+        """transformers' QuantizedCache (quanto or hqq backend) with `spec`'s key bits, key group and window; or
+        its fp8 backend (`hf-fp8`: every element in float8 e4m3 with a per-tensor scale, no window).
 
         Its bits are nominal: codes plus an fp16 scale and zero per group (its internals are not ours to
         measure); the total adds the full-precision window at the model dtype's width."""
@@ -142,6 +143,9 @@ class Evaluator:
             q = nbits + 32 / group
             return q, (sealed * q + (n - sealed) * width) / max(n, 1)
 
+        if backend == "fp8":  # float8 e4m3, one scale per layer and side calibrated on the first chunk (vLLM's)
+            return self.score(baseline, lambda: QuantizedCache(backend="fp8", config=self.runner.model.config),
+                              lambda cache: (8.0, 8.0))
         label = f"{baseline}:int{nbits}:g{group}:r{residual}"
         return self.score(label, lambda: QuantizedCache(backend=backend, config=self.runner.model.config, nbits=nbits,
                                                         q_group_size=group, residual_length=residual), bits)

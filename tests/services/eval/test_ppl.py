@@ -76,3 +76,13 @@ def test_hf_baseline_runs_on_the_same_tokens(tiny_runner):
     assert hf.ppl_ref == ours.ppl_ref  # one reference pass serves both
     assert hf.spec == "hf-hqq:int4:g32:r0" and hf.bits_per_element == 4 + 32 / 32
     assert 0 < hf.kl < 1 and hf.ppl != hf.ppl_ref
+
+
+def test_fp8_baseline_stores_every_element_in_8_bits(tiny_runner):
+    """vLLM's FP8 KV (e4m3, one scale per layer and side) through transformers' fp8 QuantizedCache backend."""
+    from services.eval.ppl import Evaluator
+
+    ev = Evaluator(tiny_runner, _ids(tiny_runner, 200), window=100, chunk=16)
+    fp8 = ev.hf("hf-fp8", QuantConfig.parse("int4:g32:gv16:r0"))
+    assert fp8.spec == "hf-fp8" and fp8.bits_per_element == fp8.bits_per_element_total == 8
+    assert 0 < fp8.kl < 1 and fp8.ppl != fp8.ppl_ref  # lossy from the second chunk on
