@@ -14,9 +14,11 @@ from services.runtime.redis_server import RedisServer
 
 
 class LocalRedisCluster:
-    def __init__(self, masters: int = 3, replicas: int = 1, binary: str = "redis-server", cli: str = "redis-cli"):
+    def __init__(self, masters: int = 3, replicas: int = 1, binary: str = "redis-server", cli: str = "redis-cli",
+                 node_timeout_ms: int = 15000, appendonly: bool = False):
         self.masters, self.replicas, self.cli = masters, replicas, cli
-        self.nodes = [RedisServer(binary=binary, cluster=True) for _ in range(masters * (1 + replicas))]
+        self.nodes = [RedisServer(binary=binary, cluster=True, cluster_node_timeout_ms=node_timeout_ms,
+                                  appendonly=appendonly) for _ in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:

@@ -51,9 +51,11 @@ def _quote(value: str) -> str:
 
 class RedisServer:
     def __init__(self, port: int | None = None, data_dir: str | None = None, appendonly: bool = False,
-                 binary: str = "redis-server", password: str | None = None, cluster: bool = False):
+                 binary: str = "redis-server", password: str | None = None, cluster: bool = False,
+                 cluster_node_timeout_ms: int = 15000):
         self.port = port
         self.cluster = cluster  # --cluster-enabled, its nodes file in data_dir
+        self.cluster_node_timeout_ms = cluster_node_timeout_ms  # how long a silent master waits for its failover
         self.data_dir = data_dir
         self.appendonly = appendonly
         self.binary = binary
@@ -116,7 +118,8 @@ class RedisServer:
                 "--daemonize", "no", "--logfile", ""]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file",
-                     str(Path(self.data_dir).resolve() / "nodes.conf")]
+                     str(Path(self.data_dir).resolve() / "nodes.conf"),
+                     "--cluster-node-timeout", str(self.cluster_node_timeout_ms)]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - held while the server runs; closed by stop()
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)
