@@ -1,6 +1,6 @@
 """`kvstash bench resume`: what offloading a session saves, and what restoring it costs against re-prefill.
 
-    kvstash bench resume --history 512,2048 --kv fp,int8:r128,int4:r128 [--dtype float32] [--json]
+    kvstash bench resume --history 512,2048 --kv fp,int8:r128,int4:r128 [--dtype float32] [--cluster] [--json]
 
 For each history length and KV spec, a session's cache is built by the worker's canonical
 prefill, offloaded through the worker's own `CacheStore` (services/worker/session_store.py) to a real redis-server (spawned unless --redis-url;
@@ -10,7 +10,11 @@ the host tier is off, so every resume reads Redis), and measured:
   arrive), check, decode, rebuild the cache — the cache is then bit-identical to the offloaded one
   (asserted) — versus re-prefill: the same history run through the model again, as a server without a KV
   tier would;
-- `resume_speedup` = re-prefill / restore; and the time to the next token's logits both ways.
+- `resume_speedup` = re-prefill / restore; and the time to the next token's logits both ways;
+- with `--cluster`: the same session also offloaded to a local Redis Cluster (3 masters + 3 replicas of
+  redis-server, started here) and restored from it in the same rounds: `cluster_restore_s`,
+  `cluster_resume_speedup` and `cluster_over_single` = cluster restore / single-node restore (issue 17's
+  target: within 1.2).
 Medians over --reps rounds, each round running every measurement once in turn (after one warm-up), so a
 shared machine's slow spells weigh on restore and re-prefill alike.
 """
@@ -39,6 +43,7 @@ def median_times(fns, reps: int) -> list[float]:
 
 def run_resume(args) -> int:
     from services.config import ModelConfig
+    from services.runtime.redis_cluster import LocalRedisCluster
     from services.runtime.redis_server import RedisServer
     from services.worker.model_runner import ModelRunner
     from services.worker.session import Session
@@ -47,6 +52,7 @@ def run_resume(args) -> int:
     text = Path(args.text).read_text(encoding="utf-8")
     all_ids = runner.tokenizer(text[:200_000], add_special_tokens=False)["input_ids"]
     server = None if args.redis_url else RedisServer().start()
+    cluster = LocalRedisCluster().start() if args.cluster else None
     rows = []
     try:
         for n in (int(x) for x in args.history.split(",")):
@@ -58,18 +64,26 @@ def run_resume(args) -> int:
                 before = cache.export_state()
                 redis_bytes = store.save(s)
 
-                def restore():
-                    record = tier.get_record("bench", s.session_id)
-                    cold = Session.from_manifest(*record)
-                    got = store.store.restore(cold.tenant, cold.blocks, cold.stored_kv_tokens)  # no cost model
-                    assert got.state is not None, got.reason
-                    return runner.restore_cache(got.state)
+                def restorer(store, tier):
+                    def restore():
+                        record = tier.get_record("bench", s.session_id)
+                        cold = Session.from_manifest(*record)
+                        got = store.store.restore(cold.tenant, cold.blocks, cold.stored_kv_tokens)  # no cost model
+                        assert got.state is not None, got.reason
+                        return runner.restore_cache(got.state)
+                    return restore
 
-                assert restore().export_state().equals(before), "restored cache differs from the offloaded one"
+                restore = restorer(store, tier)
+                fns = [restore, lambda: prefill(runner, store, ids[:-1]), lambda: runner.forward(restore(), ids[-1:]),
+                       lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:])]
+                if cluster:
+                    c_store, c_tier = worker_store(runner, cluster.url, spec, "kvstash-bench")
+                    c_store.save(s)
+                    fns.append(restorer(c_store, c_tier))
+                for fn in fns[:1] + fns[4:]:
+                    assert fn().export_state().equals(before), "restored cache differs from the offloaded one"
                 restore(), prefill(runner, store, ids[:-1])  # warm-up
-                restore_s, reprefill_s, next_restore, next_prefill = median_times(
-                    [restore, lambda: prefill(runner, store, ids[:-1]), lambda: runner.forward(restore(), ids[-1:]),
-                     lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:])], args.reps)
+                restore_s, reprefill_s, next_restore, next_prefill, *on_cluster = median_times(fns, args.reps)
                 rows.append({
                     "history": n, "kv": spec, "dtype": args.dtype, "blocks": len(s.blocks),
                     "device_bytes_per_token": cache.state_bytes() / (n - 1), "raw_state_bytes": before.nbytes,
@@ -77,10 +91,16 @@ def run_resume(args) -> int:
                     "resume_speedup": reprefill_s / restore_s, "next_token_restore_s": next_restore,
                     "next_token_reprefill_s": next_prefill,
                 })
+                if cluster:
+                    rows[-1].update(cluster_restore_s=on_cluster[0], cluster_resume_speedup=reprefill_s / on_cluster[0],
+                                    cluster_over_single=on_cluster[0] / restore_s)
+                    c_tier.delete_session("bench", s.session_id)
                 tier.delete_session("bench", s.session_id)
     finally:
         if server:
             server.stop()
+        if cluster:
+            cluster.stop()
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -92,4 +112,8 @@ def run_resume(args) -> int:
             print(f"| {r['history']} | `{r['kv']}` | {r['device_bytes_per_token']:.0f} | {r['redis_bytes_per_session']} "
                   f"| {r['restore_s']:.4f} | {r['reprefill_s']:.3f} | {r['resume_speedup']:.1f}x "
                   f"| {r['next_token_restore_s']:.3f} / {r['next_token_reprefill_s']:.3f} |")
+        for r in rows:
+            if "cluster_restore_s" in r:
+                print(f"cluster, {r['history']} `{r['kv']}`: restore {r['cluster_restore_s']:.4f} s, speedup "
+                      f"{r['cluster_resume_speedup']:.1f}x, {r['cluster_over_single']:.2f}x the single node's restore")
     return 0

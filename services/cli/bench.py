@@ -35,6 +35,8 @@ def _resume(kinds) -> None:
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="text to take the history from")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--redis-url", default="")
+    p.add_argument("--cluster", action="store_true",
+                   help="also restore from a local Redis Cluster (3 masters + 3 replicas) in the same rounds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=runs("services.bench.resume", "run_resume"))
 
