@@ -25,7 +25,8 @@ all or nothing per session, and the fallback shows as `cached_tokens` below the 
 Continuation happens in place: the session moves on to the new turn, so resending an *older* history (a
 regenerate) starts a new session. Per-request sessions are deleted when they leave the tenant's
 `http.conversations_per_tenant` most recent conversations, so they do not grow the tenant's session count
-without bound. /v1/completions requests are always new sessions (prefix adoption only).
+without bound. /v1/completions requests are always new sessions (prefix adoption only). Outcomes are counted
+in `kvstash_http_conversations_total{result=continued|not_continued|new}`.
 """
 
 from __future__ import annotations
@@ -219,18 +220,23 @@ class HttpApi:
     async def _transparent(self, call: GenerateCall) -> tuple[_Primed, bytes | None]:
         """Continue the tenant's conversation that the chat input extends, if any (else a new session); the
         events and the index key the session was found under."""
-        hit = self.conversations.find(call.tenant, call.input["chat"]) if "chat" in call.input else None
+        if "chat" not in call.input:
+            return await self._open(call, create_missing=False), None
+        hit = self.conversations.find(call.tenant, call.input["chat"])
+        counted = self.core.metrics.http_conversations
         if hit is not None:
             key, sid = hit
             cont = dataclasses.replace(call, session_id=sid, create=False, fresh=False, extends=True)
             try:
                 events = await self._open(cont, create_missing=False)
                 call.session_id = sid
+                counted.labels("continued").inc()
                 return events, key
             except (FailedPrecondition, NotFound) as e:  # diverged, busy or gone: a new session instead
                 log.info("conversation of %s not continued (%s): new session", call.tenant, e.message)
                 if isinstance(e, NotFound):
                     self.conversations.forget(call.tenant, key)
+        counted.labels("new" if hit is None else "not_continued").inc()
         return await self._open(call, create_missing=False), None
 
     def _remember(self, tenant: str, messages: list[dict], reply: str, sid: str, found: bytes | None) -> None:

@@ -21,7 +21,6 @@ from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig
 from services.errors import (
     DeadlineExceeded,
-    FailedPrecondition,
     Internal,
     InvalidArgument,
     ResourceExhausted,
@@ -141,7 +140,7 @@ class Engine:
         if "text" in inp:
             return self.runner.encode_text(inp["text"], first)
         if "chat" in inp and call.extends and history:
-            return self._extension(inp["chat"], history)
+            return self.runner.encode_extension(inp["chat"], history)
         if "chat" in inp:
             return self.runner.encode_chat(inp["chat"], first, history)
         if "token_ids" in inp:
@@ -151,18 +150,6 @@ class Engine:
                 raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary [0, {self.runner.vocab_size})")
             return ids
         return []
-
-    def _extension(self, messages: list[dict], history: list[int]) -> list[int]:
-        """The tokens `messages` (a whole conversation) add to `history`: its rendering must begin with every
-        token of the history (generated ones included), else FailedPrecondition (the client's resent text
-        re-tokenizes differently, or the session moved on)."""
-        full = self.runner.encode_chat(messages, True, [])
-        n = len(history)
-        if len(full) <= n or full[:n] != history:
-            same = next((i for i, (a, b) in enumerate(zip(full, history, strict=False)) if a != b), min(n, len(full)))
-            raise FailedPrecondition(f"the conversation does not extend the session: its rendering differs at "
-                                     f"token {same} of {n}")
-        return full[n:]
 
     @staticmethod
     def _check_deadline(call: GenerateCall) -> None:

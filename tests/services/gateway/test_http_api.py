@@ -130,6 +130,27 @@ def test_tenants_do_not_continue_each_others_conversations(http_stack):
     mine = a.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
     assert mine.session_id == first.session_id
     assert mine.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    # the remembered session is gone (deleted by id): its continuation is served by a new session
+    history += [{"role": "assistant", "content": mine.choices[0].message.content},
+                {"role": "user", "content": "One more?"}]
+    with KvstashClient(http_stack.target, api_key=KEY_A, timeout=60) as g:
+        assert g.get_session(first.session_id).token_count == mine.usage.prompt_tokens + mine.usage.completion_tokens
+        assert g.delete_session(first.session_id)
+    before = _conversations(http_stack)
+    redo = a.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
+    assert redo.session_id != first.session_id and redo.choices[0].message.content
+    after = _conversations(http_stack)
+    assert after["not_continued"] - before["not_continued"] == 1 and after["continued"] == before["continued"]
+
+
+def _conversations(svc) -> dict[str, float]:
+    with urllib.request.urlopen(svc.metrics_url, timeout=60) as r:
+        lines = r.read().decode().splitlines()
+    out = {"continued": 0.0, "not_continued": 0.0, "new": 0.0}
+    for line in lines:
+        if line.startswith("kvstash_http_conversations_total{"):
+            out[line.split('result="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def test_explicit_session_continues_and_is_tenant_scoped(http_stack):
