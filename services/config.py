@@ -163,6 +163,9 @@ class HttpConfig:
     port: int = _f(8000, "HTTP API port; 0 picks a free one.")
     max_body_bytes: int = _f(1 << 20, "Largest HTTP request body accepted, in bytes (larger: 413).")
     model_name: str = _f("kvstash", "Model id the HTTP API lists and accepts (requests naming another get 404).")
+    conversations_per_tenant: int = _f(64, "Stateless chat conversations kept per tenant for transparent "
+                                       "continuation (their sessions; least recently used deleted beyond it; "
+                                       "0: no reuse, each request's session is deleted after it).")
 
 
 @dataclass

@@ -128,6 +128,10 @@ class GatewayMetrics:
         self.tenant_tokens = Counter(
             "kvstash_tenant_tokens_total", "Tokens per tenant (bounded: tenants come from the API keys file), by kind.",
             ["tenant", "kind"], registry=r)
+        self.http_conversations = Counter(
+            "kvstash_http_conversations_total", "Stateless HTTP chat requests by how they found a remembered "
+            "conversation: continued, not_continued (its history diverged, busy or gone), new (none matched).",
+            ["result"], registry=r)
 
 
 class WorkerMetricsCollector:

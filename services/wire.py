@@ -82,6 +82,9 @@ class GenerateCall:
     stop: list[str] = field(default_factory=list)  # stop sequences (validated by the gateway)
     deadline: float | None = None  # unix time after which the call is abandoned (the client's gRPC deadline)
     fresh: bool = False  # the server just made the session id: no store needs asking whether it exists
+    # input.chat is the whole conversation: the session's tokens must begin its rendering (else
+    # FailedPrecondition), and only the rest is new (the HTTP API's transparent continuation)
+    extends: bool = False
 
 
 # ---- events -------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ HTTP front's overhead over gRPC for the same request, against a running stack (`
                        [--new-tokens 32] [--json]
 
 Each turn resends the whole history (as OpenAI clients do) with greedy decoding. `reuse` conversations keep
-one system prompt, so turn k adopts the blocks turn k-1 stored; `no-reuse` ones open with a unique nonce, so
-no stored block matches and every turn prefills its whole history. `grpc` sends each `reuse` turn's history
+one system prompt, so turn k continues turn k-1's session (transparent continuation: only the new turn is
+prefilled); `no-reuse` ones open with a unique nonce each turn, so neither a remembered conversation nor a
+stored block matches and every turn prefills its whole history. Per turn it also reports the counts
+`prompt_tokens` and `cached_tokens` (the HTTP usage). `grpc` sends each `reuse` turn's history
 through gRPC Generate too (same tenant and blocks), right after HTTP stored that same prompt, so gRPC may adopt
 one pass more than HTTP did: read `ttft_http_over_grpc` as an upper bound of the front's overhead. Ratios:
 `ttft_no_reuse_over_reuse` per turn and `ttft_http_over_grpc` per turn.
@@ -24,17 +26,17 @@ TURNS = ["Tell me about the moon.", "How far away is it?", "Who first walked on 
          "Could people live there?", "Summarise our talk in one line.", "Thanks. And Mars?", "How far is Mars?"]
 
 
-def _http_turn(client, model: str, history: list[dict], n: int) -> tuple[float, str, int]:
+def _http_turn(client, model: str, history: list[dict], n: int) -> tuple[float, str, int, int]:
     t0 = time.perf_counter()
-    ttft, parts, cached = None, [], 0
+    ttft, parts, cached, prompt = None, [], 0, 0
     for ch in client.chat.completions.create(model=model, messages=history, max_tokens=n, temperature=0,
                                              stream=True, stream_options={"include_usage": True}):
         if ch.choices and ch.choices[0].delta.content:
             ttft = ttft if ttft is not None else time.perf_counter() - t0
             parts.append(ch.choices[0].delta.content)
         if ch.usage is not None:
-            cached = ch.usage.prompt_tokens_details.cached_tokens
-    return ttft or 0.0, "".join(parts), cached
+            cached, prompt = ch.usage.prompt_tokens_details.cached_tokens, ch.usage.prompt_tokens
+    return ttft or 0.0, "".join(parts), cached, prompt
 
 
 def _grpc_ttft(grpc_client, history: list[dict], n: int) -> float:
@@ -62,8 +64,8 @@ def run_http(args) -> int:
             for mode, h in hist.items():
                 h.append({"role": "user", "content": q})
                 sent = h if mode == "reuse" else [{"role": "system", "content": uuid.uuid4().hex + " " + SYSTEM}] + h[1:]
-                ttft, text, cached = _http_turn(client, model, sent, args.new_tokens)
-                row[mode] = {"ttft_s": ttft, "cached_tokens": cached}
+                ttft, text, cached, prompt = _http_turn(client, model, sent, args.new_tokens)
+                row[mode] = {"ttft_s": ttft, "cached_tokens": cached, "prompt_tokens": prompt}
                 h.append({"role": "assistant", "content": text})
             row["grpc_ttft_s"] = _grpc_ttft(g, hist["reuse"][:-1], args.new_tokens)
             row["ttft_no_reuse_over_reuse"] = row["no-reuse"]["ttft_s"] / max(row["reuse"]["ttft_s"], 1e-9)
@@ -72,9 +74,10 @@ def run_http(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print("turn  reuse_ttft  cached  no_reuse_ttft  ratio  grpc_ttft  http/grpc")
+        print("turn  prompt  reuse_ttft  cached  no_reuse_ttft  ratio  grpc_ttft  http/grpc")
         for r in rows:
-            print(f"{r['turn']:>4}  {r['reuse']['ttft_s']:10.3f}  {r['reuse']['cached_tokens']:6d}  "
+            print(f"{r['turn']:>4}  {r['reuse']['prompt_tokens']:6d}  {r['reuse']['ttft_s']:10.3f}  "
+                  f"{r['reuse']['cached_tokens']:6d}  "
                   f"{r['no-reuse']['ttft_s']:13.3f}  {r['ttft_no_reuse_over_reuse']:5.2f}  {r['grpc_ttft_s']:9.3f}  "
                   f"{r['ttft_http_over_grpc']:9.2f}")
     return 0

@@ -7,23 +7,44 @@ Every error is an OpenAI error object `{"error": {"message", "type", "param", "c
 
 Sessions: a request with `session_id` (body) or `x-session-id` (header) continues that session with the
 messages it sends (they are appended, as gRPC ResumeSession does), creating it if absent. A request without
-one is stateless: it starts a new session whose prompt is the whole rendered history, and the worker's prefix
-adoption takes every stored whole block of the same tenant that the prompt begins with (reported as
-`usage.prompt_tokens_details.cached_tokens`). The response names its session (`x-session-id` header and
+one is *transparent*: a chat request whose messages extend a conversation this tenant held before (the
+request's messages plus the reply, as `ConversationIndex` remembers it) continues that conversation's session
+(from the device, the host tier or Redis) and prefills only the new turns; any other request starts a new
+session whose prompt is the whole rendered history (the worker's prefix adoption may still take stored
+canonical blocks). `usage.prompt_tokens_details.cached_tokens` reports the tokens whose KV was reused and
+`usage.prompt_tokens` the whole prompt. The response names its session (`x-session-id` header and
 `session_id` field) so a client may switch to explicit continuation.
+
+Exactness of transparent continuation: it is the gRPC ResumeSession path — the same session, its recorded
+schedule, the new tokens prefilled in passes cut at `prefix.prefill_chunk` multiples — so the KV and the
+greedy continuation are exactly those of the same conversation sent over gRPC turn by turn (tested). The
+worker continues only if the session's whole token history (generated tokens included) begins the
+request's rendering; where the client's resent text re-tokenizes differently (or the conversation was
+edited, or the session is busy), the request falls back to a new session (prefix adoption only): reuse is
+all or nothing per session, and the fallback shows as `cached_tokens` below the previous conversation's.
+Continuation happens in place: the session moves on to the new turn, so resending an *older* history (a
+regenerate) starts a new session. Per-request sessions are deleted when they leave the tenant's
+`http.conversations_per_tenant` most recent conversations, so they do not grow the tenant's session count
+without bound. /v1/completions requests are always new sessions (prefix adoption only). Outcomes are counted
+in `kvstash_http_conversations_total{result=continued|not_continued|new}`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 
 from aiohttp import web
 
 from services.config import KvstashConfig
-from services.errors import InvalidArgument, KvstashError, NotFound
+from services.errors import FailedPrecondition, InvalidArgument, KvstashError, NotFound
+from services.gateway.conversations import ConversationIndex
 from services.gateway.servicer import KvStashServicer, _session_id
 from services.wire import MAX_STOP_CHARS, MAX_STOPS, DoneEvent, GenerateCall, TokensEvent
 
@@ -34,6 +55,7 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout",
          500: "server_error"}
 ROLES = ("system", "user", "assistant")
+log = logging.getLogger(__name__)
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -52,6 +74,8 @@ class HttpApi:
         self.cfg, self.core = cfg, servicer
         self.runner: web.AppRunner | None = None
         self.port = 0
+        self.conversations = ConversationIndex(cfg.http.conversations_per_tenant)
+        self._deleting: set[asyncio.Task] = set()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.cfg.http.max_body_bytes)
@@ -170,9 +194,12 @@ class HttpApi:
             explicit = body.get("session_id") or request.headers.get("x-session-id")
             if explicit is not None and not isinstance(explicit, str):
                 raise _Param("session_id must be a string", "session_id")
-            sid = _session_id(explicit) if explicit else uuid.uuid4().hex
-            call = self._call(tenant, sid, not explicit, body, inp)
-            events = await self._open(call)
+            if explicit:
+                call = self._call(tenant, _session_id(explicit), False, body, inp)
+                events, found = await self._open(call, create_missing=True), None
+            else:
+                call = self._call(tenant, uuid.uuid4().hex, True, body, inp)
+                events, found = await self._transparent(call)
         except _Param as e:
             return error_response(400, e.message, e.param, "invalid_value")
         except _TooLarge as e:
@@ -181,21 +208,60 @@ class HttpApi:
             return _kv_error(e)
         stream = bool(body.get("stream"))
         usage_opt = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-        reply = _Reply(chat, self.cfg.http.model_name, sid)
+        done = None
+        if chat and not explicit:
+            def done(reply: str) -> None:
+                self._remember(tenant, inp["chat"], reply, call.session_id, found)
+        reply = _Reply(chat, self.cfg.http.model_name, call.session_id, done, whole_prompt=not explicit)
         if stream:
             return await reply.stream(request, events, usage_opt)
         return await reply.whole(events)
 
-    async def _open(self, call: GenerateCall):
+    async def _transparent(self, call: GenerateCall) -> tuple[_Primed, bytes | None]:
+        """Continue the tenant's conversation that the chat input extends, if any (else a new session); the
+        events and the index key the session was found under."""
+        if "chat" not in call.input:
+            return await self._open(call, create_missing=False), None
+        hit = self.conversations.find(call.tenant, call.input["chat"])
+        counted = self.core.metrics.http_conversations
+        if hit is not None:
+            key, sid = hit
+            cont = dataclasses.replace(call, session_id=sid, create=False, fresh=False, extends=True)
+            try:
+                events = await self._open(cont, create_missing=False)
+                call.session_id = sid
+                counted.labels("continued").inc()
+                return events, key
+            except (FailedPrecondition, NotFound) as e:  # diverged, busy or gone: a new session instead
+                log.info("conversation of %s not continued (%s): new session", call.tenant, e.message)
+                if isinstance(e, NotFound):
+                    self.conversations.forget(call.tenant, key)
+        counted.labels("new" if hit is None else "not_continued").inc()
+        return await self._open(call, create_missing=False), None
+
+    def _remember(self, tenant: str, messages: list[dict], reply: str, sid: str, found: bytes | None) -> None:
+        for gone in self.conversations.remember(tenant, messages, reply, sid, found):
+            task = asyncio.create_task(self._delete(tenant, gone))
+            self._deleting.add(task)
+            task.add_done_callback(self._deleting.discard)
+
+    async def _delete(self, tenant: str, sid: str) -> None:
+        try:
+            await self.core._control("delete", tenant, sid)
+            self.core.router.forget(tenant, sid)
+        except Exception as e:  # noqa: BLE001 - busy or storage down: it stays (deleted by its owner or TTL)
+            log.warning("could not delete superseded HTTP session %s/%s: %s", tenant, sid, e)
+
+    async def _open(self, call: GenerateCall, create_missing: bool):
         """The call's event iterator, primed with its first event (so errors before any token become statuses).
-        An explicit session that does not exist yet is created."""
+        `create_missing`: a session that does not exist yet is created."""
         method = "HttpGenerate"
         worker = await self.core.router.place(call.tenant, call.session_id, call.input)
         it = self.core.events(method, call, worker)
         try:
             first = await it.__anext__()
         except NotFound:
-            if call.create:
+            if call.create or not create_missing:
                 raise
             call.create = True
             worker = await self.core.router.place(call.tenant, call.session_id, call.input)
@@ -233,15 +299,20 @@ def _finish(reason: str) -> str:
 class _Reply:
     """Shapes events into OpenAI chat.completion(.chunk) / text_completion objects."""
 
-    def __init__(self, chat: bool, model: str, sid: str):
-        self.chat, self.model, self.sid = chat, model, sid
+    def __init__(self, chat: bool, model: str, sid: str, on_done: Callable[[str], None] | None = None,
+                 whole_prompt: bool = False):
+        """`on_done(text)` runs when the call finished; `whole_prompt`: prompt_tokens counts the session's
+        whole prompt (a transparent continuation's history too), not only the tokens this call added."""
+        self.chat, self.model, self.sid, self.on_done, self.whole_prompt = chat, model, sid, on_done, whole_prompt
+        self.parts: list[str] = []
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
     def _usage(self, d: DoneEvent) -> dict:
         u = d.usage
-        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.generated_tokens,
-                "total_tokens": u.prompt_tokens + u.generated_tokens,
+        prompt = u.session_tokens - u.generated_tokens if self.whole_prompt else u.prompt_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": u.generated_tokens,
+                "total_tokens": prompt + u.generated_tokens,
                 "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
     def _obj(self, choice: dict, chunk: bool, usage: dict | None = None) -> dict:
@@ -258,15 +329,19 @@ class _Reply:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": finish}
 
+    def _finished(self) -> None:
+        if self.on_done is not None:
+            self.on_done("".join(self.parts))
+
     async def whole(self, events: _Primed) -> web.Response:
-        parts: list[str] = []
         try:
             async for ev in events:
                 if isinstance(ev, TokensEvent):
-                    parts.append(ev.text)
+                    self.parts.append(ev.text)
                 else:
+                    self._finished()
                     return web.json_response(
-                        self._obj(self._choice("".join(parts), _finish(ev.finish_reason), False), False,
+                        self._obj(self._choice("".join(self.parts), _finish(ev.finish_reason), False), False,
                                   self._usage(ev)), headers={"x-session-id": self.sid})
         except KvstashError as e:
             return _kv_error(e)
@@ -284,9 +359,11 @@ class _Reply:
         try:
             async for ev in events:
                 if isinstance(ev, TokensEvent):
+                    self.parts.append(ev.text)
                     await send(self._obj(self._choice(ev.text, None, True, first), True))
                     first = False
                 else:
+                    self._finished()
                     await send(self._obj(self._choice("", _finish(ev.finish_reason), True, first), True))
                     if include_usage:
                         await send(self._obj({}, True, self._usage(ev)))

@@ -19,7 +19,13 @@ from kvstore.prefix.canonical import passes
 from kvstore.schedule import Pass, encode_pass
 from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig
-from services.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from services.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.metrics import WorkerMetrics
 from services.runtime.redis_url import redis_client as client_for_url
 from services.runtime.redis_url import redis_setting
@@ -133,6 +139,8 @@ class Engine:
         inp = call.input or {}
         if "text" in inp:
             return self.runner.encode_text(inp["text"], first)
+        if "chat" in inp and call.extends and history:
+            return self.runner.encode_extension(inp["chat"], history)
         if "chat" in inp:
             return self.runner.encode_chat(inp["chat"], first, history)
         if "token_ids" in inp:

@@ -24,7 +24,7 @@ from kvstore.quant.rows import forward_rows
 from kvstore.quant.state import KVState
 from kvstore.schedule import Pass
 from services.config import ModelConfig
-from services.errors import InvalidArgument
+from services.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,18 @@ class ModelRunner:
             eos_text = tok.decode([history[-1]])
             closer = closer[len(eos_text):] if closer.startswith(eos_text) else closer
         return self.encode_text(closer + full[len(base):], first=False)
+
+    def encode_extension(self, messages: list[dict[str, str]], history: list[int]) -> list[int]:
+        """The tokens a whole conversation `messages` adds to a session's `history`: its rendering must begin
+        with every token of the history (generated ones included) and go beyond it, else FailedPrecondition
+        (the client's resent text re-tokenizes differently, or the history was edited)."""
+        full = self.encode_chat(messages, True, [])
+        n = len(history)
+        if len(full) <= n or full[:n] != history:
+            same = next((i for i, (a, b) in enumerate(zip(full, history, strict=False)) if a != b), min(n, len(full)))
+            raise FailedPrecondition(f"the conversation does not extend the session: its rendering differs from "
+                                     f"the session's {n} tokens at token {same}")
+        return full[n:]
 
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The opening turns of a conversation as the template renders them (no generation prompt): the

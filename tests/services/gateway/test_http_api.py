@@ -84,30 +84,73 @@ def _wait_cold(svc, sid: str, key=KEY_A) -> None:
             time.sleep(0.5)
 
 
-def test_six_turns_resending_history_reuse_kv_and_match_a_fresh_prefill(http_stack):
-    a, b = client(http_stack, KEY_A), client(http_stack, KEY_B)
+def test_six_turns_resending_history_continue_one_session_exactly_as_grpc(http_stack):
+    """Transparent reuse grows turn over turn (the whole previous conversation is cached, from the device or,
+    after idling, from Redis), and each greedy reply equals the same conversation sent turn by turn over gRPC
+    (ResumeSession): the same session path, hence the same schedule and KV bits."""
+    a = client(http_stack, KEY_A)
     history = [{"role": "system", "content": SYSTEM}]
-    for turn, question in enumerate(USER_TURNS, 1):
-        history.append({"role": "user", "content": question})
-        raw = a.chat.completions.with_raw_response.create(model=MODEL, messages=history, max_tokens=40,
-                                                          temperature=0)
-        resp = raw.parse()
-        sid = raw.headers["x-session-id"]
-        cached = resp.usage.prompt_tokens_details.cached_tokens
-        print(f"turn {turn}: prompt_tokens={resp.usage.prompt_tokens} cached_tokens={cached}")
-        if turn >= 2:
-            assert cached > 0, f"turn {turn} reused no KV"
-            # what is reused today: the conversation's first canonical prefill pass (prefix.prefill_chunk=64
-            # tokens here); adopters do not extend the shared chain (README, HTTP API: sessions)
-            assert cached >= 64, f"turn {turn} reused {cached}"
-        # tenant beta shares nothing with alpha: a full prefill of the same history gives the same answer
-        ref = b.chat.completions.create(model=MODEL, messages=history, max_tokens=40, temperature=0)
-        assert ref.choices[0].message.content == resp.choices[0].message.content, f"turn {turn}"
-        if turn == 1:
-            assert ref.usage.prompt_tokens_details.cached_tokens == 0  # isolation: alpha's blocks are not beta's
-        if turn == 3:
-            _wait_cold(http_stack, sid)  # the conversation went idle: turn 4 adopts its blocks from Redis
-        history.append({"role": "assistant", "content": resp.choices[0].message.content})
+    sids, previous = set(), 0
+    with KvstashClient(http_stack.target, api_key=KEY_B, timeout=300) as g:
+        ref = g.generate(messages=history + [{"role": "user", "content": USER_TURNS[0]}], max_new_tokens=40)
+        for turn, question in enumerate(USER_TURNS, 1):
+            history.append({"role": "user", "content": question})
+            raw = a.chat.completions.with_raw_response.create(model=MODEL, messages=history, max_tokens=40,
+                                                              temperature=0)
+            resp = raw.parse()
+            sids.add(raw.headers["x-session-id"])
+            cached = resp.usage.prompt_tokens_details.cached_tokens
+            print(f"turn {turn}: prompt_tokens={resp.usage.prompt_tokens} cached_tokens={cached}")
+            if turn == 1:
+                assert cached == 0
+            else:
+                ref = g.resume(ref.session_id, messages=[{"role": "user", "content": question}], max_new_tokens=40)
+                # the whole previous conversation (prompt + reply) minus at most one block (prefill_chunk=64)
+                assert cached >= previous - 64, f"turn {turn} reused {cached} of {previous}"
+            assert resp.choices[0].message.content == ref.text, f"turn {turn}: HTTP and gRPC disagree"
+            previous = resp.usage.prompt_tokens + resp.usage.completion_tokens
+            if turn == 3:
+                _wait_cold(http_stack, raw.headers["x-session-id"])  # turn 4 continues from Redis
+            history.append({"role": "assistant", "content": resp.choices[0].message.content})
+        assert len(sids) == 1, "the conversation continued one session"
+        assert g.get_session(ref.session_id).token_count == previous  # gRPC's session holds the same tokens
+    with KvstashClient(http_stack.target, api_key=KEY_A, timeout=60) as g:
+        assert g.get_session(sids.pop()).token_count == previous
+
+
+def test_tenants_do_not_continue_each_others_conversations(http_stack):
+    a, b = client(http_stack, KEY_A), client(http_stack, KEY_B)
+    history = [{"role": "user", "content": "Name a planet."}]
+    first = a.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And another one?"}]
+    theirs = b.chat.completions.with_raw_response.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
+    assert theirs.parse().usage.prompt_tokens_details.cached_tokens == 0  # alpha's session is not beta's
+    assert theirs.headers["x-session-id"] != first.session_id
+    mine = a.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
+    assert mine.session_id == first.session_id
+    assert mine.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    # the remembered session is gone (deleted by id): its continuation is served by a new session
+    history += [{"role": "assistant", "content": mine.choices[0].message.content},
+                {"role": "user", "content": "One more?"}]
+    with KvstashClient(http_stack.target, api_key=KEY_A, timeout=60) as g:
+        assert g.get_session(first.session_id).token_count == mine.usage.prompt_tokens + mine.usage.completion_tokens
+        assert g.delete_session(first.session_id)
+    before = _conversations(http_stack)
+    redo = a.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
+    assert redo.session_id != first.session_id and redo.choices[0].message.content
+    after = _conversations(http_stack)
+    assert after["not_continued"] - before["not_continued"] == 1 and after["continued"] == before["continued"]
+
+
+def _conversations(svc) -> dict[str, float]:
+    with urllib.request.urlopen(svc.metrics_url, timeout=60) as r:
+        lines = r.read().decode().splitlines()
+    out = {"continued": 0.0, "not_continued": 0.0, "new": 0.0}
+    for line in lines:
+        if line.startswith("kvstash_http_conversations_total{"):
+            out[line.split('result="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def test_explicit_session_continues_and_is_tenant_scoped(http_stack):

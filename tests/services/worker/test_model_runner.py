@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from services.config import ModelConfig
+from services.errors import FailedPrecondition
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from tests.services.stack import smollm2_path
 
@@ -26,6 +27,28 @@ def test_incremental_chat_equals_the_whole_conversation_rendered(runner):
     whole = q1 + [{"role": "assistant", "content": "Rome is the capital."}] + q2
     expect = tok.apply_chat_template(whole, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     assert ids == list(expect)
+
+
+def test_a_resent_conversation_extends_its_session_exactly_as_resume_would(runner):
+    """`encode_extension` (HTTP transparent continuation) adds the same tokens as `encode_chat` of the new
+    turns (gRPC ResumeSession), and refuses a history the rendering does not begin with."""
+    tok = runner.tokenizer
+    q1 = [{"role": "user", "content": "What is the capital of Italy?"}]
+    reply = "Rome is the capital."
+    history = runner.encode_chat(q1, first=True, history=[]) + tok(reply, add_special_tokens=False)["input_ids"]
+    history.append(min(runner.eos_ids))
+    q2 = [{"role": "user", "content": "And of Spain?"}]
+    whole = q1 + [{"role": "assistant", "content": reply}] + q2
+    assert runner.encode_extension(whole, history) == runner.encode_chat(q2, first=False, history=history)
+    cut = history[:-1]  # a reply cut off by max_tokens: the rendering closes it
+    assert runner.encode_extension(whole, cut)[0] in runner.eos_ids
+    spelled = runner.encode_chat(q1, first=True, history=[]) + [tok.convert_tokens_to_ids(c) for c in "Rome"]
+    assert tok.decode(spelled[-4:]) == "Rome" and spelled != history[:len(spelled)]
+    with pytest.raises(FailedPrecondition, match="differs"):  # same text, other tokens: not continued
+        runner.encode_extension(whole, spelled)
+    full = runner.encode_chat(whole, True, [])
+    with pytest.raises(FailedPrecondition):  # nothing new to add
+        runner.encode_extension(whole, full)
 
 
 def test_cut_off_turn_is_closed(runner):
