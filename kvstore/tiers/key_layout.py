@@ -16,6 +16,7 @@ Keys (`ns` the namespace, `{t}` the slot's tag, `scope` a tenant id or `~public`
   a scope's statistics are the sum of its BUCKETS counters.
 - `ns:registry:{t}` with `t` the tag of public bucket 0: the registry of public prefixes (its bytes count
   in public bucket 0's counters, which share its slot).
+- `ns:layout`: the migration marker (kvstore/tiers/legacy_layout.py).
 
 Invariants:
 - `SlotTags` is a pure function of Redis Cluster's CRC16 (fixed by the Cluster specification): stored key
@@ -123,6 +124,11 @@ class KeyLayout:
     @property
     def registry_key(self) -> str:
         return f"{self.ns}:registry:{self._tag(PUBLIC_SCOPE, 0)}"
+
+    @property
+    def layout_key(self) -> str:
+        """Set once no key of the legacy layout is left (kvstore/tiers/legacy_layout.py)."""
+        return f"{self.ns}:layout"
 
     @property
     def registry_counter(self) -> str:

@@ -116,10 +116,11 @@ class RedisTier:
     def get_record(self, tenant: str, session_id: str) -> tuple[SessionManifest, str] | None:
         """(manifest, its compare-and-set tag for `commit`), or None; ContainerError as `get_manifest`."""
         raw = self.client.hget(self.session_key(tenant, session_id), F_MANIFEST)
-        return None if raw is None else (self._manifest(raw, tenant, session_id), _sha1(raw))
+        return None if raw is None else (self.manifest_of(raw, tenant, session_id), manifest_tag(raw))
 
     @staticmethod
-    def _manifest(raw: bytes, tenant: str, session_id: str) -> SessionManifest:
+    def manifest_of(raw: bytes, tenant: str, session_id: str) -> SessionManifest:
+        """The manifest `raw` stored under tenant/session_id; ContainerError if corrupt or misfiled."""
         m = SessionManifest.decode(raw)
         if (m.tenant, m.session_id) != (tenant, session_id):
             raise ContainerError(f"manifest stored under {tenant}/{session_id} belongs to {m.tenant}/{m.session_id}")
@@ -172,7 +173,7 @@ class RedisTier:
             self._release(tenant, adds, now)
             raise StaleManifest(f"manifest of {tenant}/{manifest.session_id} changed meanwhile")
         self._release(tenant, drops, now)
-        return Committed(int(res[1]), _sha1(m))
+        return Committed(int(res[1]), manifest_tag(m))
 
     def _buckets(self, tenant: str, refs: list[BlockRef]) -> list[list[BlockRef]]:
         """`refs` grouped by bucket (one script each)."""
@@ -224,10 +225,10 @@ class RedisTier:
         for _ in range(5):
             raw = self.client.hget(key, F_MANIFEST)
             try:
-                refs = self._manifest(raw, tenant, session_id).blocks if raw is not None else []
+                refs = self.manifest_of(raw, tenant, session_id).blocks if raw is not None else []
             except ContainerError:
                 refs = []
-            sha = _sha1(raw) if raw is not None else "*"
+            sha = manifest_tag(raw) if raw is not None else "*"
             res = int(self._delete(keys=[key, self.keys.session_counter(tenant, session_id)], args=[sha]))
             if res >= 0:
                 if res:
@@ -369,6 +370,6 @@ class RedisTier:
             return False
 
 
-def _sha1(raw: bytes) -> str:
+def manifest_tag(raw: bytes) -> str:
     """What Lua's redis.sha1hex gives: a compare-and-set tag for the manifest, not a storage identity."""
     return hashlib.sha1(raw).hexdigest()

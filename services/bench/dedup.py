@@ -61,7 +61,7 @@ def scenario(engine, name: str, system: list[int], owns: list[list[int]]) -> dic
     prefix_bytes = sum(st.size for st in tier.check(records[0].tenant, records[0].blocks[:shared]))
     separate = sum(tier.session_bytes(m.tenant, m.session_id, m.blocks) for m in records)
     unique = separate - (len(records) - 1) * prefix_bytes
-    registry = sum(len(k) + len(v) for k, v in tier.client.hgetall(tier.public_key).items())
+    registry = sum(len(k) + len(v) for k, v in tier.client.hgetall(tier.keys.registry_key).items())
     redis_bytes = tier.stats()["bytes"] - registry  # the public registry entry is not session content
     return {"scenario": name, "sessions": len(owns), "redis_bytes": redis_bytes, "separate_bytes": separate,
             "unique_bytes": unique, "dedup_ratio": separate / redis_bytes, "redis_over_unique": redis_bytes / unique,
