@@ -64,7 +64,8 @@ class TiersConfig:
     codec_threads: int = _f(0, "Threads that encode and decode a session's blocks in parallel; 0 means one per core.")
     collect_interval_s: float = _f(3600.0, "How often a worker repairs block reference counts and removes "
                                            "unreferenced blocks in Redis (0 disables; one worker suffices).")
-    collect_grace_s: float = _f(600.0, "An unreferenced block younger than this is kept (a writer may be mid-commit).")
+    collect_grace_s: float = _f(600.0, "The sweep leaves alone a block referenced less than this before it "
+                                       "began (a writer may be mid-commit; a commit must finish within it).")
     journal: bool = _f(True, "Keep a local append-only journal of every session history a worker writes, so "
                              "histories survive Redis losing data (FLUSHALL, a lost volume, evicted manifests).")
     journal_dir: str = _f("", "Journal directory, shared by the workers of a host (or a shared volume); empty means "

@@ -1,11 +1,14 @@
-"""The Lua scripts of `RedisTier`: each runs atomically and touches keys of one Redis Cluster slot.
+"""The Lua scripts of `RedisTier`: each runs atomically and touches keys of one Redis Cluster slot (one
+bucket of kvstore/tiers/key_layout.py: a session, the blocks of the bucket, the bucket's counters).
 
 Shared conventions:
 - A block key is a HASH: `d` the block container, `c` its 32-byte content hash, `r` the number of session
-  manifests referencing it, `t` the unix time it was last referenced. Its bytes (for the stats) are
-  len(d) + len(c).
+  manifests (and public-registry entries) referencing it, `t` the unix time it was last referenced. Its
+  bytes (for the counters) are len(d) + len(c).
 - A session key is a HASH: `m` its manifest (and, from format 1, possibly a legacy `kv` field).
-- A stats key is a HASH: `bytes` (session field bytes + block bytes of its scope), `sessions`, `blocks`.
+- A counter key is a HASH: `bytes` (session field bytes + block bytes + registry bytes of its bucket),
+  `sessions`, `blocks`; every script that changes what a bucket stores updates the bucket's counters in the
+  same script, so they always equal what the bucket stores.
 - "adds" take a reference to a block: an existing block must hold the given content hash (else the add
   is a "conflict"); an absent one is created from the given data (an add without data for an absent
   block is "missing"). Every add is validated before anything is written, so a refused call writes nothing.
@@ -73,27 +76,22 @@ local function manifest_sha(key)
 end
 """
 
-# KEYS: session, stats, nadd add-block keys, ndrop drop-block keys (all in the tenant's slot).
-# ARGV: expected manifest sha1 ('' none, '*' any), manifest, nadd, ndrop, now, ttl, then (content, data) per add.
-# Returns {'ok', session hash bytes} | {'stale'} | {'conflict:i' | 'missing:i', ...}.
+# KEYS: session, its bucket's counters. ARGV: expected manifest sha1 ('' none, '*' any), manifest.
+# The blocks the manifest lists were referenced before (REFS add); this only writes the manifest.
+# Returns {'ok', session hash bytes} | {'stale'}.
 COMMIT = _LIB + """
 local key, stats = KEYS[1], KEYS[2]
 if ARGV[1] ~= '*' and manifest_sha(key) ~= ARGV[1] then return {'stale'} end
-local nadd, ndrop, now, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
-local bad = check_adds(3, 7, nadd)
-if #bad > 0 then return bad end
 local existed = redis.call('EXISTS', key)
-local bytes, created = apply_adds(3, 7, nadd, now, ttl)
-bytes = bytes + string.len(ARGV[2]) - redis.call('HSTRLEN', key, 'm') - redis.call('HSTRLEN', key, 'kv')
+local bytes = string.len(ARGV[2]) - redis.call('HSTRLEN', key, 'm') - redis.call('HSTRLEN', key, 'kv')
 redis.call('HSET', key, 'm', ARGV[2])
 redis.call('HDEL', key, 'kv')
-local dropped, deleted = apply_drops(3 + nadd, ndrop)
-bump(stats, bytes + dropped, 1 - existed, created - deleted)
+bump(stats, bytes, 1 - existed, 0)
 return {'ok', redis.call('HSTRLEN', key, 'm')}
 """
 
-# KEYS: stats, n block keys (one slot). ARGV: 'add' | 'drop', now, ttl, then (content, data) per add.
-# Returns {'ok'} | the refused adds as in COMMIT.
+# KEYS: the bucket's counters, n block keys of the bucket. ARGV: 'add' | 'drop', now, ttl, then
+# (content, data) per add. Returns {'ok'} | {'conflict:i' | 'missing:i', ...} (an add refused: nothing written).
 REFS = _LIB + """
 local n, now, ttl = #KEYS - 1, ARGV[2], tonumber(ARGV[3])
 if ARGV[1] == 'add' then
@@ -108,8 +106,9 @@ end
 return {'ok'}
 """
 
-# KEYS: session, stats, drop-block keys (tenant slot). ARGV: expected manifest sha1 ('*' any).
-# Returns 1 if the session existed, 0 if not, -1 if its manifest changed meanwhile (nothing written).
+# KEYS: session, its bucket's counters. ARGV: expected manifest sha1 ('*' any).
+# Returns 1 if the session existed (now deleted), 0 if not, -1 if its manifest changed meanwhile (nothing
+# written). The caller drops the blocks' references afterwards (REFS drop).
 DELETE = _LIB + """
 local key, stats = KEYS[1], KEYS[2]
 if redis.call('EXISTS', key) == 0 then return 0 end
@@ -117,49 +116,46 @@ if ARGV[1] ~= '*' and manifest_sha(key) ~= ARGV[1] then return -1 end
 local total = 0
 for _, f in ipairs(redis.call('HKEYS', key)) do total = total + redis.call('HSTRLEN', key, f) end
 redis.call('DEL', key)
-local dropped, deleted = apply_drops(3, #KEYS - 2)
-bump(stats, dropped - total, -1, -deleted)
+bump(stats, -total, -1, 0)
 return 1
 """
 
-# KEYS: stats, block key. ARGV: the true reference count, grace seconds, now.
-# Sets `r` to the true count; deletes an unreferenced block last referenced more than `grace` ago.
-# Returns 1 if deleted, 0 if fixed or kept.
+# KEYS: the bucket's counters, block key. ARGV: the true reference count, cutoff (unix seconds).
+# A block referenced after `cutoff` is left alone (a commit may be taking it); otherwise `r` is set to the
+# true count, or the block is deleted when that is 0. Returns 0 kept, 1 count fixed, 2 deleted.
 COLLECT = """
 local k = KEYS[2]
 if redis.call('EXISTS', k) == 0 then return 0 end
-local want, grace, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if want > 0 then redis.call('HSET', k, 'r', want) return 0 end
-local t = tonumber(redis.call('HGET', k, 't') or '0')
-if now - t < grace then return 0 end
+local want, cutoff = tonumber(ARGV[1]), tonumber(ARGV[2])
+if tonumber(redis.call('HGET', k, 't') or '0') > cutoff then return 0 end
+if want > 0 then
+  if tonumber(redis.call('HGET', k, 'r') or '0') == want then return 0 end
+  redis.call('HSET', k, 'r', want)
+  return 1
+end
 local bytes = redis.call('HSTRLEN', k, 'd') + redis.call('HSTRLEN', k, 'c')
 redis.call('DEL', k)
 redis.call('HINCRBY', KEYS[1], 'bytes', -bytes)
 redis.call('HINCRBY', KEYS[1], 'blocks', -1)
+return 2
+"""
+
+# KEYS: public registry, its counters. ARGV: prefix id, its block digests (concatenated).
+# The blocks were referenced before (REFS add, one reference each for the entry). Returns 1 if registered,
+# 0 if the prefix was registered already (the caller then releases its references).
+PUBLISH = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'bytes', string.len(ARGV[1]) + string.len(ARGV[2]))
 return 1
 """
 
-# KEYS: public stats, public registry, n block keys (all in the public slot).
-# ARGV: prefix id, its block digests (concatenated), now, ttl, then (content, data) per block.
-# The registry entry holds one reference to each block, so public prefixes outlive the sessions using them.
-# Returns {'ok'} | {'exists'} | the refused adds as in COMMIT.
-PUBLISH = _LIB + """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'exists'} end
-local n = #KEYS - 2
-local bad = check_adds(3, 5, n)
-if #bad > 0 then return bad end
-local bytes, created = apply_adds(3, 5, n, ARGV[3], tonumber(ARGV[4]))
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-bump(KEYS[1], bytes + string.len(ARGV[1]) + string.len(ARGV[2]), 0, created)
-return {'ok'}
-"""
-
-# KEYS: public stats, public registry, the prefix's block keys. ARGV: prefix id. Returns 1 if it was registered.
-UNPUBLISH = _LIB + """
-local entry = redis.call('HGET', KEYS[2], ARGV[1])
-if not entry then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-local bytes, deleted = apply_drops(3, #KEYS - 2)
-bump(KEYS[1], bytes - string.len(ARGV[1]) - string.len(entry), 0, -deleted)
-return 1
+# KEYS: public registry, its counters. ARGV: prefix id. Returns the entry's digests if it was registered
+# (the caller then releases its blocks' references), else false.
+UNPUBLISH = """
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if not entry then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'bytes', -(string.len(ARGV[1]) + string.len(entry)))
+return entry
 """

@@ -1,6 +1,7 @@
 """`kvstash bench dedup`: Redis bytes of many sessions sharing a system prompt, against storing each alone.
 
-    kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--kv SPEC] [--block-tokens B] [--json]
+    kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--kv SPEC] [--block-tokens B]
+                        [--redis-url URL] [--json]
 
 Each session's prompt is the same `--prefix` tokens of text followed by `--own` tokens of its own (from
 another part of the text). Each runs through a real worker `Engine` (real model, real redis-server, the
@@ -15,6 +16,8 @@ Reported per scenario: `redis_bytes` (the namespace's total, from the tier's exa
 but one, the stored size of the blocks covering the shareable prefix — computed from sizes, not from what
 Redis holds), `dedup_ratio` = separate / redis, and `redis_over_unique` = redis / unique (target <= 1.3;
 for `private-tenants` the target is the opposite: nothing shared, redis ≈ separate).
+With `--redis-url redis+cluster://...` it runs against that Redis Cluster and also reports keys and bytes
+(MEMORY USAGE) per master and their max/min (`master_max_over_min`).
 """
 
 from __future__ import annotations
@@ -61,11 +64,26 @@ def scenario(engine, name: str, system: list[int], owns: list[list[int]]) -> dic
     prefix_bytes = sum(st.size for st in tier.check(records[0].tenant, records[0].blocks[:shared]))
     separate = sum(tier.session_bytes(m.tenant, m.session_id, m.blocks) for m in records)
     unique = separate - (len(records) - 1) * prefix_bytes
-    registry = sum(len(k) + len(v) for k, v in tier.client.hgetall(tier.public_key).items())
+    registry = sum(len(k) + len(v) for k, v in tier.client.hgetall(tier.keys.registry_key).items())
     redis_bytes = tier.stats()["bytes"] - registry  # the public registry entry is not session content
     return {"scenario": name, "sessions": len(owns), "redis_bytes": redis_bytes, "separate_bytes": separate,
             "unique_bytes": unique, "dedup_ratio": separate / redis_bytes, "redis_over_unique": redis_bytes / unique,
-            "blocks": tier.stats()["blocks"], "shared_prefix_bytes": prefix_bytes, "kv_sources": sources, "seconds": time.perf_counter() - t0}
+            "blocks": tier.stats()["blocks"], "shared_prefix_bytes": prefix_bytes, "kv_sources": sources,
+            "seconds": time.perf_counter() - t0} | spread(tier)
+
+
+def spread(tier) -> dict:
+    """On a Redis Cluster: keys and bytes (MEMORY USAGE) of the namespace per master, and max/min bytes."""
+    from redis.cluster import RedisCluster
+
+    from services.runtime.redis_cluster import master_usage
+
+    if not isinstance(tier.client, RedisCluster):
+        return {}
+    usage = master_usage(tier.client, f"{tier.namespace}:*")
+    per = [u.bytes for u in usage]
+    return {"keys_per_master": [u.keys for u in usage], "bytes_per_master": per,
+            "master_max_over_min": max(per) / min(per) if min(per) else float("inf")}
 
 
 def run_dedup(args) -> int:
@@ -108,4 +126,8 @@ def run_dedup(args) -> int:
     for r in rows:
         print(f"| {r['scenario']} | {r['redis_bytes']} | {r['separate_bytes']} | {r['unique_bytes']} "
               f"| {r['dedup_ratio']:.2f}x | {r['redis_over_unique']:.3f} | {r['kv_sources']} |")
+    for r in rows:
+        if "bytes_per_master" in r:
+            print(f"{r['scenario']}: keys per master {r['keys_per_master']}, bytes per master "
+                  f"{r['bytes_per_master']}, max/min {r['master_max_over_min']:.3f}")
     return 0

@@ -34,7 +34,7 @@ def _resume(kinds) -> None:
     p.add_argument("--kv", default="fp,int8:r128,int4:r128", help="comma-separated KV specs")
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="text to take the history from")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--redis-url", default="")
+    p.add_argument("--redis-url", default="", help="redis:// or redis+cluster:// (default: spawn a redis-server)")
     p.add_argument("--cluster", action="store_true",
                    help="also restore from a local Redis Cluster (3 masters + 3 replicas) in the same rounds")
     p.add_argument("--json", action="store_true")
@@ -120,7 +120,7 @@ def _dedup(kinds) -> None:
     p.add_argument("--own", type=int, default=128, help="tokens of each session's own prompt")
     p.add_argument("--scenarios", default="one-tenant,public,private-tenants")
     p.add_argument("--block-tokens", type=int, default=0, help="prefix.block_tokens (0: the service default)")
-    p.add_argument("--redis-url", default="")
+    p.add_argument("--redis-url", default="", help="redis:// or redis+cluster:// (default: spawn a redis-server)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=runs("services.bench.dedup", "run_dedup"))
 

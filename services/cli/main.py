@@ -88,6 +88,18 @@ def cmd_public_prefix(args) -> int:
     return 0
 
 
+def cmd_migrate_layout(args) -> int:
+    import dataclasses
+
+    from kvstore.tiers.legacy_layout import LayoutMigration
+    from kvstore.tiers.redis_tier import RedisTier
+    from services.runtime.redis_url import redis_client
+
+    tier = RedisTier(redis_client(args.redis_url, 30.0), namespace=args.namespace)
+    print(json.dumps(dataclasses.asdict(LayoutMigration(tier).run(force=args.force))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvstash", description=__doc__)
     p.add_argument("--log-level", default="INFO")
@@ -129,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--text", help="the prefix text")
     pub.add_argument("--system", action="store_true", help="render it as a chat system turn (what chats start with)")
     pub.set_defaults(fn=cmd_public_prefix)
+
+    mig = sub.add_parser("migrate-layout", help="operators: move sessions stored with the pre-issue-17 Redis key "
+                         "layout to the spread layout (workers also do it at start)")
+    mig.add_argument("--redis-url", required=True, help="redis://... or redis+cluster://...")
+    mig.add_argument("--namespace", default="kvstash", help="redis.namespace of the deployment")
+    mig.add_argument("--force", action="store_true", help="scan again even if a previous run finished")
+    mig.set_defaults(fn=cmd_migrate_layout)
 
     from services.cli.bench import add_bench_parser
     from services.cli.eval import add_eval_parser

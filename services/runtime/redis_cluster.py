@@ -1,5 +1,7 @@
 """A local Redis Cluster of real redis-servers on 127.0.0.1 (tests, benches): N masters, R replicas each.
 
+`master_usage` measures how a key pattern spreads over the masters of any cluster.
+
 Invariant: `start()` returns only once every one of the 16384 slots is served (cluster_state:ok), else raises
 with redis-cli's output; `stop()` stops every node it started and removes their data dirs.
 """
@@ -7,8 +9,10 @@ from __future__ import annotations
 
 import subprocess
 import time
+from dataclasses import dataclass
 
 import redis
+from redis.cluster import RedisCluster
 
 from services.runtime.redis_server import RedisServer
 
@@ -54,3 +58,25 @@ class LocalRedisCluster:
     def stop(self) -> None:
         for n in self.nodes:
             n.stop()
+
+
+@dataclass(frozen=True)
+class MasterUsage:
+    """What one master holds of a key pattern: its address, key count and bytes (MEMORY USAGE, summed)."""
+
+    node: str
+    keys: int
+    bytes: int
+
+
+def master_usage(client: RedisCluster, pattern: str) -> list[MasterUsage]:
+    """Keys and bytes of `pattern` on every master of the cluster `client` talks to, in node-name order."""
+    out = []
+    for node in sorted(client.get_primaries(), key=lambda n: n.name):
+        conn = node.redis_connection
+        keys = list(conn.scan_iter(match=pattern, count=1000))
+        pipe = conn.pipeline(transaction=False)
+        for k in keys:
+            pipe.memory_usage(k, samples=0)
+        out.append(MasterUsage(node.name, len(keys), sum(int(b or 0) for b in pipe.execute()) if keys else 0))
+    return out

@@ -17,6 +17,7 @@ import redis
 
 from kvstore.prefix.canonical import passes
 from kvstore.schedule import Pass, encode_pass
+from kvstore.tiers.legacy_layout import LayoutMigration, MigrationReport
 from kvstore.tiers.redis_tier import RedisTier
 from services.config import KvstashConfig
 from services.errors import (
@@ -63,7 +64,10 @@ class Engine:
         self.tier = RedisTier(redis_client(cfg), namespace=cfg.redis.namespace, ttl_s=cfg.redis.kv_ttl_s)
         self.sessions = SessionManager(self.runner, self.tier, cfg, self.metrics, worker_id)
         self._next_collect = time.monotonic() + cfg.tiers.collect_interval_s
-        try:
+        try:  # sessions stored with the pre-issue-17 key layout move first (a no-op once done)
+            moved = LayoutMigration(self.tier).run()
+            if moved != MigrationReport():
+                log.info("legacy Redis key layout migrated: %s", moved)
             self.sessions.refresh_public()
             policy = redis_setting(self.tier.client.config_get("maxmemory-policy"), "maxmemory-policy")
             if policy.startswith("allkeys"):

@@ -56,15 +56,18 @@ def metric_sum(m: dict, name: str, **labels) -> float:
 
 
 def session_key(sid: str) -> str:
-    return f"kvtest:sess:{{default}}:{sid}"
+    from kvstore.tiers.key_layout import KeyLayout
+
+    return KeyLayout("kvtest").session_key("default", sid)
 
 
 def stored_blocks(rdb, sid: str) -> list[str]:
     """The Redis keys of the KV blocks a session's manifest lists (sealed blocks, then the tail)."""
+    from kvstore.tiers.key_layout import KeyLayout
     from kvstore.tiers.manifest import SessionManifest
 
     m = SessionManifest.decode(rdb.hget(session_key(sid), "m"))
-    return [f"kvtest:blk:{{{'~public' if r.public else 'default'}}}:{r.key.hex()}" for r in m.blocks]
+    return [KeyLayout("kvtest").block_key("default", r) for r in m.blocks]
 
 
 def test_greedy_is_deterministic_and_streams(client, reference):

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvstore.tiers.key_layout import KeyLayout
 from services.api.kvstash.v1 import kvstash_pb2 as pb
 from services.client import KvstashClient
 from services.runtime.redis_server import RedisServer, free_port
@@ -192,7 +193,7 @@ def test_redis_unreachable_at_start_then_back(tiny_model_dir, tmp_path):
                 _wait(lambda: _health(svc.target, "kvstash.v1.Storage") == health_pb2.HealthCheckResponse.SERVING,
                       "storage health never recovered")
                 _wait(lambda: _metrics(svc.metrics_url).get("kvstash_storage_up") == 1, "storage_up stayed 0")
-                _wait(lambda: server.client().exists(f"kvlate:sess:{{default}}:{out.session_id}") == 1,
+                _wait(lambda: server.client().exists(KeyLayout("kvlate").session_key("default", out.session_id)) == 1,
                       "the history written while Redis was away never reached it")
                 more = c.resume(out.session_id, max_new_tokens=3)
                 assert more.usage.kv_source == pb.KV_SOURCE_DEVICE

@@ -9,6 +9,7 @@ import grpc
 import pytest
 import redis
 
+from kvstore.tiers.key_layout import KeyLayout
 from kvstore.tiers.manifest import SessionManifest
 from services.api.kvstash.v1 import kvstash_pb2 as pb
 from services.client import KvstashClient
@@ -66,8 +67,8 @@ def test_tenants_never_reach_or_hit_each_other_s_data(secured):
             client.evict_session(sid)
         blocks = {}
         for tenant, sid in (("alpha", sa.session_id), ("beta", sb.session_id)):
-            m = SessionManifest.decode(rdb.hget(f"kvsec:sess:{{{tenant}}}:{sid}", "m"))
-            blocks[tenant] = {f"kvsec:blk:{{{tenant}}}:{r.key.hex()}" for r in m.blocks}
+            m = SessionManifest.decode(rdb.hget(KeyLayout("kvsec").session_key(tenant, sid), "m"))
+            blocks[tenant] = {KeyLayout("kvsec").block_key(tenant, r) for r in m.blocks}
             assert not any(r.public for r in m.blocks)
         assert not blocks["alpha"] & blocks["beta"]  # the same tokens, never a shared block across tenants
         assert b.delete_session(sb.session_id)

@@ -1,5 +1,6 @@
 """RedisTier against a real redis-server: manifests, shared blocks with reference counts, exact stats."""
 
+import hashlib
 import random
 import time
 import uuid
@@ -10,6 +11,7 @@ import redis
 from redis.crc import key_slot
 
 from kvstore.codec.container import ContainerError
+from kvstore.tiers.key_layout import BUCKETS, KeyLayout, SlotTags
 from kvstore.tiers.manifest import BlockRef, SessionManifest
 from kvstore.tiers.redis_tier import BlockRefused, RedisTier, StaleManifest
 from services.runtime.redis_server import RedisServer
@@ -40,14 +42,14 @@ def _stored(tier) -> dict:
     """What is really in Redis: bytes, sessions and blocks per the tier's accounting rules, and block counts."""
     c, ns = tier.client, tier.namespace
     total, sessions, blocks, refs = 0, 0, 0, {}
-    for key in c.scan_iter(f"{ns}:sess:*"):
+    for key in c.scan_iter(f"{ns}:session:*"):
         total += sum(c.hstrlen(key, f) for f in c.hkeys(key))
         sessions += 1
-    for key in c.scan_iter(f"{ns}:blk:*"):
+    for key in c.scan_iter(f"{ns}:block:*"):
         total += c.hstrlen(key, "d") + c.hstrlen(key, "c")
         blocks += 1
         refs[key.decode()] = int(c.hget(key, "r"))
-    total += sum(len(k) + len(v) for k, v in c.hgetall(tier.public_key).items())
+    total += sum(len(k) + len(v) for k, v in c.hgetall(tier.keys.registry_key).items())
     return {"bytes": total, "sessions": sessions, "blocks": blocks, "refs": refs}
 
 
@@ -66,8 +68,9 @@ def test_commit_and_read_back_bit_exact(tier):
     assert tier.get_blocks("acme", refs) == [_data(refs)[r.key] for r in refs]
     assert held == len(_m("s1", blocks=refs).encode())
     assert tier.session_bytes("acme", "s1", refs) == held + sum(len(d) + 32 for d in _data(refs).values())
-    assert tier.session_key("acme", "s1") == f"{tier.namespace}:sess:{{acme}}:s1"
-    assert tier.block_key("acme", refs[2]).startswith(f"{tier.namespace}:blk:{{~public}}:")
+    tag = "{" + SlotTags.tag(KeyLayout.slot("acme", KeyLayout.session_bucket("s1"))) + "}"
+    assert tier.session_key("acme", "s1") == f"{tier.namespace}:session:{tag}:acme:s1"
+    assert tier.block_key("acme", refs[2]).endswith(f"}}:~public:{refs[2].key.hex()}")
 
 
 def test_shared_blocks_are_stored_once_and_survive_one_owner_s_deletion(tier):
@@ -135,9 +138,10 @@ def test_collect_repairs_leaked_counts_and_removes_orphans(tier):
     tier.commit_session(_m("a", blocks=refs), [], _data(refs))
     tier.client.hincrby(tier.block_key("acme", refs[1]), "r", 3)  # counts leaked by crashed writers
     orphan = _ref(5, public=True)
-    tier._run_refs("add", "acme", [orphan], _data([orphan]), int(time.time()))  # a writer died before its manifest commit
-    assert tier.collect(grace_s=3600) == {"fixed": 2, "deleted": 0}  # the orphan is too recent to delete
-    assert tier.collect(grace_s=0)["deleted"] == 1
+    tier._take("acme", [orphan], _data([orphan]), int(time.time()))  # a writer died before its manifest commit
+    assert tier.collect(grace_s=3600) == {"fixed": 0, "deleted": 0}  # referenced too recently to touch
+    time.sleep(1.1)  # the sweep's cutoff (whole seconds) passes the blocks' last reference
+    assert tier.collect(grace_s=0) == {"fixed": 1, "deleted": 1}
     st = _stored(tier)
     assert st["refs"] == {tier.block_key("acme", r): 1 for r in refs}
     assert tier.stats() == {k: st[k] for k in ("bytes", "sessions", "blocks")}
@@ -150,12 +154,27 @@ def test_ttl_applies_to_blocks_never_to_manifests(redis_server):
     assert tier.client.ttl(tier.session_key("acme", "a")) == -1
 
 
-def test_every_script_touches_one_cluster_slot(tier):
+def test_every_script_touches_one_cluster_slot_and_a_tenant_spans_the_slot_ring(tier):
+    ks = tier.keys
     slot = key_slot(tier.session_key("acme", "s1").encode())
-    assert slot == key_slot(tier.stats_key("acme").encode()) == key_slot(tier.block_key("acme", _ref(1)).encode())
-    pub = key_slot(tier.block_key("acme", _ref(2, public=True)).encode())
-    assert pub == key_slot(tier.stats_key(None).encode()) == key_slot(tier.block_key("zeta", _ref(2, public=True)).encode())
-    assert slot != key_slot(tier.stats_key("zeta-corp").encode())
+    assert slot == key_slot(ks.session_counter("acme", "s1").encode())
+    for ref in (_ref(1), _ref(2, public=True), _ref(77)):
+        assert key_slot(tier.block_key("acme", ref).encode()) == key_slot(ks.block_counter("acme", ref).encode())
+    assert key_slot(ks.registry_key.encode()) == key_slot(ks.registry_counter.encode())
+    assert key_slot(tier.block_key("acme", _ref(2, public=True)).encode()) == \
+        key_slot(tier.block_key("zeta", _ref(2, public=True)).encode())  # public blocks: one place for all
+    slots = sorted(key_slot(k.encode()) for k in ks.counter_keys("acme"))
+    step = 16384 // BUCKETS
+    assert len(set(slots)) == BUCKETS and {(s - slots[0]) % step for s in slots} == {0}  # evenly spaced
+    assert len({key_slot(tier.session_key("acme", f"s{i}").encode()) for i in range(200)}) > BUCKETS // 2
+
+
+def test_slot_tags_are_fixed_by_crc16():
+    """Stored key names depend on this table: it must never change between builds."""
+    tags = SlotTags.table()
+    assert len(tags) == 16384 and all(key_slot(f"x{{{t}}}y".encode()) == s for s, t in enumerate(tags))
+    assert (tags[0], tags[1], tags[16383]) == ("3560", "22179", "39296")
+    assert hashlib.sha256(",".join(tags).encode()).hexdigest()[:16] == "1502e2ec8c9525fc"
 
 
 def test_tenants_are_separate_scopes(tier):
@@ -201,7 +220,7 @@ def test_legacy_kv_field_is_dropped_and_accounted_on_rewrite(tier):
     key = tier.session_key("acme", "old")
     tier.commit_session(_m("old"), [])
     tier.client.hset(key, "kv", b"x" * 1000)  # what a format-1 writer left
-    tier.client.hincrby(tier.stats_key("acme"), "bytes", 1000)
+    tier.client.hincrby(tier.keys.session_counter("acme", "old"), "bytes", 1000)
     tier.commit_session(_m("old", n=30), [])
     assert tier.client.hkeys(key) == [b"m"]
     st = _stored(tier)

@@ -133,3 +133,34 @@ def test_a_cut_call_on_a_session_whose_last_commit_missed_redis_keeps_that_commi
             assert first + second + rest == ref
         finally:
             eng.close()
+
+
+def test_a_worker_started_on_the_legacy_key_layout_migrates_and_resumes_token_for_token(tiny_model_dir,
+                                                                                       redis_server):
+    """Sessions stored by a build before issue 17 (one `{tenant}` slot) are migrated when a worker starts and
+    resume from their stored KV exactly like a twin that never left the device."""
+    from tests.kvstore.tiers.test_legacy_layout import _legacy_keys, legacy_commit
+
+    gen = random.Random(3)
+    ids = [gen.randrange(1000, 20000) for _ in range(150)]
+    old = make_engine(tiny_model_dir, redis_server.url, tiers={"journal": False})
+    ns = old.cfg.redis.namespace
+    try:
+        run(old, "acme", "seed", ids, n=1)  # the prefix goes hot: both sessions below take one path (adopt it)
+        first, _ = run(old, "acme", "m", ids)
+        twin, _ = run(old, "acme", "twin", ids, n=24)
+        old.evict("acme", "m").result()
+        m = old.tier.get_manifest("acme", "m")
+        data = dict(zip([r.key for r in m.blocks], old.tier.get_blocks("acme", m.blocks)))
+        assert old.tier.delete_session("acme", "m")  # what is left is the legacy layout's copy
+        legacy_commit(old.tier.client, ns, m, data)
+        old.tier.client.delete(old.tier.keys.layout_key)  # this build's start marked the layout done; an old one never does
+    finally:
+        old.close()
+    new = make_engine(tiny_model_dir, redis_server.url, tiers={"journal": False}, redis={"namespace": ns})
+    try:
+        assert new.tier.get_manifest("acme", "m") == m and _legacy_keys(new.tier.client, ns) == []
+        rest, u = run(new, "acme", "m", create=False)
+        assert u.kv_source == "restored" and first + rest == twin
+    finally:
+        new.close()

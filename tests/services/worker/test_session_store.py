@@ -99,7 +99,7 @@ def test_private_prefixes_never_cross_tenants_and_public_ones_do(engine):
         engine.evict(t, "s").result()
     ka, kz = block_keys(engine, "acme", "s"), block_keys(engine, "zeta", "s")
     assert not set(ka) & set(kz)
-    assert all("{acme}" in k for k in ka) and all("{zeta}" in k for k in kz)
+    assert all("}:acme:" in k for k in ka) and all("}:zeta:" in k for k in kz)
     events: list = []
     engine.mark_public({"token_ids": SYSTEM}, events.append)
     while not events:
@@ -114,7 +114,7 @@ def test_private_prefixes_never_cross_tenants_and_public_ones_do(engine):
     for t in ("acme", "zeta"):
         engine.evict(t, "p").result()
     shared = set(block_keys(engine, "acme", "p")) & set(block_keys(engine, "zeta", "p"))
-    assert len(shared) == 3 * CHUNK // engine.sessions.block_tokens and all("{~public}" in k for k in shared)
+    assert len(shared) == 3 * CHUNK // engine.sessions.block_tokens and all("}:~public:" in k for k in shared)
 
 
 def test_corrupt_and_truncated_blocks_are_caught_and_recomputed_exactly(engine):
