@@ -20,7 +20,7 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "lb" (K V)+           per-layer bits, two characters per layer (2, 3, 4, 8, or f for 16),
                                      e.g. lb848442 for three layers; overrides k/v bits layer by layer
 
-Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had:out0.01`. `QuantConfig.from_spec_or_file` also takes a
+Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had:out0.01`, `int4:k8v4:g32:r128:w8`. `QuantConfig.from_spec_or_file` also takes a
 file holding a spec (plain text, or TOML with `spec = "..."`), e.g. one written by `kvstash eval alloc`.
 
 Invariant: `QuantConfig.parse(c.spec()) == c` for every valid config.
@@ -60,11 +60,6 @@ class QuantConfig:
     residual: int = field(
         default=128, metadata={"doc": "Full-precision recent window, in tokens (HF's residual_length)."}
     )
-    window_bits: int = field(
-        default=16,
-        metadata={"doc": "How the recent window is held: 16 = the model dtype; 8 = INT8 codes with an fp16 "
-                         "absmax scale per token and head (kvstore/quant/window.py)."},
-    )
     sinks: int = field(
         default=0, metadata={"doc": "Attention-sink tokens: the first S tokens stay in full precision."}
     )
@@ -93,6 +88,11 @@ class QuantConfig:
     )
     layer_bits: tuple[tuple[int, int], ...] = field(
         default=(), metadata={"doc": "Per-layer (key_bits, value_bits); empty means key_bits/value_bits everywhere."}
+    )
+    window_bits: int = field(
+        default=16,
+        metadata={"doc": "How the recent window is held: 16 = the model dtype; 8 = INT8 codes with an fp16 "
+                         "absmax scale per token and head (kvstore/quant/window.py)."},
     )
 
     def __post_init__(self) -> None:
