@@ -140,3 +140,67 @@ def test_a_state_with_bad_window_tensors_is_refused():
         broken = [(n, bad(a) if n == "0.v_win_scale" else a) for n, a in state.tensors]
         with pytest.raises(ValueError, match="INT8 window"):
             QuantizedKVCache.from_state(type(state)(state.num_tokens, state.quant_spec, state.meta, broken))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from services.config import ModelConfig
+    from services.worker.model_runner import ModelRunner
+    from tests.services.stack import smollm2_path
+
+    return ModelRunner(ModelConfig(), str(smollm2_path()))
+
+
+def _wiki_ids(runner, n):
+    from services.eval.corpus import DEFAULT_TEXT, load_ids
+
+    return load_ids(runner, str(DEFAULT_TEXT), n)
+
+
+def _greedy(runner, cache, first: int, n: int) -> list[int]:
+    out, tok = [], first
+    for _ in range(n):
+        tok = int(runner.forward(cache, [tok]).argmax())
+        out.append(tok)
+    return out
+
+
+@pytest.mark.model
+def test_smollm2_w8_greedy_continuation_after_save_and_restore_equals_the_uninterrupted_run(smollm2, redis_server):
+    from services.bench.common import prefill, worker_store
+    from services.worker.session import Session
+
+    spec = "int4:k8v4:g32:r128:w8"
+    ids = _wiki_ids(smollm2, 301)
+    store, tier = worker_store(smollm2, redis_server.url, spec, "test-w8")
+    cache, schedule = prefill(smollm2, store, ids[:-1])
+    s = Session("t", "w8", tokens=list(ids), schedule=schedule, cache=cache)
+    before = cache.export_state()
+    assert dict(before.tensors)["0.k_win"].dtype == np.int8
+    store.save(s)  # manifest + content blocks + tail in a real redis-server
+    record = tier.get_record("t", "w8")
+    stored = Session.from_manifest(*record)
+    got = store.store.restore(stored.tenant, stored.blocks, stored.stored_kv_tokens)
+    assert got.state is not None, got.reason
+    restored = smollm2.restore_cache(got.state)
+    assert restored.export_state().equals(before)  # bit-identical to the device cache
+    # 24 tokens: at 320 the window crosses a key-group boundary, so int8 window entries get sealed on both sides
+    uninterrupted = _greedy(smollm2, cache, ids[-1], 24)
+    resumed = _greedy(smollm2, restored, ids[-1], 24)
+    assert resumed == uninterrupted
+    assert restored.export_state().equals(cache.export_state())
+    tier.delete_session("t", "w8")
+
+
+@pytest.mark.model
+def test_smollm2_w8_perplexity_is_within_the_stated_bound_of_fp(smollm2):
+    from services.eval.ppl import Evaluator
+
+    ev = Evaluator(smollm2, _wiki_ids(smollm2, 512), window=512, chunk=32)
+    w16 = ev.spec(QuantConfig.parse("int4:k8v4:g32:r128"))
+    w8 = ev.spec(QuantConfig.parse("int4:k8v4:g32:r128:w8"))
+    # stated bound: an INT8 window costs at most 1% of the fp perplexity on top of the w16 spec, KL < 0.01
+    assert abs(w8.delta_ppl - w16.delta_ppl) < 0.01 * w8.ppl_ref and w8.kl < 0.01 and w8.top1_agreement > 0.95
+    assert w8.kl > 0 and w8.ppl != w16.ppl  # the window is quantized: the run differs
+    bf16 = w8.session["bf16_2048"], w16.session["bf16_2048"]
+    assert bf16[0]["window"] < 0.6 * bf16[1]["window"] and bf16[0]["sealed"] == bf16[1]["sealed"]
