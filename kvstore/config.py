@@ -9,6 +9,8 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "g" N                 key group: tokens per channel group (also the sealing unit)
              | "gv" N                value group: head_dim elements per token group
              | "r" N                 full-precision recent window, in tokens
+             | "w8" | "w16"          how the recent window is held: INT8 codes with an fp16 scale per token and
+                                     head (w8), or the model dtype (w16, the default; never written in specs)
              | "s" N                 attention sinks: the first N tokens stay in full precision
              | "had" | "hadk" | "hadv" Hadamard-rotate head_dim before quantizing: keys and values, or one side
              | "hadattn"             run attention in the rotated basis instead of rotating back (needs had*)
@@ -18,7 +20,7 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "lb" (K V)+           per-layer bits, two characters per layer (2, 3, 4, 8, or f for 16),
                                      e.g. lb848442 for three layers; overrides k/v bits layer by layer
 
-Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had:out0.01`. `QuantConfig.from_spec_or_file` also takes a
+Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had:out0.01`, `int4:k8v4:g32:r128:w8`. `QuantConfig.from_spec_or_file` also takes a
 file holding a spec (plain text, or TOML with `spec = "..."`), e.g. one written by `kvstash eval alloc`.
 
 Invariant: `QuantConfig.parse(c.spec()) == c` for every valid config.
@@ -87,6 +89,11 @@ class QuantConfig:
     layer_bits: tuple[tuple[int, int], ...] = field(
         default=(), metadata={"doc": "Per-layer (key_bits, value_bits); empty means key_bits/value_bits everywhere."}
     )
+    window_bits: int = field(
+        default=16,
+        metadata={"doc": "How the recent window is held: 16 = the model dtype; 8 = INT8 codes with an fp16 "
+                         "absmax scale per token and head (kvstore/quant/window.py)."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
@@ -98,6 +105,10 @@ class QuantConfig:
             raise QuantConfigError(f"value_group={self.value_group} must be in [1, 4096]")
         if not 0 <= self.sinks <= 1 << 16:
             raise QuantConfigError(f"sinks={self.sinks} must be in [0, 65536]")
+        if self.window_bits not in (8, 16):
+            raise QuantConfigError(f"window_bits={self.window_bits} must be 8 or 16")
+        if self.window_bits != 16 and self.is_full_precision:
+            raise QuantConfigError("an INT8 window (w8) needs a quantized spec, not fp")
         if not 0 <= self.residual <= 1 << 20:
             raise QuantConfigError(f"residual={self.residual} must be in [0, 2^20]")
         if self.rotate not in ("", "k", "v", "kv"):
@@ -135,6 +146,7 @@ class QuantConfig:
                                                                ("r", self.residual, defaults.residual),
                                                                ("s", self.sinks, 0)) if v != d])
         parts = [f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"]
+        parts += [f"w{self.window_bits}"] if self.window_bits != 16 else []  # w16 names stay as they were
         parts += [f"s{self.sinks}"] if self.sinks else []
         parts += [{"kv": "had", "k": "hadk", "v": "hadv"}[self.rotate]] if self.rotate else []
         parts += ["hadattn"] if self.rotated_attention else []
@@ -168,6 +180,8 @@ class QuantConfig:
                 kw["key_group"] = int(m[1])
             elif m := re.fullmatch(r"r(\d+)", knob):
                 kw["residual"] = int(m[1])
+            elif m := re.fullmatch(r"w(8|16)", knob):
+                kw["window_bits"] = int(m[1])
             elif m := re.fullmatch(r"s(\d+)", knob):
                 kw["sinks"] = int(m[1])
             elif knob in ("had", "hadk", "hadv"):

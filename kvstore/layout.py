@@ -74,6 +74,22 @@ class ModelShape:
         return self.dtype if dtype == self.numpy_dtype else f"torch.{dtype.name}"
 
 
+def window_layout(quant: QuantConfig, shape: ModelShape, tokens: int) -> list[tuple[str, np.dtype, tuple]]:
+    """Every window tensor of a state whose layers hold `tokens` window entries, as (name, dtype, shape), in
+    the order a layer exports them (`kvstore.quant.window`): `k_win`/`v_win` in the model dtype, or with
+    `window_bits=8` int8 codes each followed by its fp16 per-token scale `*_win_scale` [1, H, tokens, 1]."""
+    h, d = shape.kv_heads, shape.head_dim
+    out = []
+    for l in range(shape.layers):
+        for side in "kv":
+            if quant.window_bits == 8:
+                out += [(f"{l}.{side}_win", np.dtype(np.int8), (1, h, tokens, d)),
+                        (f"{l}.{side}_win_scale", np.dtype(np.float16), (1, h, tokens, 1))]
+            else:
+                out.append((f"{l}.{side}_win", shape.numpy_dtype, (1, h, tokens, d)))
+    return out
+
+
 def layout(quant: QuantConfig, shape: ModelShape, block_tokens: int, index: int) -> list[tuple[str, np.dtype, tuple]]:
     """Every tensor of block `index` as (name, dtype, shape), in the order `kvstore.prefix.blocks.split`
     produces them."""

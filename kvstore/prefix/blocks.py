@@ -22,7 +22,16 @@ from __future__ import annotations
 import numpy as np
 
 from kvstore.config import QuantConfig
-from kvstore.layout import FIELD_ORDER, GROUP_FIELDS, SINK_FIELDS, TOKEN_FIELDS, ModelShape, Tensors, layout
+from kvstore.layout import (
+    FIELD_ORDER,
+    GROUP_FIELDS,
+    SINK_FIELDS,
+    TOKEN_FIELDS,
+    ModelShape,
+    Tensors,
+    layout,
+    window_layout,
+)
 from kvstore.quant.state import KVState
 
 
@@ -102,13 +111,12 @@ def prefix_state(blocks: list[Tensors], quant: QuantConfig, shape: ModelShape, b
     This is what `QuantizedKVCache.seal_all` leaves after the same tokens were run through the model the
     canonical way, so a session that adopts a stored prefix can be replayed exactly."""
     n = quant.sinks + len(blocks) * block_tokens
-    h, d, L = shape.kv_heads, shape.head_dim, shape.layers
-    empty = np.zeros((1, h, 0, d), dtype=shape.numpy_dtype)
-    tail = [(f"{l}.{side}_win", empty) for l in range(L) for side in "kv"]
+    L = shape.layers
+    win = window_layout(quant, shape, 0)
+    tail = [(name, np.zeros(s, dtype=dt)) for name, dt, s in win]
     names = [name for name, _, _ in layout(quant, shape, block_tokens, 0)]
-    dtypes = {name: shape.torch_name(dt) for name, dt, _ in layout(quant, shape, block_tokens, 0)}
-    dtypes.update({name: shape.dtype for name, _ in tail})
-    order = [n_ for l in range(L) for n_ in [x for x in names if x.startswith(f"{l}.")] + [f"{l}.k_win", f"{l}.v_win"]]
+    dtypes = {name: shape.torch_name(dt) for name, dt, _ in layout(quant, shape, block_tokens, 0) + win}
+    order = [n_ for l in range(L) for n_ in [x for x in names + [w for w, _, _ in win] if x.startswith(f"{l}.")]]
     meta = {"num_layers": L, "layer_tokens": [n] * L, "layer_staged": [0] * L, "layer_evicted": [0] * L,
             "layer_forced": [n - quant.sinks] * L, "layer_dtypes": [shape.dtype] * L, "tensor_dtypes": dtypes,
             "order": order, "blocks": len(blocks), "block_tokens": block_tokens}

@@ -19,8 +19,8 @@ from kvstore.quant.state import KVState
 
 # numpy has no bfloat16: such tensors travel as their raw 16-bit patterns.
 _BITCAST = {torch.bfloat16: torch.int16}
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int16,
-                               torch.int32)}  # int16/int32: outlier indices
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8,
+                               torch.int16, torch.int32)}  # int8: INT8 window codes; int16/int32: outlier indices
 
 
 class UnsupportedModelError(ValueError):

@@ -11,7 +11,11 @@ State, for a layer holding `n` tokens:
         v_codes [B, H, n_sealed, packed(D)] uint8   v_scale/v_zero [B, H, n_sealed, D / value_group] fp16
         with outliers: k_oidx/k_oval, v_oidx/v_oval [n_sealed / key_group, k]
       (a 16-bit side keeps its sealed tokens as k_fp/v_fp [B, H, n_sealed, D] instead)
-    window: the last `n - n_sink - n_sealed` tokens in the model dtype, k_win/v_win
+    window: the last `n - n_sink - n_sealed` tokens, one `kvstore.quant.window` per side (`self.keys`,
+      `self.values`): in the model dtype, k_win/v_win; or with `window_bits=8` INT8 codes k_win/v_win
+      [B, H, w, D] int8 with fp16 scales k_win_scale/v_win_scale [B, H, w, 1]. Sinks never pass through
+      the window (they stay in the model dtype); sealing quantizes the window entries as read (with w8:
+      the dequantized INT8 values, in the model dtype).
 
 Options (from `QuantConfig`): per-layer bits (`bits_for(layer_idx)`); Hadamard rotation per side; keys
 sealed before RoPE (`pre_rope`: the window keeps post-RoPE keys, sealed keys are un-rotated by RoPE at
@@ -46,6 +50,7 @@ from kvstore.quant import side as sides
 from kvstore.quant.evict import Evictor
 from kvstore.quant.rope import Rope
 from kvstore.quant.rotation import hadamard, hadamard_matrix
+from kvstore.quant.window import WINDOW_FIELDS, Window, window_kind
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -67,6 +72,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.rope = rope
         self.num_tokens = 0
         self.n_sealed = 0
+        self.window = window_kind(config.window_bits)
+        self.keys: Window | None = None  # the recent window of each side (module docstring)
+        self.values: Window | None = None
         self.forced = 0  # sealed tokens forced by seal_all (a floor under the window rule)
         self.sealed: dict[str, torch.Tensor] = {}  # name -> tensor, names as in the module docstring
         self.head_dim = 0
@@ -89,7 +97,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         if self.config.rotate and not self.config.is_full_precision:
             hadamard_matrix(self.head_dim)  # raises for a head_dim that is not a power of two
         empty = key_states[..., :0, :]
-        self.keys, self.values = empty.clone(), empty.clone()  # the full-precision window
+        self.keys, self.values = self.window.quantize(empty.clone()), self.window.quantize(empty.clone())
         self.is_initialized = True
 
     @property
@@ -106,15 +114,18 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Append [B, H, q, D] keys/values; return all keys/values [B, H, n, D] for attention."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.num_tokens += key_states.shape[-2]
-        taken = self._take_sinks()
+        q = key_states.shape[-2]
+        taken = self._take_sinks(key_states, value_states)
+        if taken < q:
+            self.keys = self.keys.cat(self.window.quantize(key_states[..., taken:, :]))
+            self.values = self.values.cat(self.window.quantize(value_states[..., taken:, :]))
+        self.num_tokens += q
         if self.evictor is not None:
-            self.evictor.append(self.layer_idx, key_states.shape[-2], taken, self.keys.device)
+            self.evictor.append(self.layer_idx, q, taken, self.keys.device)
         self._seal()
         rk, rv = self.returns_rotated["k"], self.returns_rotated["v"]
-        k_win, v_win = (hadamard(self.keys) if rk else self.keys), (hadamard(self.values) if rv else self.values)
+        k_win, v_win = self.keys.read(self.dtype), self.values.read(self.dtype)
+        k_win, v_win = (hadamard(k_win) if rk else k_win), (hadamard(v_win) if rv else v_win)
         if self.n_sealed == 0 and self.n_sink == 0:
             return k_win, v_win
         k_old, v_old = self._sealed_for_attention()
@@ -161,12 +172,12 @@ class QuantizedKVLayer(CacheLayerMixin):
         n = -tokens_to_remove
         if n == 0 or not self.is_initialized:
             return
-        if n > self.keys.shape[-2]:
-            raise ValueError(f"cannot crop {n} tokens: only {self.keys.shape[-2]} are unsealed")
+        if n > len(self.keys):
+            raise ValueError(f"cannot crop {n} tokens: only {len(self.keys)} are unsealed")
         if self.evictor is not None and self.layer_idx == 0:
             self.evictor.crop(n)
-        self.keys = self.keys[..., :-n, :].clone()
-        self.values = self.values[..., :-n, :].clone()
+        self.keys = self.keys.slice(0, -n)
+        self.values = self.values.slice(0, -n)
         self.num_tokens -= n
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -177,16 +188,18 @@ class QuantizedKVLayer(CacheLayerMixin):
     def n_sink(self) -> int:
         return self.sealed["k_sink"].shape[-2] if "k_sink" in self.sealed else 0
 
-    def _take_sinks(self) -> int:
-        """Move the first tokens into the sink region until it holds `sinks` tokens (nothing is sealed before)."""
-        take = min(self.config.sinks - self.n_sink, self.keys.shape[-2])
+    def _take_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
+        """Put the first of the new tokens into the sink region until it holds `sinks` tokens; returns how many.
+
+        While the sinks are not full every token went to them, so the window is empty and the sink tokens
+        are the first new ones: they never pass through the window."""
+        take = min(self.config.sinks - self.n_sink, key_states.shape[-2])
         if take <= 0:
             return 0
-        for side, win in (("k", self.keys), ("v", self.values)):
-            head = win[..., :take, :]
+        for side, x in (("k", key_states), ("v", value_states)):
+            head = x[..., :take, :]
             name = f"{side}_sink"
             self.sealed[name] = head.clone() if name not in self.sealed else torch.cat([self.sealed[name], head], -2)
-        self.keys, self.values = self.keys[..., take:, :].clone(), self.values[..., take:, :].clone()
         return take
 
     def evict(self, decided: int, drop: torch.Tensor | None) -> None:
@@ -197,10 +210,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         keep = torch.ones(decided, dtype=torch.bool, device=self.keys.device)
         if drop is not None:
             keep[drop.to(keep.device)] = False
-        w = self.keys.shape[-2]
+        w = len(self.keys)
         idx = torch.cat([torch.arange(self.n_staged, device=keep.device), self.n_staged + keep.nonzero()[:, 0],
                          torch.arange(self.n_staged + decided, w, device=keep.device)])
-        self.keys, self.values = self.keys.index_select(-2, idx), self.values.index_select(-2, idx)
+        self.keys, self.values = self.keys.select(idx), self.values.select(idx)
         self.n_staged += int(keep.sum())
         self.n_evicted += decided - int(keep.sum())
         self._seal()
@@ -217,10 +230,10 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _seal_tokens(self, m: int) -> None:
         """Move the window's first `m` tokens (whole key groups) into the sealed region."""
-        k_new = self.keys[..., :m, :]
+        k_new = self.keys.head(m, self.dtype)
         if self.pre_rope:
             k_new = self.rope.invert(k_new, self.n_sink + self.n_sealed, self.layer_idx)
-        for side, x in (("k", k_new), ("v", self.values[..., :m, :])):
+        for side, x in (("k", k_new), ("v", self.values.head(m, self.dtype))):
             plan = self.plan(side)
             # Rotation and outlier selection reduce over many elements; seal them one key group at a time so
             # a group's bits never depend on how many groups were sealed together (prefix blocks rely on it).
@@ -233,8 +246,8 @@ class QuantizedKVLayer(CacheLayerMixin):
                 t = pieces[0][name] if len(pieces) == 1 else torch.cat([p[name] for p in pieces], dim=-2)
                 name = f"{side}_{name}"  # every sealed tensor grows along dim -2 (tokens or blocks)
                 self.sealed[name] = t if name not in self.sealed else torch.cat([self.sealed[name], t], dim=-2)
-        self.keys = self.keys[..., m:, :].clone()  # clone: do not keep the old window's storage alive
-        self.values = self.values[..., m:, :].clone()
+        self.keys = self.keys.slice(m)  # a copy: the old window's storage is not kept alive
+        self.values = self.values.slice(m)
         self.n_sealed += m
         self.n_staged = max(0, self.n_staged - m)
 
@@ -247,7 +260,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             raise ValueError("seal_all is not supported with token eviction")
         if not self.is_initialized:
             return
-        m = self.keys.shape[-2] // self.config.key_group * self.config.key_group
+        m = len(self.keys) // self.config.key_group * self.config.key_group
         if m:
             self._seal_tokens(m)
         self.forced = self.n_sealed
@@ -281,12 +294,12 @@ class QuantizedKVLayer(CacheLayerMixin):
 
         Returns (offset of those tokens in the K/V `update` returns, k, v [B, H, w, D]), or None when
         the window has no whole block or the layer keeps everything in full precision. State is unchanged."""
-        w = self.keys.shape[-2] // self.config.key_group * self.config.key_group if self.is_initialized else 0
+        w = len(self.keys) // self.config.key_group * self.config.key_group if self.is_initialized else 0
         if w == 0 or self.bits == (16, 16):
             return None
         start = self.n_sink + self.n_sealed
         out = []
-        for side, x in (("k", self.keys[..., :w, :]), ("v", self.values[..., :w, :])):
+        for side, x in (("k", self.keys.head(w, self.dtype)), ("v", self.values.head(w, self.dtype))):
             plan = self.plan(side)
             pre = side == "k" and self.pre_rope
             x = self.rope.invert(x, start, self.layer_idx) if pre else x
@@ -301,7 +314,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Every tensor this layer holds, by name (sealed region and window)."""
         if not self.is_initialized:
             return {}
-        return {**self.sealed, "k_win": self.keys, "v_win": self.values}
+        return {**self.sealed, **self.keys.tensors("k"), **self.values.tensors("v")}
 
     def device_bytes(self) -> int:
         """Bytes of device memory held, measured from the tensors' storages (not computed on paper), with the
@@ -324,13 +337,13 @@ class QuantizedKVLayer(CacheLayerMixin):
         layer.n_staged, layer.n_evicted, layer.forced = n_staged, n_evicted, forced
         if not tensors:
             return layer
-        layer.keys, layer.values = tensors["k_win"], tensors["v_win"]
+        layer.keys, layer.values = layer.window.from_tensors("k", tensors), layer.window.from_tensors("v", tensors)
         layer.dtype, layer.device = dtype, layer.keys.device
         layer.head_dim = layer.keys.shape[-1]
-        layer.sealed = {n: t for n, t in tensors.items() if n not in ("k_win", "v_win")}
+        layer.sealed = {n: t for n, t in tensors.items() if n not in WINDOW_FIELDS}
         layer.num_tokens = num_tokens
         n_sink = layer.n_sink
-        layer.n_sealed = num_tokens - n_evicted - n_sink - layer.keys.shape[-2]
+        layer.n_sealed = num_tokens - n_evicted - n_sink - len(layer.keys)
         if evictor is not None:  # sealing follows the eviction decisions: only whole blocks, staged < a block
             ok = layer.n_sealed % config.key_group == 0 and 0 <= n_staged < config.key_group
             expected = layer.n_sealed if ok else -1

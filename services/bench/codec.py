@@ -15,8 +15,11 @@ order-0 entropy of the codes and of each predictor's residuals (mod 2^bits, inte
 token, same channel; cross-layer (layer l from l-1); per-channel linear (a*previous + b, coefficients
 counted); and the order-1 context the block coder uses (previous code in the channel). Throughput: MB/s of
 fp16-equivalent KV (elements x 2 bytes), one thread, over all blocks (decode: the best of three passes, the
-compiled coder loaded before timing). The full-precision window is reported
-as bytes per session (it is stored in the session's tail).
+compiled coder loaded before timing). The window is reported as bytes per session (it is stored in the
+session's tail). Whole session (`session`, from `kvstore.sizes`): device bytes of every tensor of the
+state, and stored bytes of the blocks (rans-ctx, the service's block size) plus the tail as the service
+encodes it (no manifest: no Redis here; `bench resume` counts it), each per token and as a fraction of
+16-bit KV.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ def block_table(state, runner, quant, block_tokens: int, train_state=None) -> di
         dictionary = train_dictionary(train_parts, quant)
         coders["streams-19-dict"] = _zstd_bits(parts, quant, 19, True, dictionary=dictionary) / (n * elems)
     return {"block_tokens": block_tokens, "blocks": n, "coders": coders, "worst_block": max(per_block),
+            "stored_bytes": sum(len(e.data) for e in enc),
             "blocks_over_4.45": sum(b > 4.45 for b in per_block), "encode_mb_s": fp16_mb / encode_s,
             "decode_mb_s": fp16_mb / decode_s}
 
@@ -154,6 +158,7 @@ def run_codec(args) -> int:
     from kvstore.layout import GROUP_FIELDS, TOKEN_FIELDS
     from kvstore.prefix import blocks as blk
     from kvstore.quant.state import KVState
+    from kvstore.sizes import part_of, state_size
     from services.bench.common import prefill, worker_store
     from services.config import ModelConfig
     from services.eval.corpus import load_ids
@@ -172,7 +177,7 @@ def run_codec(args) -> int:
     meta_raw = sum(a.nbytes for n, a in state.tensors if n.endswith(("_scale", "_zero"))) * 8 / elements
     packed = sum(a.nbytes for n, a in state.tensors if n.split(".", 1)[1] in TOKEN_FIELDS + GROUP_FIELDS)
     window = KVState(state.num_tokens, state.quant_spec, state.meta,
-                     [(n, a) for n, a in state.tensors if n.endswith(("_win", "_sink"))])
+                     [(n, a) for n, a in state.tensors if part_of(n) in ("window", "sinks")])
     res = {"spec": quant.spec(), "tokens": len(ids), "sealed_elements": elements,
            "packed_bits_per_element": packed * 8 / elements, "metadata_raw_bits_per_element": meta_raw,
            "floors": predictor_floors(state, quant, runner.num_layers),
@@ -182,6 +187,11 @@ def run_codec(args) -> int:
     res.update(block_tokens=default["block_tokens"], bits_per_element=default["coders"]["rans-ctx"],
                ratio_vs_fp16=16 / default["coders"]["rans-ctx"], decode_mb_s=default["decode_mb_s"],
                encode_mb_s=default["encode_mb_s"])
+    size = state_size(state)
+    tail = blk.split(state, default["block_tokens"], default["blocks"])[1]
+    stored = default["stored_bytes"] + len(store.store.coder.encode_tail(tail))
+    res["session"] = {"device": size.to_json(), "stored_bytes": stored, "stored_bytes_per_token": stored / size.tokens,
+                      "stored_fraction_of_16bit": size.fraction_of_16bit(stored)}
     if args.json:
         print(json.dumps(res))
         return 0
@@ -196,5 +206,8 @@ def run_codec(args) -> int:
     print("| predictor (order-0 entropy of residuals, bits/code) | value |\n| --- | ---: |")
     for k, v in res["floors"].items():
         print(f"| {k} | {v:.3f} |")
-    print(f"full-precision window: {res['window_bytes_per_session']} bytes per session (streams, zstd-9)")
+    print(f"window and sinks: {res['window_bytes_per_session']} bytes per session (streams, zstd-9)")
+    dev, ses = res["session"]["device"], res["session"]
+    print(f"whole session: device {dev['bytes_per_token']:.0f} B/token ({dev['fraction_of_16bit']:.3f}x 16-bit KV), "
+          f"stored blocks + tail {ses['stored_bytes_per_token']:.0f} B/token ({ses['stored_fraction_of_16bit']:.3f}x)")
     return 0

@@ -5,7 +5,9 @@
 For each history length and KV spec, a session's cache is built by the worker's canonical
 prefill, offloaded through the worker's own `CacheStore` (services/worker/session_store.py) to a real redis-server (spawned unless --redis-url;
 the host tier is off, so every resume reads Redis), and measured:
-- device KV bytes per token (from tensor storages) and Redis bytes of the offloaded session;
+- whole-session size (`kvstore.sizes`): device bytes of every tensor of the session's state (sinks, sealed
+  region, window) and Redis bytes of the offloaded session (manifest + blocks + tail), each per token and
+  as a fraction of 16-bit KV of the same tokens;
 - restore: read the manifest, fetch the blocks in pipelined round trips (decoding the first while the next
   arrive), check, decode, rebuild the cache — the cache is then bit-identical to the offloaded one
   (asserted) — versus re-prefill: the same history run through the model again, as a server without a KV
@@ -42,6 +44,7 @@ def median_times(fns, reps: int) -> list[float]:
 
 
 def run_resume(args) -> int:
+    from kvstore.sizes import state_size
     from services.config import ModelConfig
     from services.runtime.redis_cluster import LocalRedisCluster
     from services.runtime.redis_server import RedisServer
@@ -84,10 +87,14 @@ def run_resume(args) -> int:
                     assert fn().export_state().equals(before), "restored cache differs from the offloaded one"
                 restore(), prefill(runner, store, ids[:-1])  # warm-up
                 restore_s, reprefill_s, next_restore, next_prefill, *on_cluster = median_times(fns, args.reps)
+                size = state_size(before)
                 rows.append({
                     "history": n, "kv": spec, "dtype": args.dtype, "blocks": len(s.blocks),
-                    "device_bytes_per_token": cache.state_bytes() / (n - 1), "raw_state_bytes": before.nbytes,
-                    "redis_bytes_per_session": redis_bytes, "restore_s": restore_s, "reprefill_s": reprefill_s,
+                    "device_bytes_per_token": size.bytes_per_token, "raw_state_bytes": size.total,
+                    "device_fraction_of_16bit": size.fraction_of_16bit(), "device_parts": size.to_json(),
+                    "redis_bytes_per_session": redis_bytes, "redis_bytes_per_token": redis_bytes / size.tokens,
+                    "redis_fraction_of_16bit": size.fraction_of_16bit(redis_bytes),
+                    "restore_s": restore_s, "reprefill_s": reprefill_s,
                     "resume_speedup": reprefill_s / restore_s, "next_token_restore_s": next_restore,
                     "next_token_reprefill_s": next_prefill,
                 })
@@ -105,11 +112,13 @@ def run_resume(args) -> int:
         print(json.dumps(rows, indent=1))
     else:
         print(f"model {args.model} ({args.dtype}), {runner.device}")
-        print("| history | kv | device B/token | Redis B/session | restore s | re-prefill s | speedup | "
-              "next token: restore s / re-prefill s |")
-        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| history | kv | device B/token | × 16-bit | Redis B/session | × 16-bit | restore s | re-prefill s "
+              "| speedup | next token: restore s / re-prefill s |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
-            print(f"| {r['history']} | `{r['kv']}` | {r['device_bytes_per_token']:.0f} | {r['redis_bytes_per_session']} "
+            print(f"| {r['history']} | `{r['kv']}` | {r['device_bytes_per_token']:.0f} "
+                  f"| {r['device_fraction_of_16bit']:.3f} | {r['redis_bytes_per_session']} "
+                  f"| {r['redis_fraction_of_16bit']:.3f} "
                   f"| {r['restore_s']:.4f} | {r['reprefill_s']:.3f} | {r['resume_speedup']:.1f}x "
                   f"| {r['next_token_restore_s']:.3f} / {r['next_token_reprefill_s']:.3f} |")
         for r in rows:

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wiki.test.raw"
+_REPO = Path(__file__).resolve().parents[2]
+_SHARED = Path("shared") / "data" / "wiki.test.raw"
+# WikiText-2 raw test, in shared/data beside the checkout (or beside an ancestor of it: a git worktree under
+# a folder of worktrees finds the same copy); the path beside the checkout when there is none
+DEFAULT_TEXT = next((p / _SHARED for p in _REPO.parents if (p / _SHARED).is_file()), _REPO.parent / _SHARED)
 
 
 def load_ids(runner, path: str, tokens: int) -> list[int]:

@@ -10,13 +10,18 @@ once with SPEC. Reported:
 - `kl`: mean KL(p_ref || p_spec) of next-token distributions; `top1_agreement`: argmax agreement;
 - `bits_per_element`: bits of the sealed (quantized) region per K/V element: codes, scales, zeros, outliers;
 - `bits_per_element_total`: bits of the whole cache (window and all) per K/V element at window length.
+- `session`: whole-session device figures from the library's accounting (`kvstore.sizes`): `measured`, the
+  state a window's cache held at its end (model dtype; mean over windows), and `bf16_2048`, the same spec on
+  paper for this model in bf16 at 2,048 tokens (`planned_size`): bytes per token, bits per element, fraction
+  of 16-bit KV, bytes by part (sinks, sealed, window).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from services.eval.corpus import load_ids
 
@@ -34,6 +39,21 @@ class PplResult:
     bits_per_element: float
     bits_per_element_total: float
     evicted_fraction: float = 0.0  # positions evicted at the end of a window, over the window's positions
+    session: dict = field(default_factory=dict)  # {"measured": SessionSize.to_json(), "bf16_2048": ...}
+
+
+PLANNED_TOKENS = 2048  # the session length of the on-paper whole-session figure (bf16 model)
+
+
+def session_figures(runner, spec, states) -> dict:
+    """Whole-session figures of `spec` (module docstring): the mean measured size of `states` (one per
+    window) and the on-paper size at `PLANNED_TOKENS` tokens of this model in bf16."""
+    from kvstore.sizes import planned_size, state_size
+
+    sizes = [state_size(s).to_json() for s in states]
+    measured = {k: sum(x[k] for x in sizes) / len(sizes) for k in sizes[0]} if sizes else {}
+    planned = planned_size(spec, dataclasses.replace(runner.shape, dtype="torch.bfloat16"), PLANNED_TOKENS)
+    return {"measured": measured, "bf16_2048": planned.to_json()}
 
 
 def cache_bits(cache) -> tuple[float, float]:
@@ -93,14 +113,15 @@ class Evaluator:
 
         return tqdm(items, desc=desc, disable=not self.progress, unit="window")
 
-    def score(self, label: str, make_cache, bits=None) -> PplResult:
-        """PplResult of caches from `make_cache()` (one per window); `bits(cache)` gives the bit figures."""
+    def score(self, label: str, make_cache, bits=None, spec=None) -> PplResult:
+        """PplResult of caches from `make_cache()` (one per window); `bits(cache)` gives the bit figures; with
+        `spec` (the caches' QuantConfig) the whole-session figures too."""
         import torch
 
         refs = self.reference()
         nll_ref = nll = kl = agree = 0.0
         count = 0
-        bits_q, bits_total, evicted = [], [], []
+        bits_q, bits_total, evicted, states = [], [], [], []
         for w, lp_ref in zip(self._iter(self.windows, f"eval {label}"), refs):
             targets = torch.tensor(w[1:], device=self.runner.device)
             cache = make_cache()
@@ -115,15 +136,18 @@ class Evaluator:
             bits_q.append(q)
             bits_total.append(t)
             evicted.append(getattr(cache.layers[0], "n_evicted", 0) / max(1, len(w) - 1))
+            if spec is not None:
+                states.append(cache.export_state())
         ppl_ref, ppl = math.exp(nll_ref / count), math.exp(nll / count)
         return PplResult(spec=label, tokens=count + len(self.windows), window=self.window, ppl_ref=ppl_ref,
                          ppl=ppl, delta_ppl=ppl - ppl_ref, kl=kl / count, top1_agreement=agree / count,
                          bits_per_element=sum(bits_q) / len(bits_q),
                          bits_per_element_total=sum(bits_total) / len(bits_total),
-                         evicted_fraction=sum(evicted) / len(evicted))
+                         evicted_fraction=sum(evicted) / len(evicted),
+                         session=session_figures(self.runner, spec, states) if spec is not None else {})
 
     def spec(self, spec) -> PplResult:
-        return self.score(spec.spec(), lambda: self.runner.new_cache(spec))
+        return self.score(spec.spec(), lambda: self.runner.new_cache(spec), spec=spec)
 
     def hf(self, baseline: str, spec) -> PplResult:
         """transformers' QuantizedCache (quanto or hqq backend) with `spec`'s key bits, key group and window; or
@@ -170,12 +194,16 @@ def print_results(results: list[PplResult], as_json: bool, header: str) -> None:
             print(json.dumps(asdict(r)))
         return
     print(header)
-    print("| kv | ppl | ΔPPL | mean KL | top-1 agree | bits/elem (quantized) | bits/elem (total) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| fp (reference) | {results[0].ppl_ref:.3f} | 0 | 0 | 1 | - | - |")
+    print("| kv | ppl | ΔPPL | mean KL | top-1 agree | bits/elem (quantized) | bits/elem (total) "
+          f"| whole session, bf16 at {PLANNED_TOKENS}: bits/elem | B/token | × of 16-bit KV |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| fp (reference) | {results[0].ppl_ref:.3f} | 0 | 0 | 1 | - | - | 16 | - | 1 |")
     for r in results:
+        p = r.session.get("bf16_2048")
+        whole = (f"{p['bits_per_element']:.3f} | {p['bytes_per_token']:.0f} | {p['fraction_of_16bit']:.3f}" if p
+                 else "- | - | -")
         print(f"| `{r.spec}` | {r.ppl:.3f} | {r.delta_ppl:+.3f} | {r.kl:.5f} | {r.top1_agreement:.4f} "
-              f"| {r.bits_per_element:.3f} | {r.bits_per_element_total:.3f} |")
+              f"| {r.bits_per_element:.3f} | {r.bits_per_element_total:.3f} | {whole} |")
 
 
 def run_ppl(args) -> int:

@@ -14,6 +14,8 @@ from kvstore.config import QuantConfig, QuantConfigError
     ("int4:hadv:hadattn", QuantConfig(4, 4, rotate="v", rotated_attention=True)),
     ("int2:out0.01:prerope", QuantConfig(2, 2, outliers=0.01, pre_rope=True)),
     ("int4:lb84f2", QuantConfig(4, 4, layer_bits=((8, 4), (16, 2)))),
+    ("int4:k8v4:r128:w8", QuantConfig(8, 4, residual=128, window_bits=8)),
+    ("int4:w16", QuantConfig(4, 4)),
 ])
 def test_parse(spec, expect):
     assert QuantConfig.parse(spec) == expect
@@ -22,7 +24,8 @@ def test_parse(spec, expect):
 @pytest.mark.parametrize("spec,needle", [
     ("", "empty"), ("int5", "unknown KV scheme"), ("int4:x9", "unknown KV spec knob"),
     ("int4:k5v4", "key_bits=5"), ("int4:g0", "key_group"), ("int4:hadattn", "needs a rotation"),
-    ("int4:out0.5", "outliers"), ("int4:lb845", "unknown KV spec knob"),
+    ("int4:out0.5", "outliers"), ("int4:lb845", "unknown KV spec knob"), ("fp:w8", "needs a quantized spec"),
+    ("int4:w4", "unknown KV spec knob"),
 ])
 def test_parse_rejects(spec, needle):
     with pytest.raises(QuantConfigError, match=needle):
@@ -34,11 +37,20 @@ BITS = st.sampled_from([2, 3, 4, 8, 16])
 
 @given(k=BITS, v=BITS, g=st.integers(1, 4096), gv=st.integers(1, 4096), r=st.integers(0, 10000),
        rot=st.sampled_from(["", "k", "v", "kv"]), out=st.sampled_from([0.0, 0.005, 0.01, 1e-4, 0.25]),
-       pre=st.booleans(), lb=st.lists(st.tuples(BITS, BITS), max_size=5))
-def test_spec_roundtrip(k, v, g, gv, r, rot, out, pre, lb):
+       pre=st.booleans(), lb=st.lists(st.tuples(BITS, BITS), max_size=5), w=st.sampled_from([8, 16]))
+def test_spec_roundtrip(k, v, g, gv, r, rot, out, pre, lb, w):
     c = QuantConfig(k, v, g, gv, r, rotate=rot, rotated_attention=bool(rot), outliers=out, pre_rope=pre,
-                    layer_bits=tuple(lb))
+                    layer_bits=tuple(lb), window_bits=16 if QuantConfig(k, v, layer_bits=tuple(lb)).is_full_precision else w)
     assert QuantConfig.parse(c.spec()) == c or c.is_full_precision
+
+
+def test_window_bits_name_only_w8():
+    # the spec is hashed into block names: a w16 spec is spelled as before, w8 adds one knob
+    assert QuantConfig.parse("int4:k8v4:g32:r128").spec() == "int:k8v4:g32:gv32:r128"
+    assert QuantConfig.parse("int4:k8v4:g32:r128:s4:w8").spec() == "int:k8v4:g32:gv32:r128:w8:s4"
+    assert QuantConfig.parse("int4:k8v4:g32:r128:s4:w8").window_bits == 8
+    with pytest.raises(QuantConfigError, match="window_bits"):
+        QuantConfig(window_bits=4)
 
 
 def test_bits_for_layers():

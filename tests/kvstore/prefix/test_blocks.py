@@ -58,7 +58,8 @@ def test_blocks_of_a_longer_history_equal_the_shorter_one_s():
     assert all(x.tobytes() == y.tobytes() for p, q in zip(ba, bb) for (_, x), (_, y) in zip(p, q))
 
 
-@pytest.mark.parametrize("spec", ["int4:g16:gv8:r24", "int2:g16:gv8:r24:had:out0.02:s16"])
+@pytest.mark.parametrize("spec", ["int4:g16:gv8:r24", "int2:g16:gv8:r24:had:out0.02:s16", "int4:k8v4:g16:gv8:r24:w8",
+                                  "int2:g16:gv8:r24:s16:w8"])
 def test_prefix_state_is_what_seal_all_leaves(spec):
     q = QuantConfig.parse(spec)
     c, _, _ = _cache(spec, 96, [32, 32, 32])  # canonical chunk passes to S = 96

@@ -17,5 +17,8 @@ def test_block_codec_on_real_kv_is_within_the_bound(capsys):
     assert res["bits_per_element"] < 4.45  # measured 4.43 here, 4.426 on 2,048 tokens of 128-token blocks (BENCHMARKS)
     coders = res["blocks"][0]["coders"]
     assert coders["rans-ctx"] < min(v for k, v in coders.items() if k != "rans-ctx")  # beats every zstd variant
+    ses = res["session"]  # whole session: device bytes of every tensor, stored blocks + tail
+    assert ses["stored_bytes"] < ses["device"]["bytes"] and 0 < ses["device"]["fraction_of_16bit"] < 1
+    assert ses["device"]["tokens"] == 128 + 512 and ses["device"]["window"] > 0
     floors = res["floors"]
     assert floors["k:context_prev_code"] < floors["k:none"] and floors["v:context_prev_code"] < floors["v:none"]

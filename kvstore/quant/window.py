@@ -1,0 +1,149 @@
+"""The recent window of one side (keys or values) of a `QuantizedKVLayer`: model-dtype floats or INT8 codes.
+
+A window holds the newest tokens of a layer, [B, H, n, D], until they are sealed into groups. Two kinds,
+chosen by `QuantConfig.window_bits`:
+
+- `FloatWindow` (w16, the default): the tensors as the model produced them, in the model dtype.
+  Exported as `<side>_win`.
+- `Int8Window` (w8): per token and head, symmetric absmax INT8: `codes` int8 [B, H, n, D] in [-127, 127]
+  and `scale` fp16 [B, H, n, 1]; the value read is `codes * scale` (computed in float32, then cast to the
+  model dtype). Exported as `<side>_win` (the int8 codes) and `<side>_win_scale`.
+
+Invariants:
+- A token's window entry is a function of that token's own K/V row alone (per-token scales): it is
+  quantized once, when appended, and never again, so the state does not depend on how tokens were chunked.
+- Slicing, selecting and concatenating act on the stored form (codes and scales), never re-quantize.
+- Sealing (`head`) reads what the window holds: with w8, sealed groups are quantized from the dequantized
+  INT8 values in the model dtype (the exact values attention saw), so the KV stays a function of tokens and
+  schedule.
+- `tensors(side)` / `from_tensors(side, t, dtype)` round-trip bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvstore.quant.quantize import FP16_MAX
+
+INT8_LEVELS = 127  # symmetric: codes in [-127, 127]
+
+
+class FloatWindow:
+    """A side's window held as is, in the model dtype (w16)."""
+
+    bits = 16
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor) -> FloatWindow:
+        return cls(x)
+
+    def __len__(self) -> int:
+        return self.x.shape[-2]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def read(self, dtype: torch.dtype) -> torch.Tensor:
+        """All entries [B, H, n, D] in `dtype`."""
+        return self.x.to(dtype)
+
+    def head(self, m: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first `m` entries as read."""
+        return self.x[..., :m, :].to(dtype)
+
+    def cat(self, other: FloatWindow) -> FloatWindow:
+        return FloatWindow(torch.cat([self.x, other.x], dim=-2))
+
+    def slice(self, start: int, stop: int | None = None) -> FloatWindow:
+        """Entries [start, stop) as a window with storage of its own (the old storage is not kept alive)."""
+        return FloatWindow(self.x[..., start:stop, :].clone())
+
+    def select(self, idx: torch.Tensor) -> FloatWindow:
+        return FloatWindow(self.x.index_select(-2, idx))
+
+    def tensors(self, side: str) -> dict[str, torch.Tensor]:
+        return {f"{side}_win": self.x}
+
+    @classmethod
+    def from_tensors(cls, side: str, t: dict[str, torch.Tensor]) -> FloatWindow:
+        return cls(t[f"{side}_win"])
+
+
+class Int8Window:
+    """A side's window held as INT8 codes with an fp16 absmax scale per token and head (w8)."""
+
+    bits = 8
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
+        self.codes, self.scale = codes, scale
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor) -> Int8Window:
+        """Quantize [B, H, q, D] rows: scale = absmax / 127 rounded up to fp16, codes = round(x / scale).
+
+        The scale is rounded up so |x| / scale <= 127 and no code clips (values past the fp16 range are
+        clamped to it first); an all-zero row has scale 0 and codes 0."""
+        xf = x.float()
+        amax = xf.abs().amax(-1, keepdim=True).clamp(max=FP16_MAX)
+        scale = (amax / INT8_LEVELS).half()
+        short = scale.float() * INT8_LEVELS < amax
+        scale = torch.where(short, torch.nextafter(scale, scale.new_tensor(float("inf"))), scale)
+        s = scale.float()
+        codes = torch.where(s > 0, xf / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(xf))
+        codes = codes.round().clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+        return cls(codes.contiguous(), scale.contiguous())
+
+    def __len__(self) -> int:
+        return self.codes.shape[-2]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def read(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.codes.float() * self.scale.float()).to(dtype)
+
+    def head(self, m: int, dtype: torch.dtype) -> torch.Tensor:
+        return (self.codes[..., :m, :].float() * self.scale[..., :m, :].float()).to(dtype)
+
+    def cat(self, other: Int8Window) -> Int8Window:
+        return Int8Window(torch.cat([self.codes, other.codes], dim=-2), torch.cat([self.scale, other.scale], dim=-2))
+
+    def slice(self, start: int, stop: int | None = None) -> Int8Window:
+        return Int8Window(self.codes[..., start:stop, :].clone(), self.scale[..., start:stop, :].clone())
+
+    def select(self, idx: torch.Tensor) -> Int8Window:
+        return Int8Window(self.codes.index_select(-2, idx), self.scale.index_select(-2, idx))
+
+    def tensors(self, side: str) -> dict[str, torch.Tensor]:
+        return {f"{side}_win": self.codes, f"{side}_win_scale": self.scale}
+
+    @classmethod
+    def from_tensors(cls, side: str, t: dict[str, torch.Tensor]) -> Int8Window:
+        codes, scale = t[f"{side}_win"], t[f"{side}_win_scale"]
+        if codes.dtype != torch.int8 or scale.dtype != torch.float16 or scale.shape != (*codes.shape[:-1], 1):
+            raise ValueError(f"INT8 window {side}: codes {codes.dtype}{list(codes.shape)} and scale "
+                             f"{scale.dtype}{list(scale.shape)} do not fit (int8 [B, H, n, D], fp16 [B, H, n, 1])")
+        return cls(codes, scale)
+
+
+Window = FloatWindow | Int8Window
+WINDOW_KINDS: dict[int, type[FloatWindow] | type[Int8Window]] = {16: FloatWindow, 8: Int8Window}
+WINDOW_FIELDS = ("k_win", "v_win", "k_win_scale", "v_win_scale")  # every name a window tensor may have
+
+
+def window_kind(bits: int) -> type[FloatWindow] | type[Int8Window]:
+    """The window class for `QuantConfig.window_bits`."""
+    return WINDOW_KINDS[bits]
