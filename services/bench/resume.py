@@ -76,15 +76,16 @@ def run_resume(args) -> int:
                         return runner.restore_cache(got.state)
                     return restore
 
-                restore = restorer(store, tier)
-                fns = [restore, lambda: prefill(runner, store, ids[:-1]), lambda: runner.forward(restore(), ids[-1:]),
-                       lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:])]
+                restores = [restorer(store, tier)]
                 if cluster:
                     c_store, c_tier = worker_store(runner, cluster.url, spec, "kvstash-bench")
                     c_store.save(s)
-                    fns.append(restorer(c_store, c_tier))
-                for fn in fns[:1] + fns[4:]:
+                    restores.append(restorer(c_store, c_tier))
+                for fn in restores:
                     assert fn().export_state().equals(before), "restored cache differs from the offloaded one"
+                restore = restores[0]
+                fns = [restore, lambda: prefill(runner, store, ids[:-1]), lambda: runner.forward(restore(), ids[-1:]),
+                       lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:]), *restores[1:]]
                 restore(), prefill(runner, store, ids[:-1])  # warm-up
                 restore_s, reprefill_s, next_restore, next_prefill, *on_cluster = median_times(fns, args.reps)
                 size = state_size(before)
