@@ -1,4 +1,4 @@
-"""A stored KV block: its tensors, coded losslessly, in a versioned checksummed container (kind BLOCK).
+"""`RansCtxCodec`, the lossless block codec (container kind BLOCK, codec RANS_CTX): what every session stores.
 
 Container meta (canonical JSON):
     v               BLOCK_VERSION
@@ -10,62 +10,29 @@ Container meta (canonical JSON):
     content         hex of `content_hash(tensors)`: what dedup compares
     raw_bytes       bytes of the block's tensors as held in memory
 
-The payload is `kvstore.codec.entropy`'s (codec RANS_CTX): the codes rANS-coded with previous-token
-contexts, scales and zeros predicted from decoded neighbours, side tables in a zstd frame. The tensors'
-names, dtypes and shapes are not stored: `kvstore.layout.layout` predicts them from the header, and
-the payload must fit that layout exactly.
+The payload is `kvstore.codec.entropy`'s: the codes rANS-coded with previous-token contexts, scales and
+zeros predicted from decoded neighbours, side tables in a zstd frame. The tensors' names, dtypes and shapes
+are not stored: `kvstore.layout.layout` predicts them from the header, and the payload must fit that layout
+exactly.
 
-Invariants:
-- `decode_block(encode_block(t, ...).data, ...)` returns `t` bit for bit, in layout order.
-- `content_hash` is a function of the tensors' names, dtypes, shapes and bytes only (not of the coder), so
-  two blocks with equal content hashes are interchangeable.
+Invariants (beside `kvstore.codec.block_codec`'s):
+- Lossless: `decode(encode(t, i).data, i)` returns `t` bit for bit, in layout order.
 - Anything malformed, truncated, for another model/spec, or not matching its layout raises ContainerError.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-
-import numpy as np
 
 from kvstore.codec import entropy
+from kvstore.codec.block_codec import BlockCodec, EncodedBlock, content_hash
 from kvstore.codec.container import Codec, ContainerError, Kind, pack_container, unpack_container
 from kvstore.config import QuantConfig
-from kvstore.digest import hash_fields
-from kvstore.layout import ModelShape, Tensors, layout, layout_bytes
+from kvstore.layout import ModelShape, Tensors, layout_bytes
 
 BLOCK_VERSION = 1
-
-
-@dataclass(frozen=True)
-class EncodedBlock:
-    data: bytes  # the container
-    content: bytes  # content hash (32 bytes)
-    raw_bytes: int  # bytes of the block's tensors as held in memory
-
-
-def content_hash(tensors: Tensors) -> bytes:
-    """blake2b-256 over every tensor's name, dtype, shape and little-endian bytes, in order."""
-    fields: list = []
-    for name, a in tensors:
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-        fields += [name, a.dtype.name, ",".join(map(str, a.shape)), a.tobytes()]
-    return hash_fields(fields, person=b"kvstash-blkdata")
-
-
-def encode_block(tensors: Tensors, *, quant: QuantConfig, shape: ModelShape, block_tokens: int, index: int,
-                 model_fingerprint: str) -> EncodedBlock:
-    expected = layout(quant, shape, block_tokens, index)
-    got = [(n, a.dtype, a.shape) for n, a in tensors]
-    if got != expected:
-        raise ContainerError(f"block tensors do not fit the layout of {quant.spec()}: {got[:2]} vs {expected[:2]}")
-    content = content_hash(tensors)
-    raw = sum(a.nbytes for _, a in tensors)
-    meta = {"v": BLOCK_VERSION, "fingerprint": model_fingerprint, "quant_spec": quant.spec(), "shape": shape.to_json(),
-            "block_tokens": block_tokens, "index0": index == 0, "content": content.hex(), "raw_bytes": raw}
-    payload = entropy.encode_block(tensors, code_bits(quant, shape))
-    return EncodedBlock(pack_container(Kind.BLOCK, Codec.RANS_CTX, meta, payload), content, raw)
+_META_TYPES = {"v": int, "fingerprint": str, "quant_spec": str, "shape": dict, "block_tokens": int, "index0": bool,
+               "content": str, "raw_bytes": int}
 
 
 @functools.lru_cache(maxsize=16)
@@ -78,38 +45,39 @@ def code_bits(quant: QuantConfig, shape: ModelShape) -> dict[str, int]:
     return out
 
 
-def block_header(data: bytes) -> dict:
-    """The validated container meta of a stored block (checksum checked, payload not decoded)."""
-    return _open(data)[0]
+class RansCtxCodec(BlockCodec):
+    name = "rans-ctx"
+    container = (Kind.BLOCK, Codec.RANS_CTX)
+    lossless = True
 
+    def encode(self, part: Tensors, index: int) -> EncodedBlock:
+        self.check_layout(part, index)
+        c = self.ctx
+        content = content_hash(part)
+        meta = {"v": BLOCK_VERSION, "fingerprint": c.model_fingerprint, "quant_spec": c.quant.spec(),
+                "shape": c.shape.to_json(), "block_tokens": c.block_tokens, "index0": index == 0,
+                "content": content.hex(), "raw_bytes": sum(a.nbytes for _, a in part)}
+        payload = entropy.encode_block(part, code_bits(c.quant, c.shape))
+        return EncodedBlock(pack_container(*self.container, meta, payload), content, part)
 
-def _open(data: bytes) -> tuple[dict, bytes]:
-    _, codec, meta, payload = unpack_container(data, expect_kind=Kind.BLOCK)
-    types = {"v": int, "fingerprint": str, "quant_spec": str, "shape": dict, "block_tokens": int, "index0": bool,
-             "content": str, "raw_bytes": int}
-    for key, typ in types.items():
-        if not isinstance(meta.get(key), typ) or (typ is int and isinstance(meta[key], bool)):
-            raise ContainerError(f"block header is missing or has a bad field {key!r}")
-    if meta["v"] != BLOCK_VERSION:
-        raise ContainerError(f"unsupported block version {meta['v']} (this build reads {BLOCK_VERSION})")
-    if codec != Codec.RANS_CTX:
-        raise ContainerError(f"unsupported block codec {codec.name}")
-    return meta, payload
-
-
-def decode_block(data: bytes, *, quant: QuantConfig, shape: ModelShape, block_tokens: int, index: int,
-                 model_fingerprint: str, content: bytes | None = None) -> Tensors:
-    """The block's tensors, after checking that it is the block the caller expects (model, spec, shape,
-    position class and, when given, content hash)."""
-    meta, payload = _open(data)
-    want = {"fingerprint": model_fingerprint, "quant_spec": quant.spec(), "shape": shape.to_json(),
-            "block_tokens": block_tokens, "index0": index == 0}
-    for key, value in want.items():
-        if meta[key] != value:
-            raise ContainerError(f"stored block has {key}={meta[key]!r}, expected {value!r}")
-    if content is not None and meta["content"] != content.hex():
-        raise ContainerError("stored block has another content hash than the session recorded")
-    if meta["raw_bytes"] != layout_bytes(quant, shape, block_tokens, index):
-        raise ContainerError(f"block claims {meta['raw_bytes']} bytes of tensors, its layout holds another size")
-    return entropy.decode_block(payload, layout(quant, shape, block_tokens, index), code_bits(quant, shape),
-                                verified=True)  # unpack_container checked the checksum over these bytes
+    def decode(self, data: bytes, index: int, content: bytes | None = None) -> Tensors:
+        c = self.ctx
+        _, codec, meta, payload = unpack_container(data, expect_kind=Kind.BLOCK)
+        for key, typ in _META_TYPES.items():
+            if not isinstance(meta.get(key), typ) or (typ is int and isinstance(meta[key], bool)):
+                raise ContainerError(f"block header is missing or has a bad field {key!r}")
+        if meta["v"] != BLOCK_VERSION:
+            raise ContainerError(f"unsupported block version {meta['v']} (this build reads {BLOCK_VERSION})")
+        if codec != Codec.RANS_CTX:
+            raise ContainerError(f"unsupported block codec {codec.name}")
+        want = {"fingerprint": c.model_fingerprint, "quant_spec": c.quant.spec(), "shape": c.shape.to_json(),
+                "block_tokens": c.block_tokens, "index0": index == 0}
+        for key, value in want.items():
+            if meta[key] != value:
+                raise ContainerError(f"stored block has {key}={meta[key]!r}, expected {value!r}")
+        if content is not None and meta["content"] != content.hex():
+            raise ContainerError("stored block has another content hash than the session recorded")
+        if meta["raw_bytes"] != layout_bytes(c.quant, c.shape, c.block_tokens, index):
+            raise ContainerError(f"block claims {meta['raw_bytes']} bytes of tensors, its layout holds another size")
+        return entropy.decode_block(payload, c.layout(index), code_bits(c.quant, c.shape),
+                                    verified=True)  # unpack_container checked the checksum over these bytes

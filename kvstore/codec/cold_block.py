@@ -1,15 +1,15 @@
-"""A KV block stored in the lossy cold format (container kind COLD_BLOCK): opt-in, `tiers.cold_spec`.
+"""`ColdCodec`, the lossy cold block codec (container kind COLD_BLOCK): opt-in, `tiers.cold_spec`.
 
 An idle session's block may be stored as `kvstore.quant.cold.cold_state` of its sealed tensors (a lower
 spec, e.g. keys 3 bits and values 2 bits over groups of 128) instead of its device codes. What a resume
 gets back is the *warm* block, `warm_state(cold_state(block))`: device-format tensors of exactly the
-block's layout, a little further from the fp16 KV than the original codes. `encode_cold` returns that warm
-block with the container, and the block's content hash is the warm block's, so:
+block's layout, a little further from the fp16 KV than the original codes. `ColdCodec.encode` returns that warm
+block as `EncodedBlock.tensors`, and the block's content hash is the warm block's, so:
 
-Invariants:
-- `decode_cold(encode_cold(p, ...)[0].data, ...)` equals the warm block `encode_cold(p, ...)[1]` bit for
-  bit (checked on decode against the content hash; a mismatch is a ContainerError), so a session resumed
-  from cold blocks is exact with respect to that decoded cache, however often it is resumed.
+Invariants (beside `kvstore.codec.block_codec`'s):
+- `decode(encode(p, i).data, i)` equals the warm block `encode(p, i).tensors` bit for bit (checked on
+  decode against the content hash; a mismatch is a ContainerError), so a session resumed from cold blocks is
+  exact with respect to that decoded cache, however often it is resumed.
 - Lossy with respect to `p`: the error bound is `kvstore.quant.cold`'s (cold step / 2 + device step / 2,
   element-wise). Recomputing the session from its token history gives the original, lossless KV.
 - Each block goes through the cold format on its own (cold key groups start at the block's start), so
@@ -22,27 +22,19 @@ the warm block's content hash); its tensors are the cold tensors named "<layer>.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from kvstore.codec.block import content_hash
+from kvstore.codec.block_codec import BlockCodec, BlockContext, EncodedBlock, content_hash
 from kvstore.codec.container import Codec, ContainerError, Kind
 from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.config import QuantConfig
-from kvstore.layout import SINK_FIELDS, ModelShape, Tensors, layout
+from kvstore.layout import SINK_FIELDS, ModelShape, Tensors
 from kvstore.quant.cold import ColdSpecError, check_specs, cold_state, warm_state
 from kvstore.quant.state import KVState
 
 COLD_VERSION = 1
 COLD_LEVEL = 19  # idle blocks are written once and read rarely: zstd's strongest level pays
-
-
-@dataclass(frozen=True)
-class ColdBlock:
-    data: bytes  # the container
-    content: bytes  # content hash of the warm block (what a resume restores)
 
 
 def check_cold(quant: QuantConfig, cold: QuantConfig, block_tokens: int, layers: int | None = None) -> None:
@@ -88,63 +80,69 @@ def _warm(cold_layers: dict[int, dict[str, np.ndarray]], order: list[tuple[str, 
     return out
 
 
-def encode_cold(part: Tensors, *, quant: QuantConfig, cold: QuantConfig, shape: ModelShape, block_tokens: int,
-                index: int, model_fingerprint: str) -> tuple[ColdBlock, Tensors]:
-    """(the cold container, the warm block a resume will get back) of block `index` (device tensors)."""
-    order = layout(quant, shape, block_tokens, index)
-    if [(n, a.dtype, a.shape) for n, a in part] != order:
-        raise ContainerError(f"block tensors do not fit the layout of {quant.spec()}")
-    start = index * block_tokens
-    cold_layers: dict[int, dict[str, np.ndarray]] = {}
-    for layer, fields in _layers(part).items():
-        region = {f: _torch(a) for f, a in fields.items() if f not in SINK_FIELDS}
-        c = cold_state(region, quant, cold, layer, shape.head_dim, start=start, position=quant.sinks + start)
-        cold_layers[layer] = {f: t.contiguous().numpy() for f, t in c.items()}
-        cold_layers[layer].update({f: a for f, a in fields.items() if f in SINK_FIELDS})
-    warm = _warm(cold_layers, order, quant, cold, shape, start)
-    content = content_hash(warm)
-    meta = {"v": COLD_VERSION, "cold_spec": cold.spec(), "shape": shape.to_json(), "block_tokens": block_tokens,
-            "index0": index == 0, "content": content.hex()}
-    tensors = [(f"{layer}.{f}", a) for layer, fields in cold_layers.items() for f, a in fields.items()]
-    state = KVState(num_tokens=block_tokens, quant_spec=quant.spec(), meta=meta, tensors=tensors)
-    data = encode_kv(state, model_fingerprint=model_fingerprint, level=COLD_LEVEL, codec=Codec.ZSTD_STREAMS,
-                     kind=Kind.COLD_BLOCK)
-    return ColdBlock(data, content), warm
+class ColdCodec(BlockCodec):
+    """`spec`: the cold QuantConfig spec blocks are encoded with (decoding reads it from the container)."""
 
+    name = "cold"
+    container = (Kind.COLD_BLOCK, Codec.ZSTD_STREAMS)
+    lossless = False
 
-def is_cold(data: bytes) -> bool:
-    """Whether stored bytes claim to be a cold block (the container is validated only on decode)."""
-    return len(data) > 6 and data[6] == Kind.COLD_BLOCK
+    def __init__(self, ctx: BlockContext, spec: str | None = None):
+        super().__init__(ctx, spec)
+        self.cold = None
+        if spec is not None:
+            self.cold = QuantConfig.parse(spec)
+            check_cold(ctx.quant, self.cold, ctx.block_tokens, ctx.shape.layers)
 
+    def encode(self, part: Tensors, index: int) -> EncodedBlock:
+        if self.cold is None:
+            raise ValueError("the cold codec encodes only with a cold spec (tiers.cold_spec)")
+        self.check_layout(part, index)
+        c, start = self.ctx, index * self.ctx.block_tokens
+        quant = c.quant
+        cold_layers: dict[int, dict[str, np.ndarray]] = {}
+        for layer, fields in _layers(part).items():
+            region = {f: _torch(a) for f, a in fields.items() if f not in SINK_FIELDS}
+            cl = cold_state(region, quant, self.cold, layer, c.shape.head_dim, start=start,
+                            position=quant.sinks + start)
+            cold_layers[layer] = {f: t.contiguous().numpy() for f, t in cl.items()}
+            cold_layers[layer].update({f: a for f, a in fields.items() if f in SINK_FIELDS})
+        warm = _warm(cold_layers, c.layout(index), quant, self.cold, c.shape, start)
+        content = content_hash(warm)
+        meta = {"v": COLD_VERSION, "cold_spec": self.cold.spec(), "shape": c.shape.to_json(),
+                "block_tokens": c.block_tokens, "index0": index == 0, "content": content.hex()}
+        tensors = [(f"{layer}.{f}", a) for layer, fields in cold_layers.items() for f, a in fields.items()]
+        state = KVState(num_tokens=c.block_tokens, quant_spec=quant.spec(), meta=meta, tensors=tensors)
+        data = encode_kv(state, model_fingerprint=c.model_fingerprint, level=COLD_LEVEL, codec=self.container[1],
+                         kind=self.container[0])
+        return EncodedBlock(data, content, warm)
 
-def decode_cold(data: bytes, *, quant: QuantConfig, shape: ModelShape, block_tokens: int, index: int,
-                model_fingerprint: str, content: bytes | None = None) -> Tensors:
-    """The warm block stored in `data`, after checking it is the block the caller expects."""
-    state = decode_kv(data, model_fingerprint=model_fingerprint, kind=Kind.COLD_BLOCK)
-    meta = state.meta
-    want = {"v": COLD_VERSION, "shape": shape.to_json(), "block_tokens": block_tokens, "index0": index == 0}
-    for key, value in want.items():
-        if meta.get(key) != value:
-            raise ContainerError(f"stored cold block has {key}={meta.get(key)!r}, expected {value!r}")
-    if state.quant_spec != quant.spec() or not isinstance(meta.get("cold_spec"), str):
-        raise ContainerError(f"stored cold block is for {state.quant_spec!r}, expected {quant.spec()!r}")
-    if not isinstance(meta.get("content"), str) or (content is not None and meta["content"] != content.hex()):
-        raise ContainerError("stored cold block has another content hash than the session recorded")
-    try:
-        cold = QuantConfig.parse(meta["cold_spec"])
-        check_cold(quant, cold, block_tokens, shape.layers)
-    except ValueError as e:
-        raise ContainerError(f"stored cold block has an unusable cold spec: {e}") from None
-    cold_layers = _layers(state.tensors)
-    if set(cold_layers) != set(range(shape.layers)):
-        raise ContainerError("stored cold block does not hold every layer")
-    try:
-        warm = _warm(cold_layers, layout(quant, shape, block_tokens, index), quant, cold, shape,
-                     index * block_tokens)
-    except ContainerError:
-        raise
-    except (KeyError, IndexError, RuntimeError, ValueError, TypeError, ArithmeticError) as e:
-        raise ContainerError(f"stored cold block does not decode: {type(e).__name__}: {e}") from None
-    if content_hash(warm).hex() != meta["content"]:
-        raise ContainerError("cold block warmed up to other bytes than it recorded")
-    return warm
+    def decode(self, data: bytes, index: int, content: bytes | None = None) -> Tensors:
+        c = self.ctx
+        state = decode_kv(data, model_fingerprint=c.model_fingerprint, kind=Kind.COLD_BLOCK)
+        meta = state.meta
+        want = {"v": COLD_VERSION, "shape": c.shape.to_json(), "block_tokens": c.block_tokens, "index0": index == 0}
+        for key, value in want.items():
+            if meta.get(key) != value:
+                raise ContainerError(f"stored cold block has {key}={meta.get(key)!r}, expected {value!r}")
+        if state.quant_spec != c.quant.spec() or not isinstance(meta.get("cold_spec"), str):
+            raise ContainerError(f"stored cold block is for {state.quant_spec!r}, expected {c.quant.spec()!r}")
+        if not isinstance(meta.get("content"), str) or (content is not None and meta["content"] != content.hex()):
+            raise ContainerError("stored cold block has another content hash than the session recorded")
+        try:
+            cold = QuantConfig.parse(meta["cold_spec"])
+            check_cold(c.quant, cold, c.block_tokens, c.shape.layers)
+        except ValueError as e:
+            raise ContainerError(f"stored cold block has an unusable cold spec: {e}") from None
+        cold_layers = _layers(state.tensors)
+        if set(cold_layers) != set(range(c.shape.layers)):
+            raise ContainerError("stored cold block does not hold every layer")
+        try:
+            warm = _warm(cold_layers, c.layout(index), c.quant, cold, c.shape, index * c.block_tokens)
+        except ContainerError:
+            raise
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError, ArithmeticError) as e:
+            raise ContainerError(f"stored cold block does not decode: {type(e).__name__}: {e}") from None
+        if content_hash(warm).hex() != meta["content"]:
+            raise ContainerError("cold block warmed up to other bytes than it recorded")
+        return warm

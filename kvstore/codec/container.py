@@ -102,6 +102,26 @@ def pack_container(kind: Kind, codec: Codec, meta: dict, payload: bytes) -> byte
     return b"".join((prefix, container_sum(FORMAT_VERSION, prefix, meta_b, payload), meta_b, payload))
 
 
+def container_header(data: bytes) -> bytes:
+    """A container's fixed header (prefix and checksum): it names the container's content, since the checksum
+    covers everything else. Not validated here."""
+    return bytes(data[:HEADER_SIZE])
+
+
+def container_type(data: bytes) -> tuple[Kind, Codec]:
+    """The (kind, codec) a container's prefix claims, for choosing its decoder; only the magic, version and
+    enum values are checked here: the decoder's `unpack_container` validates the rest (checksum included)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < _PREFIX.size:
+        raise ContainerError("not a kvstash container: too short to hold a header")
+    magic, version, kind_v, codec_v, _, _ = _PREFIX.unpack_from(data, 0)
+    if magic != MAGIC or version not in READ_VERSIONS:
+        raise ContainerError(f"not a container this build reads (magic {magic!r}, version {version})")
+    try:
+        return Kind(kind_v), Codec(codec_v)
+    except ValueError:
+        raise ContainerError(f"unknown container kind {kind_v} or codec {codec_v}") from None
+
+
 def unpack_container(data: bytes, expect_kind: Kind | None = None) -> tuple[Kind, Codec, dict, bytes]:
     """Validate and open a container; returns (kind, codec, meta, payload) with the payload as stored."""
     if not isinstance(data, (bytes, bytearray, memoryview)):

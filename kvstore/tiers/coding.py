@@ -1,12 +1,13 @@
 """`BlockCoder`: encodes and decodes one model's stored blocks and tails on a pool of threads.
 
-A session's stored KV is content blocks (kvstore.codec.block, or kvstore.codec.cold_block in cold mode)
-plus one tail (kvstore.codec.kv). The coder binds them to the model's identity (fingerprint, shape, spec,
-block size), so a container for another model or configuration is rejected when decoded.
+A session's stored KV is content blocks (coded by a codec of `kvstore.codec.registry`: the default
+lossless one, or the cold one in cold mode) plus one tail (kvstore.codec.kv). The coder binds them to the
+model's identity (`BlockContext`: fingerprint, shape, spec, block size), so a container for another model or
+configuration is rejected when decoded; any registered codec's blocks decode.
 
 Invariants:
-- `decode_part(encode(...))` gives back the tensors bit for bit (cold blocks: the warm tensors of the
-  cold copy, the same every time).
+- `decode(e.data, i)` gives back `e.tensors` bit for bit for `e` in `encode_many(...)` (the cold codec's:
+  the warm tensors of the cold copy, the same every time).
 - A tail's content id is a hash of its container header, which holds the checksum of everything else
   (`decode_kv` verifies it), so a tail's megabytes are hashed once, not twice, on a resume.
 - The coders release the GIL: `pool` jobs run on every core.
@@ -19,10 +20,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from kvstore.codec import rans
-from kvstore.codec.block import EncodedBlock, decode_block, encode_block
-from kvstore.codec.cold_block import ColdBlock, check_cold, decode_cold, encode_cold, is_cold
-from kvstore.codec.container import HEADER_SIZE, ContainerError
+from kvstore.codec.block_codec import BlockContext, EncodedBlock
+from kvstore.codec.container import ContainerError, container_header
 from kvstore.codec.kv import decode_kv, encode_kv
+from kvstore.codec.registry import DEFAULT, BlockDecoder, codec_named
 from kvstore.config import QuantConfig
 from kvstore.digest import hash_fields
 from kvstore.prefix import blocks as blk
@@ -34,32 +35,26 @@ from kvstore.tiers.store_types import ModelIdentity, StoreSettings
 
 def tail_content(blob: bytes) -> bytes:
     """A tail's content id: the hash of its container header (which checksums the rest)."""
-    return hash_fields([bytes(blob[:HEADER_SIZE])], person=b"kvstash-tail")
+    return hash_fields([container_header(blob)], person=b"kvstash-tail")
 
 
 class BlockCoder:
     def __init__(self, model: ModelIdentity, settings: StoreSettings):
         self.model, self.quant, self.shape = model, model.quant, model.shape
-        self.block_tokens, self.level, self.cold = settings.block_tokens, settings.codec_level, settings.cold
-        if self.cold is not None:
-            check_cold(self.quant, self.cold, self.block_tokens, self.shape.layers)
+        self.block_tokens, self.level = settings.block_tokens, settings.codec_level
+        self.ctx = BlockContext(self.quant, self.shape, self.block_tokens, model.fingerprint)
+        self.warm = codec_named(DEFAULT)(self.ctx)
+        self.cold = codec_named("cold")(self.ctx, settings.cold.spec()) if settings.cold is not None else None
+        self.decoder = BlockDecoder(self.ctx)
         self.pool = ThreadPoolExecutor(settings.codec_threads or os.cpu_count() or 1, thread_name_prefix="kvcodec")
 
-    def _kw(self, index: int) -> dict:
-        return dict(quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, index=index,
-                    model_fingerprint=self.model.fingerprint)
-
     # ---- encoding ----------------------------------------------------------------------------------
-    def encode(self, part: Tensors, index: int) -> EncodedBlock:
-        return encode_block(part, **self._kw(index))
-
-    def encode_cold(self, part: Tensors, index: int) -> ColdBlock:
-        return encode_cold(part, cold=self.cold, **self._kw(index))[0]
-
-    def encode_many(self, parts: list[Tensors], idx: list[int], cold: bool = False) -> list:
-        """Blocks `idx` of `parts` encoded on the pool, in order (`cold`: as cold blocks)."""
-        one = self.encode_cold if cold else self.encode
-        return list(self.pool.map(lambda i: one(parts[i], i), idx))
+    def encode_many(self, parts: list[Tensors], idx: list[int], cold: bool = False) -> list[EncodedBlock]:
+        """Blocks `idx` of `parts` encoded on the pool, in order (`cold`: with the cold codec)."""
+        codec = self.cold if cold else self.warm
+        if codec is None:
+            raise ValueError("this store has no cold codec (tiers.cold_spec is not set)")
+        return list(self.pool.map(lambda i: codec.encode(parts[i], i), idx))
 
     def encode_tail(self, tail: KVState) -> bytes:
         return encode_kv(tail, model_fingerprint=self.model.fingerprint, level=self.level)
@@ -68,8 +63,7 @@ class BlockCoder:
     def decode(self, data: bytes, index: int, content: bytes | None = None) -> Tensors:
         """Block `index`'s tensors (warm or cold container); ContainerError when it is not the block
         expected (checksum, identity, layout, and `content` when given)."""
-        decode = decode_cold if is_cold(data) else decode_block
-        return decode(data, content=content, **self._kw(index))
+        return self.decoder.decode(data, index, content)
 
     def decode_tail(self, data: bytes, content: bytes) -> KVState:
         if tail_content(data) != content:
@@ -93,11 +87,9 @@ class BlockCoder:
         state = random_state(self.quant, self.shape, 2 * self.block_tokens + self.quant.residual + self.quant.key_group,
                              new_cache=new_cache)
         parts, tail = blk.split(state, self.block_tokens, blk.whole_blocks(state, self.block_tokens))
-        kw = dict(quant=self.quant, shape=self.shape, block_tokens=self.block_tokens, model_fingerprint="warm-up")
-        for i, p in enumerate(parts):
-            decode_block(encode_block(p, index=i, **kw).data, index=i, **kw)
-            if self.cold is not None:
-                decode_cold(encode_cold(p, cold=self.cold, index=i, **kw)[0].data, index=i, **kw)
+        for codec in (self.warm, self.cold) if self.cold is not None else (self.warm,):
+            for i, p in enumerate(parts):
+                self.decoder.decode(codec.encode(p, i).data, i)
         decode_kv(encode_kv(tail, model_fingerprint="warm-up", level=self.level))
 
     def close(self) -> None:

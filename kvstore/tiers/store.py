@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Generator
 
-from kvstore.codec.block import block_header, content_hash
+from kvstore.codec.block_codec import content_hash
 from kvstore.codec.container import ContainerError
 from kvstore.prefix import blocks as blk
 from kvstore.prefix.canonical import adoption_points, canonical_tokens
@@ -252,7 +252,7 @@ class SessionStore:
                     break
                 try:
                     tensors = self.coder.decode(data, i)
-                    content = bytes.fromhex(block_header(data)["content"])
+                    content = content_hash(tensors)
                 except ContainerError as e:
                     log.warning("stored prefix block %d rejected: %s", i, e)
                     break

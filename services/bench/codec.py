@@ -113,23 +113,24 @@ def _zstd_bits(parts, quant, level: int, transform: bool, *, long: bool = False,
 
 
 def block_table(state, runner, quant, block_tokens: int, train_state=None) -> dict:
-    from kvstore.codec.block import decode_block, encode_block
+    from kvstore.codec.block_codec import BlockContext
+    from kvstore.codec.registry import DEFAULT, codec_named
     from kvstore.prefix import blocks as blk
 
     n = blk.whole_blocks(state, block_tokens)
     parts, _ = blk.split(state, block_tokens, n)
     shape = runner.shape
     elems = 2 * shape.layers * shape.kv_heads * block_tokens * shape.head_dim  # per block (sinks aside)
-    kw = dict(quant=quant, shape=shape, block_tokens=block_tokens, model_fingerprint=runner.fingerprint)
-    first = encode_block(parts[0], index=0, **kw)  # load the compiled coder before timing it
-    decode_block(first.data, index=0, content=first.content, **kw)
+    codec = codec_named(DEFAULT)(BlockContext(quant, shape, block_tokens, runner.fingerprint))
+    first = codec.encode(parts[0], 0)  # load the compiled coder before timing it
+    codec.decode(first.data, 0, first.content)
     t0 = time.perf_counter()
-    enc = [encode_block(p, index=i, **kw) for i, p in enumerate(parts)]
+    enc = [codec.encode(p, i) for i, p in enumerate(parts)]
     encode_s = time.perf_counter() - t0
     decode_s = float("inf")
     for _ in range(3):  # the best of three passes over every block: the machine's other load aside
         t1 = time.perf_counter()
-        back = [decode_block(e.data, index=i, content=e.content, **kw) for i, e in enumerate(enc)]
+        back = [codec.decode(e.data, i, e.content) for i, e in enumerate(enc)]
         decode_s = min(decode_s, time.perf_counter() - t1)
     for p, b in zip(parts, back):
         assert all(x.tobytes() == y.tobytes() for (_, x), (_, y) in zip(p, b)), "lossless round trip failed"

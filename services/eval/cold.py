@@ -79,8 +79,8 @@ def region_bits(cache, cold, rope) -> tuple[int, int, int]:
 def stored_bits(state, runner, device, cold, prefill_chunk: int) -> tuple[int, int, int]:
     """(bits as cold blocks, bits as lossless blocks, elements) of the whole blocks of `state`, cut as the
     service cuts them (its default `prefix.block_tokens` for these specs and prefill chunk)."""
-    from kvstore.codec.block import encode_block
-    from kvstore.codec.cold_block import encode_cold
+    from kvstore.codec.block_codec import BlockContext
+    from kvstore.codec.registry import DEFAULT, codec_named
     from kvstore.layout import ModelShape
     from kvstore.prefix import blocks as blk
     from services.config import default_block_tokens
@@ -89,9 +89,10 @@ def stored_bits(state, runner, device, cold, prefill_chunk: int) -> tuple[int, i
     shape = ModelShape.of_state(state)
     n = blk.whole_blocks(state, bt)
     parts, _ = blk.split(state, bt, n)
-    kw = dict(quant=device, shape=shape, block_tokens=bt, model_fingerprint=runner.fingerprint)
-    cbits = sum(len(encode_cold(p, cold=cold, index=i, **kw)[0].data) for i, p in enumerate(parts)) * 8
-    dbits = sum(len(encode_block(p, index=i, **kw).data) for i, p in enumerate(parts)) * 8
+    ctx = BlockContext(device, shape, bt, runner.fingerprint)
+    cold_codec, lossless = codec_named("cold")(ctx, cold.spec()), codec_named(DEFAULT)(ctx)
+    cbits = sum(len(cold_codec.encode(p, i).data) for i, p in enumerate(parts)) * 8
+    dbits = sum(len(lossless.encode(p, i).data) for i, p in enumerate(parts)) * 8
     return cbits, dbits, 2 * n * bt * shape.layers * shape.kv_heads * shape.head_dim
 
 

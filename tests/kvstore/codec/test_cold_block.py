@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvstore.codec.block import content_hash, encode_block
-from kvstore.codec.cold_block import check_cold, decode_cold, encode_cold, is_cold
+from kvstore.codec.block import RansCtxCodec
+from kvstore.codec.block_codec import BlockContext, content_hash
+from kvstore.codec.cold_block import ColdCodec, check_cold
 from kvstore.codec.container import ContainerError
 from kvstore.config import QuantConfig
 from kvstore.layout import ModelShape
@@ -36,21 +37,25 @@ def shape_of(state):
     return ModelShape.of_state(state)
 
 
+def codecs(state, fingerprint="m", quant=DEVICE):
+    """(the cold codec, the lossless one) for blocks of `state`."""
+    ctx = BlockContext(quant, shape_of(state), BT, fingerprint)
+    return ColdCodec(ctx, COLD.spec()), RansCtxCodec(ctx)
+
+
 def test_blockwise_cold_equals_region_cold_and_round_trips_exactly(cache):
     state = cache.export_state()
-    shape = shape_of(state)
+    cold, lossless = codecs(state)
     n = blk.whole_blocks(state, BT)
     parts, tail = blk.split(state, BT, n)
     warm_parts = []
     for i, part in enumerate(parts):
-        cb, warm = encode_cold(part, quant=DEVICE, cold=COLD, shape=shape, block_tokens=BT, index=i,
-                               model_fingerprint="m")
-        assert is_cold(cb.data) and cb.content == content_hash(warm)
-        got = decode_cold(cb.data, quant=DEVICE, shape=shape, block_tokens=BT, index=i, model_fingerprint="m",
-                          content=cb.content)
+        cb = cold.encode(part, i)
+        warm = cb.tensors
+        assert cb.content == content_hash(warm)
+        got = cold.decode(cb.data, i, cb.content)
         assert [(a, b.tobytes()) for a, b in got] == [(a, b.tobytes()) for a, b in warm]
-        assert len(cb.data) < len(encode_block(part, quant=DEVICE, shape=shape, block_tokens=BT, index=i,
-                                               model_fingerprint="m").data)
+        assert len(cb.data) < len(lossless.encode(part, i).data)
         warm_parts.append(warm)
     ref = QuantizedKVCache.from_state(state, torch.device("cpu"), None)
     # region-wide cold over only the whole blocks: cut the cache's sealed region to those blocks first
@@ -66,20 +71,20 @@ def test_blockwise_cold_equals_region_cold_and_round_trips_exactly(cache):
 
 def test_tampered_or_foreign_cold_blocks_are_refused(cache):
     state = cache.export_state()
-    shape = shape_of(state)
+    cold, _ = codecs(state)
     part = blk.split(state, BT, 1)[0][0]
-    cb, _ = encode_cold(part, quant=DEVICE, cold=COLD, shape=shape, block_tokens=BT, index=0, model_fingerprint="m")
-    kw = dict(quant=DEVICE, shape=shape, block_tokens=BT, model_fingerprint="m")
+    cb = cold.encode(part, 0)
     flipped = bytearray(cb.data)
     flipped[len(flipped) // 2] ^= 1
-    for bad, extra in [(bytes(flipped), {}), (cb.data[:-7], {}), (cb.data, {"index": 1}),
-                       (cb.data, {"content": bytes(32)})]:
+    for bad, index, content in [(bytes(flipped), 0, None), (cb.data[:-7], 0, None), (cb.data, 1, None),
+                                (cb.data, 0, bytes(32))]:
         with pytest.raises(ContainerError):
-            decode_cold(bad, **{**kw, "index": 0, **extra})
+            cold.decode(bad, index, content)
     with pytest.raises(ContainerError):
-        decode_cold(cb.data, **{**kw, "model_fingerprint": "other"}, index=0)
+        codecs(state, fingerprint="other")[0].decode(cb.data, 0)
+    other_spec = codecs(state, quant=QuantConfig.parse("int4:k8v4:g32:gv16:r16:s2"))[0]
     with pytest.raises(ContainerError):
-        decode_cold(cb.data, **{**kw, "quant": QuantConfig.parse("int4:k8v4:g32:gv16:r16:s2")}, index=0)
+        other_spec.decode(cb.data, 0)
 
 
 def test_cold_specs_that_cannot_store_blocks_are_refused():
@@ -99,12 +104,11 @@ def test_a_well_formed_container_with_foreign_tensors_is_refused_not_crashed(cac
     from kvstore.quant.state import KVState
 
     state = cache.export_state()
-    shape = shape_of(state)
+    cold, _ = codecs(state)
     part = blk.split(state, BT, 2)[0][1]
-    cb, warm = encode_cold(part, quant=DEVICE, cold=COLD, shape=shape, block_tokens=BT, index=1,
-                           model_fingerprint="m")
+    cb = cold.encode(part, 1)
+    warm = cb.tensors
     good = decode_kv(cb.data, kind=Kind.COLD_BLOCK)
-    kw = dict(quant=DEVICE, shape=shape, block_tokens=BT, index=1, model_fingerprint="m", content=cb.content)
     rng = np.random.default_rng(0)
     variants = [
         [(n, a[..., :1]) for n, a in good.tensors],  # shapes cut short
@@ -117,13 +121,13 @@ def test_a_well_formed_container_with_foreign_tensors_is_refused_not_crashed(cac
         forged = encode_kv(KVState(good.num_tokens, good.quant_spec, good.meta, tensors), model_fingerprint="m",
                            codec=Codec.ZSTD_STREAMS, kind=Kind.COLD_BLOCK)
         with pytest.raises(ContainerError):
-            decode_cold(forged, **kw)
+            cold.decode(forged, 1, cb.content)
     # other dtypes holding the same values warm up to the recorded bytes: accepted, and exactly those
     same = encode_kv(KVState(good.num_tokens, good.quant_spec, good.meta,
                              [(n, a.astype(np.float32)) for n, a in good.tensors]), model_fingerprint="m",
                      codec=Codec.ZSTD_STREAMS, kind=Kind.COLD_BLOCK)
     try:
-        got = decode_cold(same, **kw)
+        got = cold.decode(same, 1, cb.content)
     except ContainerError:
         return
     assert [(n, a.tobytes()) for n, a in got] == [(n, a.tobytes()) for n, a in warm]

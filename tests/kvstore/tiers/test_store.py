@@ -7,7 +7,7 @@ import pytest
 import redis
 import torch
 
-from kvstore.codec.block import content_hash
+from kvstore.codec.block_codec import content_hash
 from kvstore.config import QuantConfig
 from kvstore.prefix import blocks as blk
 from kvstore.prefix.blocks import ModelShape
@@ -170,12 +170,12 @@ def test_public_prefix_is_shared_across_tenants(tier):
 
 
 def test_cold_mode_restores_the_decoded_state_the_same_every_time_and_keeps_cold_blocks(tier):
-    from kvstore.codec.cold_block import is_cold
+    from kvstore.codec.registry import codec_of
 
     store = make_store(tier, block_tokens=64, sharing=False, cold=QuantConfig.parse("int2:g64:gv16:s1"))
     tokens, schedule, state = session(80, 1)
     saved = store.save(manifest("a", tokens, schedule), state, [], None)
-    assert len(saved.blocks) == 3 and all(is_cold(tier.client.hget(tier.block_key("acme", r), "d"))
+    assert len(saved.blocks) == 3 and all(codec_of(tier.client.hget(tier.block_key("acme", r), "d")).name == "cold"
                                           for r in saved.blocks[:-1])
     first = store.restore("acme", saved.blocks, saved.kv_tokens).state
     assert first.num_tokens == state.num_tokens and not first.equals(state)  # lossy: the warm decoded cache
