@@ -103,7 +103,7 @@ def tok_classes(codes, g, t_n, gv, a, k0, mult, offt):
 
 @jit
 def contexts(sym, t_n, n, mode, gv, bits):
-    """-> (full context of every code as rans_decode derives it: class * (A+1) + previous code of the row,
+    """-> (full context of every code as the decoders derive it: class * (A+1) + previous code of the row,
     A for its first; counts [classes * (A+1), A] of (full context, code))."""
     a, rows = 1 << bits, sym.size // t_n
     ctx, cnt = np.empty(sym.size, np.int32), np.zeros((NCLS[mode] * (a + 1), a), np.int64)

@@ -23,10 +23,10 @@ Payload (little-endian):
     u32 crc32 of everything after it | u8 FORMAT | u32 table bytes | u32 raw bytes | u32 zstd bytes
     per stream: u8 cs | mode << 4, W code words [, W scale words, W zero words]
     table bits | rANS words (u16) of each stream: codes [, scale, zero] | raw bits | zstd frame
-W: FORMAT 3 (written) u8 lanes | u32 words of a shared stream (`kvstore.codec.rans`): the most lanes of
-simd.WIDTHS (decoded by the vector kernels of `kvstore.codec.simd`, context modes 0 and 1) whose extra lane
-states cost at most SIMD_MAX_COST of the stream, else NL lanes. Still read: FORMAT 2, NL x u32, the words
-of each of NL lanes (lanes layout); FORMAT 1, one u32, NL lanes' shared stream.
+W: u8 lanes | u32 words of a shared stream (`kvstore.codec.rans`): the most lanes of simd.WIDTHS (decoded
+by the vector kernels of `kvstore.codec.simd`, context modes 0 and 1) whose extra lane states cost at most
+SIMD_MAX_COST of the stream, else NL lanes. FORMAT is the only format read or written: the pre-release
+formats 1 (NL lanes, one u32) and 2 (NL lanes, a word stream each) were dropped before the first release.
 
 Invariants:
 - `decode_block(encode_block(t, bits), layout_of(t), bits)` is bit-identical to `t` (dtype, shape,
@@ -51,13 +51,12 @@ from kvstore.codec.streams import _planes, _unplanes
 
 CODER_ID = 3  # "rans-ctx block coder v1" (after Codec RAW=0, ZSTD=1, ZSTD_STREAMS=2)
 FORMAT = 3  # shared word streams of NL or simd.WIDTHS lanes (vector decoding), chosen per stream
-FORMATS = (1, 2, 3)  # read; 1: NL lanes share one word stream; 2: NL lanes, a word stream each
 SIMD_MAX_COST = 0.01  # the vector layouts' extra lane states (4 bytes each) may cost 1% of a stream (0.03% of
 # a SmolLM2 block: a block's scale/zero streams are ~1% of it)
 ZSTD_LEVEL = 3
 _HEAD = struct.Struct("<IBIII")  # crc, format, table bytes, raw bytes, zstd bytes
 _CTX = struct.Struct("<B")  # cs | mode << 4
-_WORDS = {1: struct.Struct("<I"), 2: struct.Struct(f"<{ans.NL}I"), 3: struct.Struct("<BI")}  # a stream's words
+_WORDS = struct.Struct("<BI")  # a stream's lanes and words
 _META_BITS = 6
 MODE2_MIN_GAIN = 0.01  # measured on SmolLM2 value streams: mode 2 saves 0.4% of a block's bits, costs ~8% decode time
 _META_ALPHABET = 1 << _META_BITS  # ans.symbolize: symbols < 63
@@ -128,16 +127,16 @@ class _Bits:
         return self.buf[: (self.pos + 7) // 8].tobytes()
 
 
-def _lanes(fmt: int, mode: int, rows: int, cnt: np.ndarray) -> int:
-    """Lanes of a shared stream of `rows` rows with table counts cnt (FORMAT 1 and 3; 2 has NL)."""
+def _lanes(mode: int, rows: int, cnt: np.ndarray) -> int:
+    """Lanes of a shared stream of `rows` rows with table counts cnt."""
     budget = SIMD_MAX_COST * _ideal_bits(cnt) / 8
     fit = [w for w in simd.WIDTHS if rows >= w and 4 * (w - ans.NL) <= budget]
-    return max(fit) if fmt == 3 and mode < 2 and fit else ans.NL
+    return max(fit) if mode < 2 and fit else ans.NL
 
 
 def _encode_symbols(sym: np.ndarray, ctx: np.ndarray | None, t: int, cnt: np.ndarray, tables: _Bits,
-                    fmt: int, nl: int) -> tuple[np.ndarray, tuple[int, ...]]:
-    """(rANS words, the stream's _WORDS[fmt] fields) of a code stream (ctx: table row of every code), or
+                    nl: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(rANS words, the stream's _WORDS fields) of a code stream (ctx: table row of every code), or
     (ctx None) of residual symbols: nl rows (zero padded) with one table, transmitted once for both
     contexts of the decoder."""
     q = _qtable(cnt)
@@ -146,11 +145,8 @@ def _encode_symbols(sym: np.ndarray, ctx: np.ndarray | None, t: int, cnt: np.nda
     if ctx is None:
         t, ctx = sym.size // nl, np.zeros(sym.size, np.int32)
     start = np.cumsum(freq, 1) - freq
-    if fmt == 2:
-        w, cnt = rans.rans_encode(sym, ctx, t, freq, start)
-        return w, tuple(int(c) for c in cnt)
     w = rans.rans_encode_shared(sym, ctx, t, freq, start, nl)
-    return w, (nl, w.size) if fmt == 3 else (w.size,)
+    return w, (nl, w.size)
 
 
 def _predict(s: Stream, sym: np.ndarray, sc, z, rs, rz, decode: bool, w: int = 0) -> None:
@@ -168,11 +164,8 @@ def _lane_major(s: Stream, nl: int) -> int:  # the lane count if stream s decode
 
 
 # ---- encode ------------------------------------------------------------------------------------------
-def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int], *, fmt: int = FORMAT) -> bytes:
-    """Encode one block's tensors (layout order); `fmt` 1 only to test reading older payloads. Raises
-    ContainerError for unsupported input."""
-    if fmt not in FORMATS:
-        raise _err(f"cannot write block format {fmt}")
+def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int]) -> bytes:
+    """Encode one block's tensors (layout order). Raises ContainerError for unsupported input."""
     if not all(isinstance(it, tuple) and len(it) == 2 and isinstance(it[1], np.ndarray) for it in tensors):
         raise _err("each tensor must be a (name, numpy array) pair")
     arrays = [a for _, a in tensors]
@@ -185,9 +178,9 @@ def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int], *,
         packed = np.concatenate([arrays[i].reshape(-1, s.t, s.m) for i in s.codes])
         sym = ans.unpack_rows(packed, s.bits)  # [rows, n, T] channel-major
         mode, cs, cnt, ctx = _choose_context(s, sym)
-        w, fields = _encode_symbols(sym, ctx, s.t, cnt, tables, fmt, _lanes(fmt, mode, sym.size // s.t, cnt))
+        w, fields = _encode_symbols(sym, ctx, s.t, cnt, tables, _lanes(mode, sym.size // s.t, cnt))
         words.append(w)
-        heads.append(_CTX.pack(cs | mode << 4) + _WORDS[fmt].pack(*fields))
+        heads.append(_CTX.pack(cs | mode << 4) + _WORDS.pack(*fields))
         if s.kind:
             shape = (-1,) + s.mshape[-2:]
             sc = np.concatenate([arrays[a].reshape(shape) for a, _ in s.metas]).view(np.uint16)
@@ -198,19 +191,19 @@ def encode_block(tensors: list[tuple[str, np.ndarray]], bits: dict[str, int], *,
                 ms = np.empty(res.size, np.uint8)
                 raw.pos = ans.symbolize(res, ms, raw.buf, raw.pos)
                 cnt = np.bincount(ms, minlength=_META_ALPHABET)[None]
-                nl = _lanes(fmt, 0, ms.size, cnt)
+                nl = _lanes(0, ms.size, cnt)
                 ms = np.concatenate([ms, np.zeros(-ms.size % nl, np.uint8)])  # nl rows, zero padded
                 cnt = np.bincount(ms, minlength=_META_ALPHABET)[None].repeat(2, 0)  # one table for both contexts
-                w, fields = _encode_symbols(ms, None, 0, cnt, tables, fmt, nl)
+                w, fields = _encode_symbols(ms, None, 0, cnt, tables, nl)
                 words.append(w)
-                heads.append(_WORDS[fmt].pack(*fields))
+                heads.append(_WORDS.pack(*fields))
     gen = b""
     if plan.generic:
         body = b"".join(_generic_forward(plan.layout[i][0], arrays[i]).tobytes() for i in plan.generic)
         gen = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(body)
     tab, rb = tables.bytes(), raw.bytes()
     tail = b"".join(heads) + tab + b"".join(w.astype("<u2").tobytes() for w in words) + rb + gen
-    head = _HEAD.pack(0, fmt, len(tab), len(rb), len(gen))[4:]
+    head = _HEAD.pack(0, FORMAT, len(tab), len(rb), len(gen))[4:]
     return struct.pack("<I", zlib.crc32(head + tail)) + head + tail
 
 
@@ -247,35 +240,32 @@ class _Reader:
         return st.unpack(self.take(st.size, what))
 
 
-def _shared(fmt: int, counts: tuple) -> tuple[int, int]:  # a stream's _WORDS fields -> (lanes, words in all)
-    if fmt == 3 and counts[0] not in rans.SHARED_LANES:
+def _shared(counts: tuple) -> tuple[int, int]:  # a stream's _WORDS fields -> (lanes, words in all), checked
+    if counts[0] not in rans.SHARED_LANES:
         raise _err(f"a rANS stream of {counts[0]} lanes is impossible (lanes: {rans.SHARED_LANES})")
-    return (counts[0], counts[1]) if fmt == 3 else (ans.NL, sum(counts))
+    return counts[0], counts[1]
 
 
-def _words(r: _Reader, counts: tuple, nsym: int, fmt: int, what: str) -> np.ndarray:  # a view of the payload
-    nl, nw = _shared(fmt, counts)
-    if nw < 2 * nl or nw > nsym + 2 * nl or (fmt == 2 and min(counts) < 2):
+def _words(r: _Reader, counts: tuple, nsym: int, what: str) -> np.ndarray:  # a view of the payload
+    nl, nw = _shared(counts)
+    if nw < 2 * nl or nw > nsym + 2 * nl:
         raise _err(f"{what}: {counts} rANS words for {nsym} symbols is impossible")
     return np.frombuffer(r.take(2 * nw, what), "<u2").astype(np.uint16, copy=False)
 
 
 def _decode_symbols(w: np.ndarray, counts: tuple, nsym: int, s: Stream | None, mode: int, cs: int, tables: _Bits,
-                    fmt: int, what: str, lane_major: bool = False) -> np.ndarray:  # inverse of _encode_symbols
+                    what: str, lane_major: bool = False) -> np.ndarray:  # inverse of _encode_symbols
     bits = s.bits if s else _META_BITS
     a, nctx = 1 << bits, ans.NCLS[mode] * (((1 << bits) >> cs) + 1)
     lut, tables.pos = ans.table_lut(tables.buf, tables.lim, tables.pos, nctx if s else 1, a, 1 if s else 2)
     if tables.pos < 0:
         raise _err(f"{what}: corrupt frequency table")
-    nl, nw = _shared(fmt, counts)
+    nl, nw = _shared(counts)
     out = np.empty(nsym if s else nsym + -nsym % nl, np.uint8)
     t, n, gv = (s.t, s.n, s.gv) if s else (out.size // nl, 1, 1)
     if nl not in simd.WIDTHS:  # the scalar decoders read the words with zeros after them
         w = np.concatenate([w, np.zeros(rans.padding(t), np.uint16)])
-    if fmt == 2:
-        ok = rans.rans_decode(w, np.array(counts, np.int64), out, t, n, mode, gv, cs, bits, lut)
-    else:
-        ok = rans.decode_shared(w, nw, out, t, n, mode, gv, cs, bits, lut, nl, lane_major)
+    ok = rans.decode_shared(w, nw, out, t, n, mode, gv, cs, bits, lut, nl, lane_major)
     if ok != 0:
         raise _err(f"{what}: corrupt rANS stream")
     return out[:nsym]
@@ -294,9 +284,9 @@ def decode_block(payload: bytes, layout: Layout, bits: dict[str, int], *,
     crc, fmt, n_tab, n_raw, n_gen = r.unpack(_HEAD, "header")
     if not verified and zlib.crc32(r.data[4:]) != crc:
         raise _err("checksum mismatch: the payload is corrupt")
-    if fmt not in FORMATS:
-        raise _err(f"unknown block format {fmt} (this build reads {', '.join(map(str, FORMATS))})")
-    heads, wst = [], _WORDS[fmt]
+    if fmt != FORMAT:
+        raise _err(f"unknown block format {fmt} (this build reads {FORMAT})")
+    heads, wst = [], _WORDS
     for i, s in enumerate(plan.streams):
         ctx, = r.unpack(_CTX, f"stream {i} header")
         nw = r.unpack(wst, f"stream {i} header")
@@ -307,17 +297,17 @@ def decode_block(payload: bytes, layout: Layout, bits: dict[str, int], *,
     tables = _Bits(8 * n_tab, r.take(n_tab, "frequency tables"))
     streams = []
     for i, (s, (_, _, nw, mw)) in enumerate(zip(plan.streams, heads)):
-        wc = _words(r, nw, s.nsym, fmt, f"stream {i} codes")
-        padded = [-(-s.nmeta // nl) * nl for nl, _ in (_shared(fmt, k) for k in mw)]  # residuals in whole rows
-        streams.append((wc, nw, [(_words(r, k, n, fmt, f"stream {i} scales/zeros"), k) for k, n in zip(mw, padded)]))
+        wc = _words(r, nw, s.nsym, f"stream {i} codes")
+        padded = [-(-s.nmeta // nl) * nl for nl, _ in (_shared(k) for k in mw)]  # residuals in whole rows
+        streams.append((wc, nw, [(_words(r, k, n, f"stream {i} scales/zeros"), k) for k, n in zip(mw, padded)]))
     raw = _Bits(8 * n_raw, r.take(n_raw, "raw bits"))
     gen = r.take(n_gen, "generic tensors")
     if r.pos != len(r.data):
         raise _err(f"{len(r.data) - r.pos} unexpected trailing bytes")
     out: list = [None] * len(plan.layout)
     for i, (s, (cs, mode, _, _), (wc, nw, metas)) in enumerate(zip(plan.streams, heads, streams)):
-        lm = _lane_major(s, _shared(fmt, nw)[0]) if fmt == 3 else 0
-        sym = _decode_symbols(wc, nw, s.nsym, s, mode, cs, tables, fmt, f"stream {i} codes", lane_major=lm > 0)
+        lm = _lane_major(s, _shared(nw)[0])
+        sym = _decode_symbols(wc, nw, s.nsym, s, mode, cs, tables, f"stream {i} codes", lane_major=lm > 0)
         if lm:
             packed = np.empty((s.rows, s.t, s.m), np.uint8)
             lanes.pack(sym, lm, s.t, s.n, s.bits, packed)
@@ -329,7 +319,7 @@ def decode_block(payload: bytes, layout: Layout, bits: dict[str, int], *,
         if metas:
             res = []
             for w, nwm in metas:
-                ms = _decode_symbols(w, nwm, s.nmeta, None, 0, _META_BITS, tables, fmt, f"stream {i} scales/zeros")
+                ms = _decode_symbols(w, nwm, s.nmeta, None, 0, _META_BITS, tables, f"stream {i} scales/zeros")
                 res.append(np.empty(s.nmeta, np.int32))
                 raw.pos = ans.desymbolize(ms, raw.buf, raw.lim, raw.pos, res[-1])
                 if raw.pos < 0:

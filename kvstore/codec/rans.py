@@ -1,13 +1,10 @@
-"""rANS over context-modelled code streams (`kvstore.codec.entropy`), in two word layouts.
+"""rANS over context-modelled code streams (`kvstore.codec.entropy`): nl lanes share one word stream.
 
-- Shared (block FORMAT 3, written; FORMAT 1, read): nl lanes read one word stream, within a step in lane
-  order. FORMAT 3 streams have nl in simd.WIDTHS (16 or 64, decoded by the vector kernels of
-  `kvstore.codec.simd`: the lanes needing a word take the next ones with one expanding load) or NL (the
-  scalar decoder, for small streams and context mode 2); FORMAT 1 streams have NL.
-- Lanes (FORMAT 2, read, and written only to test that reading): NL lanes, each with a word stream of its
-  own, stored one after the other with their word counts (a scalar lane's reads then wait on no other lane).
+Within a decode step the lanes read the stream in lane order. nl is one of simd.WIDTHS (16 or 64, decoded by
+the vector kernels of `kvstore.codec.simd`: the lanes needing a word take the next ones with one expanding
+load) or NL (the scalar decoder, for small streams and context mode 2).
 
-Decode order, the same in both: rows in groups of nl (lane l = row g * nl + l), token by token, the lanes
+Decode order: rows in groups of nl (lane l = row g * nl + l), token by token, the lanes
 side by side; then the rows left over (rows % nl) one by one on lane 0. A code's table row is
 class offset (`ans.row_classes` per row, `ans.tok_classes` per token in mode 2) + (previous code >> cs),
 P - 1 for a row's first code, P = (A >> cs) + 1.
@@ -31,17 +28,6 @@ from kvstore.codec import simd
 from kvstore.codec.ans import NCLS, NL, PB, RL, M, build_lut, inline, jit, row_classes, tok_classes
 from kvstore.codec.lanes import to_rows
 
-_U = np.uint64
-_MASK, _PB, _S16, _RL, _ONE = _U(M - 1), _U(PB), _U(16), _U(RL), _U(1)
-
-
-# ---- lanes (FORMAT 2) ----------------------------------------------------------------------------------
-@jit
-def lane_symbols(rows, t_n):  # -> symbols coded on each lane (lane 0 also takes the rows left over)
-    n = np.full(NL, (rows // NL) * t_n, np.int64)
-    n[0] += (rows % NL) * t_n
-    return n
-
 
 @inline
 def _put(x, s, c, freq, start, buf, k):  # one encode step of symbol s in table row c -> (state, buf position)
@@ -52,100 +38,7 @@ def _put(x, s, c, freq, start, buf, k):  # one encode step of symbol s in table 
     return ((x // f) << PB) + (x % f) + start[c, s], k  # (measured: 2x faster than a corrected reciprocal)
 
 
-@jit
-def rans_encode(sym, ctx, t_n, freq, start):
-    """Codes sym [rows*T] with table rows ctx -> (uint16 words: lane 0's stream, then lane 1's ...,
-    words per lane [NL]); each lane is coded in the exact reverse of its decode order."""
-    rows = sym.size // t_n
-    ns = lane_symbols(rows, t_n)
-    buf, cnt, base = np.empty(sym.size + 2 * NL, np.uint16), np.zeros(NL, np.int64), 0
-    for ln in range(NL):
-        x, k, full = np.int64(RL), base, rows // NL
-        for q in range(ns[ln] - 1, -1, -1):  # q: the lane's q-th symbol in decode order
-            r, j = (full * NL + (q // t_n - full), q % t_n) if q >= full * t_n else ((q // t_n) * NL + ln, q % t_n)
-            i = r * t_n + j
-            x, k = _put(x, np.int64(sym[i]), np.int64(ctx[i]), freq, start, buf, k)
-        buf[k], buf[k + 1] = x & 0xFFFF, x >> 16
-        k += 2
-        buf[base:k] = buf[base:k][::-1].copy()
-        cnt[ln], base = k - base, k
-    return buf[:base].copy(), cnt
-
-
-@inline
-def _step(x, cb, words, p, lut):  # one decode step on a lane (cb = table row * M) -> (symbol, state, position)
-    e = _U(lut[cb + (x & _MASK)])  # symbol | (slot - start) << 8 | (freq - 1) << 20
-    x = ((e >> _U(20)) + _ONE) * (x >> _PB) + ((e >> _U(8)) & _MASK)
-    nd = x < _RL
-    w = _U(words[p])  # read whether needed or not: no branch
-    return e & _U(255), ((x << _S16) | w) if nd else x, p + _U(nd)
-
-
-@jit
-def _lanes_group(st, words, lut, out, b0, t_n, cs, first, o, offt):
-    """NL rows of t_n codes into out[b0:]: states st[:NL], positions st[NL:]; table row offsets o (per
-    lane) and offt (per token), both times M (a function of its own, so that this loop compiles tight)."""
-    x0, x1, x2, x3, p0, p1, p2, p3 = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
-    o0, o1, o2, o3, ucs = _U(o[0]), _U(o[1]), _U(o[2]), _U(o[3]), _U(cs)
-    c0 = c1 = c2 = c3 = _U(first)
-    u, b = _U(t_n), _U(b0)
-    for j in range(t_n):
-        f = _U(offt[_U(j)])
-        s0, x0, p0 = _step(x0, c0 + f + o0, words, p0, lut)
-        s1, x1, p1 = _step(x1, c1 + f + o1, words, p1, lut)
-        s2, x2, p2 = _step(x2, c2 + f + o2, words, p2, lut)
-        s3, x3, p3 = _step(x3, c3 + f + o3, words, p3, lut)
-        i = b + _U(j)
-        out[i], out[i + u], out[i + _U(2) * u], out[i + _U(3) * u] = s0, s1, s2, s3
-        c0, c1, c2, c3 = (s0 >> ucs) << _PB, (s1 >> ucs) << _PB, (s2 >> ucs) << _PB, (s3 >> ucs) << _PB
-    st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7] = x0, x1, x2, x3, p0, p1, p2, p3
-
-
-@jit
-def rans_decode(words, cnt, out, t_n, n, mode, gv, cs, bits, lut):
-    """Inverse of rans_encode into out [rows*T] uint8; cnt = words per lane, lut = build_lut of the table
-    [rows, M]. -> 0, or -1 if the words are inconsistent."""
-    a = 1 << bits
-    p_n = (a >> cs) + 1
-    if cnt.size != NL or cnt.min() < 2 or out.size % t_n or words.size < cnt.sum() + NL * t_n + 1 \
-            or lut.shape[0] != NCLS[mode] * p_n or lut.shape[1] != M:
-        return -1
-    flat, rows = lut.reshape(-1), out.size // t_n
-    if (lane_symbols(rows, t_n) + 2 < cnt).any():
-        return -1
-    st, end = np.empty(2 * NL, np.uint64), np.empty(NL, np.int64)
-    b = 0
-    for ln in range(NL):
-        st[ln] = (_U(words[b]) << _S16) | _U(words[b + 1])
-        st[NL + ln], end[ln], b = b + 2, b + cnt[ln], b + cnt[ln]
-    rc, offt, o = row_classes(n, mode, p_n * M), np.zeros(t_n, np.int64), np.zeros(NL, np.int64)
-    for g in range(rows // NL):
-        k0 = (g * NL) % n
-        if mode == 2:
-            tok_classes(out, g, t_n, gv, a, k0, p_n * M, offt)
-        for ln in range(NL):
-            o[ln] = rc[(k0 + ln) % n]
-        _lanes_group(st, words, flat, out, g * NL * t_n, t_n, cs, (p_n - 1) * M, o, offt)
-        for ln in range(NL):
-            if st[NL + ln] > end[ln]:
-                return -1
-    x, p, ucs = st[0], st[NL], _U(cs)
-    for r in range(rows // NL * NL, rows):  # the rows left over (never in mode 2, which needs n % NL == 0)
-        c = _U((p_n - 1) * M)
-        for j in range(t_n):
-            s, x, p = _step(x, c + _U(rc[r % n]), words, p, flat)
-            out[r * t_n + j] = s
-            c = (s >> ucs) << _PB
-        if p > end[0]:
-            return -1
-    st[0], st[NL] = x, p
-    for ln in range(NL):
-        if st[NL + ln] != end[ln] or st[ln] != RL:
-            return -1
-    return 0
-
-
-# ---- shared (FORMAT 1) ------------------------------------------------------------------------------
+# ---- shared, NL lanes (the scalar decoder) ---------------------------------------------------------------
 @jit
 def rans_encode_shared(sym, ctx, t_n, freq, start, nl):
     """Codes sym [rows*T] with table rows ctx on nl lanes -> uint16 words, in the exact reverse of the shared
@@ -238,7 +131,7 @@ def _rows_on_lane0(x, p, r0, out, words, nw, t_n, rc, cs, p_n, lut):
     return x, p
 
 
-# ---- shared, simd.WIDTHS lanes (FORMAT 3) ----------------------------------------------------------------
+# ---- shared, simd.WIDTHS lanes (the vector decoders) -------------------------------------------------------
 @jit
 def _simd_setup(words, n, mode, mult, groups, w):  # -> (states [w] uint32, table row offsets [groups * w])
     st, ro, rc = np.empty(w, np.uint32), np.empty(groups * w, np.uint32), row_classes(n, mode, mult)

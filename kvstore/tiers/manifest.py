@@ -19,8 +19,8 @@ Invariants (checked by `validate` on encode and on decode; a violation raises Co
   offload, and is smaller when the history moved on after the KV was stored (replay covers the rest).
 - Timestamps are finite numbers; `decode(m.encode()) == m` (timestamps come back as floats).
 - `blocks` is empty or lists the sealed blocks then the tail (`tail` true) of a KV covering kv_tokens > 0.
-- The meta carries a manifest record version `v`: MANIFEST_VERSION is written; version 1 (no block
-  records) is still read, as a history without stored KV. Other versions are refused.
+- The meta carries a manifest record version `v`: only MANIFEST_VERSION is written or read (version 1, with
+  no block records, was dropped before the first release); other versions are refused.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from kvstore.codec.container import Codec, ContainerError, Kind, pack_container,
 from kvstore.schedule import SEAL, boundaries, check_schedule, entry_tokens, schedule_tokens
 
 MANIFEST_VERSION = 2
-READ_VERSIONS = (1, 2)
 _REF = 65  # bytes per block record: flags, key digest, content hash
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _U32_LIMIT = 1 << 32
@@ -164,19 +163,16 @@ class SessionManifest:
             raise ContainerError(f"manifest codec must be RAW, got {codec.name}")
         types = {"v": int, "tenant": str, "session_id": str, "model_fingerprint": str, "quant_spec": str,
                  "created_at": (int, float), "updated_at": (int, float), "kv_tokens": int, "n_tokens": int,
-                 "n_runs": int}
+                 "n_runs": int, "n_blocks": int}
         for key, typ in types.items():
             if key not in meta:
                 raise ContainerError(f"manifest header is missing or has a bad field: no {key!r}")
             if isinstance(meta[key], bool) or not isinstance(meta[key], typ):
                 raise ContainerError(f"manifest header is missing or has a bad field: {key!r} is a "
                                      f"{type(meta[key]).__name__}")
-        if meta["v"] not in READ_VERSIONS:
-            raise ContainerError(f"unsupported manifest version {meta['v']} (this build reads {READ_VERSIONS})")
-        n_tokens, n_runs = meta["n_tokens"], meta["n_runs"]
-        n_blocks = meta.get("n_blocks", 0) if meta["v"] >= 2 else 0
-        if isinstance(n_blocks, bool) or not isinstance(n_blocks, int):
-            raise ContainerError("manifest header is missing or has a bad field: 'n_blocks'")
+        if meta["v"] != MANIFEST_VERSION:
+            raise ContainerError(f"unsupported manifest version {meta['v']} (this build reads {MANIFEST_VERSION})")
+        n_tokens, n_runs, n_blocks = meta["n_tokens"], meta["n_runs"], meta["n_blocks"]
         if n_tokens < 0 or n_runs < 0 or n_blocks < 0 or len(payload) != 4 * n_tokens + 8 * n_runs + _REF * n_blocks:
             raise ContainerError(f"manifest payload size {len(payload)} does not match its header "
                                  f"(4*{n_tokens} token bytes + 8*{n_runs} schedule-run bytes + "
@@ -190,9 +186,8 @@ class SessionManifest:
         schedule = [v for v, n in runs for _ in range(n)]
         at = 4 * n_tokens + 8 * n_runs
         blocks = [BlockRef.unpack(payload[at + _REF * i: at + _REF * (i + 1)]) for i in range(n_blocks)]
-        kv_tokens = meta["kv_tokens"] if meta["v"] >= 2 else 0  # a v1 record's KV lived elsewhere: recompute
         m = cls(tenant=meta["tenant"], session_id=meta["session_id"], tokens=tokens, schedule=schedule,
-                kv_tokens=kv_tokens, model_fingerprint=meta["model_fingerprint"],
+                kv_tokens=meta["kv_tokens"], model_fingerprint=meta["model_fingerprint"],
                 quant_spec=meta["quant_spec"], created_at=float(meta["created_at"]),
                 updated_at=float(meta["updated_at"]), pinned=meta.get("pinned", False) is True, blocks=blocks)
         m.validate()

@@ -5,7 +5,7 @@ Shared conventions:
 - A block key is a HASH: `d` the block container, `c` its 32-byte content hash, `r` the number of session
   manifests (and public-registry entries) referencing it, `t` the unix time it was last referenced. Its
   bytes (for the counters) are len(d) + len(c).
-- A session key is a HASH: `m` its manifest (and, from format 1, possibly a legacy `kv` field).
+- A session key is a HASH: `m` its manifest.
 - A counter key is a HASH: `bytes` (session field bytes + block bytes + registry bytes of its bucket),
   `sessions`, `blocks`; every script that changes what a bucket stores updates the bucket's counters in the
   same script, so they always equal what the bucket stores.
@@ -83,9 +83,8 @@ COMMIT = _LIB + """
 local key, stats = KEYS[1], KEYS[2]
 if ARGV[1] ~= '*' and manifest_sha(key) ~= ARGV[1] then return {'stale'} end
 local existed = redis.call('EXISTS', key)
-local bytes = string.len(ARGV[2]) - redis.call('HSTRLEN', key, 'm') - redis.call('HSTRLEN', key, 'kv')
+local bytes = string.len(ARGV[2]) - redis.call('HSTRLEN', key, 'm')
 redis.call('HSET', key, 'm', ARGV[2])
-redis.call('HDEL', key, 'kv')
 bump(stats, bytes, 1 - existed, 0)
 return {'ok', redis.call('HSTRLEN', key, 'm')}
 """

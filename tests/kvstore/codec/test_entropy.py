@@ -126,25 +126,24 @@ def test_any_arrays_round_trip(block):
     roundtrip(*block)
 
 
-@pytest.fixture(scope="module", params=[3, 2, 1], ids=["format3", "format2", "format1"])
-def coded(request):
-    """A coded block, in the format written (3) and in the ones still read (2, 1)."""
+@pytest.fixture(scope="module")
+def coded():
+    """A coded block, in the format written (the only one read)."""
     tensors, bits = sealed_block(layers=2, b=32, seed=5, outliers=0.02)
-    return tensors, bits, encode_block(tensors, bits, fmt=request.param)
+    return tensors, bits, encode_block(tensors, bits)
 
 
-@pytest.mark.parametrize("layers,h,d", [(2, 2, 16), (1, 3, 8), (3, 1, 8)])
-def test_format_1_and_2_payloads_still_decode_and_format_3_is_written(layers, h, d):
-    tensors, bits = sealed_block(layers=layers, h=h, d=d, b=32, seed=7)
-    new = roundtrip(tensors, bits)
-    assert new[4] == 3  # the format byte after the CRC
-    for fmt in (1, 2):
-        old = encode_block(tensors, bits, fmt=fmt)
-        assert old[4] == fmt and old != new
-        back = decode_block(old, layout_of(tensors), bits)
-        assert all(a.tobytes() == b.tobytes() for (_, a), (_, b) in zip(tensors, back))
-    with pytest.raises(ContainerError, match="cannot write block format 4"):
-        encode_block(tensors, bits, fmt=4)
+def test_only_the_current_format_is_read():
+    """Formats 1 and 2 (pre-release) were dropped: a payload claiming them is refused, not misread."""
+    tensors, bits = sealed_block(layers=2, b=32, seed=7)
+    payload = roundtrip(tensors, bits)
+    assert payload[4] == 3  # the format byte after the CRC
+    for fmt in (1, 2, 4):
+        bad = bytearray(payload)
+        bad[4] = fmt
+        bad[:4] = struct.pack("<I", zlib.crc32(bytes(bad[4:])))
+        with pytest.raises(ContainerError, match="unknown block format"):
+            decode_block(bytes(bad), layout_of(tensors), bits)
 
 
 def _stream_lanes(payload: bytes) -> int:  # format 3: stream 0's lane count (after CRC, format, sizes, context)
@@ -178,20 +177,6 @@ def test_a_vector_stream_with_a_wrong_lane_count_is_refused():
     for where, lanes in [(at, x) for x in (ans.NL, 16, 0, 7, 255)] + [(at + 5, x) for x in (0, 64, 3)]:
         bad = bytearray(payload)  # stream 0's codes, then its scale residuals
         bad[where] = lanes
-        bad[:4] = struct.pack("<I", zlib.crc32(bytes(bad[4:])))
-        with pytest.raises(ContainerError, match="corrupt rANS stream|impossible"):
-            decode_block(bytes(bad), layout_of(tensors), bits)
-
-
-def test_format_2_lane_word_counts_are_checked():
-    """Moving words between lanes (the total kept, the CRC recomputed) is caught by the rANS decoder."""
-    tensors, bits = sealed_block(layers=2, b=32, seed=5)
-    payload = bytearray(encode_block(tensors, bits, fmt=2))
-    at = 4 + 1 + 12 + 1  # CRC, format, three sizes, then stream 0's context byte and its NL lane counts
-    lanes = list(struct.unpack_from(f"<{ans.NL}I", payload, at))
-    for delta in ([-1, 1, 0, 0], [0, 0, 3, -3], [1 - lanes[0], lanes[0] - 1, 0, 0]):
-        bad = bytearray(payload)
-        struct.pack_into(f"<{ans.NL}I", bad, at, *(a + b for a, b in zip(lanes, delta)))
         bad[:4] = struct.pack("<I", zlib.crc32(bytes(bad[4:])))
         with pytest.raises(ContainerError, match="corrupt rANS stream|impossible"):
             decode_block(bytes(bad), layout_of(tensors), bits)

@@ -167,9 +167,12 @@ def test_block_records_round_trip_and_seal_markers_are_schedule_entries():
         SessionManifest.decode(pack_container(kind, codec, meta, bytes(bad)))
 
 
-def test_version_1_records_are_read_as_histories_without_stored_kv():
-    m = _m()
-    kind, codec, meta, payload = unpack_container(m.encode())
-    meta = {k: v for k, v in meta.items() if k != "n_blocks"} | {"v": 1}
-    old = SessionManifest.decode(pack_container(kind, codec, meta, payload))
-    assert old.tokens == m.tokens and old.schedule == m.schedule and old.kv_tokens == 0 and old.blocks == []
+def test_only_the_current_record_version_is_read():
+    """Version 1 (no block records) was dropped before the first release: refused, like any other."""
+    kind, codec, meta, payload = unpack_container(_m().encode())
+    for v in (1, 3):
+        with pytest.raises(ContainerError, match="unsupported manifest version"):
+            SessionManifest.decode(pack_container(kind, codec, meta | {"v": v}, payload))
+    with pytest.raises(ContainerError, match="n_blocks"):
+        SessionManifest.decode(pack_container(kind, codec, {k: x for k, x in meta.items() if k != "n_blocks"},
+                                              payload))

@@ -216,17 +216,6 @@ def test_invalid_manifest_is_refused_before_writing(tier):
     assert tier.stats() == {"bytes": 0, "sessions": 0, "blocks": 0}
 
 
-def test_legacy_kv_field_is_dropped_and_accounted_on_rewrite(tier):
-    key = tier.session_key("acme", "old")
-    tier.commit_session(_m("old"), [])
-    tier.client.hset(key, "kv", b"x" * 1000)  # what a format-1 writer left
-    tier.client.hincrby(tier.keys.session_counter("acme", "old"), "bytes", 1000)
-    tier.commit_session(_m("old", n=30), [])
-    assert tier.client.hkeys(key) == [b"m"]
-    st = _stored(tier)
-    assert tier.stats() == {k: st[k] for k in ("bytes", "sessions", "blocks")}
-
-
 def test_survives_a_redis_restart_and_reports_down(tmp_path):
     """Lua scripts are flushed by a restart; the tier must reload them (and ping must say False when down)."""
     with RedisServer(data_dir=str(tmp_path), appendonly=True) as server:
