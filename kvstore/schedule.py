@@ -18,9 +18,17 @@ exactly that shape:
 Stored as uint32 values (run-length encoded by the manifest): `tokens | (rows - 1) << 24`, SEAL = 0.
 A pass of rows = 1 is its token count, as before batching existed.
 
+Canonical passes: the worker runs every prefill in passes that end at multiples of `prefill_chunk` (global
+positions), and calls the first complete passes from position 0 the *canonical* part of a history: any
+session whose prompt starts with the same tokens computes bit-identical KV for it, so a stored canonical
+prefix may be adopted (kvstore/prefix/canonical.py says where; `adopted_schedule` is what the adopter
+records: the canonical passes, then SEAL).
+
 Invariants (pure functions):
 - `decode_pass(encode_pass(p)) == p` for every valid pass; `encode_pass` raises ValueError otherwise.
 - `schedule_tokens(s)` = the tokens the schedule's passes fed; `boundaries(s)` its prefix sums (with 0).
+- `canonical_tokens(schedule, chunk)` = chunk * (number of leading schedule entries equal to chunk).
+- `passes(start, end, chunk)` covers [start, end) with passes ending at multiples of chunk (and at end).
 """
 
 from __future__ import annotations
@@ -110,3 +118,28 @@ def replay_passes(schedule: list[int], pack: bool = True) -> list[Pass | None]:
         else:
             out.append(p)
     return out
+
+
+def canonical_tokens(schedule: list[int], chunk: int) -> int:
+    """Tokens at the start of a history whose KV is canonical (see the module docstring)."""
+    n = 0
+    for p in schedule:
+        if p != chunk:
+            break
+        n += chunk
+    return n
+
+
+def passes(start: int, end: int, chunk: int) -> list[int]:
+    """Forward-pass lengths covering [start, end), cut at the multiples of `chunk`."""
+    out, pos = [], start
+    while pos < end:
+        stop = min(end, (pos // chunk + 1) * chunk)
+        out.append(stop - pos)
+        pos = stop
+    return out
+
+
+def adopted_schedule(tokens: int, chunk: int) -> list[int]:
+    """The schedule of a session that adopted `tokens` canonical tokens."""
+    return [chunk] * (tokens // chunk) + [SEAL]

@@ -47,10 +47,13 @@ def test_a_planted_upward_import_breaks_the_contracts(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     block = tmp_path / "kvstore" / "codec" / "block.py"
     block.write_text(block.read_text() + "\nimport kvstore.tiers.manifest  # planted: the codec imports upward\n")
+    engine = tmp_path / "services" / "worker" / "engine.py"
+    engine.write_text(engine.read_text() + "\nfrom kvstore.tiers.store import SessionStore  # planted: past the entry\n")
     r = _lint_imports(tmp_path)
     assert r.returncode != 0, r.stdout
     assert "kvstore.codec stores blocks without knowing how they are cut or where they live BROKEN" in r.stdout
     assert "kvstore's layers, top to bottom BROKEN" in r.stdout
+    assert "the worker reaches the library through kvstore.device and kvstore.storage BROKEN" in r.stdout
 
 
 def test_a_deferred_upward_import_in_the_tooling_breaks_its_contracts(tmp_path):

@@ -1,11 +1,12 @@
-"""Which KV is reproducible from tokens alone, and where a new session may adopt a stored prefix.
+"""Where a new session may adopt a stored prefix: which KV is reproducible from tokens alone.
 
 On CPU (and GPU) a forward pass's bits depend on its length: the same position run in a pass of 1,000 or
 1,001 tokens gives different rounding. So KV is a function of the tokens *and the pass structure*. The
 worker runs every prefill in passes that end at multiples of `prefill_chunk` (global positions), and
 calls the first complete passes from position 0 the *canonical* part of a history: any session whose
 prompt starts with the same tokens computes bit-identical KV for it (same model, spec, device kind —
-the `KvDomain`), whenever it seals those tokens.
+the `KvDomain`), whenever it seals those tokens. The canonical passes themselves (`passes`,
+`canonical_tokens`, `adopted_schedule`) are schedule vocabulary, in kvstore/schedule.py.
 
 A new session may adopt a stored canonical prefix of S tokens (S a multiple of `prefill_chunk` and a
 block boundary) instead of prefilling it. It then holds those tokens sealed, with an empty window — the
@@ -14,35 +15,12 @@ schedule: `S / prefill_chunk` passes of `prefill_chunk`, then SEAL. Replaying th
 tokens rebuilds the same bits, so adoption never costs exactness.
 
 Invariants (pure functions):
-- `canonical_tokens(schedule, chunk)` = chunk * (number of leading schedule entries equal to chunk).
-- `passes(start, end, chunk)` covers [start, end) with passes ending at multiples of chunk (and at end).
 - `adoption_points(...)` are increasing, each a multiple of chunk and a block boundary, each < n_tokens.
 """
 
 from __future__ import annotations
 
 from kvstore.prefix.block_hash import BlockGrid
-from kvstore.schedule import SEAL
-
-
-def canonical_tokens(schedule: list[int], chunk: int) -> int:
-    """Tokens at the start of a history whose KV is canonical (see the module docstring)."""
-    n = 0
-    for p in schedule:
-        if p != chunk:
-            break
-        n += chunk
-    return n
-
-
-def passes(start: int, end: int, chunk: int) -> list[int]:
-    """Forward-pass lengths covering [start, end), cut at the multiples of `chunk`."""
-    out, pos = [], start
-    while pos < end:
-        stop = min(end, (pos // chunk + 1) * chunk)
-        out.append(stop - pos)
-        pos = stop
-    return out
 
 
 def adoption_points(n_tokens: int, grid: BlockGrid, chunk: int) -> list[int]:
@@ -50,8 +28,3 @@ def adoption_points(n_tokens: int, grid: BlockGrid, chunk: int) -> list[int]:
     if chunk % grid.block_tokens:
         raise ValueError(f"prefill chunk {chunk} is not a multiple of block_tokens={grid.block_tokens}")
     return [s for s in range(chunk, n_tokens, chunk) if s > grid.sinks and (s - grid.sinks) % grid.block_tokens == 0]
-
-
-def adopted_schedule(tokens: int, chunk: int) -> list[int]:
-    """The schedule of a session that adopted `tokens` canonical tokens."""
-    return [chunk] * (tokens // chunk) + [SEAL]

@@ -33,9 +33,10 @@ from collections.abc import Callable, Generator
 from kvstore.codec.block_codec import content_hash
 from kvstore.codec.container import ContainerError
 from kvstore.prefix import blocks as blk
-from kvstore.prefix.canonical import adoption_points, canonical_tokens
+from kvstore.prefix.canonical import adoption_points
 from kvstore.prefix.trie import PrefixTrie, TrieNode
 from kvstore.quant.state import KVState
+from kvstore.schedule import canonical_tokens
 from kvstore.tiers.coding import BlockCoder, tail_content
 from kvstore.tiers.host_tier import HostTier
 from kvstore.tiers.manifest import BlockRef, SessionManifest

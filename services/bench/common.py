@@ -29,7 +29,7 @@ def worker_store(runner, redis_url: str, spec: str, namespace: str, **sections):
 
 def prefill(runner, store, ids):
     """A fresh cache and schedule after the worker's canonical prefill of `ids`."""
-    from kvstore.prefix.canonical import passes
+    from kvstore.schedule import passes
 
     cache, schedule, pos = runner.new_cache(store.quant), [], 0
     for n in passes(0, len(ids), store.prefill_chunk):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.quant.cache import QuantizedKVCache
+from kvstore.device import QuantizedKVCache
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,8 @@ from collections.abc import Generator
 
 import redis
 
-from kvstore.prefix.canonical import passes
-from kvstore.schedule import Pass, encode_pass
-from kvstore.tiers.legacy_layout import LayoutMigration, MigrationReport
-from kvstore.tiers.redis_tier import RedisTier
+from kvstore.schedule import Pass, encode_pass, passes
+from kvstore.storage import LayoutMigration, MigrationReport, RedisTier
 from services.config import KvstashConfig
 from services.errors import (
     DeadlineExceeded,

@@ -20,10 +20,7 @@ import logging
 import secrets
 from collections.abc import Callable
 
-from kvstore.codec.container import ContainerError
-from kvstore.tiers.journal import HistoryJournal
-from kvstore.tiers.manifest import SessionManifest
-from kvstore.tiers.redis_tier import RedisTier, StaleManifest
+from kvstore.storage import ContainerError, HistoryJournal, RedisTier, SessionManifest, StaleManifest
 from services.errors import Internal, Unavailable
 from services.metrics import WorkerMetrics
 from services.worker.session import Session

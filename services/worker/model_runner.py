@@ -17,11 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.config import QuantConfig
-from kvstore.layout import ModelShape
-from kvstore.quant import attention
-from kvstore.quant.cache import QuantizedKVCache, check_model_supported, check_spec_supported, rope_for
-from kvstore.quant.rows import forward_rows
-from kvstore.quant.state import KVState
+from kvstore.device import (
+    KVState,
+    ModelShape,
+    QuantizedKVCache,
+    attention,
+    check_model_supported,
+    check_spec_supported,
+    forward_rows,
+    rope_for,
+)
 from kvstore.schedule import Pass
 from services.config import ModelConfig
 from services.errors import FailedPrecondition, InvalidArgument

@@ -19,9 +19,9 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from kvstore.quant.cache import QuantizedKVCache
+from kvstore.device import QuantizedKVCache
 from kvstore.schedule import schedule_tokens
-from kvstore.tiers.manifest import BlockRef, SessionManifest
+from kvstore.storage import BlockRef, SessionManifest
 
 
 class State(enum.Enum):

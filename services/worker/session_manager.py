@@ -29,11 +29,8 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 from kvstore.digest import hash_fields
-from kvstore.prefix.canonical import adopted_schedule, canonical_tokens
-from kvstore.schedule import SEAL, boundaries, replay_passes, schedule_tokens
-from kvstore.tiers.journal import HistoryJournal
-from kvstore.tiers.policy import OffloadPolicy, Resident
-from kvstore.tiers.redis_tier import RedisTier
+from kvstore.schedule import SEAL, adopted_schedule, boundaries, canonical_tokens, replay_passes, schedule_tokens
+from kvstore.storage import HistoryJournal, OffloadPolicy, RedisTier, Resident
 from services.config import KvstashConfig, kvstash_home
 from services.errors import FailedPrecondition, NotFound, Unavailable
 from services.metrics import WorkerMetrics

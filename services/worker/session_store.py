@@ -17,17 +17,17 @@ from __future__ import annotations
 from collections.abc import Generator
 from dataclasses import dataclass
 
-from kvstore.prefix.canonical import passes
-from kvstore.quant.cache import QuantizedKVCache
-from kvstore.tiers.redis_tier import RedisTier
-from kvstore.tiers.store import SessionStore
-from kvstore.tiers.store_types import (
+from kvstore.device import QuantizedKVCache
+from kvstore.schedule import passes
+from kvstore.storage import (
     MISSING,
     BytesWritten,
     CompressionMeasured,
     ModelIdentity,
     Published,
+    RedisTier,
     RestoreDecided,
+    SessionStore,
     StorageFailed,
     StoreEvent,
     StoreSettings,

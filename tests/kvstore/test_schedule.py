@@ -8,11 +8,14 @@ from kvstore.schedule import (
     MAX_ROWS,
     SEAL,
     Pass,
+    adopted_schedule,
     boundaries,
+    canonical_tokens,
     check_schedule,
     decode_pass,
     encode_pass,
     entry_tokens,
+    passes,
     replay_passes,
     schedule_tokens,
 )
@@ -57,3 +60,19 @@ def test_replay_packs_runs_of_batched_steps_up_to_their_row_count():
     assert replay_passes(s) == [Pass(512), Pass(64), Pass(4, 4), Pass(2, 4), Pass(3, 16), Pass(1), None, Pass(1, 4)]
     assert replay_passes(s, pack=False) == [decode_pass(e) for e in s]
     assert sum(p.tokens for p in replay_passes(s) if p) == schedule_tokens(s)
+
+
+def test_passes_end_at_chunk_multiples():
+    assert passes(0, 1100, 512) == [512, 512, 76]
+    assert passes(1100, 1200, 512) == [100]
+    assert passes(1000, 1600, 512) == [24, 512, 64]
+    assert passes(5, 5, 512) == []
+    assert sum(passes(3, 5000, 256)) == 4997
+
+
+def test_canonical_tokens_count_leading_complete_chunks():
+    assert canonical_tokens([512, 512, 76, 1, 1], 512) == 1024
+    assert canonical_tokens([512, 512, SEAL, 128, 1], 512) == 1024
+    assert canonical_tokens([100, 512], 512) == 0
+    assert canonical_tokens(adopted_schedule(1536, 512), 512) == 1536
+    assert adopted_schedule(1024, 512) == [512, 512, SEAL]
