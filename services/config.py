@@ -32,9 +32,14 @@ class ModelConfig:
     cache_dir: str = _f("", "Where pulled models are kept; empty means $KVSTASH_HOME/models (~/.kvstash/models).")
 
 
+# The default device spec (issue 16): INT4 keys in groups of 32 tokens, INT4 values in groups of 64 channels,
+# a 64-token window held as INT8 codes. docs/BENCHMARKS.md "Whole-session memory" measures it.
+DEFAULT_KV_SPEC = "int4:g32:gv64:r64:w8"
+
+
 @dataclass
 class KVConfig:
-    spec: str = _f("int4:k8v4:g32:r128", "On-device KV quantization spec (grammar in kvstore/config.py), e.g. int4, int8:r64, fp.")
+    spec: str = _f(DEFAULT_KV_SPEC, "On-device KV quantization spec (grammar in kvstore/config.py), e.g. int4, int8:r64, fp.")
     codec_level: int = _f(3, "zstandard level of a stored session's tail (its full-precision window); blocks use "
                              "the rANS block coder.")
     quality_sample_rate: float = _f(

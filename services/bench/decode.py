@@ -1,7 +1,7 @@
 """`kvstash bench decode`: one session's decode step at a long context, kvstash's quantized cache against
 transformers' fp `DynamicCache`, in the same process.
 
-    kvstash bench decode [--model M] [--context 512,2048] [--kv int4:k8v4:g32:r128] [--steps 16] [--reps 5]
+    kvstash bench decode [--model M] [--context 512,2048] [--kv SPEC] [--steps 16] [--reps 5]
                          [--json]
 
 For each context length L: both caches are prefilled with the same L tokens (passes of 512), then each

@@ -5,7 +5,7 @@
     kvstash bench chat [--users 8] [--rounds 5] [--modes default,no-tier,fp]           (services/bench/chat.py)
     kvstash bench http [--http URL] [--grpc TARGET] [--turns 6]                       (services/bench/http.py)
     kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]            (services/bench/codec.py)
-    kvstash bench decode [--context 512,2048] [--kv int4:k8v4:g32:r128]              (services/bench/decode.py)
+    kvstash bench decode [--context 512,2048] [--kv SPEC]              (services/bench/decode.py)
     kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--json]         (services/bench/dedup.py)
     kvstash bench load [--concurrency 1,2,4,8] [--seconds 20] [--json]                (services/bench/load.py)
     kvstash bench soak [--minutes 10] [--concurrency 16] [--json]                     (services/bench/soak.py)
@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from services.cli.commands import runs
+from services.config import DEFAULT_KV_SPEC
 from services.eval.corpus import DEFAULT_TEXT
 
 
@@ -103,7 +104,7 @@ def _decode(kinds) -> None:
     p = kinds.add_parser("decode", help="one session's decode step at long contexts: kvstash cache vs DynamicCache")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--context", default="512,2048")
-    p.add_argument("--kv", default="int4:k8v4:g32:r128", help="comma-separated kvstash KV specs")
+    p.add_argument("--kv", default=DEFAULT_KV_SPEC, help="comma-separated kvstash KV specs")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", action="store_true")
@@ -114,7 +115,7 @@ def _dedup(kinds) -> None:
     p = kinds.add_parser("dedup", help="Redis bytes of sessions sharing a prompt prefix vs storing each alone")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--text", default=str(DEFAULT_TEXT))
-    p.add_argument("--kv", default="int4:k8v4:g32:r128")
+    p.add_argument("--kv", default=DEFAULT_KV_SPEC)
     p.add_argument("--sessions", type=int, default=100)
     p.add_argument("--prefix", type=int, default=1024, help="tokens of the shared prompt prefix")
     p.add_argument("--own", type=int, default=128, help="tokens of each session's own prompt")

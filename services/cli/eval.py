@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 from services.cli.commands import runs
+from services.config import DEFAULT_KV_SPEC
 from services.eval.corpus import DEFAULT_TEXT
 
 # `eval cold`'s defaults (kept here, not in services/eval/cold.py, so that building the tree imports no numpy)
-DEFAULT_DEVICE = "int4:k8v4:g32:r128"
+DEFAULT_DEVICE = DEFAULT_KV_SPEC
 # SmolLM2-135M-Instruct (30 layers): keys 2-4 bits and values 2-3 bits per layer, allocated greedily from
 # per-layer KL sensitivities (about 2.1 bits per sealed element, delta PPL about +0.2 to +0.3). The flat
 # `int:k3v2:g128:gv64:s1:hadv` (about 2.3 bits, delta PPL about +0.2) fits any model.

@@ -17,7 +17,7 @@ import torch
 
 from kvstore.config import QuantConfig
 from kvstore.schedule import decode_pass, replay_passes
-from services.config import ModelConfig
+from services.config import DEFAULT_KV_SPEC, ModelConfig
 from services.wire import DoneEvent, GenerateCall, TokensEvent, is_terminal
 from services.worker.batching import Batcher, DecodeStep, check_invariance, verified_sizes
 from services.worker.model_runner import ModelRunner
@@ -25,7 +25,7 @@ from tests.services.stack import smollm2_path
 from tests.services.worker.test_session_store import block_keys, make_engine, run
 
 pytestmark = pytest.mark.model
-SPEC = "int4:k8v4:g32:r128"  # the default device spec
+SPEC = DEFAULT_KV_SPEC
 SIZES = (2, 4, 8, 16, 32)
 
 
