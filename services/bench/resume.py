@@ -18,7 +18,8 @@ the host tier is off, so every resume reads Redis), and measured:
   `cluster_resume_speedup` and `cluster_over_single` = cluster restore / single-node restore (issue 17's
   target: within 1.2).
 Medians over --reps rounds, each round running every measurement once in turn (after one warm-up), so a
-shared machine's slow spells weigh on restore and re-prefill alike.
+shared machine's slow spells weigh on restore and re-prefill alike. `--reps 0` times nothing: sizes and the
+bit-exactness of every restore only (for size figures on a shared machine).
 """
 
 from __future__ import annotations
@@ -83,11 +84,6 @@ def run_resume(args) -> int:
                     restores.append(restorer(c_store, c_tier))
                 for fn in restores:
                     assert fn().export_state().equals(before), "restored cache differs from the offloaded one"
-                restore = restores[0]
-                fns = [restore, lambda: prefill(runner, store, ids[:-1]), lambda: runner.forward(restore(), ids[-1:]),
-                       lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:]), *restores[1:]]
-                restore(), prefill(runner, store, ids[:-1])  # warm-up
-                restore_s, reprefill_s, next_restore, next_prefill, *on_cluster = median_times(fns, args.reps)
                 size = state_size(before)
                 rows.append({
                     "history": n, "kv": spec, "dtype": args.dtype, "blocks": len(s.blocks),
@@ -95,13 +91,21 @@ def run_resume(args) -> int:
                     "device_fraction_of_16bit": size.fraction_of_16bit(), "device_parts": size.to_json(),
                     "redis_bytes_per_session": redis_bytes, "redis_bytes_per_token": redis_bytes / size.tokens,
                     "redis_fraction_of_16bit": size.fraction_of_16bit(redis_bytes),
-                    "restore_s": restore_s, "reprefill_s": reprefill_s,
-                    "resume_speedup": reprefill_s / restore_s, "next_token_restore_s": next_restore,
-                    "next_token_reprefill_s": next_prefill,
                 })
+                if args.reps > 0:  # --reps 0: sizes and the exactness check only, nothing timed
+                    restore = restores[0]
+                    fns = [restore, lambda: prefill(runner, store, ids[:-1]),
+                           lambda: runner.forward(restore(), ids[-1:]),
+                           lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:]), *restores[1:]]
+                    restore(), prefill(runner, store, ids[:-1])  # warm-up
+                    restore_s, reprefill_s, next_restore, next_prefill, *on_cluster = median_times(fns, args.reps)
+                    rows[-1].update(restore_s=restore_s, reprefill_s=reprefill_s, resume_speedup=reprefill_s / restore_s,
+                                    next_token_restore_s=next_restore, next_token_reprefill_s=next_prefill)
+                    if cluster:
+                        rows[-1].update(cluster_restore_s=on_cluster[0],
+                                        cluster_resume_speedup=reprefill_s / on_cluster[0],
+                                        cluster_over_single=on_cluster[0] / restore_s)
                 if cluster:
-                    rows[-1].update(cluster_restore_s=on_cluster[0], cluster_resume_speedup=reprefill_s / on_cluster[0],
-                                    cluster_over_single=on_cluster[0] / restore_s)
                     c_tier.delete_session("bench", s.session_id)
                 tier.delete_session("bench", s.session_id)
     finally:
@@ -117,11 +121,12 @@ def run_resume(args) -> int:
               "| speedup | next token: restore s / re-prefill s |")
         print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
+            timed = (f"| {r['restore_s']:.4f} | {r['reprefill_s']:.3f} | {r['resume_speedup']:.1f}x "
+                     f"| {r['next_token_restore_s']:.3f} / {r['next_token_reprefill_s']:.3f} |"
+                     if "restore_s" in r else "| – | – | – | – |")
             print(f"| {r['history']} | `{r['kv']}` | {r['device_bytes_per_token']:.0f} "
                   f"| {r['device_fraction_of_16bit']:.3f} | {r['redis_bytes_per_session']} "
-                  f"| {r['redis_fraction_of_16bit']:.3f} "
-                  f"| {r['restore_s']:.4f} | {r['reprefill_s']:.3f} | {r['resume_speedup']:.1f}x "
-                  f"| {r['next_token_restore_s']:.3f} / {r['next_token_reprefill_s']:.3f} |")
+                  f"| {r['redis_fraction_of_16bit']:.3f} {timed}")
         for r in rows:
             if "cluster_restore_s" in r:
                 print(f"cluster, {r['history']} `{r['kv']}`: restore {r['cluster_restore_s']:.4f} s, speedup "
