@@ -1,6 +1,6 @@
 """`kvstash bench resume`: what offloading a session saves, and what restoring it costs against re-prefill.
 
-    kvstash bench resume --history 512,2048 --kv fp,int8:r128,int4:r128 [--dtype float32] [--cluster] [--json]
+    kvstash bench resume --history 512,2048 --kv fp,int8:r128,int4:r128 [--dtype float32] [--cold SPEC] [--cluster] [--reps 3] [--json]
 
 For each history length and KV spec, a session's cache is built by the worker's canonical
 prefill, offloaded through the worker's own `CacheStore` (services/worker/session_store.py) to a real redis-server (spawned unless --redis-url;
@@ -13,6 +13,9 @@ the host tier is off, so every resume reads Redis), and measured:
   (asserted) — versus re-prefill: the same history run through the model again, as a server without a KV
   tier would;
 - `resume_speedup` = re-prefill / restore; and the time to the next token's logits both ways;
+- with `--cold SPEC`: the same session also offloaded with `tiers.cold_spec` = SPEC (lossy cold blocks,
+  lossless tail and manifest): `cold_redis_bytes_per_session` and its fraction of 16-bit KV — the whole
+  cold session (its quality: `kvstash eval cold`);
 - with `--cluster`: the same session also offloaded to a local Redis Cluster (3 masters + 3 replicas of
   redis-server, started here) and restored from it in the same rounds: `cluster_restore_s`,
   `cluster_resume_speedup` and `cluster_over_single` = cluster restore / single-node restore (issue 17's
@@ -92,6 +95,14 @@ def run_resume(args) -> int:
                     "redis_bytes_per_session": redis_bytes, "redis_bytes_per_token": redis_bytes / size.tokens,
                     "redis_fraction_of_16bit": size.fraction_of_16bit(redis_bytes),
                 })
+                if args.cold:  # the same session offloaded with `tiers.cold_spec` (lossy: no exactness check)
+                    k_store, k_tier = worker_store(runner, args.redis_url or server.url, spec, "kvstash-bench-cold",
+                                                   tiers={"host_bytes": 0, "cold_spec": args.cold})
+                    cold_bytes = k_store.save(Session("bench", f"c{n}", tokens=list(ids), schedule=schedule,
+                                                      cache=runner.restore_cache(before)))
+                    rows[-1].update(cold_redis_bytes_per_session=cold_bytes,
+                                    cold_redis_fraction_of_16bit=size.fraction_of_16bit(cold_bytes))
+                    k_tier.delete_session("bench", f"c{n}")
                 if args.reps > 0:  # --reps 0: sizes and the exactness check only, nothing timed
                     restore = restores[0]
                     fns = [restore, lambda: prefill(runner, store, ids[:-1]),
@@ -127,6 +138,10 @@ def run_resume(args) -> int:
             print(f"| {r['history']} | `{r['kv']}` | {r['device_bytes_per_token']:.0f} "
                   f"| {r['device_fraction_of_16bit']:.3f} | {r['redis_bytes_per_session']} "
                   f"| {r['redis_fraction_of_16bit']:.3f} {timed}")
+        for r in rows:
+            if "cold_redis_bytes_per_session" in r:
+                print(f"cold `{args.cold}`, {r['history']} `{r['kv']}`: {r['cold_redis_bytes_per_session']} B per "
+                      f"session, {r['cold_redis_fraction_of_16bit']:.3f} of 16-bit KV")
         for r in rows:
             if "cluster_restore_s" in r:
                 print(f"cluster, {r['history']} `{r['kv']}`: restore {r['cluster_restore_s']:.4f} s, speedup "

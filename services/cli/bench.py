@@ -35,6 +35,7 @@ def _resume(kinds) -> None:
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="text to take the history from")
     p.add_argument("--reps", type=int, default=3, help="timed rounds; 0: sizes and exactness only, nothing timed")
     p.add_argument("--redis-url", default="", help="redis:// or redis+cluster:// (default: spawn a redis-server)")
+    p.add_argument("--cold", default="", help="also store each session with this tiers.cold_spec (whole-session bytes)")
     p.add_argument("--cluster", action="store_true",
                    help="also restore from a local Redis Cluster (3 masters + 3 replicas) in the same rounds")
     p.add_argument("--json", action="store_true")
