@@ -6,13 +6,16 @@ sessions would hold stored alone, and exactly what Redis holds when one tenant s
 import argparse
 import json
 
+import pytest
+
 from services.bench.dedup import run_dedup
 from services.eval.corpus import DEFAULT_TEXT
 
 
+@pytest.mark.timeout(1500)  # four engines (two scenarios x one node and a Cluster): slow on a shared CPU
 def test_unique_bytes_count_what_is_stored_when_the_own_part_is_shorter_than_the_window(capsys):
     args = argparse.Namespace(model="smollm2-135m-instruct", text=str(DEFAULT_TEXT), kv="int4:k8v4:g32:r128",
-                              sessions=3, prefix=192, own=16, scenarios="one-tenant,private-tenants",
+                              sessions=2, prefix=192, own=16, scenarios="one-tenant,private-tenants",
                               block_tokens=32, redis_url="", cluster=True, json=True)
     assert run_dedup(args) == 0
     out = json.loads(capsys.readouterr().out)
