@@ -1,7 +1,7 @@
 """`kvstash bench dedup`: Redis bytes of many sessions sharing a system prompt, against storing each alone.
 
     kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--kv SPEC] [--block-tokens B]
-                        [--redis-url URL] [--json]
+                        [--redis-url URL] [--cluster] [--json]
 
 Each session's prompt is the same `--prefix` tokens of text followed by `--own` tokens of its own (from
 another part of the text). Each runs through a real worker `Engine` (real model, real redis-server, the
@@ -12,11 +12,13 @@ three scenarios, each in its own Redis namespace:
 - `private-tenants`: every session has its own tenant, no public prefix: private salts must NOT share.
 Reported per scenario: `redis_bytes` (the namespace's total, from the tier's exact stats), `separate_bytes`
 (the sum of what each session would hold stored alone: its record plus every block it lists),
-`unique_bytes` (the content with the shared prefix counted once: `separate_bytes` minus, for every session
-but one, the stored size of the blocks covering the shareable prefix — computed from sizes, not from what
-Redis holds), `dedup_ratio` = separate / redis, and `redis_over_unique` = redis / unique (target <= 1.3;
+`unique_bytes` (the content with the shared prefix counted once: every session's record plus every block the
+sessions list, blocks of equal content counted once — from what the sessions reference, not from what Redis
+holds; `shared_bytes` is the part listed by more than one session), `dedup_ratio` = separate / redis, and `redis_over_unique` = redis / unique (target <= 1.3;
 for `private-tenants` the target is the opposite: nothing shared, redis ≈ separate).
-With `--redis-url redis+cluster://...` it runs against that Redis Cluster and also reports keys and bytes
+With `--cluster` the same scenarios run again, same process and sessions, on a local Redis Cluster (3 masters +
+3 replicas of redis-server, started here; each row names its `redis`: single or cluster). With `--redis-url
+redis+cluster://...` it runs against that Redis Cluster instead of a spawned node. On a Cluster it also reports keys and bytes
 (MEMORY USAGE) per master and their max/min (`master_max_over_min`).
 """
 
@@ -40,7 +42,6 @@ def run_call(engine, call):
 
 
 def scenario(engine, name: str, system: list[int], owns: list[list[int]]) -> dict:
-    from kvstore.prefix.canonical import adoption_points
     from services.wire import ErrorEvent, GenerateCall
 
     if name == "public":
@@ -55,21 +56,50 @@ def scenario(engine, name: str, system: list[int], owns: list[list[int]]) -> dic
         tenant = "acme" if name == "one-tenant" else f"tenant{i}"
         done = run_call(engine, GenerateCall(tenant, f"s{i}", True, {"token_ids": system + own}, max_new_tokens=1))
         sources[done.usage.kv_source] = sources.get(done.usage.kv_source, 0) + 1
+        before = engine.sessions.get(tenant, f"s{i}").cache.export_state()
         engine.evict(tenant, f"s{i}").result()
+        assert_restores_exactly(engine, tenant, f"s{i}", before)
     tier = engine.tier
     records = [tier.get_manifest("acme" if name == "one-tenant" else f"tenant{i}", f"s{i}") for i in range(len(owns))]
-    store = engine.sessions.store.store  # the library's SessionStore
-    points = [p for p in adoption_points(len(system) + 1, store.grid, store.chunk)]
-    shared = store.grid.count(points[-1]) if points else 0  # blocks of the shareable part of the prefix
-    prefix_bytes = sum(st.size for st in tier.check(records[0].tenant, records[0].blocks[:shared]))
     separate = sum(tier.session_bytes(m.tenant, m.session_id, m.blocks) for m in records)
-    unique = separate - (len(records) - 1) * prefix_bytes
+    unique, shared = unique_bytes(tier, records)
     registry = sum(len(k) + len(v) for k, v in tier.client.hgetall(tier.keys.registry_key).items())
     redis_bytes = tier.stats()["bytes"] - registry  # the public registry entry is not session content
     return {"scenario": name, "sessions": len(owns), "redis_bytes": redis_bytes, "separate_bytes": separate,
             "unique_bytes": unique, "dedup_ratio": separate / redis_bytes, "redis_over_unique": redis_bytes / unique,
-            "blocks": tier.stats()["blocks"], "shared_prefix_bytes": prefix_bytes, "kv_sources": sources,
+            "blocks": tier.stats()["blocks"], "shared_bytes": shared, "kv_sources": sources,
             "seconds": time.perf_counter() - t0} | spread(tier)
+
+
+def assert_restores_exactly(engine, tenant: str, session_id: str, before) -> None:
+    """The session's KV read back from Redis (blocks, shared ones too, and tail) is bit-identical to the
+    device cache it was offloaded from; AssertionError otherwise."""
+    from services.worker.session import Session
+
+    cold = Session.from_manifest(*engine.tier.get_record(tenant, session_id))
+    got = engine.sessions.store.store.restore(tenant, cold.blocks, cold.stored_kv_tokens)
+    assert got.state is not None, got.reason
+    assert engine.runner.restore_cache(got.state).export_state().equals(before), \
+        f"{tenant}/{session_id}: restored cache differs from the offloaded one"
+
+
+def unique_bytes(tier, records) -> tuple[int, int]:
+    """(unique, shared) bytes of the sessions `records`, derived from what each one references: every
+    session's record, plus every block it lists (sealed blocks and its tail) with blocks of the same content
+    (`BlockRef.content`) counted once whatever their scope; `shared` = the bytes of the blocks listed by
+    more than one session (each counted once). Valid for any prefix, own length, window and block size:
+    only blocks some session actually lists are counted, so unique <= separate and unique > 0 always."""
+    sizes: dict[bytes, int] = {}
+    users: dict[bytes, int] = {}
+    total = 0
+    for m in records:
+        total += tier.session_bytes(m.tenant, m.session_id, [])  # the record alone
+        for ref, st in zip(m.blocks, tier.check(m.tenant, m.blocks)):
+            if st.state != "present":
+                raise RuntimeError(f"block {ref.key.hex()} of {m.tenant}/{m.session_id} is {st.state}")
+            sizes[ref.content] = st.size
+            users[ref.content] = users.get(ref.content, 0) + 1
+    return total + sum(sizes.values()), sum(n for c, n in sizes.items() if users[c] > 1)
 
 
 def spread(tier) -> dict:
@@ -89,6 +119,7 @@ def spread(tier) -> dict:
 def run_dedup(args) -> int:
     from services.config import KvstashConfig, ModelConfig
     from services.eval.corpus import load_ids
+    from services.runtime.redis_cluster import LocalRedisCluster
     from services.runtime.redis_server import RedisServer
     from services.worker.engine import Engine
     from services.worker.model_runner import ModelRunner
@@ -98,33 +129,41 @@ def run_dedup(args) -> int:
     del runner
     system = ids[:args.prefix]
     owns = [ids[args.prefix + 2000 + i * args.own: args.prefix + 2000 + (i + 1) * args.own] for i in range(args.sessions)]
-    server = None if args.redis_url else RedisServer().start()
+    targets: list = []
     rows = []
     try:
-        for name in args.scenarios.split(","):
-            cfg = KvstashConfig.from_dict({
-                "model": {"name": args.model}, "kv": {"spec": args.kv, "quality_sample_rate": 0},
-                "redis": {"url": args.redis_url or server.url, "namespace": f"dedup-{name}-{int(time.time())}"},
-                "session": {"idle_timeout_s": 1e9}, "tiers": {"host_bytes": 0, "collect_interval_s": 0},
-                "prefix": {"block_tokens": args.block_tokens}})
-            engine = Engine(cfg)
-            try:
-                rows.append(scenario(engine, name, system, owns))
-            finally:
-                engine.close()
+        targets.append(("single", RedisServer().start()) if not args.redis_url else ("given", None))
+        if args.cluster:
+            targets.append(("cluster", LocalRedisCluster().start()))
+        for where, server in targets:
+            for name in args.scenarios.split(","):
+                cfg = KvstashConfig.from_dict({
+                    "model": {"name": args.model}, "kv": {"spec": args.kv, "quality_sample_rate": 0},
+                    "redis": {"url": server.url if server else args.redis_url,
+                              "namespace": f"dedup-{name}-{int(time.time())}"},
+                    "session": {"idle_timeout_s": 1e9}, "tiers": {"host_bytes": 0, "collect_interval_s": 0},
+                    "prefix": {"block_tokens": args.block_tokens}})
+                engine = Engine(cfg)
+                try:
+                    rows.append({"redis": where} | scenario(engine, name, system, owns))
+                finally:
+                    engine.close()
     finally:
-        if server:
-            server.stop()
+        for _, server in targets:
+            if server:
+                server.stop()
     one = next((r for r in rows if r["scenario"] == "one-tenant"), rows[0])
-    out = {"rows": rows, "dedup_ratio": one["dedup_ratio"], "redis_over_unique": one["redis_over_unique"]}
+    out = {"rows": rows, "dedup_ratio": one["dedup_ratio"], "redis_over_unique": one["redis_over_unique"],
+           "restores_exact": True}
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
     print(f"{args.sessions} sessions: {args.prefix} shared + {args.own} own tokens, kv {args.kv}")
-    print("| scenario | Redis bytes | stored separately | unique content | dedup ratio | Redis / unique | sources |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| Redis | scenario | Redis bytes | stored separately | unique content | dedup ratio | Redis / unique "
+          "| sources |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
-        print(f"| {r['scenario']} | {r['redis_bytes']} | {r['separate_bytes']} | {r['unique_bytes']} "
+        print(f"| {r['redis']} | {r['scenario']} | {r['redis_bytes']} | {r['separate_bytes']} | {r['unique_bytes']} "
               f"| {r['dedup_ratio']:.2f}x | {r['redis_over_unique']:.3f} | {r['kv_sources']} |")
     for r in rows:
         if "bytes_per_master" in r:

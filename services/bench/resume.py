@@ -1,6 +1,6 @@
 """`kvstash bench resume`: what offloading a session saves, and what restoring it costs against re-prefill.
 
-    kvstash bench resume --history 512,2048 --kv fp,int8:r128,int4:r128 [--dtype float32] [--cluster] [--json]
+    kvstash bench resume --history 512,2048 --kv fp,int8:r128,int4:r128 [--dtype float32] [--cold SPEC] [--cluster] [--reps 3] [--json]
 
 For each history length and KV spec, a session's cache is built by the worker's canonical
 prefill, offloaded through the worker's own `CacheStore` (services/worker/session_store.py) to a real redis-server (spawned unless --redis-url;
@@ -13,12 +13,16 @@ the host tier is off, so every resume reads Redis), and measured:
   (asserted) — versus re-prefill: the same history run through the model again, as a server without a KV
   tier would;
 - `resume_speedup` = re-prefill / restore; and the time to the next token's logits both ways;
+- with `--cold SPEC`: the same session also offloaded with `tiers.cold_spec` = SPEC (lossy cold blocks,
+  lossless tail and manifest): `cold_redis_bytes_per_session` and its fraction of 16-bit KV — the whole
+  cold session (its quality: `kvstash eval cold`);
 - with `--cluster`: the same session also offloaded to a local Redis Cluster (3 masters + 3 replicas of
   redis-server, started here) and restored from it in the same rounds: `cluster_restore_s`,
   `cluster_resume_speedup` and `cluster_over_single` = cluster restore / single-node restore (issue 17's
   target: within 1.2).
 Medians over --reps rounds, each round running every measurement once in turn (after one warm-up), so a
-shared machine's slow spells weigh on restore and re-prefill alike.
+shared machine's slow spells weigh on restore and re-prefill alike. `--reps 0` times nothing: sizes and the
+bit-exactness of every restore only (for size figures on a shared machine).
 """
 
 from __future__ import annotations
@@ -83,11 +87,6 @@ def run_resume(args) -> int:
                     restores.append(restorer(c_store, c_tier))
                 for fn in restores:
                     assert fn().export_state().equals(before), "restored cache differs from the offloaded one"
-                restore = restores[0]
-                fns = [restore, lambda: prefill(runner, store, ids[:-1]), lambda: runner.forward(restore(), ids[-1:]),
-                       lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:]), *restores[1:]]
-                restore(), prefill(runner, store, ids[:-1])  # warm-up
-                restore_s, reprefill_s, next_restore, next_prefill, *on_cluster = median_times(fns, args.reps)
                 size = state_size(before)
                 rows.append({
                     "history": n, "kv": spec, "dtype": args.dtype, "blocks": len(s.blocks),
@@ -95,13 +94,29 @@ def run_resume(args) -> int:
                     "device_fraction_of_16bit": size.fraction_of_16bit(), "device_parts": size.to_json(),
                     "redis_bytes_per_session": redis_bytes, "redis_bytes_per_token": redis_bytes / size.tokens,
                     "redis_fraction_of_16bit": size.fraction_of_16bit(redis_bytes),
-                    "restore_s": restore_s, "reprefill_s": reprefill_s,
-                    "resume_speedup": reprefill_s / restore_s, "next_token_restore_s": next_restore,
-                    "next_token_reprefill_s": next_prefill,
                 })
+                if args.cold:  # the same session offloaded with `tiers.cold_spec` (lossy: no exactness check)
+                    k_store, k_tier = worker_store(runner, args.redis_url or server.url, spec, "kvstash-bench-cold",
+                                                   tiers={"host_bytes": 0, "cold_spec": args.cold})
+                    cold_bytes = k_store.save(Session("bench", f"c{n}", tokens=list(ids), schedule=schedule,
+                                                      cache=runner.restore_cache(before)))
+                    rows[-1].update(cold_redis_bytes_per_session=cold_bytes,
+                                    cold_redis_fraction_of_16bit=size.fraction_of_16bit(cold_bytes))
+                    k_tier.delete_session("bench", f"c{n}")
+                if args.reps > 0:  # --reps 0: sizes and the exactness check only, nothing timed
+                    restore = restores[0]
+                    fns = [restore, lambda: prefill(runner, store, ids[:-1]),
+                           lambda: runner.forward(restore(), ids[-1:]),
+                           lambda: runner.forward(prefill(runner, store, ids[:-1])[0], ids[-1:]), *restores[1:]]
+                    restore(), prefill(runner, store, ids[:-1])  # warm-up
+                    restore_s, reprefill_s, next_restore, next_prefill, *on_cluster = median_times(fns, args.reps)
+                    rows[-1].update(restore_s=restore_s, reprefill_s=reprefill_s, resume_speedup=reprefill_s / restore_s,
+                                    next_token_restore_s=next_restore, next_token_reprefill_s=next_prefill)
+                    if cluster:
+                        rows[-1].update(cluster_restore_s=on_cluster[0],
+                                        cluster_resume_speedup=reprefill_s / on_cluster[0],
+                                        cluster_over_single=on_cluster[0] / restore_s)
                 if cluster:
-                    rows[-1].update(cluster_restore_s=on_cluster[0], cluster_resume_speedup=reprefill_s / on_cluster[0],
-                                    cluster_over_single=on_cluster[0] / restore_s)
                     c_tier.delete_session("bench", s.session_id)
                 tier.delete_session("bench", s.session_id)
     finally:
@@ -117,11 +132,16 @@ def run_resume(args) -> int:
               "| speedup | next token: restore s / re-prefill s |")
         print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
+            timed = (f"| {r['restore_s']:.4f} | {r['reprefill_s']:.3f} | {r['resume_speedup']:.1f}x "
+                     f"| {r['next_token_restore_s']:.3f} / {r['next_token_reprefill_s']:.3f} |"
+                     if "restore_s" in r else "| – | – | – | – |")
             print(f"| {r['history']} | `{r['kv']}` | {r['device_bytes_per_token']:.0f} "
                   f"| {r['device_fraction_of_16bit']:.3f} | {r['redis_bytes_per_session']} "
-                  f"| {r['redis_fraction_of_16bit']:.3f} "
-                  f"| {r['restore_s']:.4f} | {r['reprefill_s']:.3f} | {r['resume_speedup']:.1f}x "
-                  f"| {r['next_token_restore_s']:.3f} / {r['next_token_reprefill_s']:.3f} |")
+                  f"| {r['redis_fraction_of_16bit']:.3f} {timed}")
+        for r in rows:
+            if "cold_redis_bytes_per_session" in r:
+                print(f"cold `{args.cold}`, {r['history']} `{r['kv']}`: {r['cold_redis_bytes_per_session']} B per "
+                      f"session, {r['cold_redis_fraction_of_16bit']:.3f} of 16-bit KV")
         for r in rows:
             if "cluster_restore_s" in r:
                 print(f"cluster, {r['history']} `{r['kv']}`: restore {r['cluster_restore_s']:.4f} s, speedup "

@@ -5,8 +5,8 @@
     kvstash bench chat [--users 8] [--rounds 5] [--modes default,no-tier,fp]           (services/bench/chat.py)
     kvstash bench http [--http URL] [--grpc TARGET] [--turns 6]                       (services/bench/http.py)
     kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]            (services/bench/codec.py)
-    kvstash bench decode [--context 512,2048] [--kv SPEC]              (services/bench/decode.py)
-    kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--json]         (services/bench/dedup.py)
+    kvstash bench decode [--context 512,2048] [--kv SPEC]                             (services/bench/decode.py)
+    kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--cluster] [--json] (services/bench/dedup.py)
     kvstash bench load [--concurrency 1,2,4,8] [--seconds 20] [--json]                (services/bench/load.py)
     kvstash bench soak [--minutes 10] [--concurrency 16] [--json]                     (services/bench/soak.py)
     kvstash bench timing [--prefix 1024] [--trials 12] [--json]                       (services/bench/timing.py)
@@ -34,8 +34,9 @@ def _resume(kinds) -> None:
     p.add_argument("--history", default="512,2048", help="comma-separated history lengths in tokens")
     p.add_argument("--kv", default="fp,int8:r128,int4:r128", help="comma-separated KV specs")
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="text to take the history from")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="timed rounds; 0: sizes and exactness only, nothing timed")
     p.add_argument("--redis-url", default="", help="redis:// or redis+cluster:// (default: spawn a redis-server)")
+    p.add_argument("--cold", default="", help="also store each session with this tiers.cold_spec (whole-session bytes)")
     p.add_argument("--cluster", action="store_true",
                    help="also restore from a local Redis Cluster (3 masters + 3 replicas) in the same rounds")
     p.add_argument("--json", action="store_true")
@@ -122,6 +123,8 @@ def _dedup(kinds) -> None:
     p.add_argument("--scenarios", default="one-tenant,public,private-tenants")
     p.add_argument("--block-tokens", type=int, default=0, help="prefix.block_tokens (0: the service default)")
     p.add_argument("--redis-url", default="", help="redis:// or redis+cluster:// (default: spawn a redis-server)")
+    p.add_argument("--cluster", action="store_true",
+                   help="also run every scenario on a local Redis Cluster (3 masters + 3 replicas) in the same run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=runs("services.bench.dedup", "run_dedup"))
 
