@@ -1,33 +1,30 @@
-"""`kvstash bench dedup` on real SmolLM2 sessions, a real redis-server and a real Redis Cluster, with each
-session's own part shorter than the full-precision window (the case where the shared prefix reaches into the
-window and tail, which once made `unique_bytes` negative): unique content is positive, never above what the
-sessions would hold stored alone, and exactly what Redis holds when one tenant shares its prefix."""
+"""`kvstash bench dedup`'s `unique_bytes` on a real redis-server: it counts what the sessions' records list (each
+record, and every listed block once by content), so it equals what Redis holds when one tenant shares blocks, and
+stays positive and below the separate total whatever the prefix, own part, window or block size (the old formula
+subtracted an assumed prefix and went negative when the own part was shorter than the window)."""
 
-import argparse
-import json
+import uuid
 
-import pytest
+import redis
 
-from services.bench.dedup import run_dedup
-from services.eval.corpus import DEFAULT_TEXT
+from kvstore.storage import RedisTier
+from services.bench.dedup import unique_bytes
+from tests.kvstore.tiers.test_redis_tier import _data, _m, _ref
 
 
-@pytest.mark.timeout(1500)  # four engines (two scenarios x one node and a Cluster): slow on a shared CPU
-def test_unique_bytes_count_what_is_stored_when_the_own_part_is_shorter_than_the_window(capsys):
-    args = argparse.Namespace(model="smollm2-135m-instruct", text=str(DEFAULT_TEXT), kv="int4:k8v4:g32:r128",
-                              sessions=2, prefix=192, own=16, scenarios="one-tenant,private-tenants",
-                              block_tokens=32, redis_url="", cluster=True, json=True)
-    assert run_dedup(args) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["restores_exact"]
-    rows = {(r["redis"], r["scenario"]): r for r in out["rows"]}
-    assert set(rows) == {(w, s) for w in ("single", "cluster") for s in ("one-tenant", "private-tenants")}
-    for r in rows.values():
-        assert 0 < r["unique_bytes"] < r["separate_bytes"], r
-        assert r["shared_bytes"] > 0, r  # sealed prefix blocks are listed by every session
-    for where in ("single", "cluster"):
-        one, private = rows[(where, "one-tenant")], rows[(where, "private-tenants")]
-        assert one["redis_bytes"] == one["unique_bytes"], one  # one tenant: each block stored once, exactly
-        assert private["redis_bytes"] == private["separate_bytes"], private  # private salts share nothing
-        assert private["redis_over_unique"] > 1  # each private tenant holds its own copy of the prefix
-    assert rows[("single", "one-tenant")]["redis_bytes"] == rows[("cluster", "one-tenant")]["redis_bytes"]
+def test_unique_bytes_count_each_listed_block_once_and_equal_what_one_tenant_stores(redis_server):
+    tier = RedisTier(redis.Redis.from_url(redis_server.url), namespace="d" + uuid.uuid4().hex[:8])
+    shared, own_a, own_b, tail_a, tail_b = _ref(1), _ref(2), _ref(3), _ref(4), _ref(5)
+    a = _m("a", blocks=[shared, own_a, tail_a])
+    b = _m("b", blocks=[shared, own_b, tail_b])  # the own part is only a tail for neither: any cut works
+    for m in (a, b):
+        tier.commit_session(m, [], _data(m.blocks))
+    unique, shared_bytes = unique_bytes(tier, [a, b])
+    separate = sum(tier.session_bytes(m.tenant, m.session_id, m.blocks) for m in (a, b))
+    assert unique == tier.stats()["bytes"]  # one tenant: every block stored once, records once each
+    assert shared_bytes == tier.session_bytes("acme", "nobody", [shared])  # the one block both list
+    assert 0 < unique == separate - shared_bytes
+    c = _m("c", blocks=[own_a, tail_a])  # content listed again under another session: still counted once
+    tier.commit_session(c, [], _data(c.blocks))
+    unique3, _ = unique_bytes(tier, [a, b, c])
+    assert unique3 == tier.stats()["bytes"]
