@@ -27,6 +27,17 @@ def worker_store(runner, redis_url: str, spec: str, namespace: str, **sections):
     return CacheStore(runner, tier, cfg, WorkerMetrics()), tier
 
 
+def restore_stored(runner, store, tier, tenant: str, session_id: str):
+    """The device cache of a stored session, read back from `tier` through `store` (a `CacheStore`) with no
+    cost model deciding; AssertionError if it cannot be restored."""
+    from services.worker.session import Session
+
+    cold = Session.from_manifest(*tier.get_record(tenant, session_id))
+    got = store.store.restore(tenant, cold.blocks, cold.stored_kv_tokens)
+    assert got.state is not None, got.reason
+    return runner.restore_cache(got.state)
+
+
 def prefill(runner, store, ids):
     """A fresh cache and schedule after the worker's canonical prefill of `ids`."""
     from kvstore.schedule import passes

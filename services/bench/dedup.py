@@ -74,12 +74,10 @@ def scenario(engine, name: str, system: list[int], owns: list[list[int]]) -> dic
 def assert_restores_exactly(engine, tenant: str, session_id: str, before) -> None:
     """The session's KV read back from Redis (blocks, shared ones too, and tail) is bit-identical to the
     device cache it was offloaded from; AssertionError otherwise."""
-    from services.worker.session import Session
+    from services.bench.common import restore_stored
 
-    cold = Session.from_manifest(*engine.tier.get_record(tenant, session_id))
-    got = engine.sessions.store.store.restore(tenant, cold.blocks, cold.stored_kv_tokens)
-    assert got.state is not None, got.reason
-    assert engine.runner.restore_cache(got.state).export_state().equals(before), \
+    restored = restore_stored(engine.runner, engine.sessions.store, engine.tier, tenant, session_id)
+    assert restored.export_state().equals(before), \
         f"{tenant}/{session_id}: restored cache differs from the offloaded one"
 
 

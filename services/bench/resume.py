@@ -32,7 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
-from services.bench.common import prefill, worker_store
+from services.bench.common import prefill, restore_stored, worker_store
 
 
 def median_times(fns, reps: int) -> list[float]:
@@ -72,13 +72,7 @@ def run_resume(args) -> int:
                 redis_bytes = store.save(s)
 
                 def restorer(store, tier):
-                    def restore():
-                        record = tier.get_record("bench", s.session_id)
-                        cold = Session.from_manifest(*record)
-                        got = store.store.restore(cold.tenant, cold.blocks, cold.stored_kv_tokens)  # no cost model
-                        assert got.state is not None, got.reason
-                        return runner.restore_cache(got.state)
-                    return restore
+                    return lambda: restore_stored(runner, store, tier, "bench", s.session_id)
 
                 restores = [restorer(store, tier)]
                 if cluster:
