@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shutil
 import signal
 import socket
@@ -40,6 +41,29 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CLUSTER_BUS_OFFSET = 10000  # a cluster node also listens on port + 10000 (its bus), so its port is <= 55535
+MAX_CLUSTER_PORT = 65535 - CLUSTER_BUS_OFFSET
+
+
+def free_cluster_port(rng: random.Random | None = None) -> int:
+    """A port free on 127.0.0.1 whose cluster bus port (+10000) is free too, both <= 65535.
+
+    The kernel's ephemeral range (32768-60999) reaches above 55535, where redis-server refuses to
+    start a cluster node, so the port is drawn from 20000-55535 and both sockets are test-bound."""
+    rng = rng or random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(20000, MAX_CLUSTER_PORT)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as a, \
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair (port, port+10000) on 127.0.0.1 for a cluster node")
 
 
 def _quote(value: str) -> str:
@@ -100,7 +124,7 @@ class RedisServer:
         attempts = 3 if pick_port else 1
         for attempt in range(attempts):
             if pick_port:
-                self.port = free_port()
+                self.port = free_cluster_port() if self.cluster else free_port()
             try:
                 self._spawn(binary, timeout)
                 return self

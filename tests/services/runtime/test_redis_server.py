@@ -86,3 +86,19 @@ def test_kill_is_a_crash(tmp_path):
             redis.Redis.from_url(server.url, socket_connect_timeout=0.5).ping()
     finally:
         server.cleanup()
+
+
+def test_cluster_node_ports_leave_room_for_the_cluster_bus():
+    """A cluster node's port is <= 55535 with port+10000 free (redis-server refuses higher ports;
+    the kernel's ephemeral range reaches 60999, which once failed CI)."""
+    import random
+    import socket
+
+    from services.runtime.redis_server import MAX_CLUSTER_PORT, free_cluster_port
+
+    rng = random.Random(7)
+    for _ in range(50):
+        port = free_cluster_port(rng)
+        assert 20000 <= port <= MAX_CLUSTER_PORT == 55535
+        with socket.socket() as bus:
+            bus.bind(("127.0.0.1", port + 10000))
