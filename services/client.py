@@ -69,10 +69,10 @@ def _tls(ca_file: str) -> grpc.ChannelCredentials:
 
 def generate_request(prompt=None, *, messages=None, token_ids=None, session_id: str = "", max_new_tokens: int = 0,
                      temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None,
-                     stop: list[str] | None = None) -> pb.GenerateRequest:
+                     stop: list[str] | None = None, fork_of: str = "") -> pb.GenerateRequest:
     return pb.GenerateRequest(session_id=session_id, input=make_input(prompt, messages, token_ids),
-                              max_new_tokens=max_new_tokens, sampling=_sampling(temperature, top_p, seed),
-                              stop=stop or [])
+                              max_new_tokens=max_new_tokens,
+                              sampling=_sampling(temperature, top_p, seed), stop=stop or [], fork_of=fork_of)
 
 
 def resume_request(session_id: str, prompt=None, *, messages=None, token_ids=None, max_new_tokens: int = 0,

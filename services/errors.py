@@ -32,6 +32,10 @@ class FailedPrecondition(KvstashError):
     code = "FAILED_PRECONDITION"
 
 
+class AlreadyExists(KvstashError):
+    code = "ALREADY_EXISTS"
+
+
 class ResourceExhausted(KvstashError):
     code = "RESOURCE_EXHAUSTED"
 
@@ -56,7 +60,7 @@ class Internal(KvstashError):
     code = "INTERNAL"
 
 
-_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted,
+_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, AlreadyExists, ResourceExhausted,
                                       Unavailable, Unauthenticated, PermissionDenied, DeadlineExceeded, Internal)}
 
 

@@ -68,6 +68,8 @@ class WorkerMetrics:
         self.load_decisions = Counter(
             "kvstash_load_decisions_total", "Stored KV blocks loaded or recomputed instead, by path (resume, prefix) "
             "and decision (load, recompute), as the measured-cost model chose.", ["path", "decision"], registry=r)
+        self.forks = Counter("kvstash_forks_total", "Sessions started as a fork of another session (a copy of its "
+                             "history and KV).", registry=r)
         self.prefix_lookups = Counter(
             "kvstash_prefix_lookups_total", "New sessions that looked for a stored prefix, by result (hit, miss).",
             ["result"], registry=r)

@@ -85,6 +85,9 @@ class GenerateCall:
     # input.chat is the whole conversation: the session's tokens must begin its rendering (else
     # FailedPrecondition), and only the rest is new (the HTTP API's transparent continuation)
     extends: bool = False
+    # a fork: `session_id` is a new session that starts as a copy of this session of the tenant (its
+    # history, schedule and KV; its stored blocks shared by reference), which stays unchanged
+    fork_of: str = ""
 
 
 # ---- events -------------------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ def _http(kinds) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--think", type=float, default=0.0,
+                   help="seconds between turns; above the stack's session.idle_timeout_s every turn resumes from Redis")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=runs("services.bench.http", "run_http"))
 

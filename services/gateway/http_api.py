@@ -8,22 +8,22 @@ Every error is an OpenAI error object `{"error": {"message", "type", "param", "c
 Sessions: a request with `session_id` (body) or `x-session-id` (header) continues that session with the
 messages it sends (they are appended, as gRPC ResumeSession does), creating it if absent. A request without
 one is *transparent*: a chat request whose messages extend a conversation this tenant held before (the
-request's messages plus the reply, as `ConversationIndex` remembers it) continues that conversation's session
-(from the device, the host tier or Redis) and prefills only the new turns; any other request starts a new
-session whose prompt is the whole rendered history (the worker's prefix adoption may still take stored
-canonical blocks). `usage.prompt_tokens_details.cached_tokens` reports the tokens whose KV was reused and
-`usage.prompt_tokens` the whole prompt. The response names its session (`x-session-id` header and
-`session_id` field) so a client may switch to explicit continuation.
+request's messages plus the reply, as `ConversationIndex` remembers it) is served by a fork of that
+conversation's session (`GenerateCall.fork_of`: a new session with a copy of its history and KV — from the
+device, the host tier or Redis, stored blocks shared by reference) and prefills only the new turns; any
+other request starts a new session whose prompt is the whole rendered history (the worker's prefix adoption
+may still take stored canonical blocks). `usage.prompt_tokens_details.cached_tokens` reports the tokens whose
+KV was reused and `usage.prompt_tokens` the whole prompt. The response names its session (`x-session-id`
+header and `session_id` field) so a client may switch to explicit continuation.
 
-Exactness of transparent continuation: it is the gRPC ResumeSession path — the same session, its recorded
-schedule, the new tokens prefilled in passes cut at `prefix.prefill_chunk` multiples — so the KV and the
-greedy continuation are exactly those of the same conversation sent over gRPC turn by turn (tested). The
-worker continues only if the session's whole token history (generated tokens included) begins the
-request's rendering; where the client's resent text re-tokenizes differently (or the conversation was
-edited, or the session is busy), the request falls back to a new session (prefix adoption only): reuse is
-all or nothing per session, and the fallback shows as `cached_tokens` below the previous conversation's.
-Continuation happens in place: the session moves on to the new turn, so resending an *older* history (a
-regenerate) starts a new session. Per-request sessions are deleted when they leave the tenant's
+Exactness of transparent continuation: a fork continues its parent's gRPC path — its recorded schedule, the
+new tokens prefilled in passes cut at `prefix.prefill_chunk` multiples — so the KV and the greedy
+continuation are exactly those of the same conversation sent over gRPC turn by turn (tested). The worker
+forks only if the session's whole token history (generated tokens included) begins the request's rendering;
+where the client's resent text re-tokenizes differently (or the session is busy), the request falls back to
+a new session (prefix adoption only): reuse is all or nothing per session, and the fallback shows as
+`cached_tokens` below the previous conversation's. The forked session never changes, so an edited later
+turn or a regenerated reply forks it again. Per-request sessions are deleted when they leave the tenant's
 `http.conversations_per_tenant` most recent conversations, so they do not grow the tenant's session count
 without bound. /v1/completions requests are always new sessions (prefix adoption only). Outcomes are counted
 in `kvstash_http_conversations_total{result=continued|not_continued|new}`.
@@ -46,13 +46,14 @@ from services.config import KvstashConfig
 from services.errors import FailedPrecondition, InvalidArgument, KvstashError, NotFound
 from services.gateway.conversations import ConversationIndex
 from services.gateway.servicer import KvStashServicer, _session_id
+from services.runtime.redis_url import async_redis_client
 from services.wire import MAX_STOP_CHARS, MAX_STOPS, DoneEvent, GenerateCall, TokensEvent
 
-STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
+STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "ALREADY_EXISTS": 409, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
           "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
           "INTERNAL": 500}
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-         413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout",
+         409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout",
          500: "server_error"}
 ROLES = ("system", "user", "assistant")
 log = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ class HttpApi:
         self.cfg, self.core = cfg, servicer
         self.runner: web.AppRunner | None = None
         self.port = 0
-        self.conversations = ConversationIndex(cfg.http.conversations_per_tenant)
-        self._deleting: set[asyncio.Task] = set()
+        self.conversations: ConversationIndex | None = None  # made in start(), on the event loop
+        self._tasks: set[asyncio.Task] = set()  # remembering conversations, deleting their old sessions
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.cfg.http.max_body_bytes)
@@ -86,6 +87,9 @@ class HttpApi:
         return app
 
     async def start(self) -> int:
+        self.conversations = ConversationIndex(async_redis_client(self.cfg.redis.url, timeout_s=5.0),
+                                               self.cfg.redis.namespace, self.cfg.http.conversations_per_tenant,
+                                               self.cfg.redis.kv_ttl_s)
         self.runner = web.AppRunner(self.app(), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.cfg.gateway.host, self.cfg.http.port)
@@ -96,6 +100,10 @@ class HttpApi:
     async def stop(self) -> None:
         if self.runner:
             await self.runner.cleanup()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
+        if self.conversations is not None:
+            await self.conversations.client.aclose()
 
     # ---- plain routes ---------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
@@ -196,10 +204,10 @@ class HttpApi:
                 raise _Param("session_id must be a string", "session_id")
             if explicit:
                 call = self._call(tenant, _session_id(explicit), False, body, inp)
-                events, found = await self._open(call, create_missing=True), None
+                events = await self._open(call, create_missing=True)
             else:
                 call = self._call(tenant, uuid.uuid4().hex, True, body, inp)
-                events, found = await self._transparent(call)
+                events = await self._transparent(call)
         except _Param as e:
             return error_response(400, e.message, e.param, "invalid_value")
         except _TooLarge as e:
@@ -211,39 +219,42 @@ class HttpApi:
         done = None
         if chat and not explicit:
             def done(reply: str) -> None:
-                self._remember(tenant, inp["chat"], reply, call.session_id, found)
+                self._background(self._remember(tenant, inp["chat"], reply, call.session_id))
         reply = _Reply(chat, self.cfg.http.model_name, call.session_id, done, whole_prompt=not explicit)
         if stream:
             return await reply.stream(request, events, usage_opt)
         return await reply.whole(events)
 
-    async def _transparent(self, call: GenerateCall) -> tuple[_Primed, bytes | None]:
-        """Continue the tenant's conversation that the chat input extends, if any (else a new session); the
-        events and the index key the session was found under."""
+    async def _transparent(self, call: GenerateCall) -> _Primed:
+        """Continue the tenant's conversation that the chat input extends, if any, in a fork of its session
+        (the conversation's session stays as it is, for an edit or a regenerate to fork again); else a new
+        session. `call.session_id` is the new session either way."""
         if "chat" not in call.input:
-            return await self._open(call, create_missing=False), None
-        hit = self.conversations.find(call.tenant, call.input["chat"])
+            return await self._open(call, create_missing=False)
+        hit = await self.conversations.find(call.tenant, call.input["chat"])
         counted = self.core.metrics.http_conversations
         if hit is not None:
-            key, sid = hit
-            cont = dataclasses.replace(call, session_id=sid, create=False, fresh=False, extends=True)
+            key, parent = hit
+            fork = dataclasses.replace(call, fork_of=parent, extends=True)
             try:
-                events = await self._open(cont, create_missing=False)
-                call.session_id = sid
+                events = await self._open(fork, create_missing=False)
                 counted.labels("continued").inc()
-                return events, key
+                return events
             except (FailedPrecondition, NotFound) as e:  # diverged, busy or gone: a new session instead
                 log.info("conversation of %s not continued (%s): new session", call.tenant, e.message)
                 if isinstance(e, NotFound):
-                    self.conversations.forget(call.tenant, key)
+                    await self.conversations.forget(call.tenant, key)
         counted.labels("new" if hit is None else "not_continued").inc()
-        return await self._open(call, create_missing=False), None
+        return await self._open(call, create_missing=False)
 
-    def _remember(self, tenant: str, messages: list[dict], reply: str, sid: str, found: bytes | None) -> None:
-        for gone in self.conversations.remember(tenant, messages, reply, sid, found):
-            task = asyncio.create_task(self._delete(tenant, gone))
-            self._deleting.add(task)
-            task.add_done_callback(self._deleting.discard)
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _remember(self, tenant: str, messages: list[dict], reply: str, sid: str) -> None:
+        for gone in await self.conversations.remember(tenant, messages, reply, sid):
+            await self._delete(tenant, gone)
 
     async def _delete(self, tenant: str, sid: str) -> None:
         try:
@@ -256,7 +267,7 @@ class HttpApi:
         """The call's event iterator, primed with its first event (so errors before any token become statuses).
         `create_missing`: a session that does not exist yet is created."""
         method = "HttpGenerate"
-        worker = await self.core.router.place(call.tenant, call.session_id, call.input)
+        worker = await self.core.router.place(call.tenant, call.session_id, call.input, fork_of=call.fork_of)
         it = self.core.events(method, call, worker)
         try:
             first = await it.__anext__()

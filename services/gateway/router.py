@@ -108,11 +108,14 @@ class Router:
         (other gateways' traffic)."""
         return max(h.inflight, h.load.queue_depth)
 
-    async def place(self, tenant: str, session_id: str, new_input: dict | None = None) -> WorkerHandle:
-        """Affinity first; then, for a new session's `new_input`, prefix locality; else the least loaded
-        live worker (ties broken round-robin)."""
-        w = await self.locate(tenant, session_id)
+    async def place(self, tenant: str, session_id: str, new_input: dict | None = None,
+                    fork_of: str = "") -> WorkerHandle:
+        """Affinity first (for a fork, its parent's: the parent's device copy is cloned there); then, for a
+        new session's `new_input`, prefix locality; else the least loaded live worker (ties broken
+        round-robin)."""
+        w = await self.locate(tenant, fork_of or session_id)
         if w is not None:
+            self.affinity[(tenant, session_id)] = w.id
             return w
         live = self.live()
         if not live:

@@ -111,8 +111,13 @@ class KvStashServicer(pb_grpc.KvStashServicer):
     async def Generate(self, request, context):
         tenant = self.auth.tenant(context.invocation_metadata())
         sid = _session_id(request.session_id) if request.session_id else uuid.uuid4().hex
-        call = self._call(tenant, sid, create=True, request=request, required=True, context=context)
-        async for msg in self._stream("Generate", call, await self.router.place(tenant, sid, call.input)):
+        fork_of = _session_id(request.fork_of) if request.fork_of else ""
+        if fork_of == sid:
+            raise InvalidArgument("fork_of names the new session itself: a fork starts a new session")
+        call = self._call(tenant, sid, create=True, request=request, required=not fork_of, context=context)
+        call.fork_of = fork_of
+        worker = await self.router.place(tenant, sid, call.input, fork_of=fork_of)
+        async for msg in self._stream("Generate", call, worker):
             yield msg
 
     async def ResumeSession(self, request, context):

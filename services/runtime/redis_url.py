@@ -57,12 +57,24 @@ def is_cluster_url(url: str) -> bool:
 
 def redis_client(url: str, timeout_s: float | None = None) -> redis.Redis | RedisCluster:
     """The client for `url` (see module doc); bytes replies, `timeout_s` per command and per connect."""
+    return _client(url, timeout_s, redis.Redis, RedisCluster, ClusterNode)
+
+
+def async_redis_client(url: str, timeout_s: float | None = None):
+    """`redis_client`'s asyncio twin (`redis.asyncio`), for an event loop (the gateway's)."""
+    import redis.asyncio
+    import redis.asyncio.cluster as acluster
+
+    return _client(url, timeout_s, redis.asyncio.Redis, acluster.RedisCluster, acluster.ClusterNode)
+
+
+def _client(url: str, timeout_s: float | None, single, cluster, node):
     kw = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=False)
     if not is_cluster_url(url):
-        return redis.Redis.from_url(url, **kw)
+        return single.from_url(url, **kw)
     cu = ClusterUrl.parse(url)
-    return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cu.nodes], username=cu.username,
-                        password=cu.password, ssl=cu.tls, **kw)
+    return cluster(startup_nodes=[node(h, p) for h, p in cu.nodes], username=cu.username, password=cu.password,
+                   ssl=cu.tls, **kw)
 
 
 def redis_setting(reply: dict, name: str) -> str:

@@ -163,10 +163,13 @@ class Engine:
         max_new = call.max_new_tokens or limits.default_max_new_tokens
         if not 0 < max_new <= limits.max_new_tokens_limit:
             raise InvalidArgument(f"max_new_tokens={call.max_new_tokens} must be in [0, {limits.max_new_tokens_limit}]")
-        s = self.sessions.acquire(call.tenant, call.session_id, create=call.create, fresh=call.fresh)
+        if call.fork_of:
+            s = self.sessions.fork(call.tenant, call.fork_of, call.session_id, fresh=call.fresh)
+        else:
+            s = self.sessions.acquire(call.tenant, call.session_id, create=call.create, fresh=call.fresh)
         touched = committed = False
         try:
-            self._check_quota(call.tenant, new=not s.tokens)
+            self._check_quota(call.tenant, new=not s.tokens or bool(call.fork_of))
             new_ids = self._encode_input(call, s.tokens)
             if not s.tokens and not new_ids:
                 raise InvalidArgument("the prompt is empty: a new session needs input")
@@ -236,11 +239,15 @@ class Engine:
                 prompt_tokens=len(new_ids), cached_tokens=cached, generated_tokens=produced,
                 kv_source=source, session_tokens=len(s.tokens), cached_tier=origin.tier)))
         finally:
-            if not committed:
+            if not committed and call.fork_of:  # a fork cut short leaves no session behind
+                self.sessions.discard(s)
+            elif not committed:
                 # Cut short (an error, its deadline, a cancelled stream): the call leaves no trace. The
                 # history is as it began, and a cache the model ran on (maybe half-updated) is dropped.
                 self.sessions.rollback(s, touched)
-            self.sessions.release(s)
+                self.sessions.release(s)
+            else:
+                self.sessions.release(s)
 
     def _observe_pass(self, rows: int, sessions: int) -> None:
         """Count one batched decode pass (the batcher calls this after each)."""

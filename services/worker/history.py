@@ -93,12 +93,12 @@ class HistoryStore:
     def write(self, s: Session, expect_sha: str | None = None) -> bool:
         """Journal, then store the manifest (its stored KV unchanged). False if Redis failed (`s.dirty`)."""
         self.record(s)
-        previous = s.blocks
+        previous = s.held_blocks
         for _ in range(2):
             try:
                 done = self.tier.commit_session(self.manifest(s), previous,
-                                        expect_sha=expect_sha or s.manifest_sha or "*")
-                s.manifest_sha, s.dirty = done.sha1, False
+                                        expect_sha=expect_sha or s.manifest_sha or ("*" if s.referenced else ""))
+                s.manifest_sha, s.dirty, s.referenced = done.sha1, False, True
                 return True
             except StaleManifest:  # another writer's record: ours wins, without its (or our old) stored KV
                 record = self.tier.get_record(s.tenant, s.session_id)

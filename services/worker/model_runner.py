@@ -111,6 +111,10 @@ class ModelRunner:
         """The cache `state` was exported from, bit for bit, on this runner's device."""
         return QuantizedKVCache.from_state(state, self.device, self._rope(QuantConfig.parse(state.quant_spec)))
 
+    def clone_cache(self, cache: QuantizedKVCache) -> QuantizedKVCache:
+        """A copy of `cache`, bit for bit, sharing no tensor with it (a fork's own cache)."""
+        return self.restore_cache(cache.export_state())
+
     def _rope(self, quant: QuantConfig):
         """The model's RoPE (built once) when `quant` stores keys before RoPE, else None."""
         if not quant.pre_rope:

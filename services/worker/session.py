@@ -45,6 +45,7 @@ class Session:
     pinned: bool = False  # never offloaded for idleness (durable: kept in the manifest)
     dirty: bool = False  # the last Redis write of its history failed (it is in the journal): write it again
     base: tuple[int, list[int]] | None = None  # while a call runs (busy): (len(tokens), schedule) when it began
+    referenced: bool = True  # a Redis record of this session references `blocks` (False: a fork not yet written)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -85,6 +86,20 @@ class Session:
 
     def end(self) -> None:
         self.base = None
+
+    @property
+    def held_blocks(self) -> list[BlockRef]:
+        """The blocks this session's Redis record holds references to (what its next write releases)."""
+        return self.blocks if self.referenced else []
+
+    def fork(self, session_id: str) -> Session:
+        """A new session `session_id` of the same tenant with this one's committed history and schedule, listing
+        its stored KV (`blocks`, not yet referenced by a record of the new session: its first write takes
+        references of its own, so either session's deletion leaves the other's KV stored). The device cache is
+        the caller's to copy; this session is unchanged."""
+        n, schedule = self.committed
+        return Session(tenant=self.tenant, session_id=session_id, tokens=self.tokens[:n], schedule=list(schedule),
+                       stored_kv_tokens=self.stored_kv_tokens, blocks=list(self.blocks), referenced=False)
 
     @property
     def kv_tokens(self) -> int:

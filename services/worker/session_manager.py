@@ -32,7 +32,7 @@ from kvstore.digest import hash_fields
 from kvstore.schedule import SEAL, adopted_schedule, boundaries, canonical_tokens, replay_passes, schedule_tokens
 from kvstore.storage import HistoryJournal, OffloadPolicy, RedisTier, Resident
 from services.config import KvstashConfig, kvstash_home
-from services.errors import FailedPrecondition, NotFound, Unavailable
+from services.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from services.metrics import WorkerMetrics
 from services.wire import KvSource, Tier
 from services.worker.history import HistoryStore
@@ -107,6 +107,33 @@ class SessionManager:
         self.working[s.key] = s
         self.unsaved.pop(s.key, None)
         return s
+
+    def fork(self, tenant: str, parent_id: str, session_id: str, fresh: bool = False) -> Session:
+        """A new session `session_id`, marked busy, that starts as a copy of the tenant's session `parent_id`
+        (`Session.fork`): a device copy of the parent's cache if it has one, else the parent's stored blocks,
+        which the new session restores (or replays) like its own. The parent is unchanged; as the older
+        branch it is the first to leave the device (its idle clock is reset). NotFound: no parent;
+        FailedPrecondition: the parent is busy; AlreadyExists: `session_id` names a session (not asked when
+        `fresh`, an id the server just made)."""
+        parent = self.check_not_busy(self.get(tenant, parent_id))
+        if not fresh and self.find(tenant, session_id) is not None:
+            raise AlreadyExists(f"session {session_id!r} already exists: a fork starts a new session")
+        s = parent.fork(session_id)
+        if parent.cache is not None:
+            s.cache = self.runner.clone_cache(parent.cache)
+            parent.last_used = 0.0
+        s.begin()
+        self.working[s.key] = s
+        self.metrics.forks.inc()
+        return s
+
+    def discard(self, s: Session) -> None:
+        """Forget a session this worker made and never wrote (a fork whose first call failed)."""
+        s.end()
+        s.cache = None
+        for held in (self.working, self.active, self.unsaved):
+            held.pop(s.key, None)
+        self._update_gauges()
 
     def device_bytes(self) -> int:
         """Device bytes held by every active session (measured from tensor storages)."""

@@ -96,8 +96,9 @@ class CacheStore:
     def save(self, s: Session) -> int:
         """Store `s.cache` and commit the session's manifest; returns its Redis bytes. Raises on failure."""
         saved = self.store.save(s.manifest(self.runner.fingerprint, self.quant.spec()), s.cache.export_state(),
-                                s.blocks, s.manifest_sha)
+                                s.held_blocks, s.manifest_sha)
         s.blocks, s.stored_kv_tokens, s.manifest_sha = saved.blocks, saved.kv_tokens, saved.manifest_sha
+        s.referenced = True
         return saved.redis_bytes
 
     def restore(self, s: Session) -> RestoredCache:

@@ -47,15 +47,23 @@ def test_tenants_never_reach_or_hit_each_other_s_data(secured):
     svc, rdb = secured
     with KvstashClient(svc.target, api_key=KEY_A, timeout=60) as a, KvstashClient(svc.target, api_key=KEY_B, timeout=60) as b:
         sa = a.generate(token_ids=PREFIX + [1], max_new_tokens=3)
-        a.generate(token_ids=PREFIX + [2], max_new_tokens=3)  # alpha's own prefix hit
+        sa2 = a.generate(token_ids=PREFIX + [2], max_new_tokens=3)  # alpha's own prefix hit
         sb = b.generate(token_ids=PREFIX + [1], max_new_tokens=3)
         assert sb.usage.kv_source == pb.KV_SOURCE_NEW and sb.usage.cached_tokens == 0  # no hit on alpha's prefix
         for call in (lambda: b.get_session(sa.session_id), lambda: b.resume(sa.session_id, max_new_tokens=1),
-                     lambda: b.delete_session(sa.session_id), lambda: b.evict_session(sa.session_id)):
+                     lambda: b.delete_session(sa.session_id), lambda: b.evict_session(sa.session_id),
+                     lambda: b.generate(fork_of=sa.session_id, max_new_tokens=1)):
             with pytest.raises(grpc.RpcError) as e:
                 call()
             assert e.value.code() == grpc.StatusCode.NOT_FOUND  # the same as an id that never existed
         assert {s.session_id for s in b.list_sessions()} == {sb.session_id}
+        for sid, parent, code in ((sa2.session_id, sa.session_id, grpc.StatusCode.ALREADY_EXISTS),  # not over one
+                                  ("f1", "f1", grpc.StatusCode.INVALID_ARGUMENT),
+                                  ("f1", "bad id!", grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.RpcError) as e:
+                a.generate(session_id=sid, fork_of=parent, max_new_tokens=1)
+            assert e.value.code() == code
+        assert {s.session_id for s in a.list_sessions()} == {sa.session_id, sa2.session_id}
         # a tenant cannot name another one, nor choose a salt: no request field says either, metadata is ignored
         for msg in (pb.GenerateRequest, pb.ResumeSessionRequest, pb.GetSessionRequest, pb.ListSessionsRequest):
             assert not {f.name for f in msg.DESCRIPTOR.fields} & {"tenant", "salt", "tenant_id"}

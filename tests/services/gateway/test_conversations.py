@@ -1,6 +1,13 @@
-"""`ConversationIndex`: continuation lookup, tenant scoping and the bounded lifecycle of per-request sessions."""
+"""`ConversationIndex` on a real redis-server (and a real Redis Cluster): continuation lookup, tenant scoping,
+the bounded lifecycle of per-request sessions, and an index shared by gateways and surviving their restarts."""
+
+import asyncio
+import uuid
+
+import pytest
 
 from services.gateway.conversations import ConversationIndex, conversation_key
+from services.runtime.redis_url import async_redis_client
 
 SYS = {"role": "system", "content": "be brief"}
 
@@ -9,34 +16,95 @@ def u(text):
     return {"role": "user", "content": text}
 
 
-def test_a_conversation_is_found_by_its_extension_only_within_its_tenant():
-    idx = ConversationIndex(capacity=4)
-    assert idx.remember("alpha", [SYS, u("hi")], "hello", "s1") == []
-    turn2 = [SYS, u("hi"), {"role": "assistant", "content": "hello"}, u("how are you?")]
-    key, sid = idx.find("alpha", turn2)
-    assert sid == "s1" and key == conversation_key("alpha", turn2[:3])
-    assert idx.find("beta", turn2) is None
-    assert idx.find("alpha", [SYS, u("hi"), {"role": "assistant", "content": "hullo"}, u("x")]) is None
-    assert idx.find("alpha", [SYS, u("hi")]) is None  # nothing new to continue with
+def a(text):
+    return {"role": "assistant", "content": text}
 
 
-def test_a_continued_conversation_supersedes_its_old_key():
-    idx = ConversationIndex(capacity=4)
-    idx.remember("alpha", [u("a")], "b", "s1")
-    turn2 = [u("a"), {"role": "assistant", "content": "b"}, u("c")]
-    key, _ = idx.find("alpha", turn2)
-    assert idx.remember("alpha", turn2, "d", "s1", superseded=key) == []
-    assert idx.sessions("alpha") == 1
-    assert idx.find("alpha", turn2) is None  # the session moved on: the older history is not it any more
-    assert idx.find("alpha", [*turn2, {"role": "assistant", "content": "d"}, u("e")])[1] == "s1"
+def with_index(url: str, capacity: int, body, namespace: str | None = None, ttl_s: int = 0):
+    """Run `body(index)` against a fresh namespace (or `namespace`) of the Redis at `url`."""
+    async def main():
+        idx = ConversationIndex(async_redis_client(url, timeout_s=5), namespace or "conv" + uuid.uuid4().hex[:8],
+                                capacity, ttl_s)
+        try:
+            return await body(idx)
+        finally:
+            await idx.client.aclose()
+    return asyncio.run(main())
 
 
-def test_sessions_beyond_capacity_are_returned_for_deletion():
-    idx = ConversationIndex(capacity=2)
-    gone = [g for i in range(5) for g in idx.remember("alpha", [u(str(i))], "ok", f"s{i}")]
-    assert gone == ["s0", "s1", "s2"] and idx.sessions("alpha") == 2
-    none = ConversationIndex(capacity=0)
-    assert none.remember("alpha", [u("x")], "y", "s9") == ["s9"]  # no reuse: deleted after its call
+def test_a_conversation_is_found_by_its_extension_only_within_its_tenant(redis_server):
+    async def body(idx):
+        assert await idx.remember("alpha", [SYS, u("hi")], "hello", "s1") == []
+        turn2 = [SYS, u("hi"), a("hello"), u("how are you?")]
+        key, sid = await idx.find("alpha", turn2)
+        assert sid == "s1" and key == conversation_key("alpha", turn2[:3])
+        assert await idx.find("beta", turn2) is None
+        assert await idx.find("alpha", [SYS, u("hi"), a("hullo"), u("x")]) is None
+        assert await idx.find("alpha", [SYS, u("hi")]) is None  # nothing new to continue with
+        await idx.forget("alpha", key)
+        assert await idx.find("alpha", turn2) is None
+    with_index(redis_server.url, 4, body)
+
+
+def test_every_turn_stays_findable_for_edits_and_regenerations(redis_server):
+    """A continuation is a fork: the earlier conversation's session is unchanged, so its entry stays; the
+    longest remembered conversation wins."""
+    async def body(idx):
+        await idx.remember("alpha", [u("a")], "b", "s1")
+        turn2 = [u("a"), a("b"), u("c")]
+        assert (await idx.find("alpha", turn2))[1] == "s1"
+        assert await idx.remember("alpha", turn2, "d", "s2") == []
+        assert await idx.sessions("alpha") == 2
+        assert (await idx.find("alpha", [*turn2[:2], u("c, edited")]))[1] == "s1"  # an edited turn 2 forks s1
+        assert (await idx.find("alpha", [*turn2, a("d"), u("e")]))[1] == "s2"
+    with_index(redis_server.url, 4, body)
+
+
+def test_sessions_beyond_capacity_are_returned_for_deletion_least_recently_used_first(redis_server):
+    async def body(idx):
+        gone = [g for i in range(5) for g in await idx.remember("alpha", [u(str(i))], "ok", f"s{i}")]
+        assert gone == ["s0", "s1", "s2"] and await idx.sessions("alpha") == 2
+        assert (await idx.find("alpha", [u("3"), a("ok"), u("more")]))[1] == "s3"  # s3 is now the most recent
+        assert await idx.remember("alpha", [u("5")], "ok", "s5") == ["s4"]
+    with_index(redis_server.url, 2, body)
+
+    async def none(idx):
+        assert await idx.remember("alpha", [u("x")], "y", "s9") == ["s9"]  # no reuse: deleted after its call
+        assert await idx.find("alpha", [u("x"), a("y"), u("z")]) is None
+    with_index(redis_server.url, 0, none)
+
+
+def test_the_index_is_shared_by_gateways_and_outlives_them(redis_server):
+    """Two indexes on one namespace (two gateway replicas, or one gateway before and after a restart) see
+    the same conversations; entries carry the sessions' TTL."""
+    ns = "conv" + uuid.uuid4().hex[:8]
+
+    async def first(idx):
+        await idx.remember("alpha", [u("q")], "r", "s1")
+
+    async def second(idx):
+        assert (await idx.find("alpha", [u("q"), a("r"), u("next")]))[1] == "s1"
+        assert 0 < await idx.client.ttl(f"{ns}:conv:{{alpha}}") <= 3600
+    with_index(redis_server.url, 4, first, namespace=ns, ttl_s=3600)
+    with_index(redis_server.url, 4, second, namespace=ns, ttl_s=3600)
+
+
+def test_an_unreachable_redis_is_a_miss_never_an_error():
+    async def body(idx):
+        assert await idx.find("alpha", [u("q"), a("r"), u("next")]) is None
+        assert await idx.remember("alpha", [u("q")], "r", "s1") == []
+        await idx.forget("alpha", b"k")
+    with_index("redis://127.0.0.1:1/0", 4, body)
+
+
+@pytest.mark.e2e
+def test_on_a_redis_cluster_a_tenant_s_entries_share_a_slot(redis_cluster):
+    async def body(idx):
+        for i in range(6):
+            await idx.remember("alpha", [u(str(i))], "ok", f"s{i}")
+        assert (await idx.find("alpha", [u("5"), a("ok"), u("more")]))[1] == "s5"
+        assert await idx.sessions("alpha") == 4
+    with_index(redis_cluster.url, 4, body)
 
 
 def test_keys_are_length_prefixed():

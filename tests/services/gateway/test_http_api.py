@@ -84,13 +84,14 @@ def _wait_cold(svc, sid: str, key=KEY_A) -> None:
             time.sleep(0.5)
 
 
-def test_six_turns_resending_history_continue_one_session_exactly_as_grpc(http_stack):
+def test_six_turns_resending_history_continue_exactly_as_grpc_and_keep_every_turn(http_stack):
     """Transparent reuse grows turn over turn (the whole previous conversation is cached, from the device or,
     after idling, from Redis), and each greedy reply equals the same conversation sent turn by turn over gRPC
-    (ResumeSession): the same session path, hence the same schedule and KV bits."""
+    (ResumeSession): the same session path, hence the same schedule and KV bits. Each turn is a fork of the
+    previous turn's session, which keeps its own conversation."""
     a = client(http_stack, KEY_A)
     history = [{"role": "system", "content": SYSTEM}]
-    sids, previous = set(), 0
+    sids, previous = {}, 0
     with KvstashClient(http_stack.target, api_key=KEY_B, timeout=300) as g:
         ref = g.generate(messages=history + [{"role": "user", "content": USER_TURNS[0]}], max_new_tokens=40)
         for turn, question in enumerate(USER_TURNS, 1):
@@ -98,7 +99,7 @@ def test_six_turns_resending_history_continue_one_session_exactly_as_grpc(http_s
             raw = a.chat.completions.with_raw_response.create(model=MODEL, messages=history, max_tokens=40,
                                                               temperature=0)
             resp = raw.parse()
-            sids.add(raw.headers["x-session-id"])
+            assert raw.headers["x-session-id"] == resp.session_id not in sids
             cached = resp.usage.prompt_tokens_details.cached_tokens
             print(f"turn {turn}: prompt_tokens={resp.usage.prompt_tokens} cached_tokens={cached}")
             if turn == 1:
@@ -109,13 +110,42 @@ def test_six_turns_resending_history_continue_one_session_exactly_as_grpc(http_s
                 assert cached >= previous - 64, f"turn {turn} reused {cached} of {previous}"
             assert resp.choices[0].message.content == ref.text, f"turn {turn}: HTTP and gRPC disagree"
             previous = resp.usage.prompt_tokens + resp.usage.completion_tokens
+            sids[resp.session_id] = previous
             if turn == 3:
                 _wait_cold(http_stack, raw.headers["x-session-id"])  # turn 4 continues from Redis
             history.append({"role": "assistant", "content": resp.choices[0].message.content})
-        assert len(sids) == 1, "the conversation continued one session"
         assert g.get_session(ref.session_id).token_count == previous  # gRPC's session holds the same tokens
     with KvstashClient(http_stack.target, api_key=KEY_A, timeout=60) as g:
-        assert g.get_session(sids.pop()).token_count == previous
+        assert {sid: g.get_session(sid).token_count for sid in sids} == sids  # every turn's session intact
+
+
+def test_an_edited_turn_and_a_regenerated_reply_fork_the_earlier_conversation_exactly(http_stack):
+    """Editing turn 2 (or asking again) after turn 2 was answered continues turn 1's conversation, which
+    the original turn 2 did not change: its KV is reused, and the reply equals a gRPC fork of the same
+    turn-1 session (GenerateRequest.fork_of)."""
+    a = client(http_stack, KEY_A)
+    sys_msg = {"role": "system", "content": SYSTEM + " You work at the planetarium desk today."}
+    turn1 = [sys_msg, {"role": "user", "content": "What is a comet?"}]
+    first = a.chat.completions.create(model=MODEL, messages=turn1, max_tokens=24, temperature=0)
+    history = [*turn1, {"role": "assistant", "content": first.choices[0].message.content}]
+    ask, edited = {"role": "user", "content": "Where do comets come from?"}, {"role": "user", "content": "Why do they have tails?"}
+    second = a.chat.completions.create(model=MODEL, messages=[*history, ask], max_tokens=24, temperature=0)
+    fork = a.chat.completions.create(model=MODEL, messages=[*history, edited], max_tokens=24, temperature=0)
+    again = a.chat.completions.create(model=MODEL, messages=[*history, ask], max_tokens=24, temperature=0)
+    total1 = first.usage.prompt_tokens + first.usage.completion_tokens
+    for resp in (second, fork, again):
+        assert resp.usage.prompt_tokens_details.cached_tokens >= total1 - 64  # turn 1's KV, less one chunk
+    assert again.choices[0].message.content == second.choices[0].message.content  # a regenerate, greedy
+    assert len({first.session_id, second.session_id, fork.session_id, again.session_id}) == 4
+    with KvstashClient(http_stack.target, api_key=KEY_B, timeout=300) as g:
+        r1 = g.generate(messages=turn1, max_new_tokens=24)
+        r2 = g.generate(messages=[edited], max_new_tokens=24, fork_of=r1.session_id)
+        assert r1.text == first.choices[0].message.content and r2.text == fork.choices[0].message.content
+        assert r2.session_id != r1.session_id and g.get_session(r1.session_id).token_count == total1
+    with KvstashClient(http_stack.target, api_key=KEY_A, timeout=60) as g:
+        assert g.get_session(first.session_id).token_count == total1  # turn 1's session as it was
+        assert g.get_session(second.session_id).token_count == (second.usage.prompt_tokens
+                                                                + second.usage.completion_tokens)
 
 
 def test_tenants_do_not_continue_each_others_conversations(http_stack):
@@ -128,17 +158,17 @@ def test_tenants_do_not_continue_each_others_conversations(http_stack):
     assert theirs.parse().usage.prompt_tokens_details.cached_tokens == 0  # alpha's session is not beta's
     assert theirs.headers["x-session-id"] != first.session_id
     mine = a.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
-    assert mine.session_id == first.session_id
+    assert mine.session_id not in (first.session_id, theirs.headers["x-session-id"])  # a fork of alpha's
     assert mine.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
     # the remembered session is gone (deleted by id): its continuation is served by a new session
     history += [{"role": "assistant", "content": mine.choices[0].message.content},
                 {"role": "user", "content": "One more?"}]
     with KvstashClient(http_stack.target, api_key=KEY_A, timeout=60) as g:
-        assert g.get_session(first.session_id).token_count == mine.usage.prompt_tokens + mine.usage.completion_tokens
-        assert g.delete_session(first.session_id)
+        assert g.get_session(mine.session_id).token_count == mine.usage.prompt_tokens + mine.usage.completion_tokens
+        assert g.delete_session(mine.session_id)
     before = _conversations(http_stack)
     redo = a.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
-    assert redo.session_id != first.session_id and redo.choices[0].message.content
+    assert redo.session_id != mine.session_id and redo.choices[0].message.content
     after = _conversations(http_stack)
     assert after["not_continued"] - before["not_continued"] == 1 and after["continued"] == before["continued"]
 
@@ -197,3 +227,24 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http_stack)
         assert json.loads(r.read())["status"] == "ok"
     ok = c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)
     assert "Paris" in ok.choices[0].message.content
+
+
+def test_conversations_continue_across_a_restart_of_the_stack(http_stack):
+    """The conversation index lives in Redis: after the whole stack restarts (gateway and workers, sessions
+    drained to Redis), the next turn still forks the previous one, restored from Redis, not re-prefilled.
+    (Runs last: it restarts the module's stack.)"""
+    a = client(http_stack, KEY_A)
+    turn1 = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a black hole?"}]
+    first = a.chat.completions.create(model=MODEL, messages=turn1, max_tokens=24, temperature=0)
+    history = [*turn1, {"role": "assistant", "content": first.choices[0].message.content},
+               {"role": "user", "content": "Can light escape from one?"}]
+    http_stack.stop(drain=True)
+    http_stack.start()
+    after = client(http_stack, KEY_A).chat.completions.create(model=MODEL, messages=history, max_tokens=24,
+                                                              temperature=0)
+    total1 = first.usage.prompt_tokens + first.usage.completion_tokens
+    assert after.usage.prompt_tokens_details.cached_tokens >= total1 - 64 and after.session_id != first.session_id
+    with KvstashClient(http_stack.target, api_key=KEY_B, timeout=300) as g:  # the same turns over gRPC
+        r1 = g.generate(messages=turn1, max_new_tokens=24)
+        r2 = g.resume(r1.session_id, messages=history[-1:], max_new_tokens=24)
+    assert r1.text == first.choices[0].message.content and r2.text == after.choices[0].message.content

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstash/v1/kvstash.proto\x12\nkvstash.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvstash.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"P\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"t\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.kvstash.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.kvstash.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x9b\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.kvstash.v1.Input\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvstash.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\"\xa0\x01\n\x14ResumeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.kvstash.v1.Input\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvstash.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\"\xb7\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\'\n\tkv_source\x18\x04 \x01(\x0e\x32\x14.kvstash.v1.KvSource\x12\x16\n\x0esession_tokens\x18\x05 \x01(\r\x12%\n\x0b\x63\x61\x63hed_tier\x18\x06 \x01(\x0e\x32\x10.kvstash.v1.Tier\"\x80\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.kvstash.v1.Usage\":\n\tTierBytes\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstash.v1.Tier\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xef\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.kvstash.v1.SessionState\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.kvstash.v1.Tier\x12\x13\n\x0btoken_count\x18\x04 \x01(\r\x12$\n\x05\x62ytes\x18\x05 \x03(\x0b\x32\x15.kvstash.v1.TierBytes\x12\x0e\n\x06worker\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x14\n\x0clast_used_at\x18\x08 \x01(\x01\x12\x0e\n\x06pinned\x18\t \x01(\x08\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\")\n\x13\x45victSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.kvstash.v1.SessionInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x11PinSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\";\n\x17MarkPublicPrefixRequest\x12 \n\x05input\x18\x01 \x01(\x0b\x32\x11.kvstash.v1.Input\"b\n\x18MarkPublicPrefixResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rshared_tokens\x18\x02 \x01(\r\x12\x18\n\x10newly_registered\x18\x03 \x01(\x08*\x96\x01\n\x08KvSource\x12\x19\n\x15KV_SOURCE_UNSPECIFIED\x10\x00\x12\x11\n\rKV_SOURCE_NEW\x10\x01\x12\x14\n\x10KV_SOURCE_DEVICE\x10\x02\x12\x16\n\x12KV_SOURCE_RESTORED\x10\x03\x12\x18\n\x14KV_SOURCE_RECOMPUTED\x10\x04\x12\x14\n\x10KV_SOURCE_PREFIX\x10\x05*\x7f\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SESSION_STATE_ACTIVE\x10\x01\x12\x16\n\x12SESSION_STATE_COLD\x10\x02\x12\x1e\n\x1aSESSION_STATE_HISTORY_ONLY\x10\x03*L\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\x0e\n\nTIER_REDIS\x10\x03\x32\x83\x05\n\x07KvStash\x12G\n\x08Generate\x12\x1b.kvstash.v1.GenerateRequest\x1a\x1c.kvstash.v1.GenerateResponse0\x01\x12Q\n\rResumeSession\x12 .kvstash.v1.ResumeSessionRequest\x1a\x1c.kvstash.v1.GenerateResponse0\x01\x12\x44\n\nGetSession\x12\x1d.kvstash.v1.GetSessionRequest\x1a\x17.kvstash.v1.SessionInfo\x12T\n\rDeleteSession\x12 .kvstash.v1.DeleteSessionRequest\x1a!.kvstash.v1.DeleteSessionResponse\x12H\n\x0c\x45victSession\x12\x1f.kvstash.v1.EvictSessionRequest\x1a\x17.kvstash.v1.SessionInfo\x12\x44\n\nPinSession\x12\x1d.kvstash.v1.PinSessionRequest\x1a\x17.kvstash.v1.SessionInfo\x12Q\n\x0cListSessions\x12\x1f.kvstash.v1.ListSessionsRequest\x1a .kvstash.v1.ListSessionsResponse\x12]\n\x10MarkPublicPrefix\x12#.kvstash.v1.MarkPublicPrefixRequest\x1a$.kvstash.v1.MarkPublicPrefixResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstash/v1/kvstash.proto\x12\nkvstash.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvstash.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"P\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"t\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.kvstash.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.kvstash.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\xac\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.kvstash.v1.Input\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvstash.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x0f\n\x07\x66ork_of\x18\x06 \x01(\t\"\xa0\x01\n\x14ResumeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.kvstash.v1.Input\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvstash.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\"\xb7\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\'\n\tkv_source\x18\x04 \x01(\x0e\x32\x14.kvstash.v1.KvSource\x12\x16\n\x0esession_tokens\x18\x05 \x01(\r\x12%\n\x0b\x63\x61\x63hed_tier\x18\x06 \x01(\x0e\x32\x10.kvstash.v1.Tier\"\x80\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.kvstash.v1.Usage\":\n\tTierBytes\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstash.v1.Tier\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xef\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.kvstash.v1.SessionState\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.kvstash.v1.Tier\x12\x13\n\x0btoken_count\x18\x04 \x01(\r\x12$\n\x05\x62ytes\x18\x05 \x03(\x0b\x32\x15.kvstash.v1.TierBytes\x12\x0e\n\x06worker\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x14\n\x0clast_used_at\x18\x08 \x01(\x01\x12\x0e\n\x06pinned\x18\t \x01(\x08\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\")\n\x13\x45victSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.kvstash.v1.SessionInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x11PinSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\";\n\x17MarkPublicPrefixRequest\x12 \n\x05input\x18\x01 \x01(\x0b\x32\x11.kvstash.v1.Input\"b\n\x18MarkPublicPrefixResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rshared_tokens\x18\x02 \x01(\r\x12\x18\n\x10newly_registered\x18\x03 \x01(\x08*\x96\x01\n\x08KvSource\x12\x19\n\x15KV_SOURCE_UNSPECIFIED\x10\x00\x12\x11\n\rKV_SOURCE_NEW\x10\x01\x12\x14\n\x10KV_SOURCE_DEVICE\x10\x02\x12\x16\n\x12KV_SOURCE_RESTORED\x10\x03\x12\x18\n\x14KV_SOURCE_RECOMPUTED\x10\x04\x12\x14\n\x10KV_SOURCE_PREFIX\x10\x05*\x7f\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SESSION_STATE_ACTIVE\x10\x01\x12\x16\n\x12SESSION_STATE_COLD\x10\x02\x12\x1e\n\x1aSESSION_STATE_HISTORY_ONLY\x10\x03*L\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\x0e\n\nTIER_REDIS\x10\x03\x32\x83\x05\n\x07KvStash\x12G\n\x08Generate\x12\x1b.kvstash.v1.GenerateRequest\x1a\x1c.kvstash.v1.GenerateResponse0\x01\x12Q\n\rResumeSession\x12 .kvstash.v1.ResumeSessionRequest\x1a\x1c.kvstash.v1.GenerateResponse0\x01\x12\x44\n\nGetSession\x12\x1d.kvstash.v1.GetSessionRequest\x1a\x17.kvstash.v1.SessionInfo\x12T\n\rDeleteSession\x12 .kvstash.v1.DeleteSessionRequest\x1a!.kvstash.v1.DeleteSessionResponse\x12H\n\x0c\x45victSession\x12\x1f.kvstash.v1.EvictSessionRequest\x1a\x17.kvstash.v1.SessionInfo\x12\x44\n\nPinSession\x12\x1d.kvstash.v1.PinSessionRequest\x1a\x17.kvstash.v1.SessionInfo\x12Q\n\x0cListSessions\x12\x1f.kvstash.v1.ListSessionsRequest\x1a .kvstash.v1.ListSessionsResponse\x12]\n\x10MarkPublicPrefix\x12#.kvstash.v1.MarkPublicPrefixRequest\x1a$.kvstash.v1.MarkPublicPrefixResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstash.v1.kvstash_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVSOURCE']._serialized_start=1853
-  _globals['_KVSOURCE']._serialized_end=2003
-  _globals['_SESSIONSTATE']._serialized_start=2005
-  _globals['_SESSIONSTATE']._serialized_end=2132
-  _globals['_TIER']._serialized_start=2134
-  _globals['_TIER']._serialized_end=2210
+  _globals['_KVSOURCE']._serialized_start=1870
+  _globals['_KVSOURCE']._serialized_end=2020
+  _globals['_SESSIONSTATE']._serialized_start=2022
+  _globals['_SESSIONSTATE']._serialized_end=2149
+  _globals['_TIER']._serialized_start=2151
+  _globals['_TIER']._serialized_end=2227
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_CHATMESSAGES']._serialized_start=86
@@ -48,35 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INPUT']._serialized_start=252
   _globals['_INPUT']._serialized_end=368
   _globals['_GENERATEREQUEST']._serialized_start=371
-  _globals['_GENERATEREQUEST']._serialized_end=526
-  _globals['_RESUMESESSIONREQUEST']._serialized_start=529
-  _globals['_RESUMESESSIONREQUEST']._serialized_end=689
-  _globals['_USAGE']._serialized_start=692
-  _globals['_USAGE']._serialized_end=875
-  _globals['_GENERATERESPONSE']._serialized_start=878
-  _globals['_GENERATERESPONSE']._serialized_end=1006
-  _globals['_TIERBYTES']._serialized_start=1008
-  _globals['_TIERBYTES']._serialized_end=1066
-  _globals['_GETSESSIONREQUEST']._serialized_start=1068
-  _globals['_GETSESSIONREQUEST']._serialized_end=1107
-  _globals['_SESSIONINFO']._serialized_start=1110
-  _globals['_SESSIONINFO']._serialized_end=1349
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1351
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1393
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1395
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1435
-  _globals['_EVICTSESSIONREQUEST']._serialized_start=1437
-  _globals['_EVICTSESSIONREQUEST']._serialized_end=1478
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1480
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1540
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1542
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1632
-  _globals['_PINSESSIONREQUEST']._serialized_start=1634
-  _globals['_PINSESSIONREQUEST']._serialized_end=1689
-  _globals['_MARKPUBLICPREFIXREQUEST']._serialized_start=1691
-  _globals['_MARKPUBLICPREFIXREQUEST']._serialized_end=1750
-  _globals['_MARKPUBLICPREFIXRESPONSE']._serialized_start=1752
-  _globals['_MARKPUBLICPREFIXRESPONSE']._serialized_end=1850
-  _globals['_KVSTASH']._serialized_start=2213
-  _globals['_KVSTASH']._serialized_end=2856
+  _globals['_GENERATEREQUEST']._serialized_end=543
+  _globals['_RESUMESESSIONREQUEST']._serialized_start=546
+  _globals['_RESUMESESSIONREQUEST']._serialized_end=706
+  _globals['_USAGE']._serialized_start=709
+  _globals['_USAGE']._serialized_end=892
+  _globals['_GENERATERESPONSE']._serialized_start=895
+  _globals['_GENERATERESPONSE']._serialized_end=1023
+  _globals['_TIERBYTES']._serialized_start=1025
+  _globals['_TIERBYTES']._serialized_end=1083
+  _globals['_GETSESSIONREQUEST']._serialized_start=1085
+  _globals['_GETSESSIONREQUEST']._serialized_end=1124
+  _globals['_SESSIONINFO']._serialized_start=1127
+  _globals['_SESSIONINFO']._serialized_end=1366
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1368
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1410
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1412
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1452
+  _globals['_EVICTSESSIONREQUEST']._serialized_start=1454
+  _globals['_EVICTSESSIONREQUEST']._serialized_end=1495
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1497
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1557
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1559
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1649
+  _globals['_PINSESSIONREQUEST']._serialized_start=1651
+  _globals['_PINSESSIONREQUEST']._serialized_end=1706
+  _globals['_MARKPUBLICPREFIXREQUEST']._serialized_start=1708
+  _globals['_MARKPUBLICPREFIXREQUEST']._serialized_end=1767
+  _globals['_MARKPUBLICPREFIXRESPONSE']._serialized_start=1769
+  _globals['_MARKPUBLICPREFIXRESPONSE']._serialized_end=1867
+  _globals['_KVSTASH']._serialized_start=2230
+  _globals['_KVSTASH']._serialized_end=2873
 # @@protoc_insertion_point(module_scope)
