@@ -2,7 +2,7 @@
 HTTP front's overhead over gRPC for the same call, against a running stack (`kvstash up`).
 
     kvstash bench http [--http http://127.0.0.1:8000] [--grpc 127.0.0.1:50051] [--api-key K] [--turns 6]
-                       [--new-tokens 32] [--think S] [--json]
+                       [--new-tokens 32] [--think S] [--sampled N] [--json]
 
 Each turn resends the whole history (as OpenAI clients do) with greedy decoding. `reuse` conversations keep
 one system prompt, so turn k is served by a fork of turn k-1's session (transparent continuation: only the
@@ -13,7 +13,9 @@ above the stack's `session.idle_timeout_s`, every parent has gone to Redis and e
 `grpc` makes the same call as each `reuse` turn over gRPC: `Generate` with `fork_of` = the same parent
 session and only the new user turn (the same worker work: copy the parent, prefill the new turn), run first,
 so both forks find the parent in the same place (after a think time over the idle timeout: Redis).
-Ratios: `ttft_no_reuse_over_reuse` and `ttft_http_over_grpc` per turn.
+Ratios: `ttft_no_reuse_over_reuse` and `ttft_http_over_grpc` per turn. `--sampled N` adds N two-turn chats
+with sampled replies and counts the second turns that forked the first: a resent reply that re-tokenizes
+differently from the generated tokens cannot be forked (the fork is all or nothing per session).
 """
 
 from __future__ import annotations
@@ -37,21 +39,24 @@ class HttpTurn:
     text: str
     cached_tokens: int
     prompt_tokens: int
+    completion_tokens: int
     session_id: str
 
 
-def _http_turn(client, model: str, history: list[dict], n: int) -> HttpTurn:
+def _http_turn(client, model: str, history: list[dict], n: int, temperature: float = 0.0,
+               seed: int | None = None) -> HttpTurn:
     t0 = time.perf_counter()
-    ttft, parts, cached, prompt, sid = None, [], 0, 0, ""
-    for ch in client.chat.completions.create(model=model, messages=history, max_tokens=n, temperature=0,
-                                             stream=True, stream_options={"include_usage": True}):
+    ttft, parts, cached, prompt, completion, sid = None, [], 0, 0, 0, ""
+    for ch in client.chat.completions.create(model=model, messages=history, max_tokens=n, temperature=temperature,
+                                             seed=seed, stream=True, stream_options={"include_usage": True}):
         sid = sid or getattr(ch, "session_id", "") or ""
         if ch.choices and ch.choices[0].delta.content:
             ttft = ttft if ttft is not None else time.perf_counter() - t0
             parts.append(ch.choices[0].delta.content)
         if ch.usage is not None:
             cached, prompt = ch.usage.prompt_tokens_details.cached_tokens, ch.usage.prompt_tokens
-    return HttpTurn(ttft or 0.0, "".join(parts), cached, prompt, sid)
+            completion = ch.usage.completion_tokens
+    return HttpTurn(ttft or 0.0, "".join(parts), cached, prompt, completion, sid)
 
 
 def _grpc_fork_ttft(grpc_client, parent: str, turn: dict, n: int) -> float:
@@ -63,6 +68,21 @@ def _grpc_fork_ttft(grpc_client, parent: str, turn: dict, n: int) -> float:
             ttft = time.perf_counter() - t0
     grpc_client.delete_session(sid)
     return ttft
+
+
+def _sampled(client, model: str, conversations: int, n: int) -> dict:
+    """Of `conversations` two-turn chats with sampled replies (temperature 0.8, seed i), how many second turns
+    forked the first (cached = the first turn's tokens but its last): the reply's text, resent,
+    re-tokenized into the very tokens the model generated. Otherwise the worker refuses the fork and a new
+    session prefills the whole history (prefix adoption aside)."""
+    continued = 0
+    for i in range(conversations):
+        first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{TURNS[i % len(TURNS)]} ({i})"}]
+        a = _http_turn(client, model, first, n, temperature=0.8, seed=i)
+        b = _http_turn(client, model, [*first, {"role": "assistant", "content": a.text},
+                                       {"role": "user", "content": "Go on."}], 1)
+        continued += b.cached_tokens == a.prompt_tokens + a.completion_tokens - 1
+    return {"conversations": conversations, "continued": continued, "not_continued": conversations - continued}
 
 
 def run_http(args) -> int:
@@ -93,8 +113,9 @@ def run_http(args) -> int:
             if "grpc_ttft_s" in row:
                 row["ttft_http_over_grpc"] = row["reuse"]["ttft_s"] / max(row["grpc_ttft_s"], 1e-9)
             rows.append(row)
+    sampled = _sampled(client, model, args.sampled, args.new_tokens) if args.sampled else None
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"turns": rows, "sampled": sampled}, indent=2))
     else:
         print("turn  prompt  reuse_ttft  cached  no_reuse_ttft  ratio  grpc_fork_ttft  http/grpc")
         for r in rows:
@@ -102,4 +123,6 @@ def run_http(args) -> int:
                   f"{r['reuse']['cached_tokens']:6d}  "
                   f"{r['no-reuse']['ttft_s']:13.3f}  {r['ttft_no_reuse_over_reuse']:5.2f}  "
                   f"{r.get('grpc_ttft_s', float('nan')):14.3f}  {r.get('ttft_http_over_grpc', float('nan')):9.2f}")
+        if sampled:
+            print(f"sampled replies resent: {sampled['continued']} of {sampled['conversations']} forked the first turn")
     return 0

@@ -49,6 +49,7 @@ from services.gateway.servicer import KvStashServicer, _session_id
 from services.runtime.redis_url import async_redis_client
 from services.wire import MAX_STOP_CHARS, MAX_STOPS, DoneEvent, GenerateCall, TokensEvent
 
+MAX_FORK_TRIES = 4  # remembered conversations a transparent request tries, longest first, before a new session
 STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "ALREADY_EXISTS": 409, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
           "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
           "INTERNAL": 500}
@@ -231,20 +232,22 @@ class HttpApi:
         session. `call.session_id` is the new session either way."""
         if "chat" not in call.input:
             return await self._open(call, create_missing=False)
-        hit = await self.conversations.find(call.tenant, call.input["chat"])
-        counted = self.core.metrics.http_conversations
-        if hit is not None:
-            key, parent = hit
-            fork = dataclasses.replace(call, fork_of=parent, extends=True)
+        counted, found = self.core.metrics.http_conversations, False
+        for _ in range(MAX_FORK_TRIES):  # a session deleted meanwhile: the next shorter conversation
+            hit = await self.conversations.find(call.tenant, call.input["chat"])
+            if hit is None:
+                break
+            found, (key, parent) = True, hit
             try:
-                events = await self._open(fork, create_missing=False)
+                events = await self._open(dataclasses.replace(call, fork_of=parent, extends=True), create_missing=False)
                 counted.labels("continued").inc()
                 return events
-            except (FailedPrecondition, NotFound) as e:  # diverged, busy or gone: a new session instead
+            except NotFound:  # its session is gone (deleted by id, expired): forget it, look again
+                await self.conversations.forget(call.tenant, key)
+            except FailedPrecondition as e:  # diverged or busy: a new session instead
                 log.info("conversation of %s not continued (%s): new session", call.tenant, e.message)
-                if isinstance(e, NotFound):
-                    await self.conversations.forget(call.tenant, key)
-        counted.labels("new" if hit is None else "not_continued").inc()
+                break
+        counted.labels("not_continued" if found else "new").inc()
         return await self._open(call, create_missing=False)
 
     def _background(self, coro) -> None:

@@ -160,17 +160,24 @@ def test_tenants_do_not_continue_each_others_conversations(http_stack):
     mine = a.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
     assert mine.session_id not in (first.session_id, theirs.headers["x-session-id"])  # a fork of alpha's
     assert mine.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
-    # the remembered session is gone (deleted by id): its continuation is served by a new session
+    # the longest remembered conversation's session is gone (deleted by id): the next shorter one is forked;
+    # with both gone, a new session serves it
     history += [{"role": "assistant", "content": mine.choices[0].message.content},
                 {"role": "user", "content": "One more?"}]
     with KvstashClient(http_stack.target, api_key=KEY_A, timeout=60) as g:
         assert g.get_session(mine.session_id).token_count == mine.usage.prompt_tokens + mine.usage.completion_tokens
         assert g.delete_session(mine.session_id)
-    before = _conversations(http_stack)
-    redo = a.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
-    assert redo.session_id != mine.session_id and redo.choices[0].message.content
+        before = _conversations(http_stack)
+        redo = a.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
+        assert redo.session_id not in (first.session_id, mine.session_id) and redo.choices[0].message.content
+        assert redo.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens + first.usage.completion_tokens - 1
+        middle = _conversations(http_stack)
+        assert middle["continued"] - before["continued"] == 1 and middle["not_continued"] == before["not_continued"]
+        assert g.delete_session(first.session_id) and g.delete_session(redo.session_id)
+    again = a.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens  # nothing of theirs left
     after = _conversations(http_stack)
-    assert after["not_continued"] - before["not_continued"] == 1 and after["continued"] == before["continued"]
+    assert after["not_continued"] - middle["not_continued"] == 1 and after["continued"] == middle["continued"]
 
 
 def _conversations(svc) -> dict[str, float]:
