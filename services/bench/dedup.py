@@ -75,9 +75,9 @@ def byte_figures(tier, records) -> dict:
     """The byte figures of the sessions `records` stored in `tier`'s namespace (see the module doc).
 
     `redis_bytes` = `record_bytes` + `block_bytes`. The records (manifests) carry their creation and update
-    times as JSON numbers whose decimal digits vary (`repr` of a float: 13 to 18 characters), so two runs of
-    the same sessions hold records a few bytes apart; `block_bytes` is the KV content, equal byte for byte
-    between runs of the same sessions (one node or a Cluster)."""
+    times as JSON numbers with as many decimal digits as each float needs (mostly 16 to 18 characters now),
+    so two runs of the same sessions hold records a few bytes apart; `block_bytes` is the KV content, equal
+    byte for byte between runs of the same sessions (one node or a Cluster)."""
     unique, shared = unique_bytes(tier, records)
     separate = sum(tier.session_bytes(m.tenant, m.session_id, m.blocks) for m in records)
     record_bytes = sum(tier.session_bytes(m.tenant, m.session_id, []) for m in records)
