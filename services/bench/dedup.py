@@ -15,7 +15,9 @@ Reported per scenario: `redis_bytes` (the namespace's total, from the tier's exa
 `unique_bytes` (the content with the shared prefix counted once: every session's record plus every block the
 sessions list, blocks of equal content counted once — from what the sessions reference, not from what Redis
 holds; `shared_bytes` is the part listed by more than one session), `dedup_ratio` = separate / redis, and `redis_over_unique` = redis / unique (target <= 1.3;
-for `private-tenants` the target is the opposite: nothing shared, redis ≈ separate).
+for `private-tenants` the target is the opposite: nothing shared, redis ≈ separate). `redis_bytes` splits into
+`record_bytes` (the sessions' manifests, whose timestamps make them vary by a few bytes from run to run) and
+`block_bytes` (the stored KV, the same byte for byte in every run of the same sessions: compare runs on it).
 With `--cluster` the same scenarios run again, same process and sessions, on a local Redis Cluster (3 masters +
 3 replicas of redis-server, started here; each row names its `redis`: single or cluster). With `--redis-url
 redis+cluster://...` it runs against that Redis Cluster instead of a spawned node. On a Cluster it also reports keys and bytes
@@ -29,7 +31,11 @@ import time
 
 
 def run_call(engine, call):
-    """Run one call on an engine to its end; its `DoneEvent` (raises on an `ErrorEvent`)."""
+    """Run one call on an engine to its end; its `DoneEvent` (raises on an `ErrorEvent`).
+
+    The sink gets the `DoneEvent` on the engine thread before that thread releases the session (moves it
+    from the running calls to the device-resident ones): read session state only on the engine thread
+    (`device_state`), never from the caller's thread."""
     from services.wire import ErrorEvent, is_terminal
 
     events: list = []
@@ -56,19 +62,46 @@ def scenario(engine, name: str, system: list[int], owns: list[list[int]]) -> dic
         tenant = "acme" if name == "one-tenant" else f"tenant{i}"
         done = run_call(engine, GenerateCall(tenant, f"s{i}", True, {"token_ids": system + own}, max_new_tokens=1))
         sources[done.usage.kv_source] = sources.get(done.usage.kv_source, 0) + 1
-        before = engine.sessions.get(tenant, f"s{i}").cache.export_state()
+        before = device_state(engine, tenant, f"s{i}")
         engine.evict(tenant, f"s{i}").result()
         assert_restores_exactly(engine, tenant, f"s{i}", before)
     tier = engine.tier
     records = [tier.get_manifest("acme" if name == "one-tenant" else f"tenant{i}", f"s{i}") for i in range(len(owns))]
-    separate = sum(tier.session_bytes(m.tenant, m.session_id, m.blocks) for m in records)
+    return {"scenario": name, "sessions": len(owns)} | byte_figures(tier, records) | {
+            "kv_sources": sources, "seconds": time.perf_counter() - t0} | spread(tier)
+
+
+def byte_figures(tier, records) -> dict:
+    """The byte figures of the sessions `records` stored in `tier`'s namespace (see the module doc).
+
+    `redis_bytes` = `record_bytes` + `block_bytes`. The records (manifests) carry their creation and update
+    times as JSON numbers with as many decimal digits as each float needs (mostly 16 to 18 characters now),
+    so two runs of the same sessions hold records a few bytes apart; `block_bytes` is the KV content, equal
+    byte for byte between runs of the same sessions (one node or a Cluster)."""
     unique, shared = unique_bytes(tier, records)
+    separate = sum(tier.session_bytes(m.tenant, m.session_id, m.blocks) for m in records)
+    record_bytes = sum(tier.session_bytes(m.tenant, m.session_id, []) for m in records)
     registry = sum(len(k) + len(v) for k, v in tier.client.hgetall(tier.keys.registry_key).items())
-    redis_bytes = tier.stats()["bytes"] - registry  # the public registry entry is not session content
-    return {"scenario": name, "sessions": len(owns), "redis_bytes": redis_bytes, "separate_bytes": separate,
-            "unique_bytes": unique, "dedup_ratio": separate / redis_bytes, "redis_over_unique": redis_bytes / unique,
-            "blocks": tier.stats()["blocks"], "shared_bytes": shared, "kv_sources": sources,
-            "seconds": time.perf_counter() - t0} | spread(tier)
+    stats = tier.stats()
+    redis_bytes = stats["bytes"] - registry  # the public registry entry is not session content
+    return {"redis_bytes": redis_bytes, "separate_bytes": separate, "unique_bytes": unique,
+            "record_bytes": record_bytes, "block_bytes": redis_bytes - record_bytes,
+            "dedup_ratio": separate / redis_bytes, "redis_over_unique": redis_bytes / unique,
+            "blocks": stats["blocks"], "shared_bytes": shared}
+
+
+def device_state(engine, tenant: str, session_id: str):
+    """The session's device KV (`KVState`), read on the engine thread, where session state lives.
+
+    Read from another thread just after the call's `DoneEvent`, the engine may be between taking the
+    session off its running calls and putting it among the device-resident ones: `SessionManager.get` then
+    finds it in neither and reads a cold copy (no device cache) from its Redis manifest. A control
+    operation runs between engine steps, after the call's step has released the session."""
+    def op():
+        s = engine.sessions.get(tenant, session_id)
+        assert s.cache is not None, f"{tenant}/{session_id} has no device cache after its call"
+        return s.cache.export_state()
+    return engine.scheduler.call(op).result()
 
 
 def assert_restores_exactly(engine, tenant: str, session_id: str, before) -> None:
@@ -76,7 +109,8 @@ def assert_restores_exactly(engine, tenant: str, session_id: str, before) -> Non
     device cache it was offloaded from; AssertionError otherwise."""
     from services.bench.common import restore_stored
 
-    restored = restore_stored(engine.runner, engine.sessions.store, engine.tier, tenant, session_id)
+    restored = engine.scheduler.call(  # on the engine thread, which owns the store
+        lambda: restore_stored(engine.runner, engine.sessions.store, engine.tier, tenant, session_id)).result()
     assert restored.export_state().equals(before), \
         f"{tenant}/{session_id}: restored cache differs from the offloaded one"
 
