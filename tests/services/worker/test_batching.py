@@ -122,13 +122,14 @@ def test_sessions_decoded_in_batches_resume_and_recompute_exactly(batched_engine
     before = eng.metrics.batch_sessions._sum.get()
     _concurrent(eng, {sid: (ids, 40) for sid, ids in prompts.items()})
     for sid in prompts:
-        s = eng.sessions.find("acme", sid)
+        # on the engine thread: the DoneEvent is sent before the engine releases the session
+        s = eng.scheduler.call(lambda sid=sid: eng.sessions.find("acme", sid)).result(timeout=60)
         rows = {decode_pass(e).rows for e in s.schedule}
         assert max(rows) > 1, f"{sid} was never decoded in a batch: {rows}"
     assert eng.metrics.batch_sessions._sum.get() - before > 40  # passes carried several sessions
 
     for i, sid in enumerate(prompts):
-        s = eng.sessions.find("acme", sid)
+        s = eng.scheduler.call(lambda sid=sid: eng.sessions.find("acme", sid)).result(timeout=60)
         state, last = eng.scheduler.call(lambda s=s: (s.cache.export_state(), s.tokens[-1])).result(timeout=60)
         # 1. replaying the recorded schedule (packed) rebuilds the device KV bit for bit
         replayed = runner.new_cache(QuantConfig.parse(SPEC))

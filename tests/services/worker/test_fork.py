@@ -40,9 +40,17 @@ def tokens(events) -> list[int]:
     return [t for e in events if isinstance(e, TokensEvent) for t in e.ids]
 
 
+def held(engine, sid: str):
+    """The session as the engine holds it, read on the engine thread (a call's DoneEvent is sent before the
+    engine releases its session)."""
+    return engine.scheduler.call(lambda: engine.sessions.find("acme", sid)).result(timeout=60)
+
+
 def state(engine, sid: str):
-    s = engine.sessions.find("acme", sid)
-    return s.tokens, s.schedule, s.cache.export_state()
+    def read():
+        s = engine.sessions.find("acme", sid)
+        return list(s.tokens), list(s.schedule), s.cache.export_state()
+    return engine.scheduler.call(read).result(timeout=60)
 
 
 def assert_same_state(a, b) -> None:
@@ -56,7 +64,7 @@ def test_a_fork_of_a_hot_session_continues_exactly_and_leaves_its_parent_as_it_w
     run(engine, "acme", "twin", IDS)
     twin_next, _ = run(engine, "acme", "twin", MORE, create=False)  # the path without a fork
     parent_out, _ = run(engine, "acme", "p", IDS)
-    before = engine.sessions.find("acme", "p")
+    before = held(engine, "p")
     before = (list(before.tokens), list(before.schedule))
     done = call(engine, "c", MORE, fork_of="p")
     assert tokens(done) == twin_next
@@ -64,7 +72,7 @@ def test_a_fork_of_a_hot_session_continues_exactly_and_leaves_its_parent_as_it_w
     assert usage.kv_source == "device" and usage.cached_tokens == len(IDS) + len(parent_out) - 1
     assert usage.prompt_tokens == len(MORE)
     assert_same_state(state(engine, "c"), state(engine, "twin"))  # the fork's KV: the same bits
-    p = engine.sessions.find("acme", "p")
+    p = held(engine, "p")
     assert (p.tokens, p.schedule) == before  # the parent is untouched...
     again, _ = run(engine, "acme", "p", MORE, create=False)
     assert again == twin_next  # ...and its own KV still continues exactly
@@ -102,8 +110,8 @@ def test_forks_that_cannot_start_or_are_cut_short_leave_no_session(engine):
     assert error(call(engine, "taken", MORE, fork_of="p")).code == "ALREADY_EXISTS"
     bad = error(call(engine, "c", [10 ** 9], fork_of="p"))  # outside the vocabulary: refused after the copy
     assert bad.code == "INVALID_ARGUMENT"
-    assert engine.sessions.find("acme", "c") is None and not engine.tier.get_manifest("acme", "c")
-    p = engine.sessions.find("acme", "p")
+    assert held(engine, "c") is None and not engine.tier.get_manifest("acme", "c")
+    p = held(engine, "p")
     assert p.tokens == IDS + parent and not p.busy
     forked = tokens(call(engine, "c", fork_of="p"))  # no input: the fork continues where the parent stopped
     cont, _ = run(engine, "acme", "p", create=False)

@@ -74,7 +74,8 @@ def test_redis_unreachable_at_start_then_back(tiny_model_dir, tmp_path):
         while not events or not is_terminal(events[-1]):
             time.sleep(0.01)
         assert isinstance(events[-1], DoneEvent)  # served from the device while Redis is down
-        s = eng.sessions.active[("acme", "fresh-1")]
+        # on the engine thread: the DoneEvent is sent before the engine releases the session
+        s = eng.scheduler.call(lambda: eng.sessions.active[("acme", "fresh-1")]).result(timeout=60)
         assert s.dirty
         events = []
         eng.submit(GenerateCall("acme", "chosen-id", True, {"token_ids": [5, 6]}, 2), events.append)
