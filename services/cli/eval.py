@@ -4,6 +4,7 @@
     kvstash eval alloc --kl-budget 0.02 [--bits 2,3,4,8] ...          (services/eval/alloc.py)
     kvstash eval cold [--kv SPEC] [--cold SPEC] ...                   (services/eval/cold.py)
     kvstash eval plot RESULTS.jsonl ... --out plot.svg                (services/eval/plot.py)
+    kvstash eval plot-frontier RESULTS.jsonl ... --out frontier.svg   (services/eval/frontier.py)
 """
 
 from __future__ import annotations
@@ -60,6 +61,20 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--title", default="")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=runs("services.eval.plot", "run_plot"))
+
+    p = kinds.add_parser("plot-frontier", help="SVG scatter plot of specs' bits against quality, with targets")
+    p.add_argument("files", nargs="+", help="`eval ppl --json` JSON-lines files, one colour each")
+    p.add_argument("--x", default="bits_per_element", help="row field; dotted for nested (session.bf16_2048.bytes_per_token)")
+    p.add_argument("--y", default="delta_ppl", help="row field (log scale unless --linear-y)")
+    p.add_argument("--xlabel", default="", help="x axis title (default: the field's name)")
+    p.add_argument("--ylabel", default="", help="y axis title (default: the field's name)")
+    p.add_argument("--linear-y", action="store_true", help="linear y axis (e.g. when some y <= 0)")
+    p.add_argument("--target", action="append", default=[],
+                   help="NAME:X:Y, a bound 'x <= X at y <= Y' drawn as a region; repeat for several")
+    p.add_argument("--mark", default=DEFAULT_KV_SPEC, help="spec whose point is ringed (default: the default spec)")
+    p.add_argument("--title", default="")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=runs("services.eval.frontier", "run_plot_frontier"))
 
 
 def _common(p) -> None:

@@ -25,6 +25,7 @@ COMMANDS = {
     ("eval", "alloc"): "services.eval.alloc.run_alloc",
     ("eval", "cold"): "services.eval.cold.run_cold",
     ("eval", "plot"): "services.eval.plot.run_plot",
+    ("eval", "plot-frontier"): "services.eval.frontier.run_plot_frontier",
 }
 
 
