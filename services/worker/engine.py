@@ -67,6 +67,9 @@ class Engine:
             if moved != MigrationReport():
                 log.info("legacy Redis key layout migrated: %s", moved)
             self.sessions.refresh_public()
+            # the namespace's epoch, before any session: a new namespace is then not taken for a Redis that
+            # lost its data at the first housekeeping (which would drop the stored KV of sessions made meanwhile)
+            self.sessions.sync_storage()
             policy = redis_setting(self.tier.client.config_get("maxmemory-policy"), "maxmemory-policy")
             if policy.startswith("allkeys"):
                 log.error("Redis maxmemory-policy is %s: Redis may evict session manifests (their durable "

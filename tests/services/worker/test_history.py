@@ -88,3 +88,23 @@ def test_redis_unreachable_at_start_then_back(tiny_model_dir, tmp_path):
             assert eng.tier.get_manifest("acme", "fresh-1").tokens == s.tokens
     finally:
         eng.close()
+
+
+def test_a_new_namespace_is_not_taken_for_lost_data(tiny_model_dir, redis_server):
+    """The worker sets its namespace's epoch at start: sessions stored before the first housekeeping keep
+    their stored KV through it (before, the first housekeeping took the missing epoch for a Redis that lost
+    its data and rewrote their manifests without it)."""
+    eng = make_engine(tiny_model_dir, redis_server.url)
+    try:
+        assert eng.tier.client.get(eng.sessions.history.epoch_key) is not None
+        run(eng, "acme", "s1", _ids(90))
+        eng.evict("acme", "s1").result()
+        before = eng.tier.get_manifest("acme", "s1")
+        assert before.blocks and before.kv_tokens
+        eng.scheduler.call(eng._housekeeping).result(timeout=60)
+        after = eng.tier.get_manifest("acme", "s1")
+        assert after.blocks == before.blocks and after.kv_tokens == before.kv_tokens
+        _, usage = run(eng, "acme", "s1", create=False)
+        assert usage.kv_source == "restored"
+    finally:
+        eng.close()
