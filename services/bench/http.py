@@ -13,9 +13,9 @@ above the stack's `session.idle_timeout_s`, every parent has gone to Redis and e
 `grpc` makes the same call as each `reuse` turn over gRPC: `Generate` with `fork_of` = the same parent
 session and only the new user turn (the same worker work: copy the parent, prefill the new turn), run first,
 so both forks find the parent in the same place (after a think time over the idle timeout: Redis).
-Ratios: `ttft_no_reuse_over_reuse` and `ttft_http_over_grpc` per turn. `--sampled N` adds N two-turn chats
-with sampled replies and counts the second turns that forked the first: a resent reply that re-tokenizes
-differently from the generated tokens cannot be forked (the fork is all or nothing per session).
+Ratios: `ttft_no_reuse_over_reuse` and `ttft_http_over_grpc` per turn. `--sampled N` adds N three-turn chats
+whose second reply is sampled and counts where the third turn's reuse stopped: a resent reply that
+re-tokenizes differently from the generated tokens cannot be forked, so the turn before it is.
 """
 
 from __future__ import annotations
@@ -71,18 +71,25 @@ def _grpc_fork_ttft(grpc_client, parent: str, turn: dict, n: int) -> float:
 
 
 def _sampled(client, model: str, conversations: int, n: int) -> dict:
-    """Of `conversations` two-turn chats with sampled replies (temperature 0.8, seed i), how many second turns
-    forked the first (cached = the first turn's tokens but its last): the reply's text, resent,
-    re-tokenized into the very tokens the model generated. Otherwise the worker refuses the fork and a new
-    session prefills the whole history (prefix adoption aside)."""
-    continued = 0
+    """Of `conversations` three-turn chats whose second reply is sampled (temperature 0.8, seed i), how many
+    third turns forked the second turn's session (the sampled reply, resent as text, re-tokenized into the
+    very tokens the model generated), how many forked the first turn's instead (it did not: reuse stops at
+    the turn before the difference), and how many forked nothing."""
+    out = {"conversations": conversations, "forked_sampled_turn": 0, "forked_turn_before": 0, "no_fork": 0}
     for i in range(conversations):
-        first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{TURNS[i % len(TURNS)]} ({i})"}]
-        a = _http_turn(client, model, first, n, temperature=0.8, seed=i)
-        b = _http_turn(client, model, [*first, {"role": "assistant", "content": a.text},
+        t1 = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{TURNS[i % len(TURNS)]} ({i})"}]
+        a = _http_turn(client, model, t1, n)
+        t2 = [*t1, {"role": "assistant", "content": a.text}, {"role": "user", "content": "Tell me more."}]
+        b = _http_turn(client, model, t2, n, temperature=0.8, seed=i)
+        c = _http_turn(client, model, [*t2, {"role": "assistant", "content": b.text},
                                        {"role": "user", "content": "Go on."}], 1)
-        continued += b.cached_tokens == a.prompt_tokens + a.completion_tokens - 1
-    return {"conversations": conversations, "continued": continued, "not_continued": conversations - continued}
+        if c.cached_tokens == b.prompt_tokens + b.completion_tokens - 1:
+            out["forked_sampled_turn"] += 1
+        elif c.cached_tokens == a.prompt_tokens + a.completion_tokens - 1:
+            out["forked_turn_before"] += 1
+        else:
+            out["no_fork"] += 1
+    return out
 
 
 def run_http(args) -> int:
@@ -124,5 +131,5 @@ def run_http(args) -> int:
                   f"{r['no-reuse']['ttft_s']:13.3f}  {r['ttft_no_reuse_over_reuse']:5.2f}  "
                   f"{r.get('grpc_ttft_s', float('nan')):14.3f}  {r.get('ttft_http_over_grpc', float('nan')):9.2f}")
         if sampled:
-            print(f"sampled replies resent: {sampled['continued']} of {sampled['conversations']} forked the first turn")
+            print(f"sampled replies resent: {sampled}")
     return 0

@@ -87,7 +87,7 @@ def _http(kinds) -> None:
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--sampled", type=int, default=0,
-                   help="also N two-turn chats with sampled replies: how many second turns forked the first")
+                   help="also N three-turn chats with a sampled second reply: where the third turn's reuse stopped")
     p.add_argument("--think", type=float, default=0.0,
                    help="seconds between turns; above the stack's session.idle_timeout_s every turn resumes from Redis")
     p.add_argument("--json", action="store_true")

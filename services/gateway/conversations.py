@@ -81,22 +81,25 @@ class ConversationIndex:
     def _keys(self, tenant: str) -> list[str]:
         return [f"{self.ns}:conv:{{{tenant}}}", f"{self.ns}:convlru:{{{tenant}}}"]
 
-    async def find(self, tenant: str, messages: list[dict[str, str]]) -> tuple[bytes, str] | None:
+    async def find(self, tenant: str, messages: list[dict[str, str]],
+                   shorter_than: int | None = None) -> tuple[bytes, str, int] | None:
         """The longest remembered conversation that `messages` extend (cut after an assistant turn, leaving at
-        least one new message), as (key, session id), or None."""
+        least one new message; with `shorter_than`, of fewer messages than that), as (key, session id, its
+        number of messages), or None."""
         if self.capacity <= 0:
             return None
-        cuts = [j for j in range(len(messages) - 1, 0, -1) if messages[j - 1]["role"] == "assistant"]
+        top = len(messages) - 1 if shorter_than is None else min(len(messages) - 1, shorter_than - 1)
+        cuts = [j for j in range(top, 0, -1) if messages[j - 1]["role"] == "assistant"]
         if not cuts:
             return None
         keys = [conversation_key(tenant, messages[:j]) for j in cuts]
         conv, lru = self._keys(tenant)
         try:
             found = await self.client.hmget(conv, keys)
-            for key, sid in zip(keys, found):
+            for key, sid, cut in zip(keys, found, cuts):
                 if sid is not None:
                     await self.client.zadd(lru, {key: time.time()}, xx=True)
-                    return key, sid.decode()
+                    return key, sid.decode(), cut
         except Exception as e:  # noqa: BLE001 - the index is an optimisation: a miss
             log.warning("conversation lookup for %s failed (%s): treated as a miss", tenant, e)
         return None

@@ -20,9 +20,10 @@ Exactness of transparent continuation: a fork continues its parent's gRPC path �
 new tokens prefilled in passes cut at `prefix.prefill_chunk` multiples — so the KV and the greedy
 continuation are exactly those of the same conversation sent over gRPC turn by turn (tested). The worker
 forks only if the session's whole token history (generated tokens included) begins the request's rendering;
-where the client's resent text re-tokenizes differently (or the session is busy), the request falls back to
-a new session (prefix adoption only): reuse is all or nothing per session, and the fallback shows as
-`cached_tokens` below the previous conversation's. The forked session never changes, so an edited later
+where the client's resent text re-tokenizes differently (or the session is busy or gone), the next shorter
+remembered conversation is forked — an earlier turn's session, which ends before the difference — so reuse
+stops at the last turn boundary before the first differing token (`cached_tokens` shows where); with none
+left, a new session (prefix adoption only). The forked session never changes, so an edited later
 turn or a regenerated reply forks it again. Per-request sessions are deleted when they leave the tenant's
 `http.conversations_per_tenant` most recent conversations, so they do not grow the tenant's session count
 without bound. /v1/completions requests are always new sessions (prefix adoption only). Outcomes are counted
@@ -232,21 +233,21 @@ class HttpApi:
         session. `call.session_id` is the new session either way."""
         if "chat" not in call.input:
             return await self._open(call, create_missing=False)
-        counted, found = self.core.metrics.http_conversations, False
-        for _ in range(MAX_FORK_TRIES):  # a session deleted meanwhile: the next shorter conversation
-            hit = await self.conversations.find(call.tenant, call.input["chat"])
+        counted, found, below = self.core.metrics.http_conversations, False, None
+        for _ in range(MAX_FORK_TRIES):  # longest first; then the next shorter remembered conversation
+            hit = await self.conversations.find(call.tenant, call.input["chat"], shorter_than=below)
             if hit is None:
                 break
-            found, (key, parent) = True, hit
+            found, (key, parent, cut) = True, hit
             try:
                 events = await self._open(dataclasses.replace(call, fork_of=parent, extends=True), create_missing=False)
                 counted.labels("continued").inc()
                 return events
             except NotFound:  # its session is gone (deleted by id, expired): forget it, look again
                 await self.conversations.forget(call.tenant, key)
-            except FailedPrecondition as e:  # diverged or busy: a new session instead
-                log.info("conversation of %s not continued (%s): new session", call.tenant, e.message)
-                break
+            except FailedPrecondition as e:  # diverged (a resent reply re-tokenized differently) or busy
+                log.info("conversation of %s not forked at %d messages (%s)", call.tenant, cut, e.message)
+                below = cut  # an earlier turn's session ends before the difference: fork that one
         counted.labels("not_continued" if found else "new").inc()
         return await self._open(call, create_missing=False)
 

@@ -36,8 +36,8 @@ def test_a_conversation_is_found_by_its_extension_only_within_its_tenant(redis_s
     async def body(idx):
         assert await idx.remember("alpha", [SYS, u("hi")], "hello", "s1") == []
         turn2 = [SYS, u("hi"), a("hello"), u("how are you?")]
-        key, sid = await idx.find("alpha", turn2)
-        assert sid == "s1" and key == conversation_key("alpha", turn2[:3])
+        key, sid, cut = await idx.find("alpha", turn2)
+        assert sid == "s1" and cut == 3 and key == conversation_key("alpha", turn2[:3])
         assert await idx.find("beta", turn2) is None
         assert await idx.find("alpha", [SYS, u("hi"), a("hullo"), u("x")]) is None
         assert await idx.find("alpha", [SYS, u("hi")]) is None  # nothing new to continue with
@@ -56,7 +56,11 @@ def test_every_turn_stays_findable_for_edits_and_regenerations(redis_server):
         assert await idx.remember("alpha", turn2, "d", "s2") == []
         assert await idx.sessions("alpha") == 2
         assert (await idx.find("alpha", [*turn2[:2], u("c, edited")]))[1] == "s1"  # an edited turn 2 forks s1
-        assert (await idx.find("alpha", [*turn2, a("d"), u("e")]))[1] == "s2"
+        turn3 = [*turn2, a("d"), u("e")]
+        assert (await idx.find("alpha", turn3))[1:] == ("s2", 4)
+        # s2 could not be forked (its reply re-tokenized differently): the turn before it, s1
+        assert (await idx.find("alpha", turn3, shorter_than=4))[1:] == ("s1", 2)
+        assert await idx.find("alpha", turn3, shorter_than=2) is None
     with_index(redis_server.url, 4, body)
 
 

@@ -148,6 +148,31 @@ def test_an_edited_turn_and_a_regenerated_reply_fork_the_earlier_conversation_ex
                                                                 + second.usage.completion_tokens)
 
 
+def test_a_resent_reply_that_re_tokenizes_differently_forks_the_turn_before_it(http_stack):
+    """Reuse stops at the last turn boundary before the first differing token: when a sampled reply, resent
+    as text, tokenizes into other tokens than the model generated, its session cannot be forked exactly, so
+    the turn before it is (its history still begins the rendering) and the rest is prefilled. Sampling is
+    seeded and exact, so the seeds that diverge are the same on every run."""
+    a = client(http_stack)
+    outcomes = []
+    for seed in range(12):
+        t1 = [{"role": "user", "content": f"Say something about the number {seed}."}]
+        r1 = a.chat.completions.create(model=MODEL, messages=t1, max_tokens=8, temperature=0)
+        t2 = [*t1, {"role": "assistant", "content": r1.choices[0].message.content},
+              {"role": "user", "content": "Now babble, wildly."}]
+        r2 = a.chat.completions.create(model=MODEL, messages=t2, max_tokens=24, temperature=1.8, seed=seed)
+        t3 = [*t2, {"role": "assistant", "content": r2.choices[0].message.content}, {"role": "user", "content": "Ok."}]
+        r3 = a.chat.completions.create(model=MODEL, messages=t3, max_tokens=2, temperature=0)
+        total1 = r1.usage.prompt_tokens + r1.usage.completion_tokens
+        total2 = r2.usage.prompt_tokens + r2.usage.completion_tokens
+        cached = r3.usage.prompt_tokens_details.cached_tokens
+        outcomes.append((seed, cached, total1 - 1, total2 - 1))
+        if cached != total2 - 1:  # turn 2's reply did not re-tokenize into its tokens
+            assert cached == total1 - 1, outcomes  # turn 1's session was forked instead
+            return
+    pytest.fail(f"no sampled reply re-tokenized differently in 12 conversations: {outcomes}")
+
+
 def test_tenants_do_not_continue_each_others_conversations(http_stack):
     a, b = client(http_stack, KEY_A), client(http_stack, KEY_B)
     history = [{"role": "user", "content": "Name a planet."}]
