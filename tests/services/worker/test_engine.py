@@ -8,8 +8,8 @@ import time
 import pytest
 
 from services.runtime.redis_server import RedisServer
-from services.wire import ErrorEvent, GenerateCall, TokensEvent, is_terminal
-from tests.services.worker.test_session_store import make_engine, run
+from services.wire import ErrorEvent, GenerateCall, TokensEvent
+from tests.services.worker.test_session_store import call_events, make_engine, run
 
 rng = random.Random(11)
 IDS = [rng.randrange(1000, 20000) for _ in range(90)]
@@ -33,13 +33,7 @@ def _cancel(eng, tid: int) -> None:
 
 def _outcome(eng, sid: str, n: int = 1, ids=None, **call) -> dict:
     """The last event of a call: its `done` or its `error`."""
-    events: list = []
-    eng.submit(GenerateCall("acme", sid, False, {"token_ids": ids} if ids else None, n, **call), events.append)
-    deadline = time.monotonic() + 60
-    while not events or not is_terminal(events[-1]):
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    return events[-1]
+    return call_events(eng, GenerateCall("acme", sid, False, {"token_ids": ids} if ids else None, n, **call))[-1]
 
 
 def _seeded(eng):

@@ -3,13 +3,12 @@ Engine (tiny model) and a real redis-server; every fork's continuation is checke
 cache bit for bit, against a session that took the same path without forking."""
 
 import random
-import time
 
 import numpy as np
 import pytest
 
-from services.wire import DoneEvent, ErrorEvent, GenerateCall, TokensEvent, is_terminal
-from tests.services.worker.test_session_store import block_keys, make_engine, refcount, run
+from services.wire import DoneEvent, ErrorEvent, GenerateCall, TokensEvent
+from tests.services.worker.test_session_store import block_keys, call_events, make_engine, refcount, run
 
 rng = random.Random(5)
 IDS = [rng.randrange(1000, 20000) for _ in range(70)]
@@ -26,13 +25,7 @@ def engine(tiny_model_dir, redis_server):
 
 def call(engine, sid: str, ids=None, n=12, **kw) -> list:
     """Every event of one call."""
-    events: list = []
-    engine.submit(GenerateCall("acme", sid, True, {"token_ids": ids} if ids else None, n, **kw), events.append)
-    deadline = time.monotonic() + 120
-    while not events or not is_terminal(events[-1]):
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    return events
+    return call_events(engine, GenerateCall("acme", sid, True, {"token_ids": ids} if ids else None, n, **kw))
 
 
 def tokens(events) -> list[int]:

@@ -38,13 +38,19 @@ def engine(tiny_model_dir, redis_server):
     eng.close()
 
 
-def run(engine, tenant, sid, ids=None, n=12, create=True) -> tuple[list[int], Usage]:
+def call_events(engine, call: GenerateCall) -> list:
+    """Every event of one call, to its terminal one."""
     events: list = []
-    engine.submit(GenerateCall(tenant, sid, create, {"token_ids": ids} if ids else None, n), events.append)
+    engine.submit(call, events.append)
     deadline = time.monotonic() + 120
     while not events or not is_terminal(events[-1]):
         assert time.monotonic() < deadline
         time.sleep(0.005)
+    return events
+
+
+def run(engine, tenant, sid, ids=None, n=12, create=True) -> tuple[list[int], Usage]:
+    events = call_events(engine, GenerateCall(tenant, sid, create, {"token_ids": ids} if ids else None, n))
     assert isinstance(events[-1], DoneEvent), events[-1]
     return [t for e in events if isinstance(e, TokensEvent) for t in e.ids], events[-1].usage
 
