@@ -242,14 +242,14 @@ class Engine:
                 prompt_tokens=len(new_ids), cached_tokens=cached, generated_tokens=produced,
                 kv_source=source, session_tokens=len(s.tokens), cached_tier=origin.tier)))
         finally:
-            if not committed and call.fork_of:  # a fork cut short leaves no session behind
+            if committed:
+                self.sessions.release(s)
+            elif call.fork_of:  # a fork cut short leaves no session behind
                 self.sessions.discard(s)
-            elif not committed:
+            else:
                 # Cut short (an error, its deadline, a cancelled stream): the call leaves no trace. The
                 # history is as it began, and a cache the model ran on (maybe half-updated) is dropped.
                 self.sessions.rollback(s, touched)
-                self.sessions.release(s)
-            else:
                 self.sessions.release(s)
 
     def _observe_pass(self, rows: int, sessions: int) -> None:

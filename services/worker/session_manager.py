@@ -112,7 +112,8 @@ class SessionManager:
         """A new session `session_id`, marked busy, that starts as a copy of the tenant's session `parent_id`
         (`Session.fork`): a device copy of the parent's cache if it has one, else the parent's stored blocks,
         which the new session restores (or replays) like its own. The parent is unchanged; as the older
-        branch it is the first to leave the device (its idle clock is reset). NotFound: no parent;
+        branch it is the first to leave the device (its last use is set to the epoch, so housekeeping
+        offloads it as idle). NotFound: no parent;
         FailedPrecondition: the parent is busy; AlreadyExists: `session_id` names a session (not asked when
         `fresh`, an id the server just made)."""
         parent = self.check_not_busy(self.get(tenant, parent_id))
