@@ -33,6 +33,21 @@ def hash_fields(fields: Iterable[bytes | str | int], *, person: bytes = b"kvstas
     return h.digest()
 
 
+def prefix_hashes(fields: list[bytes | str | int], ends: Iterable[int], *, person: bytes = b"kvstash",
+                  digest_size: int = DIGEST_SIZE) -> list[bytes]:
+    """`hash_fields(fields[:e])` for each e of `ends` (ascending), in one pass over `fields`."""
+    h = hashlib.blake2b(digest_size=digest_size, person=person)
+    out, done = [], 0
+    for e in ends:
+        for f in fields[done:e]:
+            b = _as_bytes(f)
+            h.update(struct.pack("<Q", len(b)))
+            h.update(b)
+        done = e
+        out.append(h.copy().digest())
+    return out
+
+
 def checksum(data: bytes | memoryview, *, digest_size: int = 16) -> bytes:
     """Integrity checksum of a stored payload (blake2b-128)."""
     return hashlib.blake2b(data, digest_size=digest_size, person=b"kvstash-sum").digest()

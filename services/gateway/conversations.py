@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 
-from kvstore.digest import hash_fields
+from kvstore.digest import prefix_hashes
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,17 @@ return out
 
 
 def conversation_key(tenant: str, messages: list[dict[str, str]]) -> bytes:
+    return conversation_keys(tenant, messages, [len(messages)])[0]
+
+
+def conversation_keys(tenant: str, messages: list[dict[str, str]], cuts: list[int]) -> list[bytes]:
+    """`conversation_key(tenant, messages[:j])` for each j of `cuts`, hashing `messages` once."""
     fields: list[str] = [tenant]
     for m in messages:
         fields += [m["role"], m["content"]]
-    return hash_fields(fields, person=b"kvstash-conv")
+    order = sorted(set(cuts))
+    keys = dict(zip(order, prefix_hashes(fields, [1 + 2 * j for j in order], person=b"kvstash-conv")))
+    return [keys[j] for j in cuts]
 
 
 class ConversationIndex:
@@ -92,7 +99,7 @@ class ConversationIndex:
         cuts = [j for j in range(top, 0, -1) if messages[j - 1]["role"] == "assistant"]
         if not cuts:
             return None
-        keys = [conversation_key(tenant, messages[:j]) for j in cuts]
+        keys = conversation_keys(tenant, messages, cuts)
         conv, lru = self._keys(tenant)
         try:
             found = await self.client.hmget(conv, keys)

@@ -111,6 +111,16 @@ def test_on_a_redis_cluster_a_tenant_s_entries_share_a_slot(redis_cluster):
     with_index(redis_cluster.url, 4, body)
 
 
+def test_keys_are_the_digest_of_the_tenant_and_length_prefixed_turns():
+    from kvstore.digest import hash_fields
+    from services.gateway.conversations import conversation_keys
+
+    msgs = [SYS, u("hi"), a("hello"), u("more")]
+    assert conversation_key("t", msgs[:3]) == hash_fields(["t", "system", "be brief", "user", "hi", "assistant",
+                                                            "hello"], person=b"kvstash-conv")
+    assert conversation_keys("t", msgs, [3, 1, 3]) == [conversation_key("t", msgs[:j]) for j in (3, 1, 3)]
+
+
 def test_keys_are_length_prefixed():
     assert conversation_key("t", [u("ab"), u("c")]) != conversation_key("t", [u("a"), u("bc")])
     assert conversation_key("t", [u("x")]) == conversation_key("t", [u("x")])
