@@ -132,7 +132,9 @@ class RayConfig:
     address: str = _f("", "Ray cluster address; empty starts a local Ray instance.")
     namespace: str = _f("kvstash", "Ray namespace of the worker actors.")
     num_workers: int = _f(1, "Worker actors to run (each loads the model once).")
-    num_cpus_per_worker: float = _f(1.0, "CPUs reserved per worker actor.")
+    num_cpus_per_worker: float = _f(0.0, "CPUs reserved per worker actor; its torch runs that many threads "
+                                         "(Ray sets OMP_NUM_THREADS). 0: a local Ray instance's CPUs divided "
+                                         "among the workers (kvstash up), else 1.")
     num_gpus_per_worker: float = _f(-1.0, "GPUs per worker; -1 means 1 when the cluster has GPUs, else 0.")
     local_num_cpus: int = _f(0, "CPUs of a local Ray instance; 0 means all cores.")
 

@@ -2,7 +2,8 @@
 
 A redis-server it spawns itself (AOF on, under $KVSTASH_HOME/redis) unless `redis.url` is set; a local
 Ray instance unless `ray.address` is set; the worker actors (created by a `WorkerSpawner` handed to the
-gateway); the gateway and its metrics endpoint.
+gateway; on its own Ray instance, with `ray.num_cpus_per_worker` 0, each reserves an equal share of the
+CPUs and runs that many torch threads); the gateway and its metrics endpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from services.runtime.redis_server import RedisServer
 from services.runtime.workers import WorkerSpawner
 
 log = logging.getLogger(__name__)
+
+
+def local_cpus_per_worker(cpus: float, workers: int) -> float:
+    """CPUs each worker reserves on a Ray instance of `cpus` CPUs that only kvstash's workers use: an equal
+    whole share, at least 1. (A worker on 2 cores that reserved 1 would run torch on one of them.)"""
+    return float(max(1, int(cpus) // max(1, workers)))
 
 
 class LocalStack:
@@ -43,6 +50,11 @@ class LocalStack:
             else:
                 ray.init(num_cpus=cfg.ray.local_num_cpus or None, **kwargs)
             self._own_ray = True
+        if not cfg.ray.num_cpus_per_worker and self._own_ray and not cfg.ray.address:
+            cfg.ray.num_cpus_per_worker = local_cpus_per_worker(ray.cluster_resources().get("CPU", 1),
+                                                                cfg.ray.num_workers)
+            log.info("each of %d worker(s) reserves %g CPUs (and runs as many torch threads)",
+                     cfg.ray.num_workers, cfg.ray.num_cpus_per_worker)
         self.gateway = Gateway(cfg, WorkerSpawner(cfg))
         await self.gateway.start()
         return self

@@ -9,6 +9,8 @@ Invariants:
   namespace, created with `get_if_exists`: a gateway restart (or a second gateway) finds the same actor.
 - On an external Ray cluster (`ray.address` set) the actors are detached, so they outlive the gateway
   process that created them.
+- A worker reserves `ray.num_cpus_per_worker` CPUs (1 when 0: whoever owns the Ray instance resolves 0,
+  as `LocalStack` does), and Ray gives its torch as many threads.
 - Importing this module (and `services.worker.actor`) loads no torch, transformers or numba: the actor
   imports its engine inside its own process.
 """
@@ -39,6 +41,6 @@ class WorkerSpawner:
         return WorkerActor.options(
             name=actor_name(index), namespace=ray_cfg.namespace, get_if_exists=True,
             lifetime="detached" if ray_cfg.address else None,
-            num_cpus=ray_cfg.num_cpus_per_worker, num_gpus=self._gpus, max_restarts=0,
+            num_cpus=ray_cfg.num_cpus_per_worker or 1.0, num_gpus=self._gpus, max_restarts=0,
         ).remote(f"w{index}", self._cfg_dict)
 

@@ -82,7 +82,8 @@ class ModelRunner:
         self.shape = ModelShape(layers=self.num_layers, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
                                 head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
                                 dtype=str(self.dtype))
-        log.info("loaded %s on %s (%s), fingerprint %s", cfg.name, self.device, cfg.dtype, self.fingerprint[:12])
+        log.info("loaded %s on %s (%s, %d torch threads), fingerprint %s", cfg.name, self.device, cfg.dtype,
+                 torch.get_num_threads(), self.fingerprint[:12])
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> ModelRunner:
