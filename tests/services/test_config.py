@@ -38,7 +38,10 @@ def test_readme_config_reference_is_current():
 
 def test_default_block_size_follows_key_groups_and_prefill_chunk():
     assert KvstashConfig().block_tokens == 128
-    assert KvstashConfig.from_dict({"prefix": {"prefill_chunk": 64}}).block_tokens == 64
+    g32 = {"spec": "int4:g32:gv64:r64:w8"}  # the default's keys come in groups of 128 tokens: blocks of 128 at least
+    assert KvstashConfig.from_dict({"kv": g32, "prefix": {"prefill_chunk": 64}}).block_tokens == 64
     assert KvstashConfig.from_dict({"tiers": {"cold_spec": "int:k3v2:g128:gv64:s1:hadv"}}).block_tokens == 128
     assert KvstashConfig.from_dict({"kv": {"spec": "int4:g48:r128"}, "prefix": {"prefill_chunk": 576}}).block_tokens == 144
-    assert KvstashConfig.from_dict({"prefix": {"block_tokens": 64}}).block_tokens == 64
+    assert KvstashConfig.from_dict({"kv": g32, "prefix": {"block_tokens": 64}}).block_tokens == 64
+    with pytest.raises(ValueError, match="multiple of the key group"):
+        KvstashConfig.from_dict({"prefix": {"block_tokens": 64}})
