@@ -36,7 +36,6 @@ def http_stack(redis_server, tmp_path_factory):
         "KVSTASH_RAY__NUM_WORKERS": "1", "KVSTASH_GATEWAY__API_KEYS_FILE": str(keys),
         "KVSTASH_SESSION__IDLE_TIMEOUT_S": "2", "KVSTASH_SESSION__IDLE_CHECK_INTERVAL_S": "0.5",
         "KVSTASH_TIERS__HOST_BYTES": "0", "KVSTASH_HTTP__MAX_BODY_BYTES": "65536",
-        "KVSTASH_PREFIX__PREFILL_CHUNK": "64",  # shared blocks are whole prefill passes: short turns share too
     })
     svc.start()
     yield svc
