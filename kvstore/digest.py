@@ -23,13 +23,18 @@ def _as_bytes(field: bytes | str | int) -> bytes:
     raise TypeError(f"cannot hash field of type {type(field).__name__}")
 
 
-def hash_fields(fields: Iterable[bytes | str | int], *, person: bytes = b"kvstash", digest_size: int = DIGEST_SIZE) -> bytes:
-    """blake2b over length-prefixed fields; `person` separates hash domains (max 16 bytes)."""
-    h = hashlib.blake2b(digest_size=digest_size, person=person)
+def _feed(h, fields: Iterable[bytes | str | int]) -> None:
+    """Feed `fields` to hash `h`, each prefixed by its length (the one place the encoding is defined)."""
     for f in fields:
         b = _as_bytes(f)
         h.update(struct.pack("<Q", len(b)))
         h.update(b)
+
+
+def hash_fields(fields: Iterable[bytes | str | int], *, person: bytes = b"kvstash", digest_size: int = DIGEST_SIZE) -> bytes:
+    """blake2b over length-prefixed fields; `person` separates hash domains (max 16 bytes)."""
+    h = hashlib.blake2b(digest_size=digest_size, person=person)
+    _feed(h, fields)
     return h.digest()
 
 
@@ -39,10 +44,7 @@ def prefix_hashes(fields: list[bytes | str | int], ends: Iterable[int], *, perso
     h = hashlib.blake2b(digest_size=digest_size, person=person)
     out, done = [], 0
     for e in ends:
-        for f in fields[done:e]:
-            b = _as_bytes(f)
-            h.update(struct.pack("<Q", len(b)))
-            h.update(b)
+        _feed(h, fields[done:e])
         done = e
         out.append(h.copy().digest())
     return out

@@ -1,7 +1,7 @@
 """`kvstash up` on its own Ray instance gives each worker an equal share of the CPUs, and torch as many threads.
 
 A worker that reserved one CPU of two ran torch on one thread (Ray sets OMP_NUM_THREADS to the actor's
-CPUs): the whole service served ~11 tokens/s at one session where the same engine in one process serves 15.
+CPUs), leaving a core idle for prefill and batched passes on a machine whose other processes do not use it.
 """
 
 import re
