@@ -14,6 +14,9 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "s" N                 attention sinks: the first N tokens stay in full precision
              | "had" | "hadk" | "hadv" Hadamard-rotate head_dim before quantizing: keys and values, or one side
              | "hadattn"             run attention in the rotated basis instead of rotating back (needs had*)
+             | "clip" | "clipk" | "clipv"  each sealed quantization group's range is chosen for the least
+                                     squared error instead of min-max (kvstore/quant/quantize.py): both
+                                     sides or one (values gain at 2-3 bits; keys lose, measured)
              | "out" FRACTION        keep this fraction of each sealed block's values exactly (e.g. out0.01)
              | "prerope"             quantize keys before RoPE (RoPE is re-applied on read)
              | "ev" FRACTION         token eviction rate at the window's edge (off by default), e.g. ev0.4
@@ -73,6 +76,12 @@ class QuantConfig:
         metadata={"doc": "Attention runs in the rotated basis (queries rotated, outputs rotated back) "
                          "instead of rotating the cache back on read."},
     )
+    clip: str = field(
+        default="",
+        metadata={"doc": "Sides ('', 'k', 'v' or 'kv') whose sealed quantization groups take the range, of 13 "
+                         "shrunk about the midpoint, with the least squared error instead of min-max "
+                         "(kvstore/quant/quantize.py)."},
+    )
     outliers: float = field(
         default=0.0,
         metadata={"doc": "Fraction of each sealed block's elements kept exactly in an fp16 side table "
@@ -115,6 +124,10 @@ class QuantConfig:
             raise QuantConfigError(f"rotate={self.rotate!r} must be '', 'k', 'v' or 'kv'")
         if self.rotated_attention and not self.rotate:
             raise QuantConfigError("hadattn (attention in the rotated basis) needs a rotation: had, hadk or hadv")
+        if self.clip not in ("", "k", "v", "kv"):
+            raise QuantConfigError(f"clip={self.clip!r} must be '', 'k', 'v' or 'kv'")
+        if self.clip and self.is_full_precision:
+            raise QuantConfigError("clip needs a quantized spec, not fp")
         if not 0.0 <= self.outliers <= 0.25:
             raise QuantConfigError(f"outliers={self.outliers} must be a fraction in [0, 0.25]")
         if not 0.0 <= self.evict < 1.0:
@@ -150,6 +163,7 @@ class QuantConfig:
         parts += [f"s{self.sinks}"] if self.sinks else []
         parts += [{"kv": "had", "k": "hadk", "v": "hadv"}[self.rotate]] if self.rotate else []
         parts += ["hadattn"] if self.rotated_attention else []
+        parts += [{"kv": "clip", "k": "clipk", "v": "clipv"}[self.clip]] if self.clip else []
         parts += [f"out{self.outliers:g}"] if self.outliers else []
         parts += ["prerope"] if self.pre_rope else []
         parts += [f"ev{self.evict:g}"] if self.evict else []
@@ -188,6 +202,8 @@ class QuantConfig:
                 kw["rotate"] = {"had": "kv", "hadk": "k", "hadv": "v"}[knob]
             elif knob == "hadattn":
                 kw["rotated_attention"] = True
+            elif knob in ("clip", "clipk", "clipv"):
+                kw["clip"] = {"clip": "kv", "clipk": "k", "clipv": "v"}[knob]
             elif m := re.fullmatch(r"out(\d*\.?\d+(?:e-?\d+)?)", knob):
                 kw["outliers"] = float(m[1])
             elif knob == "prerope":

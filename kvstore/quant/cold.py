@@ -21,11 +21,15 @@ The cold spec is a `QuantConfig` (grammar in kvstore/config.py), read as follows
                    their dequantized values): the attention sink, the one token 2-3 bit cold KV cannot
                    afford to blur (measured: s1 halves the KL of a plain k3v3 re-quantization); N < g
     had/hadk/hadv  Hadamard-rotate head_dim of that side before cold quantization (`side.seal`'s rotation)
+    clip/clipv     cold values take least-squared-error group ranges (`quantize`'s clip); keys, on their
+                   shared grid, are never clipped (clipk is ignored)
     prerope        cold keys are quantized before RoPE (un-rotated at their positions, RoPE re-applied on
                    warm-up); needs the model's `Rope`
     r N            ignored (the window is never touched)
-    out, ev, hadattn: refused. Device specs with prerope, had*, out or ev are refused too (ColdSpecError,
-    a ValueError): the cold path only ever sees plain KIVI device regions, which keeps it simple.
+    out, ev, hadattn: refused. Device specs with prerope, out or ev are refused too (ColdSpecError, a
+    ValueError). Device specs with had*/hadattn are accepted: a device side is read back to the original
+    basis (`side.read`) and re-sealed by `side.seal`, which rotates it again, so the cold path sees plain
+    values either way; the device term of the error bound then holds in the device's rotated basis.
 
 Keys are not min-max per channel in the cold format but on a uniform grid shared by all channels of a
 head (`grid_quantize`): step = RMS over channels of the channels' ranges in the cold group / (2**b - 1),
@@ -85,8 +89,8 @@ class ColdSpecError(ValueError):
 
 def check_specs(device: QuantConfig, cold: QuantConfig) -> None:
     """Raise ColdSpecError when `device` or `cold` is outside what cold mode supports."""
-    for what, bad in (("prerope", device.pre_rope), ("Hadamard rotation (had*)", bool(device.rotate)),
-                      ("outliers (out)", bool(device.outliers)), ("token eviction (ev)", bool(device.evict))):
+    for what, bad in (("prerope", device.pre_rope), ("outliers (out)", bool(device.outliers)),
+                      ("token eviction (ev)", bool(device.evict))):
         if bad and not device.is_full_precision:
             raise ColdSpecError(f"cold mode does not support device specs with {what}: {device.spec()}")
     for what, bad in (("outliers (out)", bool(cold.outliers)), ("token eviction (ev)", bool(cold.evict)),
@@ -113,7 +117,8 @@ def _cold_plan(cold: QuantConfig, side: str, layer_idx: int, head_dim: int, n: i
     gv = min(cold.value_group, head_dim)
     if head_dim % gv:
         raise ColdSpecError(f"cold value group {cold.value_group} does not divide head_dim={head_dim}")
-    return sides.SidePlan(bits=bits, group=gv, dim=-1, block=n, rotate="v" in cold.rotate)
+    return sides.SidePlan(bits=bits, group=gv, dim=-1, block=n, rotate="v" in cold.rotate,
+                          clip="v" in cold.clip)
 
 
 def _passes_through(device: QuantConfig, cold: QuantConfig, side: str, layer_idx: int) -> bool:

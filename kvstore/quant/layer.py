@@ -108,7 +108,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         cfg = self.config
         group, dim = (cfg.key_group, -2) if side == "k" else (self._value_group, -1)
         return sides.SidePlan(bits=self.bits[side == "v"], group=group, dim=dim, block=cfg.key_group,
-                              rotate=side in cfg.rotate, outliers=cfg.outliers)
+                              rotate=side in cfg.rotate, outliers=cfg.outliers,
+                              clip=side in cfg.clip)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append [B, H, q, D] keys/values; return all keys/values [B, H, n, D] for attention."""

@@ -28,6 +28,7 @@ class SidePlan:
     block: int  # tokens per sealed block (the key group)
     rotate: bool = False  # Hadamard-rotate head_dim before quantizing
     outliers: float = 0.0  # fraction of each block kept exactly
+    clip: bool = False  # least-squared-error group ranges instead of min-max (`quantize`'s clip)
 
 
 def seal(x: torch.Tensor, plan: SidePlan) -> dict[str, torch.Tensor]:
@@ -38,7 +39,7 @@ def seal(x: torch.Tensor, plan: SidePlan) -> dict[str, torch.Tensor]:
     res: dict[str, torch.Tensor] = {}
     if plan.outliers > 0:
         x, res["oidx"], res["oval"] = out.split(x, plan.outliers, plan.group, plan.dim, plan.block)
-    codes, res["scale"], res["zero"] = quantize(x, plan.bits, plan.group, plan.dim)
+    codes, res["scale"], res["zero"] = quantize(x, plan.bits, plan.group, plan.dim, clip=plan.clip)
     res["codes"] = pack(codes, plan.bits)
     return res
 

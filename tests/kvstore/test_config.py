@@ -16,6 +16,8 @@ from kvstore.config import QuantConfig, QuantConfigError
     ("int4:lb84f2", QuantConfig(4, 4, layer_bits=((8, 4), (16, 2)))),
     ("int4:k8v4:r128:w8", QuantConfig(8, 4, residual=128, window_bits=8)),
     ("int4:w16", QuantConfig(4, 4)),
+    ("int:k2v2:g128:clip", QuantConfig(2, 2, key_group=128, clip="kv")),
+    ("int2:clipv", QuantConfig(2, 2, clip="v")),
 ])
 def test_parse(spec, expect):
     assert QuantConfig.parse(spec) == expect
@@ -25,7 +27,7 @@ def test_parse(spec, expect):
     ("", "empty"), ("int5", "unknown KV scheme"), ("int4:x9", "unknown KV spec knob"),
     ("int4:k5v4", "key_bits=5"), ("int4:g0", "key_group"), ("int4:hadattn", "needs a rotation"),
     ("int4:out0.5", "outliers"), ("int4:lb845", "unknown KV spec knob"), ("fp:w8", "needs a quantized spec"),
-    ("int4:w4", "unknown KV spec knob"),
+    ("int4:w4", "unknown KV spec knob"), ("fp:clip", "clip needs a quantized spec"),
 ])
 def test_parse_rejects(spec, needle):
     with pytest.raises(QuantConfigError, match=needle):
@@ -37,10 +39,12 @@ BITS = st.sampled_from([2, 3, 4, 8, 16])
 
 @given(k=BITS, v=BITS, g=st.integers(1, 4096), gv=st.integers(1, 4096), r=st.integers(0, 10000),
        rot=st.sampled_from(["", "k", "v", "kv"]), out=st.sampled_from([0.0, 0.005, 0.01, 1e-4, 0.25]),
-       pre=st.booleans(), lb=st.lists(st.tuples(BITS, BITS), max_size=5), w=st.sampled_from([8, 16]))
-def test_spec_roundtrip(k, v, g, gv, r, rot, out, pre, lb, w):
+       pre=st.booleans(), lb=st.lists(st.tuples(BITS, BITS), max_size=5), w=st.sampled_from([8, 16]),
+       clip=st.sampled_from(["", "k", "v", "kv"]))
+def test_spec_roundtrip(k, v, g, gv, r, rot, out, pre, lb, w, clip):
+    fp = QuantConfig(k, v, layer_bits=tuple(lb)).is_full_precision
     c = QuantConfig(k, v, g, gv, r, rotate=rot, rotated_attention=bool(rot), outliers=out, pre_rope=pre,
-                    layer_bits=tuple(lb), window_bits=16 if QuantConfig(k, v, layer_bits=tuple(lb)).is_full_precision else w)
+                    layer_bits=tuple(lb), window_bits=16 if fp else w, clip="" if fp else clip)
     assert QuantConfig.parse(c.spec()) == c or c.is_full_precision
 
 
@@ -48,6 +52,8 @@ def test_window_bits_name_only_w8():
     # the spec is hashed into block names: a w16 spec is spelled as before, w8 adds one knob
     assert QuantConfig.parse("int4:k8v4:g32:r128").spec() == "int:k8v4:g32:gv32:r128"
     assert QuantConfig.parse("int4:k8v4:g32:r128:s4:w8").spec() == "int:k8v4:g32:gv32:r128:w8:s4"
+    assert QuantConfig.parse("int2:clip:g64").spec() == "int:k2v2:g64:gv32:r128:clip"  # clip adds one knob too
+    assert QuantConfig.parse("int2:clipv").spec() == "int:k2v2:g32:gv32:r128:clipv"
     assert QuantConfig.parse("int4:k8v4:g32:r128:s4:w8").window_bits == 8
     with pytest.raises(QuantConfigError, match="window_bits"):
         QuantConfig(window_bits=4)

@@ -22,7 +22,8 @@ def _feed(cache, k, v, chunks):
     return outs
 
 
-@pytest.mark.parametrize("spec", ["int4:g32:gv16:r40", "int8:k8v4:g32:gv8:r0", "int2:g32:gv16:r64", "int3:g32:gv16:r33"])
+@pytest.mark.parametrize("spec", ["int4:g32:gv16:r40", "int8:k8v4:g32:gv8:r0", "int2:g32:gv16:r64", "int3:g32:gv16:r33",
+                                  "int2:g32:gv16:r20:had:clipv"])
 def test_sealing_is_chunking_invariant(spec):
     q = QuantConfig.parse(spec)
     k, v = _kv(150, 1)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvstore.quant.quantize import dequantize, quantize
+from kvstore.quant.quantize import CLIP_RATIOS, dequantize, quantize
 
 
 def _bound(x, scale, group, dim):
@@ -48,3 +48,37 @@ def test_constant_group_and_dtypes():
 def test_group_must_divide():
     with pytest.raises(ValueError, match="multiple of group_size"):
         quantize(torch.zeros(1, 1, 30, 8), 4, 32, -2)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dim,group", [(-1, 64), (-2, 128)])
+def test_clip_never_worse_than_min_max_per_group_and_bounded(bits, dim, group):
+    """clip: each group's squared error <= min-max's, and |x - x_hat| within the stated clipped bound."""
+    g = torch.Generator().manual_seed(100 + bits)
+    x = torch.randn(2, 3, 256, 64, generator=g) * 2 - 0.3
+    x[1, 2, 9, 3] = 25.0  # an outlier: clipping it is what pays
+    per_group = []
+    for clip in (False, True):
+        c, s, z = quantize(x, bits, group, dim, clip=clip)
+        assert c.dtype == torch.uint8 and int(c.max()) < (1 << bits)
+        xh = dequantize(c, s, z, group, dim)
+        e = (xh - x).double().square().movedim(dim, -1)
+        per_group.append(e.reshape(*e.shape[:-1], -1, group).sum(-1))
+    assert bool((per_group[1] <= per_group[0]).all())
+    if bits <= 3:  # where clipping pays: clearly lower error overall
+        assert float(per_group[1].sum()) < 0.85 * float(per_group[0].sum())
+    xt = x.movedim(dim, -1).reshape(*x.movedim(dim, -1).shape[:-1], -1, group)
+    spread = (xt.amax(-1) - xt.amin(-1)).repeat_interleave(group, -1).reshape(x.movedim(dim, -1).shape)
+    bound = _bound(x, s, group, dim) + (1 - CLIP_RATIOS[-1]) * spread.movedim(-1, dim) / 2
+    assert bool(((x - xh).abs() <= bound).all())
+
+
+def test_clip_is_a_function_of_the_group_alone():
+    """A group's codes do not depend on the other groups in the call (sealing one block or eight at once)."""
+    x = torch.randn(1, 3, 1024, 64, generator=torch.Generator().manual_seed(7))
+    whole = quantize(x, 2, 128, -2, clip=True)
+    for i in range(0, 1024, 128):
+        part = quantize(x[..., i:i + 128, :], 2, 128, -2, clip=True)
+        for a, b in zip(part, whole):
+            sl = b[..., i:i + 128, :] if a.shape[-2] == 128 else b[..., i // 128:i // 128 + 1, :]
+            assert torch.equal(a, sl)
