@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 KEY_A, KEY_B = "sk-http-alpha-5e1f3a7c9b2d4f6a8c0e", "sk-http-beta-2b4d6f8a0c1e3a5c7e9b"
 MODEL = "kvstash"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# "Answer in one sentence." gives the greedy first token a clear margin (0.54 against 0.13 in the fp cache); the bare
+# question is a near-tie ("The" 0.152 against "L" 0.140) that the INT8 window can flip (docs/BENCHMARKS.md)
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 SYSTEM = ("You are a concise assistant for a science museum. Answer visitors' questions about space in plain words, "
           "in two or three short sentences, without lists, and say so when you are not sure of a fact. "
           "Keep a friendly tone and never invent names, dates or numbers.")
