@@ -57,21 +57,20 @@ def _codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int
     return torch.where(s > 0, codes, torch.zeros_like(codes))
 
 
+def _sq_err(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
+    """Per group: the float64 sum of squared errors of `g` [..., G] quantized on the grid (scale, zero)."""
+    xh = _codes(g, scale, zero, levels) * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    return (xh - g).double().square().sum(-1)
+
+
 def _clipped_grid(g: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, levels: int):
     """The (scale, zero) of the candidate range with the least squared error per group (module docstring)."""
     mid, half = (mn + mx) / 2, (mx - mn) / 2
-    best_scale, best_zero = _grid(mn, mx, levels)
-    best_err = None
-    for ratio in CLIP_RATIOS:
-        if ratio == 1.0:
-            scale, zero = best_scale, best_zero
-        else:
-            scale, zero = _grid(torch.maximum(mid - half * ratio, mn), torch.minimum(mid + half * ratio, mx), levels)
-        xh = _codes(g, scale, zero, levels) * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
-        err = (xh - g).double().square().sum(-1)
-        if best_err is None:
-            best_err = err
-            continue
+    best_scale, best_zero = _grid(mn, mx, levels)  # CLIP_RATIOS[0] == 1.0: min-max
+    best_err = _sq_err(g, best_scale, best_zero, levels)
+    for ratio in CLIP_RATIOS[1:]:
+        scale, zero = _grid(torch.maximum(mid - half * ratio, mn), torch.minimum(mid + half * ratio, mx), levels)
+        err = _sq_err(g, scale, zero, levels)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -86,11 +85,12 @@ def quantize(
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits} must be in [1, 8]")
     dim = dim % x.dim()
-    g = _grouped(x, group_size, dim).contiguous()  # [..., n/g, g]
+    g = _grouped(x, group_size, dim)  # [..., n/g, g]
     levels = (1 << bits) - 1
     mn = g.amin(-1).clamp(-FP16_MAX, FP16_MAX)  # [..., n/g]
     mx = g.amax(-1).clamp(-FP16_MAX, FP16_MAX)
-    scale, zero = _clipped_grid(g, mn, mx, levels) if clip else _grid(mn, mx, levels)
+    # clip's error sums run over contiguous groups (the min-max path needs no copy)
+    scale, zero = _clipped_grid(g.contiguous(), mn, mx, levels) if clip else _grid(mn, mx, levels)
     codes = _codes(g, scale, zero, levels).to(torch.uint8)
     codes = codes.reshape(*codes.shape[:-2], -1).movedim(-1, dim)
     return codes.contiguous(), scale.movedim(-1, dim).contiguous(), zero.movedim(-1, dim).contiguous()
