@@ -33,10 +33,12 @@ Invariants:
 - A key group's sealed bits depend only on its own tokens' keys/values and positions, never on how many
   groups were sealed at once.
 - Export then import gives bit-identical tensors (`tensors` / `from_tensors`).
-- The decode view (`view`): while a session decodes, a layer whose reads are elementwise (no rotation
-  undone on read, keys not sealed before RoPE) keeps its sinks and sealed region dequantized, extended
-  group by group as tokens seal, so a step does not dequantize the whole history again. Dequantizing is
-  elementwise there, so the view is bit-identical to `dequantized_sealed(rotated=True)`; it is scratch,
+- The decode view (`view`, kvstore/quant/view.py): while a session decodes, a layer whose reads are
+  elementwise (no rotation undone on read, keys not sealed before RoPE) keeps its sinks and sealed region
+  dequantized, rewritten group by group as tokens seal, so a step does not dequantize the whole history
+  again; a layer that also reads its window elementwise (no side handed to attention rotated) keeps the
+  window's rows there too, so a step writes only its new rows and attention reads one buffer, no copy of
+  the history. Dequantizing is elementwise, so the view is bit-identical to a full read; it is scratch,
   never exported, counted in `device_bytes`, and dropped (`drop_view`) when the session's call ends.
 """
 
@@ -50,7 +52,8 @@ from kvstore.quant import side as sides
 from kvstore.quant.evict import Evictor
 from kvstore.quant.rope import Rope
 from kvstore.quant.rotation import hadamard, hadamard_matrix
-from kvstore.quant.window import WINDOW_FIELDS, Window, window_kind
+from kvstore.quant.view import DecodeView
+from kvstore.quant.window import WINDOW_FIELDS, NewRows, Window, window_kind
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -82,9 +85,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         # sides handed to attention in the rotated basis: keys only when RoPE is applied after un-rotating
         self.returns_rotated = {"k": "k" in rot and not self.pre_rope and self.bits[0] != 16,
                                 "v": "v" in rot and self.bits[1] != 16}
-        self.view: dict[str, torch.Tensor] | None = None  # the decode view (module docstring), or None
+        self.view: DecodeView | None = None  # the decode view (module docstring), or None
         self._view_ok = self.bits != (16, 16) and not self.pre_rope and not any(
             side in config.rotate and not self.returns_rotated[side] for side in ("k", "v"))
+        self._window_in_view = self._view_ok and not any(self.returns_rotated.values())
 
     # ---- transformers Cache layer protocol -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -111,19 +115,32 @@ class QuantizedKVLayer(CacheLayerMixin):
                               rotate=side in cfg.rotate, outliers=cfg.outliers,
                               clip=side in cfg.clip)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append [B, H, q, D] keys/values; return all keys/values [B, H, n, D] for attention."""
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, new: NewRows | None = None,
+               **kwargs):
+        """Append [B, H, q, D] keys/values; return all keys/values [B, H, n, D] for attention.
+
+        `new`, when given, holds the new tokens already in this layer's window form with their readings (a
+        batched pass computes them for all its rows at once; they are per token, so the bits are the same);
+        it is used when none of the new tokens goes to the sinks."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         taken = self._take_sinks(key_states, value_states)
+        if taken:
+            new = None
         if taken < q:
-            self.keys = self.keys.cat(self.window.quantize(key_states[..., taken:, :]))
-            self.values = self.values.cat(self.window.quantize(value_states[..., taken:, :]))
+            if new is None:
+                new_k = self.window.quantize(key_states[..., taken:, :])
+                new_v = self.window.quantize(value_states[..., taken:, :])
+            else:
+                new_k, new_v = new.keys, new.values
+            self.keys, self.values = self.keys.cat(new_k), self.values.cat(new_v)
         self.num_tokens += q
         if self.evictor is not None:
             self.evictor.append(self.layer_idx, q, taken, self.keys.device)
         self._seal()
+        if self._window_in_view:
+            return self._read_view(new)
         rk, rv = self.returns_rotated["k"], self.returns_rotated["v"]
         k_win, v_win = self.keys.read(self.dtype), self.values.read(self.dtype)
         k_win, v_win = (hadamard(k_win) if rk else k_win), (hadamard(v_win) if rv else v_win)
@@ -136,10 +153,27 @@ class QuantizedKVLayer(CacheLayerMixin):
         """`dequantized_sealed(rotated=True)`, from the decode view where this layer keeps one."""
         if not self._view_ok:
             return self.dequantized_sealed(rotated=True)
-        if self.view is None or self.view["k"].shape[-2] != self.n_sink + self.n_sealed:
-            k, v = self.dequantized_sealed(rotated=True)
-            self.view = {"k": k, "v": v}
-        return self.view["k"], self.view["v"]
+        if self.view is None or self.view.n != self.n_sink + self.n_sealed:
+            self.view = DecodeView(*self.dequantized_sealed(rotated=True))
+        return self.view.read()
+
+    def _read_view(self, new: NewRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held entry as attention reads it, from the decode view (window rows included): rows not yet
+        in the view are read from the window (or taken from `new`'s readings when they are exactly its rows)
+        and written; a view missing part of the sealed region is rebuilt."""
+        prefix = self.n_sink + self.n_sealed
+        if self.view is None or self.view.n < prefix:
+            k, v = self.keys.read(self.dtype), self.values.read(self.dtype)
+            if prefix:
+                k_old, v_old = self.dequantized_sealed(rotated=True)
+                k, v = torch.cat([k_old, k], dim=-2), torch.cat([v_old, v], dim=-2)
+            self.view = DecodeView(k, v)
+        elif new is not None and self.view.n == prefix + len(self.keys) - new.k_read.shape[-2]:
+            self.view.write(self.view.n, new.k_read, new.v_read)
+        elif self.view.n < prefix + len(self.keys):
+            start = self.view.n - prefix
+            self.view.write(self.view.n, self.keys.read(self.dtype, start), self.values.read(self.dtype, start))
+        return self.view.read()
 
     def drop_view(self) -> None:
         self.view = None
@@ -180,6 +214,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.keys = self.keys.slice(0, -n)
         self.values = self.values.slice(0, -n)
         self.num_tokens -= n
+        if self.view is not None:
+            self.view.truncate(self.stored_tokens)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("QuantizedKVLayer does not support beam search")
@@ -197,6 +233,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         take = min(self.config.sinks - self.n_sink, key_states.shape[-2])
         if take <= 0:
             return 0
+        self.view = None  # rebuilt with the new sink rows
         for side, x in (("k", key_states), ("v", value_states)):
             head = x[..., :take, :]
             name = f"{side}_sink"
@@ -215,6 +252,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         idx = torch.cat([torch.arange(self.n_staged, device=keep.device), self.n_staged + keep.nonzero()[:, 0],
                          torch.arange(self.n_staged + decided, w, device=keep.device)])
         self.keys, self.values = self.keys.select(idx), self.values.select(idx)
+        if self.view is not None:
+            self.view.truncate(self.n_sink + self.n_sealed)  # the window's rows moved
         self.n_staged += int(keep.sum())
         self.n_evicted += decided - int(keep.sum())
         self._seal()
@@ -231,22 +270,28 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _seal_tokens(self, m: int) -> None:
         """Move the window's first `m` tokens (whole key groups) into the sealed region."""
+        prefix = self.n_sink + self.n_sealed
         k_new = self.keys.head(m, self.dtype)
         if self.pre_rope:
-            k_new = self.rope.invert(k_new, self.n_sink + self.n_sealed, self.layer_idx)
+            k_new = self.rope.invert(k_new, prefix, self.layer_idx)
+        if self.view is not None and self.view.n < prefix:
+            self.view = None  # stale: rebuilt on the next read
+        reads = {}
         for side, x in (("k", k_new), ("v", self.values.head(m, self.dtype))):
             plan = self.plan(side)
             # Rotation and outlier selection reduce over many elements; seal them one key group at a time so
             # a group's bits never depend on how many groups were sealed together (prefix blocks rely on it).
             step = self.config.key_group if plan.bits != 16 and (plan.rotate or plan.outliers) else m
             pieces = [sides.seal(x[..., i:i + step, :], plan) for i in range(0, m, step)]
-            if self.view is not None and self.view[side].shape[-2] == self.n_sink + self.n_sealed:
+            if self.view is not None:  # the sealed reading replaces the window's rows of these tokens
                 new = [sides.read(p, plan, self.head_dim, rotated_out=self.returns_rotated[side]) for p in pieces]
-                self.view[side] = torch.cat([self.view[side], *(t.to(self.dtype) for t in new)], dim=-2)
+                reads[side] = torch.cat([t.to(self.dtype) for t in new], dim=-2)
             for name in pieces[0]:
                 t = pieces[0][name] if len(pieces) == 1 else torch.cat([p[name] for p in pieces], dim=-2)
                 name = f"{side}_{name}"  # every sealed tensor grows along dim -2 (tokens or blocks)
                 self.sealed[name] = t if name not in self.sealed else torch.cat([self.sealed[name], t], dim=-2)
+        if self.view is not None:
+            self.view.write(prefix, reads["k"], reads["v"])
         self.keys = self.keys.slice(m)  # a copy: the old window's storage is not kept alive
         self.values = self.values.slice(m)
         self.n_sealed += m
@@ -321,7 +366,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Bytes of device memory held, measured from the tensors' storages (not computed on paper), with the
         decode view while there is one."""
         held = sum(t.untyped_storage().nbytes() for t in self.tensors().values())
-        return held + sum(t.untyped_storage().nbytes() for t in (self.view or {}).values())
+        return held + (self.view.nbytes() if self.view is not None else 0)
 
     def state_bytes(self) -> int:
         """Bytes of the layer's state alone (what is exported; no decode view)."""

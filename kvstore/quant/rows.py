@@ -3,7 +3,8 @@
 A pass of shape [R, 1]: row r feeds one token, at the next position of its cache `caches[r]`, or is
 padding (`None`: any token, no cache). Everything row-wise in the model — embeddings, norms, projections,
 MLP, lm_head — runs on all R rows at once; attention runs row by row, in row order, each row over its
-own cache: the row's key/value are appended to its cache's layer (`QuantizedKVLayer.update`) and its
+own cache: the row's key/value are appended to its cache's layer (`QuantizedKVLayer.update`; the window
+entries of all rows, and their readings, are computed in one call: they are per token, so bit-identical) and its
 query attends to everything that layer then holds, through the same `attention.attend` a pass of the
 cache's own uses (rotated bases, eviction, quality probe). Several rows may share a cache when they are
 that cache's consecutive next tokens in row order (replay packs a session's batched decode steps so);
@@ -27,6 +28,7 @@ from transformers.cache_utils import Cache
 
 from kvstore.quant import attention
 from kvstore.quant.attention import attend
+from kvstore.quant.window import NewRows
 
 
 @torch.inference_mode()
@@ -84,19 +86,23 @@ class RowBatch(Cache):
             raise ValueError(f"a row batch of {len(self.caches)} rows got queries of shape {tuple(query.shape)}")
         idx = module.layer_idx
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)  # as the model passes it
-        out = torch.zeros(rows, 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
+        pad = torch.zeros(1, 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
+        outs = [pad] * rows
+        new = {}  # window kind -> every row's window entries and readings, computed at once (per token: same bits)
         for r, cache in enumerate(self.caches):
             if cache is None:
                 continue
             layer = cache.layers[idx]
-            k, v = layer.update(key[r:r + 1], value[r:r + 1])
+            if layer.window not in new:
+                new[layer.window] = NewRows.of(layer.window, key, value, key.dtype)
+            k, v = layer.update(key[r:r + 1], value[r:r + 1], new=new[layer.window].row(r))
             mask = None
             if window and k.shape[-2] > window:
                 pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted
                 mask = (pos > layer.num_tokens - 1 - window).view(1, 1, 1, -1)
             o, _ = attend(cache, module, query[r:r + 1], k, v, mask, sdpa=row_sdpa, **kwargs)
-            out[r] = o[0]
-        return out, None
+            outs[r] = o
+        return torch.cat(outs), None
 
 
 def row_sdpa(module, query, key, value, attention_mask, scaling=None, **_):

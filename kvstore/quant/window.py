@@ -21,6 +21,8 @@ Invariants:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from kvstore.quant.quantize import FP16_MAX
@@ -51,9 +53,9 @@ class FloatWindow:
     def device(self) -> torch.device:
         return self.x.device
 
-    def read(self, dtype: torch.dtype) -> torch.Tensor:
-        """All entries [B, H, n, D] in `dtype`."""
-        return self.x.to(dtype)
+    def read(self, dtype: torch.dtype, start: int = 0) -> torch.Tensor:
+        """Entries [start, n) as [B, H, n - start, D] in `dtype` (a token's reading is its own: elementwise)."""
+        return self.x[..., start:, :].to(dtype)
 
     def head(self, m: int, dtype: torch.dtype) -> torch.Tensor:
         """The first `m` entries as read."""
@@ -61,6 +63,10 @@ class FloatWindow:
 
     def cat(self, other: FloatWindow) -> FloatWindow:
         return FloatWindow(torch.cat([self.x, other.x], dim=-2))
+
+    def row(self, b: int) -> FloatWindow:
+        """Batch row `b` alone, [1, H, n, D]."""
+        return FloatWindow(self.x[b:b + 1])
 
     def slice(self, start: int, stop: int | None = None) -> FloatWindow:
         """Entries [start, stop) as a window with storage of its own (the old storage is not kept alive)."""
@@ -92,13 +98,15 @@ class Int8Window:
         The scale is rounded up so |x| / scale <= 127 and no code clips (values past the fp16 range are
         clamped to it first); an all-zero row has scale 0 and codes 0."""
         xf = x.float()
-        amax = xf.abs().amax(-1, keepdim=True).clamp(max=FP16_MAX)
+        amax = xf.abs().amax(-1, keepdim=True).clamp_(max=FP16_MAX)
         scale = (amax / INT8_LEVELS).half()
         short = scale.float() * INT8_LEVELS < amax
-        scale = torch.where(short, torch.nextafter(scale, scale.new_tensor(float("inf"))), scale)
+        # the next fp16 up where the rounded scale fell short: +1 on the bits of a non-negative finite half
+        scale = (scale.view(torch.int16) + short).view(torch.float16)
         s = scale.float()
-        codes = torch.where(s > 0, xf / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(xf))
-        codes = codes.round().clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+        pos = s > 0
+        codes = torch.where(pos, xf / torch.where(pos, s, 1.0), 0.0)
+        codes = codes.round_().clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
         return cls(codes.contiguous(), scale.contiguous())
 
     def __len__(self) -> int:
@@ -112,14 +120,17 @@ class Int8Window:
     def device(self) -> torch.device:
         return self.codes.device
 
-    def read(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.codes.float() * self.scale.float()).to(dtype)
+    def read(self, dtype: torch.dtype, start: int = 0) -> torch.Tensor:
+        return (self.codes[..., start:, :].float() * self.scale[..., start:, :].float()).to(dtype)
 
     def head(self, m: int, dtype: torch.dtype) -> torch.Tensor:
         return (self.codes[..., :m, :].float() * self.scale[..., :m, :].float()).to(dtype)
 
     def cat(self, other: Int8Window) -> Int8Window:
         return Int8Window(torch.cat([self.codes, other.codes], dim=-2), torch.cat([self.scale, other.scale], dim=-2))
+
+    def row(self, b: int) -> Int8Window:
+        return Int8Window(self.codes[b:b + 1], self.scale[b:b + 1])
 
     def slice(self, start: int, stop: int | None = None) -> Int8Window:
         return Int8Window(self.codes[..., start:stop, :].clone(), self.scale[..., start:stop, :].clone())
@@ -147,3 +158,24 @@ WINDOW_FIELDS = ("k_win", "v_win", "k_win_scale", "v_win_scale")  # every name a
 def window_kind(bits: int) -> type[FloatWindow] | type[Int8Window]:
     """The window class for `QuantConfig.window_bits`."""
     return WINDOW_KINDS[bits]
+
+
+class NewRows(NamedTuple):
+    """A pass's new tokens for one layer, in window form, with their reading (what `read` gives for them).
+
+    Window entries and their readings are per token, so a batched pass computes them for all its rows at
+    once and hands each row its slice (`row`): the bits are those the layer would compute for the row alone."""
+
+    keys: Window
+    values: Window
+    k_read: torch.Tensor
+    v_read: torch.Tensor
+
+    @classmethod
+    def of(cls, kind: type[FloatWindow] | type[Int8Window], key: torch.Tensor, value: torch.Tensor,
+           dtype: torch.dtype) -> NewRows:
+        k, v = kind.quantize(key), kind.quantize(value)
+        return cls(k, v, k.read(dtype), v.read(dtype))
+
+    def row(self, b: int) -> NewRows:
+        return NewRows(self.keys.row(b), self.values.row(b), self.k_read[b:b + 1], self.v_read[b:b + 1])

@@ -1,15 +1,18 @@
-"""The decode view (kvstore/quant/layer.py): K/V handed to attention are bit-identical with and without it,
-step after step across sealing, after a dropped view is rebuilt, and for every spec that keeps one; it is
-never exported and is counted in device_bytes only while it exists."""
+"""The decode view (kvstore/quant/view.py, kept by kvstore/quant/layer.py): K/V handed to attention are
+bit-identical with and without it, step after step across sealing, crops, a dropped view rebuilt, new rows
+handed over precomputed (`NewRows`, as a batched pass does), and for every spec that keeps one; it is never
+exported and is counted in device_bytes only while it exists."""
 
 import pytest
 import torch
 
 from kvstore.config import QuantConfig
 from kvstore.quant.cache import QuantizedKVCache
+from kvstore.quant.window import NewRows
 
 SPECS = ["int4:k8v4:g32:r128", "int4:g32:gv32:r16", "int2:k4v2:g16:gv16:r16:s4", "int4:g16:r16:had:hadattn",
-         "int4:g16:gv16:r16:out0.02", "int8:g16:r8", "int4:k8v4:g16:r16:hadv"]
+         "int4:g16:gv16:r16:out0.02", "int8:g16:r8", "int4:k8v4:g16:r16:hadv", "int:k4v3:g16:gv16:r8:w8:s4",
+         "int4:g16:r16:w8:hadv:hadattn", "int4:g16:gv16:r16:w8:s0"]
 
 
 def _pair(spec):
@@ -46,3 +49,24 @@ def test_the_view_is_scratch_counted_only_while_it_exists():
     cache.drop_views()
     assert cache.device_bytes() == cache.state_bytes()
     assert [n for n, _ in cache.export_state().tensors] == names
+
+
+@pytest.mark.parametrize("spec", ["int:k4v3:g16:gv16:r8:w8:s4", "int4:k8v4:g16:r16", "int4:g16:r16:w8:hadv:hadattn"])
+def test_crops_and_precomputed_rows_keep_the_view_exact(spec):
+    torch.manual_seed(5)
+    viewed, plain = _pair(spec)
+    for i in range(60):
+        n = 9 if i % 10 == 0 else 1
+        for layer in range(2):
+            k, v = torch.randn(3, 2, n, 32), torch.randn(3, 2, n, 32)  # row 1 is this cache's
+            lv = viewed.layers[layer]
+            new = NewRows.of(lv.window, k, v, k.dtype).row(1) if n == 1 and lv.is_initialized else None
+            a = lv.update(k[1:2].clone(), v[1:2].clone(), new=new)
+            plain.layers[layer].view = None
+            b = plain.layers[layer].update(k[1:2].clone(), v[1:2].clone())
+            plain.layers[layer].view = None
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), f"step {i}: {spec}"
+            if i % 7 == 3 and len(lv.keys) > 2:
+                lv.crop(-2)
+                plain.layers[layer].crop(-2)
+    assert viewed.export_state().equals(plain.export_state())

@@ -1,0 +1,63 @@
+"""`DecodeView`: a layer's held K/V as attention reads them, dequantized, in one growing buffer per side.
+
+A session that decodes reads its whole history every step. Dequantizing the sealed region again, reading
+the window again and concatenating the two would cost a copy of the history per layer and step; the view
+keeps rows [0, n) of what attention receives ([sinks | sealed | window], in held order) in a buffer with
+spare capacity, so a step writes only its new rows and hands attention `read()`, a narrowed view of it.
+
+Invariants (the layer, kvstore/quant/layer.py, maintains them):
+- Rows [0, n) equal, bit for bit, what a full read of the layer's state gives for those rows. A row is
+  written from values computed elementwise from the state (dequantization), so writing rows one by one
+  or all at once gives the same bits.
+- `write(start, ...)` overwrites rows from `start <= n` (sealing replaces window rows by their sealed
+  reading) and extends n past them when they reach beyond; `truncate(m)` forgets rows from m on.
+- Growing copies the rows into a larger buffer; the values read are unchanged.
+- The view is scratch: never exported, counted in the layer's `device_bytes` while it exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SPARE_MIN = 64  # rows of spare capacity at least, when the buffer grows
+
+
+class DecodeView:
+    """Rows [0, n) of a layer's keys and values as attention receives them, [B, H, capacity, D] buffers."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k = self.v = None
+        self.n = 0
+        self._grow(k, k.shape[-2])
+        self.write(0, k, v)
+
+    def _grow(self, like: torch.Tensor, need: int) -> None:
+        cap = need + max(SPARE_MIN, need // 8)
+        shape = (*like.shape[:-2], cap, like.shape[-1])
+        k, v = like.new_empty(shape), like.new_empty(shape)
+        if self.n:
+            k[..., :self.n, :], v[..., :self.n, :] = self.k[..., :self.n, :], self.v[..., :self.n, :]
+        self.k, self.v = k, v
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Rows [start, start + len) := k, v; n grows to cover them. Needs start <= n."""
+        if start > self.n:
+            raise ValueError(f"a decode view of {self.n} rows cannot take rows from {start}")
+        stop = start + k.shape[-2]
+        if stop > self.k.shape[-2]:
+            self._grow(k, stop)
+        self.k[..., start:stop, :] = k
+        self.v[..., start:stop, :] = v
+        self.n = max(self.n, stop)
+
+    def truncate(self, m: int) -> None:
+        """Forget rows from `m` on (they no longer hold what attention would read)."""
+        self.n = min(self.n, m)
+
+    def read(self, m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [0, m) (default: all n), views into the buffers."""
+        m = self.n if m is None else m
+        return self.k[..., :m, :], self.v[..., :m, :]
+
+    def nbytes(self) -> int:
+        return self.k.untyped_storage().nbytes() + self.v.untyped_storage().nbytes()
