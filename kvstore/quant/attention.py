@@ -29,6 +29,11 @@ from kvstore.quant import evict, probe
 from kvstore.quant.rotation import hadamard
 
 NAME = "kvstash"
+# The version of how kvstash computes a pass (attention, window readings, rotations): bumped whenever a change
+# alters the bits a pass leaves in a cache. Workers put it in the model fingerprint, so KV stored by a build
+# that computed differently is rebuilt from the history, never restored next to KV computed the new way.
+# 2: window readings for attention in the rotated basis are rotated row by row (`hadamard_rows`).
+NUMERICS = 2
 _ACTIVE: ContextVar = ContextVar("kvstash_active_cache", default=None)
 
 

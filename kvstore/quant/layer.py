@@ -34,11 +34,11 @@ Invariants:
   groups were sealed at once.
 - Export then import gives bit-identical tensors (`tensors` / `from_tensors`).
 - The decode view (`view`, kvstore/quant/view.py): while a session decodes, a layer whose reads are
-  elementwise (no rotation undone on read, keys not sealed before RoPE) keeps its sinks and sealed region
-  dequantized, rewritten group by group as tokens seal, so a step does not dequantize the whole history
-  again; a layer that also reads its window elementwise (no side handed to attention rotated) keeps the
-  window's rows there too, so a step writes only its new rows and attention reads one buffer, no copy of
-  the history. Dequantizing is elementwise, so the view is bit-identical to a full read; it is scratch,
+  elementwise (no rotation undone on read, keys not sealed before RoPE) keeps its sinks, sealed region and
+  window as attention reads them, rewritten group by group as tokens seal, so a step writes only its new
+  rows and attention reads one buffer, no copy of the history. Every reading is a function of its own
+  token (dequantizing is elementwise; a window side handed to attention rotated is rotated row by row,
+  `hadamard_rows`), so the view is bit-identical to a full read; it is scratch,
   never exported, counted in `device_bytes`, and dropped (`drop_view`) when the session's call ends.
 """
 
@@ -51,7 +51,7 @@ from kvstore.config import QuantConfig
 from kvstore.quant import side as sides
 from kvstore.quant.evict import Evictor
 from kvstore.quant.rope import Rope
-from kvstore.quant.rotation import hadamard, hadamard_matrix
+from kvstore.quant.rotation import hadamard, hadamard_matrix, hadamard_rows
 from kvstore.quant.view import DecodeView
 from kvstore.quant.window import WINDOW_FIELDS, NewRows, Window, window_kind
 
@@ -88,7 +88,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.view: DecodeView | None = None  # the decode view (module docstring), or None
         self._view_ok = self.bits != (16, 16) and not self.pre_rope and not any(
             side in config.rotate and not self.returns_rotated[side] for side in ("k", "v"))
-        self._window_in_view = self._view_ok and not any(self.returns_rotated.values())
+        self._window_in_view = self._view_ok
 
     # ---- transformers Cache layer protocol -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -141,9 +141,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._seal()
         if self._window_in_view:
             return self._read_view(new)
-        rk, rv = self.returns_rotated["k"], self.returns_rotated["v"]
-        k_win, v_win = self.keys.read(self.dtype), self.values.read(self.dtype)
-        k_win, v_win = (hadamard(k_win) if rk else k_win), (hadamard(v_win) if rv else v_win)
+        k_win, v_win = self._window_reading("k"), self._window_reading("v")
         if self.n_sealed == 0 and self.n_sink == 0:
             return k_win, v_win
         k_old, v_old = self._sealed_for_attention()
@@ -157,13 +155,28 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.view = DecodeView(*self.dequantized_sealed(rotated=True))
         return self.view.read()
 
+    @property
+    def reading_form(self) -> tuple:
+        """Layers of one form compute the same `new_rows` for the same keys and values."""
+        return self.window, self.returns_rotated["k"], self.returns_rotated["v"]
+
+    def new_rows(self, key: torch.Tensor, value: torch.Tensor) -> NewRows:
+        """Window entries and attention readings of [R, H, q, D] new keys/values, for `update(new=...)`."""
+        return NewRows.of(self.window, key, value, key.dtype, rotated=self.reading_form[1:])
+
+    def _window_reading(self, side: str, start: int = 0) -> torch.Tensor:
+        """Window entries [start, w) of a side as attention receives them: read in the model dtype, rotated
+        row by row (`hadamard_rows`: a token's reading is its own) when the side goes to attention rotated."""
+        x = (self.keys if side == "k" else self.values).read(self.dtype, start)
+        return hadamard_rows(x) if self.returns_rotated[side] else x
+
     def _read_view(self, new: NewRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Every held entry as attention reads it, from the decode view (window rows included): rows not yet
         in the view are read from the window (or taken from `new`'s readings when they are exactly its rows)
         and written; a view missing part of the sealed region is rebuilt."""
         prefix = self.n_sink + self.n_sealed
         if self.view is None or self.view.n < prefix:
-            k, v = self.keys.read(self.dtype), self.values.read(self.dtype)
+            k, v = self._window_reading("k"), self._window_reading("v")
             if prefix:
                 k_old, v_old = self.dequantized_sealed(rotated=True)
                 k, v = torch.cat([k_old, k], dim=-2), torch.cat([v_old, v], dim=-2)
@@ -172,7 +185,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.view.write(self.view.n, new.k_read, new.v_read)
         elif self.view.n < prefix + len(self.keys):
             start = self.view.n - prefix
-            self.view.write(self.view.n, self.keys.read(self.dtype, start), self.values.read(self.dtype, start))
+            self.view.write(self.view.n, self._window_reading("k", start), self._window_reading("v", start))
         return self.view.read()
 
     def drop_view(self) -> None:

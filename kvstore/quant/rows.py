@@ -28,7 +28,6 @@ from transformers.cache_utils import Cache
 
 from kvstore.quant import attention
 from kvstore.quant.attention import attend
-from kvstore.quant.window import NewRows
 
 
 @torch.inference_mode()
@@ -88,14 +87,14 @@ class RowBatch(Cache):
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)  # as the model passes it
         pad = torch.zeros(1, 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
         outs = [pad] * rows
-        new = {}  # window kind -> every row's window entries and readings, computed at once (per token: same bits)
+        new = {}  # reading form -> every row's window entries and readings, computed at once (per token: same bits)
         for r, cache in enumerate(self.caches):
             if cache is None:
                 continue
             layer = cache.layers[idx]
-            if layer.window not in new:
-                new[layer.window] = NewRows.of(layer.window, key, value, key.dtype)
-            k, v = layer.update(key[r:r + 1], value[r:r + 1], new=new[layer.window].row(r))
+            if layer.reading_form not in new:
+                new[layer.reading_form] = layer.new_rows(key, value)
+            k, v = layer.update(key[r:r + 1], value[r:r + 1], new=new[layer.reading_form].row(r))
             mask = None
             if window and k.shape[-2] > window:
                 pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted

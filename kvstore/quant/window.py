@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from kvstore.quant.quantize import FP16_MAX
+from kvstore.quant.rotation import hadamard_rows
 
 INT8_LEVELS = 127  # symmetric: codes in [-127, 127]
 
@@ -173,9 +174,11 @@ class NewRows(NamedTuple):
 
     @classmethod
     def of(cls, kind: type[FloatWindow] | type[Int8Window], key: torch.Tensor, value: torch.Tensor,
-           dtype: torch.dtype) -> NewRows:
+           dtype: torch.dtype, rotated: tuple[bool, bool] = (False, False)) -> NewRows:
+        """Entries of `key`/`value` [R, H, q, D]; readings rotated row by row for the sides in `rotated`."""
         k, v = kind.quantize(key), kind.quantize(value)
-        return cls(k, v, k.read(dtype), v.read(dtype))
+        k_read, v_read = k.read(dtype), v.read(dtype)
+        return cls(k, v, hadamard_rows(k_read) if rotated[0] else k_read, hadamard_rows(v_read) if rotated[1] else v_read)
 
     def row(self, b: int) -> NewRows:
         return NewRows(self.keys.row(b), self.values.row(b), self.k_read[b:b + 1], self.v_read[b:b + 1])

@@ -4,8 +4,9 @@ Invariants:
 - `forward(cache, ids)` appends exactly `len(ids)` positions to `cache` and returns the float32 logits
   of the last position. Given the same cache state and ids it returns bit-identical logits (no
   dropout, fixed thread count), which is what makes offload/resume and schedule replay exact.
-- `fingerprint` changes whenever weights, config or dtype change; KV stored under one fingerprint is
-  never loaded into a model with another.
+- `fingerprint` changes whenever weights, config, dtype or kvstash's pass numerics (`attention.NUMERICS`)
+  change; KV stored under one fingerprint is never loaded into a model with another (it is rebuilt from
+  the session's history).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class ModelRunner:
         h = hashlib.blake2b(digest_size=32, person=b"kvstash-model")
         h.update(self.model.config.to_json_string(use_diff=False).encode())
         h.update(str(self.dtype).encode())
+        h.update(f"numerics {attention.NUMERICS}".encode())  # how kvstash computes a pass (kvstore/quant/attention.py)
         for name, p in sorted(self.model.state_dict().items()):
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())

@@ -3,7 +3,7 @@ import torch
 
 from kvstore.config import QuantConfig
 from kvstore.quant.cache import QuantizedKVCache
-from kvstore.quant.rotation import hadamard, hadamard_matrix
+from kvstore.quant.rotation import hadamard, hadamard_matrix, hadamard_rows
 
 
 @pytest.mark.parametrize("d", [1, 2, 16, 64, 128])
@@ -43,3 +43,22 @@ def test_rotated_cache_roundtrips_exactly_and_spec_is_stable():
     assert QuantizedKVCache.from_state(s).export_state().equals(s)
     with pytest.raises(ValueError, match="power-of-two"):
         QuantizedKVCache(QuantConfig.parse("int4:gv8:had"), 1).update(torch.randn(1, 1, 4, 24), torch.randn(1, 1, 4, 24), 0)
+
+
+@pytest.mark.parametrize("d", [1, 2, 8, 64, 128])
+def test_hadamard_rows_is_the_same_rotation_computed_row_by_row(d):
+    torch.manual_seed(d)
+    x = torch.randn(3, 2, 9, d) * 10
+    y = hadamard_rows(x)
+    assert torch.allclose(y, hadamard(x), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(hadamard_rows(y), x, atol=1e-4)
+    # a row's rotation is its own: computed alone, or among any other rows, the bits are the same
+    for i in range(9):
+        assert torch.equal(hadamard_rows(x[:, :, i:i + 1]), y[:, :, i:i + 1])
+    assert torch.equal(hadamard_rows(x[1:2]), y[1:2])
+    assert hadamard_rows(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_hadamard_rows_refuses_a_dim_that_is_not_a_power_of_two():
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard_rows(torch.zeros(2, 48))

@@ -8,7 +8,6 @@ import torch
 
 from kvstore.config import QuantConfig
 from kvstore.quant.cache import QuantizedKVCache
-from kvstore.quant.window import NewRows
 
 SPECS = ["int4:k8v4:g32:r128", "int4:g32:gv32:r16", "int2:k4v2:g16:gv16:r16:s4", "int4:g16:r16:had:hadattn",
          "int4:g16:gv16:r16:out0.02", "int8:g16:r8", "int4:k8v4:g16:r16:hadv", "int:k4v3:g16:gv16:r8:w8:s4",
@@ -60,7 +59,7 @@ def test_crops_and_precomputed_rows_keep_the_view_exact(spec):
         for layer in range(2):
             k, v = torch.randn(3, 2, n, 32), torch.randn(3, 2, n, 32)  # row 1 is this cache's
             lv = viewed.layers[layer]
-            new = NewRows.of(lv.window, k, v, k.dtype).row(1) if n == 1 and lv.is_initialized else None
+            new = lv.new_rows(k, v).row(1) if n == 1 and lv.is_initialized else None
             a = lv.update(k[1:2].clone(), v[1:2].clone(), new=new)
             plain.layers[layer].view = None
             b = plain.layers[layer].update(k[1:2].clone(), v[1:2].clone())
