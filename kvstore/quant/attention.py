@@ -26,13 +26,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from kvstore.quant import evict, probe
-from kvstore.quant.rotation import hadamard
+from kvstore.quant.rotation import hadamard_rows
 
 NAME = "kvstash"
 # The version of how kvstash computes a pass (attention, window readings, rotations): bumped whenever a change
 # alters the bits a pass leaves in a cache. Workers put it in the model fingerprint, so KV stored by a build
 # that computed differently is rebuilt from the history, never restored next to KV computed the new way.
-# 2: window readings for attention in the rotated basis are rotated row by row (`hadamard_rows`).
+# 2: rotations at attention time (window readings, queries, outputs) are row by row (`hadamard_rows`).
 NUMERICS = 2
 _ACTIVE: ContextVar = ContextVar("kvstash_active_cache", default=None)
 
@@ -53,19 +53,21 @@ def kv_attention(module, query, key, value, attention_mask, **kwargs):
     return attend(cache, module, query, key, value, attention_mask, **kwargs)
 
 
-def attend(cache, module, query, key, value, attention_mask, sdpa=sdpa_attention_forward, **kwargs):
+def attend(cache, module, query, key, value, attention_mask, sdpa=sdpa_attention_forward, rotate=True, **kwargs):
     """Attention of `query` over `key`/`value` as `cache` (or None) hands them over: rotated sides undone,
     the cache's evictor and quality probe fed (they read, never change, what attention computes). `sdpa`
-    computes the attention itself (transformers' SDPA by default). Shapes as in the module docstring."""
+    computes the attention itself (transformers' SDPA by default). With `rotate=False` the caller has
+    rotated the query already and rotates the output itself (a batched pass does it for all its rows at
+    once: the rotation is row by row, `hadamard_rows`). Shapes as in the module docstring."""
     idx = getattr(module, "layer_idx", None)
     rot = None
     if cache is not None and idx is not None and idx < len(getattr(cache, "layers", ())):
         rot = getattr(cache.layers[idx], "returns_rotated", None)
-    if rot and rot["k"]:
-        query = hadamard(query)
+    if rotate and rot and rot["k"]:
+        query = hadamard_rows(query)
     out, weights = sdpa(module, query, key, value, attention_mask, **kwargs)
-    if rot and rot["v"]:
-        out = hadamard(out)
+    if rotate and rot and rot["v"]:
+        out = hadamard_rows(out)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     if getattr(cache, "evictor", None) is not None and rot is not None:
         cache.evictor.observe(evict.attention_probs(query, key, scaling))

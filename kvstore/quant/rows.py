@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 
 from kvstore.quant import attention
 from kvstore.quant.attention import attend
+from kvstore.quant.rotation import hadamard_rows
 
 
 @torch.inference_mode()
@@ -87,6 +88,8 @@ class RowBatch(Cache):
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)  # as the model passes it
         pad = torch.zeros(1, 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
         outs = [pad] * rows
+        forms = [None if c is None else c.layers[idx].returns_rotated for c in self.caches]
+        rotated_q = hadamard_rows(query) if any(f and f["k"] for f in forms) else None  # row by row: same bits
         new = {}  # reading form -> every row's window entries and readings, computed at once (per token: same bits)
         for r, cache in enumerate(self.caches):
             if cache is None:
@@ -99,9 +102,13 @@ class RowBatch(Cache):
             if window and k.shape[-2] > window:
                 pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted
                 mask = (pos > layer.num_tokens - 1 - window).view(1, 1, 1, -1)
-            o, _ = attend(cache, module, query[r:r + 1], k, v, mask, sdpa=row_sdpa, **kwargs)
-            outs[r] = o
-        return torch.cat(outs), None
+            q = rotated_q[r:r + 1] if forms[r]["k"] else query[r:r + 1]
+            outs[r], _ = attend(cache, module, q, k, v, mask, sdpa=row_sdpa, rotate=False, **kwargs)
+        out = torch.cat(outs)
+        rotated_out = [bool(f and f["v"]) for f in forms]
+        if any(rotated_out):  # outputs of rows whose values come rotated go back, all rows at once (row by row)
+            out = torch.where(torch.tensor(rotated_out, device=out.device).view(-1, 1, 1, 1), hadamard_rows(out), out)
+        return out, None
 
 
 def row_sdpa(module, query, key, value, attention_mask, scaling=None, **_):

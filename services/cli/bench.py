@@ -5,7 +5,7 @@
     kvstash bench chat [--users 8] [--rounds 5] [--modes default,no-tier,fp]           (services/bench/chat.py)
     kvstash bench http [--http URL] [--grpc TARGET] [--turns 6]                       (services/bench/http.py)
     kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]            (services/bench/codec.py)
-    kvstash bench decode [--context 512,2048] [--kv SPEC]                             (services/bench/decode.py)
+    kvstash bench decode [--context 512,2048] [--kv SPEC] [--rows 1,16]               (services/bench/decode.py)
     kvstash bench dedup [--sessions 100] [--prefix 1024] [--own 128] [--cluster] [--json] (services/bench/dedup.py)
     kvstash bench load [--concurrency 1,2,4,8] [--seconds 20] [--json]                (services/bench/load.py)
     kvstash bench soak [--minutes 10] [--concurrency 16] [--json]                     (services/bench/soak.py)
@@ -106,10 +106,13 @@ def _codec(kinds) -> None:
 
 
 def _decode(kinds) -> None:
-    p = kinds.add_parser("decode", help="one session's decode step at long contexts: kvstash cache vs DynamicCache")
+    p = kinds.add_parser("decode", help="a decode step at long contexts (one session or a batched pass of several): "
+                                        "kvstash cache vs DynamicCache")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--context", default="512,2048")
     p.add_argument("--kv", default=DEFAULT_KV_SPEC, help="comma-separated kvstash KV specs")
+    p.add_argument("--rows", default="1", help="comma-separated row counts: 1 is one session's own pass, R >= 2 one "
+                                               "batched pass of R sessions (DynamicCache: a batch of R rows)")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", action="store_true")

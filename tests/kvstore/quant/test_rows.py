@@ -51,13 +51,17 @@ def test_a_row_matches_the_sessions_own_pass_in_full_precision(model):
         assert torch.allclose(own, row, atol=1e-4, rtol=1e-4), (own - row).abs().max()
 
 
-@pytest.mark.parametrize("spec", ["int4:g8:gv16:r8", "int4:k8v4:g8:r8:s2:hadv"])
+ROW_SPECS = ["int4:g8:gv16:r8", "int4:k8v4:g8:r8:s2:hadv", "int4:g8:gv16:r8:w8:s2:hadv:hadattn", "int4:g8:r8:had:hadattn"]
+
+
+@pytest.mark.parametrize("spec", ROW_SPECS)
 def test_a_rows_bits_do_not_depend_on_batch_mates_or_slot(model, spec):
     rng = random.Random(3)
     seen = None
     for trial in range(4):
         subject = _session(model, spec, 30, 1)
-        mates = [(_session(model, spec, rng.randrange(1, 20), 10 + trial * 5 + j), rng.randrange(101))
+        # batch-mates of the same spec and of others (rotated and not: rotations are batched over rows)
+        mates = [(_session(model, rng.choice(ROW_SPECS), rng.randrange(1, 20), 10 + trial * 5 + j), rng.randrange(101))
                  for j in range(rng.randrange(4))]
         rows = mates[:]
         rows.insert(rng.randrange(len(rows) + 1), (subject, 42))
@@ -67,8 +71,9 @@ def test_a_rows_bits_do_not_depend_on_batch_mates_or_slot(model, spec):
         assert got == seen, f"trial {trial}: slot {slot}, {len(rows)} rows"
 
 
-def test_replaying_r_steps_as_one_pass_rebuilds_the_same_bits(model):
-    live, replayed = _session(model, "int4:g8:gv16:r8", 30, 1), _session(model, "int4:g8:gv16:r8", 30, 1)
+@pytest.mark.parametrize("spec", ["int4:g8:gv16:r8", "int4:g8:gv16:r8:w8:s2:hadv:hadattn"])
+def test_replaying_r_steps_as_one_pass_rebuilds_the_same_bits(model, spec):
+    live, replayed = _session(model, spec, 30, 1), _session(model, spec, 30, 1)
     steps = [11, 12, 13, 14, 15, 16, 17, 18]
     for i, t in enumerate(steps):
         mate = _session(model, "int4:g8:gv16:r8", 3 + i, 50 + i)
