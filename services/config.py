@@ -32,10 +32,11 @@ class ModelConfig:
     cache_dir: str = _f("", "Where pulled models are kept; empty means $KVSTASH_HOME/models (~/.kvstash/models).")
 
 
-# The default device spec (issue 16): INT4 keys in groups of 128 tokens, INT3 values in groups of 64 channels,
-# a 64-token window held as INT8 codes, the first 4 tokens (attention sinks) kept exact. docs/BENCHMARKS.md
+# The default device spec (issue 16): INT4 keys in groups of 128 tokens, INT3 values in groups of 64 channels
+# after a Hadamard rotation of head_dim (attention runs in the rotated basis, so nothing is rotated back on
+# read), a 64-token window held as INT8 codes, the first 4 tokens (attention sinks) kept exact. docs/BENCHMARKS.md
 # "Whole-session memory" measures it.
-DEFAULT_KV_SPEC = "int:k4v3:g128:gv64:r64:w8:s4"
+DEFAULT_KV_SPEC = "int:k4v3:g128:gv64:r64:w8:s4:hadv:hadattn"
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`kvstash eval plot-frontier`: the bits-quality frontier as a dependency-free SVG scatter plot.
 
     kvstash eval plot-frontier docs/results/frontier.jsonl docs/results/frontier_w8.jsonl ... \
-        --x bits_per_element --y delta_ppl --target "INT4:4.6:0.10" --mark int:k4v3:g128:gv64:r64:w8:s4 --out docs/frontier.svg
+        --x bits_per_element --y delta_ppl --target "INT4:4.6:0.10" --mark int:k4v3:g128:gv64:r64:w8:s4:hadv:hadattn --out docs/frontier.svg
 
 Every row of the `eval ppl --json` files is one labelled point (its spec), coloured by file. `--x`/`--y` name a
 field of the rows; a dotted name reaches into nested objects (`session.bf16_2048.bytes_per_token`), and rows
