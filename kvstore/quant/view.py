@@ -12,7 +12,9 @@ Invariants (the layer, kvstore/quant/layer.py, maintains them):
 - `write(start, ...)` overwrites rows from `start <= n` (sealing replaces window rows by their sealed
   reading) and extends n past them when they reach beyond; `truncate(m)` forgets rows from m on.
 - Growing copies the rows into a larger buffer; the values read are unchanged.
-- The view is scratch: never exported, counted in the layer's `device_bytes` while it exists.
+- The view is scratch: never exported, counted in the layer's `device_bytes` while it exists. Its buffers
+  are inference tensors, written in inference mode, so a view built during a forward pass can be written
+  by sealing outside one (adopting a prefix seals the whole window between passes).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class DecodeView:
         self._grow(k, k.shape[-2])
         self.write(0, k, v)
 
+    @torch.inference_mode()
     def _grow(self, like: torch.Tensor, need: int) -> None:
         cap = need + max(SPARE_MIN, need // 8)
         shape = (*like.shape[:-2], cap, like.shape[-1])
@@ -39,6 +42,7 @@ class DecodeView:
             k[..., :self.n, :], v[..., :self.n, :] = self.k[..., :self.n, :], self.v[..., :self.n, :]
         self.k, self.v = k, v
 
+    @torch.inference_mode()
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Rows [start, start + len) := k, v; n grows to cover them. Needs start <= n."""
         if start > self.n:

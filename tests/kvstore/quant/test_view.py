@@ -69,3 +69,21 @@ def test_crops_and_precomputed_rows_keep_the_view_exact(spec):
                 lv.crop(-2)
                 plain.layers[layer].crop(-2)
     assert viewed.export_state().equals(plain.export_state())
+
+
+def test_a_view_built_in_a_forward_pass_takes_writes_outside_one():
+    cache, plain = _pair("int:k4v3:g16:gv16:r8:w8:s4")
+    torch.manual_seed(7)
+    k, v = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32)
+    with torch.inference_mode():  # as the model runs
+        for layer in cache.layers:
+            layer.update(k.clone(), v.clone())
+    for layer in plain.layers:
+        layer.update(k.clone(), v.clone())
+    cache.seal_all()  # adopting a stored prefix seals the window between passes, outside inference mode
+    plain.seal_all()
+    k2, v2 = torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32)
+    for a, b in zip(cache.layers, plain.layers):
+        b.view = None
+        assert all(torch.equal(x, y) for x, y in zip(a.update(k2.clone(), v2.clone()), b.update(k2.clone(), v2.clone())))
+    assert cache.export_state().equals(plain.export_state())
