@@ -15,6 +15,8 @@ Shapes: x [..., d] -> [..., d], same dtype (computed in float32).
 
 from __future__ import annotations
 
+import numba as nb
+import numpy as np
 import torch
 
 _CACHE: dict[tuple[int, str], torch.Tensor] = {}
@@ -44,10 +46,26 @@ def hadamard_rows(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     if d < 1 or d & (d - 1):
         raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {d}")
-    y, h = x.float(), 1
-    while h < d:  # Sylvester order: pair element i with i + h inside each block of 2h
-        y = y.reshape(*x.shape[:-1], d // (2 * h), 2, h)
-        a, b = y.select(-2, 0), y.select(-2, 1)
-        y = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    return (y.reshape(x.shape) * d ** -0.5).to(x.dtype)
+    y = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    _fwht_rows(y.view(-1, d).numpy(), np.float32(d ** -0.5))
+    return y.to(x.dtype)
+
+
+@nb.njit(cache=True, nogil=True)
+def _fwht_rows(x: np.ndarray, scale: np.float32) -> None:
+    """In place, each row of float32 x [n, d]: butterflies in Sylvester order (element j paired with j + h in
+    each block of 2h, h = 1, 2, 4, ...: (a + b, a - b)), then `scale`. Float32 additions, one row at a time:
+    a row's result is a function of that row alone."""
+    n, d = x.shape
+    for r in range(n):
+        h = 1
+        while h < d:
+            for i in range(0, d, 2 * h):
+                for j in range(i, i + h):
+                    a = x[r, j]
+                    b = x[r, j + h]
+                    x[r, j] = a + b
+                    x[r, j + h] = a - b
+            h *= 2
+        for j in range(d):
+            x[r, j] *= scale

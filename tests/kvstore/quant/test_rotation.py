@@ -49,7 +49,10 @@ def test_rotated_cache_roundtrips_exactly_and_spec_is_stable():
 def test_hadamard_rows_is_the_same_rotation_computed_row_by_row(d):
     torch.manual_seed(d)
     x = torch.randn(3, 2, 9, d) * 10
+    x0 = x.clone()
     y = hadamard_rows(x)
+    assert torch.equal(x, x0)  # the input is left as it was
+    assert torch.equal(hadamard_rows(x.transpose(0, 2)), y.transpose(0, 2))  # any strides
     assert torch.allclose(y, hadamard(x), atol=1e-5, rtol=1e-5)
     assert torch.allclose(hadamard_rows(y), x, atol=1e-4)
     # a row's rotation is its own: computed alone, or among any other rows, the bits are the same
