@@ -88,7 +88,6 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.view: DecodeView | None = None  # the decode view (module docstring), or None
         self._view_ok = self.bits != (16, 16) and not self.pre_rope and not any(
             side in config.rotate and not self.returns_rotated[side] for side in ("k", "v"))
-        self._window_in_view = self._view_ok
 
     # ---- transformers Cache layer protocol -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -126,10 +125,8 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         taken = self._take_sinks(key_states, value_states)
-        if taken:
-            new = None
         if taken < q:
-            if new is None:
+            if new is None or taken:
                 new_k = self.window.quantize(key_states[..., taken:, :])
                 new_v = self.window.quantize(value_states[..., taken:, :])
             else:
@@ -139,21 +136,13 @@ class QuantizedKVLayer(CacheLayerMixin):
         if self.evictor is not None:
             self.evictor.append(self.layer_idx, q, taken, self.keys.device)
         self._seal()
-        if self._window_in_view:
+        if self._view_ok:
             return self._read_view(new)
         k_win, v_win = self._window_reading("k"), self._window_reading("v")
         if self.n_sealed == 0 and self.n_sink == 0:
             return k_win, v_win
-        k_old, v_old = self._sealed_for_attention()
+        k_old, v_old = self.dequantized_sealed(rotated=True)
         return torch.cat([k_old, k_win], dim=-2), torch.cat([v_old, v_win], dim=-2)
-
-    def _sealed_for_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`dequantized_sealed(rotated=True)`, from the decode view where this layer keeps one."""
-        if not self._view_ok:
-            return self.dequantized_sealed(rotated=True)
-        if self.view is None or self.view.n != self.n_sink + self.n_sealed:
-            self.view = DecodeView(*self.dequantized_sealed(rotated=True))
-        return self.view.read()
 
     @property
     def reading_form(self) -> tuple:
