@@ -10,7 +10,8 @@ Invariants:
   the warm tensors of the cold copy, the same every time).
 - A tail's content id is a hash of its container header, which holds the checksum of everything else
   (`decode_kv` verifies it), so a tail's megabytes are hashed once, not twice, on a resume.
-- The coders release the GIL: `pool` jobs run on every core.
+- The coders release the GIL: `pool` jobs run on every core. Their torch ops open no OpenMP team
+  (kvstore/openmp.py): the pool never slows the model's passes on the engine thread.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.codec.registry import DEFAULT, BlockDecoder, codec_named
 from kvstore.config import QuantConfig
 from kvstore.digest import hash_fields
+from kvstore.openmp import serial_torch
 from kvstore.prefix import blocks as blk
 from kvstore.prefix.blocks import ModelShape, Tensors
 from kvstore.quant.cache import QuantizedKVCache
@@ -46,7 +48,8 @@ class BlockCoder:
         self.warm = codec_named(DEFAULT)(self.ctx)
         self.cold = codec_named("cold")(self.ctx, settings.cold.spec()) if settings.cold is not None else None
         self.decoder = BlockDecoder(self.ctx)
-        self.pool = ThreadPoolExecutor(settings.codec_threads or os.cpu_count() or 1, thread_name_prefix="kvcodec")
+        self.pool = ThreadPoolExecutor(settings.codec_threads or os.cpu_count() or 1, thread_name_prefix="kvcodec",
+                                       initializer=serial_torch)
 
     # ---- encoding ----------------------------------------------------------------------------------
     def encode_many(self, parts: list[Tensors], idx: list[int], cold: bool = False) -> list[EncodedBlock]:

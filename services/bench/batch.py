@@ -95,7 +95,7 @@ def _kvstash_mode(args, buckets: str, redis_url: str, ns: int):
     from services.wire import DoneEvent, GenerateCall, TokensEvent, is_terminal
     from services.worker.engine import Engine
 
-    d = {"model": {"name": args.model}, "redis": {"url": redis_url, "namespace": f"bench{ns}"},
+    d = {"model": {"name": args.model, **({"dtype": args.dtype} if args.dtype else {})}, "redis": {"url": redis_url, "namespace": f"bench{ns}"},
          "kv": {"quality_sample_rate": 0}, "session": {"max_requests_per_worker": 4096}}
     if args.kv:
         d["kv"]["spec"] = args.kv
@@ -133,7 +133,10 @@ def _hf_mode(args):
     from services.worker.model_store import store_for
 
     path = store_for().resolve(args.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from services.config import ModelConfig
+
+    dtype = getattr(torch, args.dtype or ModelConfig().dtype)  # the kvstash modes' dtype: the same weights
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     lengths = answer_lengths(args.new_tokens)
     gen = GenerationConfig(max_new_tokens=lengths[1], do_sample=False, eos_token_id=-1)
     manager = model.init_continuous_batching(generation_config=gen)

@@ -48,6 +48,7 @@ def _batch(kinds) -> None:
                                        "and transformers' continuous batching (in process)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--kv", default="", help="kvstash KV spec (default: the service default)")
+    p.add_argument("--dtype", default="", help="model dtype of every mode (default: the service default)")
     p.add_argument("--concurrency", default="1,2,4,8,16,32")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=3.0)

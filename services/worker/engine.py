@@ -57,11 +57,20 @@ class Engine:
     def __init__(self, cfg: KvstashConfig, worker_id: str = "w0"):
         self.cfg, self.worker_id = cfg, worker_id
         self.metrics = WorkerMetrics()
+        self._next_collect = time.monotonic() + cfg.tiers.collect_interval_s
+        self._probe_rng = random.Random(f"kvstash-probe-{worker_id}")  # which decode steps get probed
+        # Everything that runs the model, loading and start-up checks included, runs on the engine thread
+        # (services/worker/scheduler.py says why)
+        self.scheduler = Scheduler(on_idle=self._housekeeping, idle_interval_s=cfg.session.idle_check_interval_s,
+                                   prefill_tokens_per_step=cfg.batch.prefill_tokens_per_step, start=self._start)
+
+    def _start(self) -> Batcher:
+        """Load the model, open the storage, verify the batch buckets; on the engine thread, before any call."""
+        cfg = self.cfg
         self.runner = ModelRunner.from_config(cfg.model)
         self.runner.new_cache(cfg.quant)  # fail at start, not per request, when the spec cannot serve the model
         self.tier = RedisTier(redis_client(cfg), namespace=cfg.redis.namespace, ttl_s=cfg.redis.kv_ttl_s)
-        self.sessions = SessionManager(self.runner, self.tier, cfg, self.metrics, worker_id)
-        self._next_collect = time.monotonic() + cfg.tiers.collect_interval_s
+        self.sessions = SessionManager(self.runner, self.tier, cfg, self.metrics, self.worker_id)
         try:  # sessions stored with the pre-issue-17 key layout move first (a no-op once done)
             moved = LayoutMigration(self.tier).run()
             if moved != MigrationReport():
@@ -76,13 +85,11 @@ class Engine:
                           "history) under memory pressure. Use volatile-lru with redis.kv_ttl_s > 0.", policy)
         except Exception as e:  # noqa: BLE001 - Redis down at start (the housekeeping loop retries) or no CONFIG
             log.warning("could not read Redis settings at start: %s", e)
-        self._probe_rng = random.Random(f"kvstash-probe-{worker_id}")  # which decode steps get probed
         sizes = verified_sizes(self.runner, cfg.quant, cfg.batch.sizes,
                                on_failure=lambda n: self.metrics.batch_invariance_failures.labels(str(n)).inc())
         self.batcher = Batcher(self.runner, sizes, on_pass=self._observe_pass)
         self.metrics.batch_max_rows.set(self.batcher.max_rows)
-        self.scheduler = Scheduler(on_idle=self._housekeeping, idle_interval_s=cfg.session.idle_check_interval_s,
-                                   batcher=self.batcher, prefill_tokens_per_step=cfg.batch.prefill_tokens_per_step)
+        return self.batcher
 
     def _check_quota(self, tenant: str, new: bool) -> None:
         """quota.max_sessions (for a new session) and quota.max_stored_bytes, from the tenant's Redis stats."""

@@ -14,6 +14,13 @@ whole prefill, and new prompts get their first token without waiting for every r
 Control operations (offload, delete, describe) are closures run on the same thread between turns, so
 session state is only ever touched by this one thread.
 
+The engine thread is also the only thread of the process that runs the model, its start-up included
+(`start`, run on it before anything else). Not for safety but for speed: torch's CPU ops run in OpenMP
+teams, one per thread that ever opened a parallel region, and libgomp, once its threads outnumber the
+cores, makes every team's workers sleep almost at once between regions. A start-up forward pass on the
+caller's thread (whose team lives as long as that thread) made every parallel elementwise op of the
+engine thread 4-8x slower and a whole decode pass ~1.6x slower, measured on this 2-core machine.
+
 Invariants:
 - Every submitted task ends with exactly one terminal event for its sink (`services.wire.is_terminal`:
   done, prefix shared, or an `ErrorEvent`); a cancelled task ends silently: its consumer has gone.
@@ -54,7 +61,9 @@ class Task:
 
 class Scheduler:
     def __init__(self, on_idle: Callable[[], None] | None = None, idle_interval_s: float = 5.0, batcher=None,
-                 prefill_tokens_per_step: int = 512):
+                 prefill_tokens_per_step: int = 512, start: Callable[[], object] | None = None):
+        """`start()`, when given, runs first on the engine thread (loading the model, checking batch invariance)
+        and returns the batcher; the constructor waits for it and raises what it raised."""
         self._inbox: queue.Queue = queue.Queue()
         self._running: collections.deque[Task] = collections.deque()  # the solo queue
         self._decoding: list[Task] = []  # waiting for a decode step, oldest first
@@ -63,8 +72,10 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._on_idle, self._idle_interval = on_idle, idle_interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="kvstash-engine", daemon=True)
+        self._started: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(start,), name="kvstash-engine", daemon=True)
         self._thread.start()
+        self._started.result()
 
     # ---- API (any thread) ------------------------------------------------------------------
     def submit(self, make_gen: Callable[[Sink], Generator[None, None, None]], sink: Sink) -> int:
@@ -92,6 +103,16 @@ class Scheduler:
         self._thread.join(timeout=10)
 
     # ---- engine thread -------------------------------------------------------------------------
+    def _run(self, start: Callable[[], object] | None) -> None:
+        try:
+            if start is not None:
+                self._batcher = start()
+        except BaseException as e:  # noqa: BLE001 - the constructor raises it
+            self._started.set_exception(e)
+            return
+        self._started.set_result(None)
+        self._loop()
+
     def _loop(self) -> None:
         next_idle = time.monotonic() + self._idle_interval
         while not self._stop.is_set():

@@ -158,3 +158,29 @@ def test_a_worker_started_on_the_legacy_key_layout_migrates_and_resumes_token_fo
         assert u.kv_source == "restored" and first + rest == twin
     finally:
         new.close()
+
+
+def test_every_model_pass_runs_on_the_engine_thread(tiny_model_dir, redis_server, monkeypatch):
+    """Start-up (the batch-invariance check's passes) and calls run the model on the engine thread only: a
+    second thread running torch ops keeps a second OpenMP team alive, which slows the engine's (scheduler.py)."""
+    import threading
+
+    from services.worker.model_runner import ModelRunner
+
+    threads = set()
+
+    def noting(real):
+        def pass_(self, *a, **k):
+            threads.add(threading.current_thread().name)
+            return real(self, *a, **k)
+        return pass_
+
+    for name in ("logits", "forward_rows"):  # every pass goes through one of these
+        monkeypatch.setattr(ModelRunner, name, noting(getattr(ModelRunner, name)))
+    eng = make_engine(tiny_model_dir, redis_server.url)
+    try:
+        assert threads == {"kvstash-engine"}  # the start-up checks ran passes, all on the engine thread
+        run(eng, "acme", "t1", IDS[:20], n=3)
+        assert threads == {"kvstash-engine"}
+    finally:
+        eng.close()

@@ -155,3 +155,42 @@ def test_a_decode_step_without_a_batcher_is_an_internal_error():
         assert isinstance(ev[-1], ErrorEvent) and ev[-1].code == "INTERNAL"
     finally:
         sched.stop()
+
+
+def test_start_runs_first_on_the_engine_thread_and_returns_the_batcher():
+    rec, seen = Recorder(max_rows=2), []
+
+    def start():
+        seen.append(threading.current_thread().name)
+        return rec
+
+    sched = Scheduler(start=start)
+    try:
+        assert seen == ["kvstash-engine"]  # done before the constructor returned
+
+        def gen(sink):
+            result = yield DecodeStep(cache=None, token=3)
+            sink(result)
+            _done(sink)
+
+        ev = []
+        sched.submit(gen, ev.append)
+        _wait(lambda: len(ev) == 2)
+        assert ev[0].logits == 30 and rec.passes == [[3]]  # the batcher start returned serves the passes
+    finally:
+        sched.stop()
+
+
+def test_a_failed_start_raises_from_the_constructor_and_ends_the_thread():
+    def start():
+        raise InvalidArgument("no model here")
+
+    before = {t.name for t in threading.enumerate() if t.is_alive()}
+    try:
+        Scheduler(start=start)
+    except InvalidArgument as e:
+        assert "no model here" in str(e)
+    else:
+        raise AssertionError("the constructor did not raise")
+    _wait(lambda: sum(t.name == "kvstash-engine" for t in threading.enumerate())
+          <= sum(n == "kvstash-engine" for n in before))
