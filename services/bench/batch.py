@@ -1,7 +1,7 @@
 """`kvstash bench batch`: decode throughput and latency against concurrent sessions, in one process, side by
 side with transformers' own continuous batching.
 
-    kvstash bench batch [--model M] [--kv SPEC] [--concurrency 1,2,4,8,16,32] [--seconds 20]
+    kvstash bench batch [--model M] [--kv SPEC] [--dtype D] [--concurrency 1,2,4,8,16,32] [--seconds 20]
                         [--prompt-tokens 64] [--new-tokens 32|LO-HI] [--modes batched,interleaved,hf]
                         [--buckets 1,2,4,8,16,32] [--json]
 
@@ -14,7 +14,8 @@ Modes:
 - `interleaved`: the same Engine with `batch.buckets = "1"` (each session decodes alone: kvstash before
   batching);
 - `hf`: transformers' `ContinuousBatchingManager` (`model.init_continuous_batching`) on the same model
-  weights, dtype and machine, with its own paged fp KV cache and no kvstash in the way.
+  weights, dtype and machine, with its own paged fp KV cache and no kvstash in the way. `--dtype` sets every
+  mode's model dtype (default: the service default).
 Measured from the clients: generated tokens/s, time to first token p50/p99, per-token latency (gaps
 between streamed tokens after the first) p50/p99. `vs 1` is tokens/s over the same mode's N=1 row; `vs hf`
 over the `hf` row at the same N. Each mode first runs one call alone (warm-up); each level then measures the
