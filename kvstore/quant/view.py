@@ -50,8 +50,8 @@ class DecodeView:
         stop = start + k.shape[-2]
         if stop > self.k.shape[-2]:
             self._grow(k, stop)
-        self.k[..., start:stop, :] = k
-        self.v[..., start:stop, :] = v
+        self.k.narrow(-2, start, stop - start).copy_(k)
+        self.v.narrow(-2, start, stop - start).copy_(v)
         self.n = max(self.n, stop)
 
     def truncate(self, m: int) -> None:
@@ -61,7 +61,7 @@ class DecodeView:
     def read(self, m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [0, m) (default: all n), views into the buffers."""
         m = self.n if m is None else m
-        return self.k[..., :m, :], self.v[..., :m, :]
+        return self.k.narrow(-2, 0, m), self.v.narrow(-2, 0, m)
 
     def nbytes(self) -> int:
         return self.k.untyped_storage().nbytes() + self.v.untyped_storage().nbytes()

@@ -17,6 +17,11 @@ Invariants:
   INT8 values in the model dtype (the exact values attention saw), so the KV stays a function of tokens and
   schedule.
 - `tensors(side)` / `from_tensors(side, t, dtype)` round-trip bit for bit.
+- `cat` is lazy: the appended windows are kept as parts and joined into one tensor when the entries are
+  first read (`x`, `codes`, `scale` and everything built on them). A decoding layer appends one token per
+  side and step and reads its window only when a group seals (its attention reads the decode view), so
+  one copy per seal replaces one per step. Joining is a copy: the bits are those of step-by-step
+  concatenation. Windows are values: `a.cat(b)` changes neither `a` nor `b`.
 """
 
 from __future__ import annotations
@@ -36,15 +41,22 @@ class FloatWindow:
 
     bits = 16
 
-    def __init__(self, x: torch.Tensor):
-        self.x = x
+    def __init__(self, x: torch.Tensor, later: tuple[FloatWindow, ...] = (), n: int | None = None):
+        self._x, self._later = x, later  # entries: _x, then each window of `later` (joined when read)
+        self._n = x.shape[-2] if n is None else n
+
+    @property
+    def x(self) -> torch.Tensor:
+        if self._later:
+            self._x, self._later = torch.cat([self._x, *(w.x for w in self._later)], dim=-2), ()
+        return self._x
 
     @classmethod
     def quantize(cls, x: torch.Tensor) -> FloatWindow:
         return cls(x)
 
     def __len__(self) -> int:
-        return self.x.shape[-2]
+        return self._n
 
     @property
     def shape(self) -> torch.Size:
@@ -52,7 +64,7 @@ class FloatWindow:
 
     @property
     def device(self) -> torch.device:
-        return self.x.device
+        return self._x.device
 
     def read(self, dtype: torch.dtype, start: int = 0) -> torch.Tensor:
         """Entries [start, n) as [B, H, n - start, D] in `dtype` (a token's reading is its own: elementwise)."""
@@ -63,7 +75,7 @@ class FloatWindow:
         return self.x[..., :m, :].to(dtype)
 
     def cat(self, other: FloatWindow) -> FloatWindow:
-        return FloatWindow(torch.cat([self.x, other.x], dim=-2))
+        return FloatWindow(self._x, (*self._later, other), len(self) + len(other))
 
     def row(self, b: int) -> FloatWindow:
         """Batch row `b` alone, [1, H, n, D]."""
@@ -89,8 +101,26 @@ class Int8Window:
 
     bits = 8
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
-        self.codes, self.scale = codes, scale
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, later: tuple[Int8Window, ...] = (),
+                 n: int | None = None):
+        self._codes, self._scale, self._later = codes, scale, later  # as FloatWindow's
+        self._n = codes.shape[-2] if n is None else n
+
+    def _join(self) -> None:
+        if self._later:
+            self._codes = torch.cat([self._codes, *(w.codes for w in self._later)], dim=-2)
+            self._scale = torch.cat([self._scale, *(w.scale for w in self._later)], dim=-2)
+            self._later = ()
+
+    @property
+    def codes(self) -> torch.Tensor:
+        self._join()
+        return self._codes
+
+    @property
+    def scale(self) -> torch.Tensor:
+        self._join()
+        return self._scale
 
     @classmethod
     def quantize(cls, x: torch.Tensor) -> Int8Window:
@@ -111,7 +141,7 @@ class Int8Window:
         return cls(codes.contiguous(), scale.contiguous())
 
     def __len__(self) -> int:
-        return self.codes.shape[-2]
+        return self._n
 
     @property
     def shape(self) -> torch.Size:
@@ -119,7 +149,7 @@ class Int8Window:
 
     @property
     def device(self) -> torch.device:
-        return self.codes.device
+        return self._codes.device
 
     def read(self, dtype: torch.dtype, start: int = 0) -> torch.Tensor:
         return (self.codes[..., start:, :].float() * self.scale[..., start:, :].float()).to(dtype)
@@ -128,7 +158,7 @@ class Int8Window:
         return (self.codes[..., :m, :].float() * self.scale[..., :m, :].float()).to(dtype)
 
     def cat(self, other: Int8Window) -> Int8Window:
-        return Int8Window(torch.cat([self.codes, other.codes], dim=-2), torch.cat([self.scale, other.scale], dim=-2))
+        return Int8Window(self._codes, self._scale, (*self._later, other), len(self) + len(other))
 
     def row(self, b: int) -> Int8Window:
         return Int8Window(self.codes[b:b + 1], self.scale[b:b + 1])

@@ -55,6 +55,27 @@ def test_slice_select_and_cat_act_on_codes():
     assert torch.equal(FloatWindow.quantize(x).read(torch.float32), x)  # w16 holds the values as they are
 
 
+@pytest.mark.parametrize("kind", [FloatWindow, Int8Window])
+def test_a_lazy_cat_is_a_value_whose_join_equals_step_by_step_concatenation(kind):
+    x = torch.randn(1, 2, 12, 8)
+    tensors = lambda w: list(w.tensors("k").values())  # noqa: E731 - the stored form of either kind
+    eager = [kind.quantize(x[..., :3, :])]
+    for i in range(3, 12):  # the windows a decode appends, one token each, joined at every step
+        step = kind.quantize(x[..., i:i + 1, :])
+        eager.append(kind(*[torch.cat([a, b], -2) for a, b in zip(tensors(eager[-1]), tensors(step), strict=True)]))
+    lazy = kind.quantize(x[..., :3, :])
+    for i in range(3, 12):
+        lazy = lazy.cat(kind.quantize(x[..., i:i + 1, :]))
+        assert len(lazy) == i + 1
+    branch = lazy.cat(kind.quantize(x[..., :2, :]))  # another window built on the same one
+    other = lazy.cat(kind.quantize(x[..., 5:6, :]))
+    assert all(torch.equal(a, b) for a, b in zip(tensors(lazy), tensors(eager[-1]), strict=True))
+    assert (len(branch), len(other), len(lazy)) == (14, 13, 12)  # appending changed neither
+    assert torch.equal(branch.read(torch.float32)[..., 12:, :], kind.quantize(x[..., :2, :]).read(torch.float32))
+    assert torch.equal(other.read(torch.float32)[..., :12, :], lazy.read(torch.float32))
+    assert torch.equal(other.read(torch.float32)[..., 12:, :], kind.quantize(x[..., 5:6, :]).read(torch.float32))
+
+
 @pytest.mark.parametrize("spec", ["int4:g32:gv16:r40:w8", "int4:k8v4:g32:gv8:r0:w8", "int2:g16:gv16:r33:s4:w8",
                                   "int4:g16:gv8:r24:had:out0.02:w8"])
 def test_w8_state_is_chunking_invariant_and_seals_from_the_int8_values(spec):
