@@ -273,13 +273,13 @@ class QuantizedKVLayer(CacheLayerMixin):
     def _seal_tokens(self, m: int) -> None:
         """Move the window's first `m` tokens (whole key groups) into the sealed region."""
         prefix = self.n_sink + self.n_sealed
-        k_new = self.keys.head(m, self.dtype)
+        k_new = self.keys.read(self.dtype, 0, m)
         if self.pre_rope:
             k_new = self.rope.invert(k_new, prefix, self.layer_idx)
         if self.view is not None and self.view.n < prefix:
             self.view = None  # stale: rebuilt on the next read
         reads = {}
-        for side, x in (("k", k_new), ("v", self.values.head(m, self.dtype))):
+        for side, x in (("k", k_new), ("v", self.values.read(self.dtype, 0, m))):
             plan = self.plan(side)
             # Rotation and outlier selection reduce over many elements; seal them one key group at a time so
             # a group's bits never depend on how many groups were sealed together (prefix blocks rely on it).
@@ -347,7 +347,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             return None
         start = self.n_sink + self.n_sealed
         out = []
-        for side, x in (("k", self.keys.head(w, self.dtype)), ("v", self.values.head(w, self.dtype))):
+        for side, x in (("k", self.keys.read(self.dtype, 0, w)), ("v", self.values.read(self.dtype, 0, w))):
             plan = self.plan(side)
             pre = side == "k" and self.pre_rope
             x = self.rope.invert(x, start, self.layer_idx) if pre else x

@@ -13,9 +13,9 @@ Invariants:
 - A token's window entry is a function of that token's own K/V row alone (per-token scales): it is
   quantized once, when appended, and never again, so the state does not depend on how tokens were chunked.
 - Slicing, selecting and concatenating act on the stored form (codes and scales), never re-quantize.
-- Sealing (`head`) reads what the window holds: with w8, sealed groups are quantized from the dequantized
-  INT8 values in the model dtype (the exact values attention saw), so the KV stays a function of tokens and
-  schedule.
+- Sealing reads what the window holds (`read` of its first entries): with w8, sealed groups are quantized
+  from the dequantized INT8 values in the model dtype (the exact values attention saw), so the KV stays a
+  function of tokens and schedule.
 - `tensors(side)` / `from_tensors(side, t, dtype)` round-trip bit for bit.
 - `cat` is lazy: the appended windows are kept as parts and joined into one tensor when the entries are
   first read (`x`, `codes`, `scale` and everything built on them). A decoding layer appends one token per
@@ -66,13 +66,10 @@ class FloatWindow:
     def device(self) -> torch.device:
         return self._x.device
 
-    def read(self, dtype: torch.dtype, start: int = 0) -> torch.Tensor:
-        """Entries [start, n) as [B, H, n - start, D] in `dtype` (a token's reading is its own: elementwise)."""
-        return self.x[..., start:, :].to(dtype)
-
-    def head(self, m: int, dtype: torch.dtype) -> torch.Tensor:
-        """The first `m` entries as read."""
-        return self.x[..., :m, :].to(dtype)
+    def read(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Entries [start, stop) (default: to the end) as [B, H, stop - start, D] in `dtype` (a token's
+        reading is its own: elementwise)."""
+        return self.x[..., start:stop, :].to(dtype)
 
     def cat(self, other: FloatWindow) -> FloatWindow:
         return FloatWindow(self._x, (*self._later, other), len(self) + len(other))
@@ -151,11 +148,8 @@ class Int8Window:
     def device(self) -> torch.device:
         return self._codes.device
 
-    def read(self, dtype: torch.dtype, start: int = 0) -> torch.Tensor:
-        return (self.codes[..., start:, :].float() * self.scale[..., start:, :].float()).to(dtype)
-
-    def head(self, m: int, dtype: torch.dtype) -> torch.Tensor:
-        return (self.codes[..., :m, :].float() * self.scale[..., :m, :].float()).to(dtype)
+    def read(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return (self.codes[..., start:stop, :].float() * self.scale[..., start:stop, :].float()).to(dtype)
 
     def cat(self, other: Int8Window) -> Int8Window:
         return Int8Window(self._codes, self._scale, (*self._later, other), len(self) + len(other))

@@ -51,7 +51,8 @@ def test_slice_select_and_cat_act_on_codes():
     assert torch.equal(w.slice(3).read(torch.float32), w.read(torch.float32)[..., 3:, :])
     idx = torch.tensor([0, 2, 9])
     assert torch.equal(w.select(idx).codes, w.codes[..., idx, :])
-    assert torch.equal(w.head(5, torch.float16), w.read(torch.float16)[..., :5, :])
+    assert torch.equal(w.read(torch.float16, 0, 5), w.read(torch.float16)[..., :5, :])
+    assert torch.equal(w.read(torch.float16, 2, 7), w.read(torch.float16)[..., 2:7, :])
     assert torch.equal(FloatWindow.quantize(x).read(torch.float32), x)  # w16 holds the values as they are
 
 
