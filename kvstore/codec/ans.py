@@ -22,7 +22,7 @@ import torch
 from llvmlite import ir as llvmir
 from numba.extending import intrinsic
 
-from kvstore.quant.pack import pack, unpack
+from kvstore.quant.pack import unpack
 
 PB = 11
 M = 1 << PB
@@ -54,12 +54,27 @@ def unpack_rows(packed: np.ndarray, bits: int) -> np.ndarray:
 
 def pack_rows(sym: np.ndarray, bits: int, shape: tuple) -> np.ndarray:
     """Inverse of unpack_rows: channel-major codes -> packed [R, T, m] uint8."""
+    out = np.empty(shape, np.uint8)
     if bits in (4, 8):
-        out = np.empty(shape, np.uint8)
         _pack48(sym, bits, out)
-        return out
-    c = sym.reshape(shape[0], -1, shape[1])
-    return pack(torch.from_numpy(np.ascontiguousarray(c.transpose(0, 2, 1))), bits).numpy()
+    else:  # the layout of kvstore.quant.pack: 8 codes -> `bits` bytes, little-endian, code j at bit j * bits
+        _pack_any(sym, bits, out)
+    return out
+
+
+@jit
+def _pack_any(sym, bits, out):  # codes [R, n, T], n = 8m / bits -> out [R, T, m]
+    nr, nt, m = out.shape
+    n = m * 8 // bits
+    for r in range(nr):
+        for t in range(nt):
+            base = r * n * nt + t
+            for blk in range(m // bits):
+                word = np.uint64(0)
+                for j in range(8):
+                    word |= np.uint64(sym[base + (blk * 8 + j) * nt]) << np.uint64(j * bits)
+                for b in range(bits):
+                    out[r, t, blk * bits + b] = np.uint8((word >> np.uint64(8 * b)) & np.uint64(255))
 
 
 @jit

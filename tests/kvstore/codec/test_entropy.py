@@ -87,6 +87,19 @@ def test_codes_equal_the_packers_layout():
     assert torch.equal(unpack(torch.from_numpy(packed), 3, 16), codes)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [8, 16, 24, 64])
+def test_pack_rows_equals_the_packer_for_every_width(bits, n):
+    """The numba packer of restored rows gives `kvstore.quant.pack`'s bytes, bit for bit (and unpack_rows inverts it)."""
+    g = torch.Generator().manual_seed(bits * 100 + n)
+    codes = torch.randint(0, 1 << bits, (3, 5, n), dtype=torch.uint8, generator=g)  # [R, T, n]
+    packed = pack(codes, bits).numpy()
+    sym = np.ascontiguousarray(codes.numpy().transpose(0, 2, 1)).reshape(-1)  # channel-major, as decoded
+    got = ans.pack_rows(sym, bits, packed.shape)
+    assert got.dtype == np.uint8 and got.tobytes() == packed.tobytes()
+    assert np.array_equal(ans.unpack_rows(packed, bits), sym)
+
+
 fp16_patterns = st.sampled_from([0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x0001, 0x7BFF, 0x3C00, 0xBC00])
 
 
