@@ -96,8 +96,10 @@ def _kvstash_mode(args, buckets: str, redis_url: str, ns: int):
     from services.wire import DoneEvent, GenerateCall, TokensEvent, is_terminal
     from services.worker.engine import Engine
 
-    d = {"model": {"name": args.model, **({"dtype": args.dtype} if args.dtype else {})}, "redis": {"url": redis_url, "namespace": f"bench{ns}"},
+    d = {"model": {"name": args.model}, "redis": {"url": redis_url, "namespace": f"bench{ns}"},
          "kv": {"quality_sample_rate": 0}, "session": {"max_requests_per_worker": 4096}}
+    if args.dtype:
+        d["model"]["dtype"] = args.dtype
     if args.kv:
         d["kv"]["spec"] = args.kv
     if buckets:
@@ -131,11 +133,10 @@ def _hf_mode(args):
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from services.config import ModelConfig
     from services.worker.model_store import store_for
 
     path = store_for().resolve(args.model)
-    from services.config import ModelConfig
-
     dtype = getattr(torch, args.dtype or ModelConfig().dtype)  # the kvstash modes' dtype: the same weights
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     lengths = answer_lengths(args.new_tokens)
