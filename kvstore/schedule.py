@@ -13,10 +13,16 @@ exactly that shape:
   batched pass of shape [R, 1] (each row one token; the other rows are other sessions or padding, and
   do not change this session's bits). A live decode step has n = 1; replay may run up to R consecutive
   entries of the same R as one pass whose rows are all this session's.
+- `Pass(tokens=n, rows=R, packed=True)`: `n` consecutive tokens of the session as one *segment* of a
+  packed prefill pass of shape [1, R] (several sessions' prompt tails side by side, padding after them):
+  row-wise ops run on all R rows, and the segment attends causally over its own cache as a pass of its
+  own would (`kvstore.quant.segments`). Replay runs it alone in a pass of R rows; it never merges with
+  other entries. R is a multiple of 16.
 - `SEAL`: seal the whole window now (the session adopted a stored prefix here; kvstore/prefix).
 
-Stored as uint32 values (run-length encoded by the manifest): `tokens | (rows - 1) << 24`, SEAL = 0.
-A pass of rows = 1 is its token count, as before batching existed.
+Stored as uint32 values (run-length encoded by the manifest): `tokens | (rows - 1) << 24`, SEAL = 0; a
+packed pass is `tokens | PACKED | (rows / 16 - 1) << 24`, PACKED = 1 << 23. A pass of rows = 1 is its token
+count, as before batching existed (no stored pass ever fed 2^23 tokens, so old schedules read the same).
 
 Canonical passes: the worker runs every prefill in passes that end at multiples of `prefill_chunk` (global
 positions), and calls the first complete passes from position 0 the *canonical* part of a history: any
@@ -38,26 +44,37 @@ from itertools import accumulate
 
 SEAL = 0  # schedule entry: seal the whole window (a stored prefix was adopted here)
 ROWS_SHIFT = 24
-MAX_PASS_TOKENS = (1 << ROWS_SHIFT) - 1  # 16,777,215 tokens in one pass
+PACKED = 1 << 23  # schedule entry flag: a segment of a packed prefill pass
+MAX_PASS_TOKENS = PACKED - 1  # 8,388,607 tokens in one pass
 MAX_ROWS = 1 << (32 - ROWS_SHIFT)  # 256 rows in one batched pass
+PACKED_UNIT = 16  # a packed pass has a multiple of 16 rows
+MAX_PACKED_ROWS = PACKED_UNIT * MAX_ROWS  # 4,096 rows in one packed pass
 
 
 @dataclass(frozen=True)
 class Pass:
-    """One forward pass of a session: `tokens` consecutive tokens, in a pass of `rows` rows (1: its own)."""
+    """One forward pass of a session: `tokens` consecutive tokens, in a pass of `rows` rows (1: its own);
+    `packed`: as one segment of a packed prefill pass of `rows` rows."""
 
     tokens: int
     rows: int = 1
+    packed: bool = False
 
     @property
     def batched(self) -> bool:
-        return self.rows > 1
+        return self.rows > 1 and not self.packed
 
 
 def encode_pass(p: Pass) -> int:
     """The schedule entry (uint32) of pass `p`; ValueError if it cannot be one."""
     if not 1 <= p.tokens <= MAX_PASS_TOKENS:
         raise ValueError(f"a pass feeds 1..{MAX_PASS_TOKENS} tokens, not {p.tokens}")
+    if p.packed:
+        if not (PACKED_UNIT <= p.rows <= MAX_PACKED_ROWS and p.rows % PACKED_UNIT == 0):
+            raise ValueError(f"a packed pass has a multiple of {PACKED_UNIT} rows up to {MAX_PACKED_ROWS}, not {p.rows}")
+        if p.tokens > p.rows:
+            raise ValueError(f"a packed pass of {p.rows} rows cannot feed {p.tokens} tokens of one session")
+        return p.tokens | PACKED | (p.rows // PACKED_UNIT - 1) << ROWS_SHIFT
     if not 1 <= p.rows <= MAX_ROWS:
         raise ValueError(f"a pass has 1..{MAX_ROWS} rows, not {p.rows}")
     if p.rows > 1 and p.tokens > p.rows:
@@ -71,7 +88,11 @@ def decode_pass(entry: int) -> Pass | None:
         return None
     if not 0 < entry < 1 << 32:
         raise ValueError(f"schedule entry {entry} is out of range [0, 2^32)")
-    p = Pass(tokens=entry & MAX_PASS_TOKENS, rows=(entry >> ROWS_SHIFT) + 1)
+    field = (entry >> ROWS_SHIFT) + 1
+    if entry & PACKED:
+        p = Pass(tokens=entry & MAX_PASS_TOKENS, rows=field * PACKED_UNIT, packed=True)
+    else:
+        p = Pass(tokens=entry & MAX_PASS_TOKENS, rows=field)
     if p.tokens == 0 or (p.rows > 1 and p.tokens > p.rows):
         raise ValueError(f"schedule entry {entry:#x} encodes no pass ({p.tokens} tokens in {p.rows} rows)")
     return p
@@ -107,12 +128,13 @@ def replay_passes(schedule: list[int], pack: bool = True) -> list[Pass | None]:
     With `pack`, consecutive batched entries of the same row count R are merged into passes of at most R
     of the session's tokens: in an [R, 1] pass each row's bits do not depend on the other rows, and rows of
     one cache attend in row order, so R recorded steps replay as one pass, bit for bit. (Callers whose
-    cache acts between whole passes — token eviction — replay unpacked.)"""
+    cache acts between whole passes — token eviction — replay unpacked.) Packed prefill segments replay
+    one entry per pass: a segment attends as a block, never as rows."""
     out: list[Pass | None] = []
     for entry in schedule:
         p = decode_pass(entry)
         last = out[-1] if out else None
-        if (pack and p is not None and p.batched and last is not None and last.rows == p.rows
+        if (pack and p is not None and p.batched and last is not None and last.batched and last.rows == p.rows
                 and last.tokens + p.tokens <= p.rows):
             out[-1] = Pass(last.tokens + p.tokens, p.rows)
         else:

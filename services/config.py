@@ -103,6 +103,10 @@ class BatchConfig:
                       "ready for a decode step run in one pass padded to the smallest bucket that holds them. "
                       "One bucket (e.g. \"16\") makes greedy outputs independent of other traffic; \"1\" "
                       "decodes each session alone (no batching).")
+    prefill_rows: str = _f("128,256,512", "Row counts a packed prefill pass may have (comma-separated; empty: "
+                           "off). Prompts whose last chunk waits at the same time run side by side in one pass, "
+                           "padded to the smallest of these that holds them (a lone prompt runs alone). Off when "
+                           "`buckets` is one size: a greedy output then depends on no other traffic.")
     prefill_tokens_per_step: int = _f(512, "Prefill tokens a worker runs between two batched decode passes (at "
                                       "least one prefill pass always runs): higher favours time to first token, "
                                       "lower the running sessions' per-token latency.")
@@ -117,6 +121,18 @@ class BatchConfig:
         if not sizes or sizes[0] < 1 or sizes[-1] > 256:
             raise ValueError(f"batch.buckets={self.buckets!r} must list row counts in [1, 256]")
         return tuple(sizes)
+
+    @property
+    def prefill_sizes(self) -> tuple[int, ...]:
+        """The packed prefill sizes, sorted (empty: off, and when `buckets` is one size); ValueError when they
+        do not parse or are not multiples of 16 in [16, 4096]."""
+        try:
+            sizes = sorted({int(x) for x in self.prefill_rows.split(",") if x.strip()})
+        except ValueError:
+            raise ValueError(f"batch.prefill_rows={self.prefill_rows!r} must be comma-separated integers") from None
+        if any(s < 16 or s > 4096 or s % 16 for s in sizes):
+            raise ValueError(f"batch.prefill_rows={self.prefill_rows!r} must list multiples of 16 in [16, 4096]")
+        return tuple(sizes) if len(self.sizes) > 1 else ()
 
 
 @dataclass
@@ -250,7 +266,7 @@ class KvstashConfig:
             raise ValueError("gateway.tls_cert_file and gateway.tls_key_file must be set together")
         if self.session.max_requests_per_worker < 1:
             raise ValueError("session.max_requests_per_worker must be >= 1")
-        _ = self.batch.sizes  # raises on bad buckets
+        _ = self.batch.sizes, self.batch.prefill_sizes  # raise on bad buckets
         if self.batch.prefill_tokens_per_step < 1:
             raise ValueError("batch.prefill_tokens_per_step must be >= 1")
         if self.ray.num_workers < 1:

@@ -88,6 +88,12 @@ class WorkerMetrics:
             "kvstash_batch_invariance_failures_total", "Decode buckets refused at start because a pass of that "
             "row count was not batch-invariant on this build (a session's KV would depend on its batch-mates).",
             ["rows"], registry=r)
+        self.prefill_packed = Histogram(
+            "kvstash_prefill_packed_prompts", "Prompt chunks fed by each packed prefill pass (several sessions' "
+            "last prompt chunks side by side in one pass).", buckets=ROW_BUCKETS[:5], registry=r)
+        self.prefill_invariance_failures = Counter(
+            "kvstash_prefill_invariance_failures_total", "Packed prefill sizes refused at start because a pass of "
+            "that row count was not batch-invariant on this build.", ["rows"], registry=r)
         for kv in ("kept", "dropped"):
             self.rolled_back.labels(kv)
         for reason in ("missing", "corrupt"):

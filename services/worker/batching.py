@@ -24,6 +24,13 @@ Invariants:
 - `run(steps)` returns one result per step, in order; each step's pass has `rows` rows with
   `rows >= len(steps in that pass)`, the smallest configured bucket that holds them (the largest bucket
   when more steps wait than it holds: the rest wait for the next pass).
+
+Packed prefill. A call whose prompt's last chunk is ready yields a `PrefillStep` instead of running it;
+the scheduler hands the waiting chunks to `Batcher.prefill`, which runs them as segments of one packed pass
+of [1, R] rows (kvstore/quant/segments.py), R the smallest of `prefill_sizes` that holds their tokens, and
+answers each with the logits of its last position and the `Pass(n, R, packed=True)` its schedule records.
+A chunk that waits alone (or no packed size) runs the session's own pass, `Pass(n)`, as before. Packed
+sizes pass the same `check_invariance` (segments of random batch-mates at random rows) or are refused.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.device import QuantizedKVCache
+from kvstore.device import LOGIT_ROWS, QuantizedKVCache
+from kvstore.schedule import Pass
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +66,56 @@ class DecodeResult:
     rows: int
 
 
-class Batcher:
-    """Runs the scheduler's decode passes; `on_pass(rows, sessions)` is told the shape of each."""
+@dataclass
+class PrefillStep:
+    """A running call's request to feed its prompt's last chunk `ids` on top of `cache`."""
 
-    def __init__(self, runner, sizes: tuple[int, ...], on_pass: Callable[[int, int], None] | None = None):
+    cache: QuantizedKVCache
+    ids: list[int]
+
+
+@dataclass
+class PrefillResult:
+    """The chunk's last-position float32 logits [vocab], and the pass that fed it (for the schedule)."""
+
+    logits: torch.Tensor
+    fed: Pass
+
+
+class Batcher:
+    """Runs the scheduler's decode and packed prefill passes; `on_pass(rows, sessions)` is told the shape of
+    each decode pass, `on_packed(chunks)` the chunk count of each packed one."""
+
+    def __init__(self, runner, sizes: tuple[int, ...], on_pass: Callable[[int, int], None] | None = None,
+                 prefill_sizes: tuple[int, ...] = (), on_packed: Callable[[int], None] | None = None):
         self.runner = runner
         self.sizes = tuple(sorted(sizes))
-        self.on_pass = on_pass
+        self.prefill_sizes = tuple(sorted(prefill_sizes))
+        self.on_pass, self.on_packed = on_pass, on_packed
+
+    def prefill_take(self, lengths: list[int]) -> int:
+        """How many of the oldest waiting chunks (their token counts, oldest first) the next prefill pass
+        takes: as many as fit the largest packed size (at most LOGIT_ROWS), at least one."""
+        room, n = (self.prefill_sizes[-1] if self.prefill_sizes else 0), 0
+        while n < min(len(lengths), LOGIT_ROWS) and lengths[n] <= room:
+            room -= lengths[n]
+            n += 1
+        return max(1, n)
+
+    def prefill(self, steps: list[PrefillStep]) -> list[PrefillResult]:
+        """Feed the chunks, one result per step in order: a lone chunk in a pass of its own, several (at most
+        what `prefill_take` takes) as segments of one packed pass."""
+        if len(steps) == 1:
+            s = steps[0]
+            return [PrefillResult(self.runner.forward(s.cache, s.ids), Pass(len(s.ids)))]
+        total = sum(len(s.ids) for s in steps)
+        rows = next((r for r in self.prefill_sizes if r >= total), None)
+        if rows is None or len(steps) > LOGIT_ROWS:
+            raise ValueError(f"{len(steps)} chunks of {total} tokens fit no packed prefill size {self.prefill_sizes}")
+        logits = self.runner.forward_segments([(s.cache, s.ids) for s in steps], rows)
+        if self.on_packed is not None:
+            self.on_packed(len(steps))
+        return [PrefillResult(logits[i], Pass(len(s.ids), rows, packed=True)) for i, s in enumerate(steps)]
 
     @property
     def max_rows(self) -> int:
@@ -126,6 +177,42 @@ def check_invariance(runner, quant, sizes: tuple[int, ...], trials: int = 3, see
     return failed
 
 
+def check_packed_invariance(runner, quant, sizes: tuple[int, ...], trials: int = 2, seed: int = 0) -> list[int]:
+    """The packed prefill sizes in `sizes` at which a segment is NOT batch-invariant on this build and model.
+
+    For each size, a subject session (a cache of 40 tokens, the same each trial) feeds a chunk of 25 tokens
+    first alone in a pass of that size (what replay runs), then in `trials` packed passes after 1-3 other
+    sessions' chunks of random lengths (random tokens), padding after them; its logits and every tensor of
+    its cache afterwards must be bit-identical."""
+    rng = random.Random(seed)
+    vocab = runner.vocab_size
+    subject0 = runner.new_cache(quant)
+    runner.forward(subject0, [rng.randrange(vocab) for _ in range(40)])
+    state, chunk = subject0.export_state(), [rng.randrange(vocab) for _ in range(25)]
+    failed = []
+    for size in sizes:
+        seen = None
+        for trial in range(trials + 1):
+            subject = runner.restore_cache(state)
+            segments, room = [], size - len(chunk)
+            for _ in range(0 if trial == 0 else rng.randrange(1, 4)):
+                n = rng.randrange(1, max(2, min(room, 3 * size // 8)))
+                mate = runner.new_cache(quant)
+                runner.forward(mate, [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))])
+                segments.append((mate, [rng.randrange(vocab) for _ in range(n)]))
+                room -= n
+            slot = rng.randrange(1, len(segments) + 1) if segments else 0
+            segments.insert(slot, (subject, chunk))
+            logits = runner.forward_segments(segments, size)[slot]
+            got = (logits.numpy().tobytes(), [(n, a.tobytes()) for n, a in subject.export_state().tensors])
+            if seen is None:
+                seen = got
+            elif got != seen:
+                failed.append(size)
+                break
+    return failed
+
+
 def verified_sizes(runner, quant, sizes: tuple[int, ...], on_failure=None) -> tuple[int, ...]:
     """`sizes` without those `check_invariance` refuses (logged loudly; `on_failure(size)` per refused size)."""
     bad = check_invariance(runner, quant, sizes)
@@ -136,3 +223,15 @@ def verified_sizes(runner, quant, sizes: tuple[int, ...], on_failure=None) -> tu
             on_failure(size)
     ok = tuple(s for s in sizes if s not in bad)
     return ok if ok else (1,)
+
+
+def verified_prefill_sizes(runner, quant, sizes: tuple[int, ...], on_failure=None) -> tuple[int, ...]:
+    """Packed prefill `sizes` without those `check_packed_invariance` refuses (logged loudly; `on_failure(size)`
+    per refused size). Empty when none passes: every prompt then prefills in a pass of its own."""
+    bad = check_packed_invariance(runner, quant, sizes)
+    for size in bad:
+        log.error("packed prefill at %d rows is NOT batch-invariant on this torch build and model: a session's "
+                  "KV would depend on the prompts packed with it, so that size is refused (exact resume is kept)", size)
+        if on_failure is not None:
+            on_failure(size)
+    return tuple(s for s in sizes if s not in bad)

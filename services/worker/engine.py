@@ -39,7 +39,15 @@ from services.wire import (
     Usage,
     WorkerLoad,
 )
-from services.worker.batching import Batcher, DecodeResult, DecodeStep, verified_sizes
+from services.worker.batching import (
+    Batcher,
+    DecodeResult,
+    DecodeStep,
+    PrefillResult,
+    PrefillStep,
+    verified_prefill_sizes,
+    verified_sizes,
+)
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from services.worker.scheduler import Scheduler, Sink
 from services.worker.session_manager import SessionManager
@@ -87,9 +95,17 @@ class Engine:
             log.warning("could not read Redis settings at start: %s", e)
         sizes = verified_sizes(self.runner, cfg.quant, cfg.batch.sizes,
                                on_failure=lambda n: self.metrics.batch_invariance_failures.labels(str(n)).inc())
-        self.batcher = Batcher(self.runner, sizes, on_pass=self._observe_pass)
+        packed = verified_prefill_sizes(self.runner, cfg.quant, cfg.batch.prefill_sizes,
+                                        on_failure=lambda n: self.metrics.prefill_invariance_failures.labels(str(n)).inc())
+        self.batcher = Batcher(self.runner, sizes, on_pass=self._observe_pass, prefill_sizes=packed,
+                               on_packed=self.metrics.prefill_packed.observe)
         self.metrics.batch_max_rows.set(self.batcher.max_rows)
         return self.batcher
+
+    def _packable(self, cache, ids: list[int]) -> bool:
+        """May this prompt chunk go to a packed prefill pass (kvstore/quant/segments.py)?"""
+        sizes = self.batcher.prefill_sizes
+        return bool(sizes) and len(ids) <= sizes[-1] and cache.evictor is None
 
     def _check_quota(self, tenant: str, new: bool) -> None:
         """quota.max_sessions (for a new session) and quota.max_stored_bytes, from the tenant's Redis stats."""
@@ -217,6 +233,9 @@ class Engine:
                     result: DecodeResult = yield DecodeStep(s.cache, pending[0], fed)
                     fed = 0
                     logits, this_pass = result.logits, Pass(1, result.rows)
+                elif self._packable(s.cache, pending):  # the prompt's last chunk, packed with other prompts'
+                    prefilled: PrefillResult = yield PrefillStep(s.cache, pending)
+                    logits, this_pass = prefilled.logits, prefilled.fed
                 else:  # the prompt's last chunk: a pass of its own
                     logits, this_pass = self.runner.forward(s.cache, pending), Pass(len(pending))
                     fed = len(pending)

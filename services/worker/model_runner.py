@@ -26,6 +26,7 @@ from kvstore.device import (
     check_model_supported,
     check_spec_supported,
     forward_rows,
+    forward_segments,
     rope_for,
 )
 from kvstore.schedule import Pass
@@ -142,7 +143,9 @@ class ModelRunner:
     def run_pass(self, cache: QuantizedKVCache, ids: list[int], p: Pass) -> None:
         """Feed `ids` (p.tokens of them) on top of `cache` in the pass shape `p` records (kvstore/schedule.py):
         a pass of its own, or rows of a batched pass of p.rows rows. What replay runs for a schedule entry."""
-        if p.batched:
+        if p.packed:
+            self.forward_segments([(cache, ids)], p.rows)
+        elif p.batched:
             self.forward_rows([(cache, t) for t in ids], p.rows)
         else:
             self.forward(cache, ids)
@@ -151,6 +154,12 @@ class ModelRunner:
         """One batched pass of shape [size, 1]: row i feeds token `rows[i][1]` at the next position of cache
         `rows[i][0]` (None: padding); float32 logits [len(rows), vocab] (kvstore.quant.rows.forward_rows)."""
         return forward_rows(self.model, rows, size)
+
+    def forward_segments(self, segments: list[tuple[QuantizedKVCache, list[int]]], size: int) -> torch.Tensor:
+        """One packed prefill pass of shape [1, size]: segment i feeds `segments[i][1]` on top of cache
+        `segments[i][0]`; float32 logits [len(segments), vocab] of each segment's last position
+        (kvstore.quant.segments.forward_segments)."""
+        return forward_segments(self.model, segments, size)
 
     @staticmethod
     def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:

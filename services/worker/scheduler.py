@@ -5,10 +5,13 @@ A request is a generator that yields between forward passes. What it yields says
   another *solo* step; solo steps run round-robin;
 - a `DecodeStep` (services/worker/batching.py): it waits for a decode step, which the scheduler runs
   together with every other waiting step in one batched pass (`Batcher.run`) and sends back as a
-  `DecodeResult`.
+  `DecodeResult`;
+- a `PrefillStep`: it waits for its prompt's last chunk to be fed, which the scheduler runs packed with the
+  other waiting chunks in one pass (`Batcher.prefill`) and sends back as a `PrefillResult`.
 
 Each turn of the loop runs solo steps until `prefill_tokens_per_step` tokens were fed (at least one when
-any is waiting), then one batched decode pass over the oldest waiting steps (up to the batcher's largest
+any is waiting), then one packed prefill pass over the oldest waiting chunks (as many as the largest packed
+size holds), then one batched decode pass over the oldest waiting steps (up to the batcher's largest
 bucket). So a long prompt is prefilled a chunk per turn and never stalls the running sessions for its
 whole prefill, and new prompts get their first token without waiting for every running session to end.
 Control operations (offload, delete, describe) are closures run on the same thread between turns, so
@@ -25,7 +28,7 @@ Invariants:
 - Every submitted task ends with exactly one terminal event for its sink (`services.wire.is_terminal`:
   done, prefix shared, or an `ErrorEvent`); a cancelled task ends silently: its consumer has gone.
 - A task's generator is always closed, so its `finally` blocks (releasing the session) always run.
-- A task is in exactly one of: the solo queue, the decode queue, or neither (finished).
+- A task is in exactly one of: the solo queue, the prefill queue, the decode queue, or neither (finished).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from dataclasses import dataclass, field
 
 from services.errors import Internal, KvstashError
 from services.wire import ErrorEvent, Event
-from services.worker.batching import DecodeStep
+from services.worker.batching import DecodeStep, PrefillStep
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class Task:
     sink: Sink
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
-    step: DecodeStep | None = None  # the decode step it waits for (then it is in the decode queue)
+    step: DecodeStep | PrefillStep | None = None  # the step it waits for (then it is in that step's queue)
 
 
 class Scheduler:
@@ -67,6 +70,7 @@ class Scheduler:
         self._inbox: queue.Queue = queue.Queue()
         self._running: collections.deque[Task] = collections.deque()  # the solo queue
         self._decoding: list[Task] = []  # waiting for a decode step, oldest first
+        self._prefilling: list[Task] = []  # waiting for a packed prefill chunk, oldest first
         self._batcher, self._budget = batcher, prefill_tokens_per_step
         self._tasks: dict[int, Task] = {}
         self._ids = itertools.count(1)
@@ -116,11 +120,13 @@ class Scheduler:
     def _loop(self) -> None:
         next_idle = time.monotonic() + self._idle_interval
         while not self._stop.is_set():
-            self._drain_inbox(block=not (self._running or self._decoding),
+            self._drain_inbox(block=not (self._running or self._decoding or self._prefilling),
                               timeout=max(0.0, next_idle - time.monotonic()))
             budget = self._budget
             while self._running and budget > 0:
                 budget -= max(1, self._step(self._running.popleft()))
+            if self._prefilling:
+                self._prefill()
             if self._decoding:
                 self._decode()
             if self._on_idle is not None and time.monotonic() >= next_idle:
@@ -178,12 +184,15 @@ class Scheduler:
             _emit_error(task.sink, e)
             self._finish(task)
             return 0
-        if isinstance(out, DecodeStep):
+        if isinstance(out, (DecodeStep, PrefillStep)):
             if self._batcher is None:
-                _emit_error(task.sink, Internal("a decode step was asked of a scheduler without a batcher"))
+                _emit_error(task.sink, Internal("a batched step was asked of a scheduler without a batcher"))
                 self._finish(task)
                 return 0
             task.step = out
+            if isinstance(out, PrefillStep):
+                self._prefilling.append(task)
+                return 0
             self._decoding.append(task)
             return out.fed
         self._running.append(task)
@@ -193,8 +202,17 @@ class Scheduler:
         """One batched pass over the oldest waiting decode steps; each task then takes its next step."""
         batch = self._decoding[:self._batcher.max_rows]
         del self._decoding[:len(batch)]
+        self._run_batch(batch, self._batcher.run)
+
+    def _prefill(self) -> None:
+        """One packed pass over the oldest waiting prompt chunks; each task then takes its next step."""
+        batch = self._prefilling[:self._batcher.prefill_take([len(t.step.ids) for t in self._prefilling])]
+        del self._prefilling[:len(batch)]
+        self._run_batch(batch, self._batcher.prefill)
+
+    def _run_batch(self, batch: list[Task], run: Callable[[list], list]) -> None:
         try:
-            results = self._batcher.run([t.step for t in batch])
+            results = run([t.step for t in batch])
         except Exception as e:  # noqa: BLE001 - the pass failed: every call in it fails, the engine goes on
             for task in batch:
                 _emit_error(task.sink, e)
@@ -206,7 +224,7 @@ class Scheduler:
 
     def _finish(self, task: Task) -> None:
         self._tasks.pop(task.id, None)
-        for q in (self._running, self._decoding):
+        for q in (self._running, self._decoding, self._prefilling):
             try:
                 q.remove(task)
             except ValueError:

@@ -1,11 +1,14 @@
 """kvstore/schedule.py: the pass encoding round-trips, rows = 1 keeps the pre-batching values, bad entries
-are refused, and token counts and boundaries read the encoded entries."""
+are refused, token counts and boundaries read the encoded entries, and packed prefill segments replay
+one per pass."""
 
 import pytest
 
 from kvstore.schedule import (
+    MAX_PACKED_ROWS,
     MAX_PASS_TOKENS,
     MAX_ROWS,
+    PACKED,
     SEAL,
     Pass,
     adopted_schedule,
@@ -22,7 +25,9 @@ from kvstore.schedule import (
 
 
 @pytest.mark.parametrize("p", [Pass(1), Pass(512), Pass(MAX_PASS_TOKENS), Pass(1, 2), Pass(1, 16), Pass(16, 16),
-                               Pass(3, MAX_ROWS), Pass(MAX_ROWS, MAX_ROWS)])
+                               Pass(3, MAX_ROWS), Pass(MAX_ROWS, MAX_ROWS), Pass(1, 16, packed=True),
+                               Pass(64, 256, packed=True), Pass(512, 512, packed=True), Pass(7, MAX_PACKED_ROWS, packed=True),
+                               Pass(MAX_PACKED_ROWS, MAX_PACKED_ROWS, packed=True)])
 def test_a_pass_round_trips(p):
     assert decode_pass(encode_pass(p)) == p
     assert entry_tokens(encode_pass(p)) == p.tokens
@@ -33,7 +38,15 @@ def test_a_pass_of_its_own_is_its_token_count():
     assert encode_pass(Pass(1, 16)) != 1 and decode_pass(encode_pass(Pass(1, 16))).batched
 
 
-@pytest.mark.parametrize("p", [Pass(0), Pass(MAX_PASS_TOKENS + 1), Pass(1, 0), Pass(1, MAX_ROWS + 1), Pass(5, 4)])
+def test_a_packed_pass_is_flagged_and_not_a_batched_decode_step():
+    e = encode_pass(Pass(64, 256, packed=True))
+    assert e & PACKED and entry_tokens(e) == 64 and decode_pass(e) == Pass(64, 256, packed=True)
+    assert not decode_pass(e).batched and decode_pass(encode_pass(Pass(1, 16))).batched
+
+
+@pytest.mark.parametrize("p", [Pass(0), Pass(MAX_PASS_TOKENS + 1), Pass(1, 0), Pass(1, MAX_ROWS + 1), Pass(5, 4),
+                               Pass(1, 8, packed=True), Pass(1, 40, packed=True), Pass(33, 32, packed=True),
+                               Pass(1, MAX_PACKED_ROWS + 16, packed=True)])
 def test_a_pass_that_cannot_be_one_is_refused(p):
     with pytest.raises(ValueError):
         encode_pass(p)
@@ -41,7 +54,8 @@ def test_a_pass_that_cannot_be_one_is_refused(p):
 
 def test_entries_that_encode_no_pass_are_refused():
     assert decode_pass(SEAL) is None
-    for bad in (1 << 24, (3 << 24) | 5, -1, 1 << 32):  # 0 tokens; 5 tokens in 4 rows; out of range
+    # 0 tokens; 5 tokens in 4 rows; out of range; a packed pass of no token; 17 tokens in a packed pass of 16
+    for bad in (1 << 24, (3 << 24) | 5, -1, 1 << 32, PACKED, PACKED | 17):
         with pytest.raises(ValueError):
             decode_pass(bad)
     with pytest.raises(ValueError, match=r"schedule\[1\]"):
@@ -60,6 +74,14 @@ def test_replay_packs_runs_of_batched_steps_up_to_their_row_count():
     assert replay_passes(s) == [Pass(512), Pass(64), Pass(4, 4), Pass(2, 4), Pass(3, 16), Pass(1), None, Pass(1, 4)]
     assert replay_passes(s, pack=False) == [decode_pass(e) for e in s]
     assert sum(p.tokens for p in replay_passes(s) if p) == schedule_tokens(s)
+
+
+def test_packed_segments_replay_one_per_pass_and_never_merge():
+    b16, p256, p16 = encode_pass(Pass(1, 16)), encode_pass(Pass(64, 256, packed=True)), encode_pass(Pass(3, 16, packed=True))
+    s = [p256, b16, b16, p16, b16, p16, p16]
+    assert replay_passes(s) == [Pass(64, 256, True), Pass(2, 16), Pass(3, 16, True), Pass(1, 16), Pass(3, 16, True),
+                                Pass(3, 16, True)]
+    assert schedule_tokens(s) == 64 + 2 + 3 + 1 + 6
 
 
 def test_passes_end_at_chunk_multiples():

@@ -6,6 +6,9 @@
   bit, and whose greedy continuation after a restore from Redis, and after a recomputation, is token for
   token the continuation of the device copy that never left.
 - With one fixed bucket a prompt's greedy output does not depend on other traffic.
+- Packed prefill: the packed sizes are batch-invariant on this build (a build where they are not is
+  refused size by size); a lone chunk runs the session's own pass; sessions whose prompts were packed
+  resume and recompute exactly (the concurrent test above packs its prompts).
 """
 
 import random
@@ -16,10 +19,18 @@ import pytest
 import torch
 
 from kvstore.config import QuantConfig
-from kvstore.schedule import decode_pass, replay_passes
+from kvstore.schedule import Pass, decode_pass, replay_passes
 from services.config import DEFAULT_KV_SPEC, ModelConfig
 from services.wire import DoneEvent, GenerateCall, TokensEvent, is_terminal
-from services.worker.batching import Batcher, DecodeStep, check_invariance, verified_sizes
+from services.worker.batching import (
+    Batcher,
+    DecodeStep,
+    PrefillStep,
+    check_invariance,
+    check_packed_invariance,
+    verified_prefill_sizes,
+    verified_sizes,
+)
 from services.worker.model_runner import ModelRunner
 from tests.services.stack import smollm2_path
 from tests.services.worker.test_session_store import block_keys, make_engine, run
@@ -58,6 +69,47 @@ class SlotDependentRunner:
     def forward_rows(self, rows, size):
         logits = self.inner.forward_rows(rows, size)
         return logits + torch.arange(len(rows), dtype=logits.dtype)[:, None] * 1e-6
+
+    def forward_segments(self, segments, size):
+        logits = self.inner.forward_segments(segments, size)
+        return logits + torch.arange(len(segments), dtype=logits.dtype)[:, None] * 1e-6
+
+
+PACKED_SIZES = (128, 256, 512)
+
+
+@pytest.mark.parametrize("spec", [SPEC, "int2:k4v2:g32:gv32:r64:s4:hadv"])
+def test_every_packed_prefill_size_is_batch_invariant_on_this_build(runner, spec):
+    """Random other prompts' chunks at random rows: each packed size keeps the subject chunk's logits and
+    cache bits identical. If this fails, this torch build cannot pack prefills exactly."""
+    assert check_packed_invariance(runner, QuantConfig.parse(spec), PACKED_SIZES, trials=4, seed=3) == []
+
+
+def test_a_build_whose_packed_prefill_is_not_batch_invariant_is_refused(runner, caplog):
+    refused = []
+    sizes = verified_prefill_sizes(SlotDependentRunner(runner), QuantConfig.parse(SPEC), (128, 256), refused.append)
+    assert sizes == () and refused == [128, 256] and "NOT batch-invariant" in caplog.text
+    assert verified_prefill_sizes(runner, QuantConfig.parse(SPEC), (128,)) == (128,)
+
+
+def test_packed_prefill_feeds_each_chunk_as_its_replay_does(runner):
+    q = QuantConfig.parse(SPEC)
+    b = Batcher(runner, (1, 4), prefill_sizes=(64, 128))
+    assert b.prefill_take([60, 60, 20]) == 2 and b.prefill_take([200, 5]) == 1 and b.prefill_take([5] * 20) == 16
+    a, c, d, a2, c2 = (runner.new_cache(q) for _ in range(5))
+    for x in (a, c, d, a2, c2):
+        runner.forward(x, [5, 6, 7])
+    (alone,) = b.prefill([PrefillStep(a, [9, 10, 11])])
+    assert alone.fed == Pass(3) and torch.equal(alone.logits, runner.forward(a2, [9, 10, 11])) and bits(a) == bits(a2)
+    res = b.prefill([PrefillStep(c, list(range(100, 140))), PrefillStep(d, list(range(200, 230)))])
+    assert [r.fed for r in res] == [Pass(40, 128, packed=True), Pass(30, 128, packed=True)]
+    runner.run_pass(c2, list(range(100, 140)), res[0].fed)  # replay: the chunk alone in a pass of the same rows
+    assert bits(c) == bits(c2)
+    c3 = runner.new_cache(q)
+    runner.forward(c3, [5, 6, 7])
+    assert torch.equal(res[0].logits, runner.forward_segments([(c3, list(range(100, 140)))], 128)[0])
+    with pytest.raises(ValueError, match="no packed prefill size"):
+        b.prefill([PrefillStep(a, [1] * 100), PrefillStep(c, [1] * 100)])
 
 
 def test_a_build_that_is_not_batch_invariant_is_refused_and_decodes_alone(runner, caplog):
@@ -119,14 +171,16 @@ def test_sessions_decoded_in_batches_resume_and_recompute_exactly(batched_engine
     eng, runner = batched_engine, batched_engine.runner
     rng = random.Random(5)
     prompts = {f"b{i}": [rng.randrange(1000, 20000) for _ in range(rng.randrange(20, 60))] for i in range(6)}
-    before = eng.metrics.batch_sessions._sum.get()
+    before, packed_before, packed = eng.metrics.batch_sessions._sum.get(), eng.metrics.prefill_packed._sum.get(), False
     _concurrent(eng, {sid: (ids, 40) for sid, ids in prompts.items()})
     for sid in prompts:
         # on the engine thread: the DoneEvent is sent before the engine releases the session
         s = eng.scheduler.call(lambda sid=sid: eng.sessions.find("acme", sid)).result(timeout=60)
-        rows = {decode_pass(e).rows for e in s.schedule}
+        rows = {decode_pass(e).rows for e in s.schedule if not decode_pass(e).packed}
         assert max(rows) > 1, f"{sid} was never decoded in a batch: {rows}"
+        packed |= any(decode_pass(e).packed for e in s.schedule)
     assert eng.metrics.batch_sessions._sum.get() - before > 40  # passes carried several sessions
+    assert packed and eng.metrics.prefill_packed._sum.get() - packed_before >= 2  # prompts were packed
 
     for i, sid in enumerate(prompts):
         s = eng.scheduler.call(lambda sid=sid: eng.sessions.find("acme", sid)).result(timeout=60)

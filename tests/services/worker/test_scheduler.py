@@ -5,6 +5,8 @@ small recorder, so the order of solo steps and batched decode passes is observab
   task gets its own result back;
 - solo steps (prefill passes) run until the turn's token budget is spent, then a decode pass runs: a long
   prefill never holds the running sessions for its whole length;
+- waiting prompt chunks go into one packed prefill pass per turn (as many as the batcher takes), before
+  that turn's decode pass, and each task gets its own result;
 - a failed pass fails every call in it and the engine goes on; a cancelled task leaves the decode queue;
   every task ends with one terminal event and its generator closed.
 """
@@ -14,7 +16,7 @@ import time
 
 from services.errors import InvalidArgument
 from services.wire import DoneEvent, ErrorEvent, Usage
-from services.worker.batching import DecodeResult, DecodeStep
+from services.worker.batching import DecodeResult, DecodeStep, PrefillResult, PrefillStep
 from services.worker.scheduler import Scheduler
 
 
@@ -32,6 +34,19 @@ class Recorder:
         self.passes.append([s.token for s in steps])
         self.log.append(f"decode{len(steps)}")
         return [DecodeResult(logits=s.token * 10, rows=self.max_rows) for s in steps]
+
+    def prefill_take(self, lengths):
+        n, room = 0, 100  # chunks that fit 100 tokens, at least one
+        while n < len(lengths) and lengths[n] <= room:
+            room -= lengths[n]
+            n += 1
+        return max(1, n)
+
+    def prefill(self, steps):
+        if self.fail:
+            raise InvalidArgument("this pass fails")
+        self.log.append("prefill" + "+".join(str(len(s.ids)) for s in steps))
+        return [PrefillResult(logits=sum(s.ids), fed=len(s.ids)) for s in steps]
 
 
 def _done(sink):
@@ -101,6 +116,35 @@ def test_solo_steps_spend_the_token_budget_then_a_decode_pass_runs():
         # budget 100: two prefill passes (60 + 60) per turn, then the waiting decode step
         assert rec.log[:8] == ["prefill60", "prefill60", "decode1", "prefill60", "prefill60", "decode1",
                                "prefill60", "prefill60"]
+    finally:
+        sched.stop()
+
+
+def test_waiting_prompt_chunks_share_a_packed_pass_before_the_decode_pass():
+    rec = Recorder(max_rows=4)
+    gate = threading.Event()
+    sched = Scheduler(batcher=rec)
+    got: dict[int, list] = {}
+
+    def task(i, n):
+        def gen(sink):
+            r = yield PrefillStep(cache=None, ids=[i] * n)
+            d = yield DecodeStep(cache=None, token=i)
+            got[i] = [r.logits, r.fed, d.logits]
+            _done(sink)
+        return gen
+
+    try:
+        sched.call(gate.wait)
+        events = {i: [] for i in range(4)}
+        for i, n in enumerate((40, 50, 30, 20)):
+            sched.submit(task(i, n), events[i].append)
+        gate.set()
+        _wait(lambda: all(ev and isinstance(ev[-1], DoneEvent) for ev in events.values()))
+        # turn 1: the chunks of 40 + 50 fit 100 tokens, then those two sessions' first decode steps; turn 2:
+        # the other two chunks, then their decode steps
+        assert rec.log == ["prefill40+50", "decode2", "prefill30+20", "decode2"]
+        assert got[1] == [50, 50, 10] and got[3] == [60, 20, 30]
     finally:
         sched.stop()
 
