@@ -89,20 +89,23 @@ class RowBatch(Cache):
         pad = torch.zeros(1, 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
         outs = [pad] * rows
         forms = [None if c is None else c.layers[idx].returns_rotated for c in self.caches]
-        rotated_q = hadamard_rows(query) if any(f and f["k"] for f in forms) else None  # row by row: same bits
+        queries = query.split(1)  # row by row, as views (one call instead of one slice per row)
+        rotated_q = hadamard_rows(query).split(1) if any(f and f["k"] for f in forms) else None  # row by row: same bits
+        keys, values = key.split(1), value.split(1)
         new = {}  # reading form -> every row's window entries and readings, computed at once (per token: same bits)
         for r, cache in enumerate(self.caches):
             if cache is None:
                 continue
             layer = cache.layers[idx]
-            if layer.reading_form not in new:
-                new[layer.reading_form] = layer.new_rows(key, value)
-            k, v = layer.update(key[r:r + 1], value[r:r + 1], new=new[layer.reading_form].row(r))
+            form = layer.reading_form
+            if form not in new:
+                new[form] = layer.new_rows(key, value).rows()
+            k, v = layer.update(keys[r], values[r], new=new[form][r])
             mask = None
             if window and k.shape[-2] > window:
                 pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted
                 mask = (pos > layer.num_tokens - 1 - window).view(1, 1, 1, -1)
-            q = rotated_q[r:r + 1] if forms[r]["k"] else query[r:r + 1]
+            q = rotated_q[r] if forms[r]["k"] else queries[r]
             outs[r], _ = attend(cache, module, q, k, v, mask, sdpa=row_sdpa, rotate=False, **kwargs)
         out = torch.cat(outs)
         rotated_out = [bool(f and f["v"]) for f in forms]
@@ -112,8 +115,9 @@ class RowBatch(Cache):
 
 
 def row_sdpa(module, query, key, value, attention_mask, scaling=None, **_):
-    """One row's attention: torch's SDPA with grouped KV heads, [1, Hq, 1, D] -> [1, 1, Hq, D]. (transformers'
-    wrapper checks and reshapes per call; a batched pass calls this once per row and layer.)"""
+    """One row's (or one packed segment's) attention: torch's SDPA with grouped KV heads, [1, Hq, q, D] ->
+    [1, q, Hq, D]. (transformers' wrapper checks, repeats the KV heads and reshapes per call; a batched pass
+    calls this once per row or segment and layer.)"""
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2), None

@@ -6,7 +6,7 @@ the model — embeddings, norms, projections, MLP — runs on all R rows at once
 segment, each over its own cache: the segment's keys and values are appended to the cache's layers
 (`QuantizedKVLayer.update`, exactly as a pass of the cache's own appends them) and its queries attend
 causally to everything the layer then holds, through the same `attention.attend` a pass of the cache's own
-uses (rotated bases, quality probe). lm_head runs on a fixed `LOGIT_ROWS` rows: the segments' last rows,
+uses (rotated bases, quality probe), with torch's SDPA called directly (`rows.row_sdpa`). lm_head runs on a fixed `LOGIT_ROWS` rows: the segments' last rows,
 then repeats of the last of them, so the logits too are computed at one shape whatever the segment count.
 
 Why: a prompt of 64 tokens alone is a GEMM of 64 rows, well below this CPU's best rows-per-weight-read;
@@ -29,7 +29,7 @@ import torch
 
 from kvstore.quant import attention
 from kvstore.quant.attention import attend
-from kvstore.quant.rows import RowBatch
+from kvstore.quant.rows import RowBatch, row_sdpa
 
 LOGIT_ROWS = 16  # lm_head runs on this many rows in every packed pass (at most this many segments)
 
@@ -84,7 +84,7 @@ class SegmentBatch(RowBatch):
             layer = cache.layers[idx]
             k, v = layer.update(key[:, :, start:stop], value[:, :, start:stop])
             mask = causal_mask(stop - start, k.shape[-2], layer.num_tokens, layer.n_evicted, window, k.device)
-            o, _ = attend(cache, module, query[:, :, start:stop], k, v, mask, **kwargs)
+            o, _ = attend(cache, module, query[:, :, start:stop], k, v, mask, sdpa=row_sdpa, **kwargs)
             out[:, start:stop] = o
         return out, None
 

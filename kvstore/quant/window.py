@@ -74,9 +74,9 @@ class FloatWindow:
     def cat(self, other: FloatWindow) -> FloatWindow:
         return FloatWindow(self._x, (*self._later, other), len(self) + len(other))
 
-    def row(self, b: int) -> FloatWindow:
-        """Batch row `b` alone, [1, H, n, D]."""
-        return FloatWindow(self.x[b:b + 1])
+    def rows(self) -> list[FloatWindow]:
+        """Every batch row alone, [1, H, n, D] each (views)."""
+        return [FloatWindow(x) for x in self.x.split(1)]
 
     def slice(self, start: int, stop: int | None = None) -> FloatWindow:
         """Entries [start, stop) as a window with storage of its own (the old storage is not kept alive)."""
@@ -154,8 +154,8 @@ class Int8Window:
     def cat(self, other: Int8Window) -> Int8Window:
         return Int8Window(self._codes, self._scale, (*self._later, other), len(self) + len(other))
 
-    def row(self, b: int) -> Int8Window:
-        return Int8Window(self.codes[b:b + 1], self.scale[b:b + 1])
+    def rows(self) -> list[Int8Window]:
+        return [Int8Window(c, s) for c, s in zip(self.codes.split(1), self.scale.split(1))]
 
     def slice(self, start: int, stop: int | None = None) -> Int8Window:
         return Int8Window(self.codes[..., start:stop, :].clone(), self.scale[..., start:stop, :].clone())
@@ -189,7 +189,7 @@ class NewRows(NamedTuple):
     """A pass's new tokens for one layer, in window form, with their reading (what `read` gives for them).
 
     Window entries and their readings are per token, so a batched pass computes them for all its rows at
-    once and hands each row its slice (`row`): the bits are those the layer would compute for the row alone."""
+    once and hands each row its slice (`rows`): the bits are those the layer would compute for the row alone."""
 
     keys: Window
     values: Window
@@ -204,5 +204,6 @@ class NewRows(NamedTuple):
         k_read, v_read = k.read(dtype), v.read(dtype)
         return cls(k, v, hadamard_rows(k_read) if rotated[0] else k_read, hadamard_rows(v_read) if rotated[1] else v_read)
 
-    def row(self, b: int) -> NewRows:
-        return NewRows(self.keys.row(b), self.values.row(b), self.k_read[b:b + 1], self.v_read[b:b + 1])
+    def rows(self) -> list[NewRows]:
+        """Each batch row's entries and readings alone, in row order (views)."""
+        return [NewRows(*r) for r in zip(self.keys.rows(), self.values.rows(), self.k_read.split(1), self.v_read.split(1))]

@@ -2,7 +2,7 @@
 side with transformers' own continuous batching.
 
     kvstash bench batch [--model M] [--kv SPEC] [--dtype D] [--concurrency 1,2,4,8,16,32] [--seconds 20]
-                        [--prompt-tokens 64] [--new-tokens 32|LO-HI] [--modes batched,interleaved,hf]
+                        [--prompt-tokens 64] [--new-tokens 32|LO-HI] [--modes batched,unpacked,interleaved,hf]
                         [--buckets 1,2,4,8,16,32] [--json]
 
 For each mode and each concurrency N, N client threads run a closed loop for `--seconds`: each call sends a
@@ -11,6 +11,8 @@ a length drawn uniformly per call from the client's seeded generator, the same s
 one fixed length, clients that start together finish together and send their next prompts as one burst).
 Modes:
 - `batched`: a kvstash `Engine` (the worker without Ray and gRPC; a real redis-server) with `--buckets`;
+- `unpacked`: the batched Engine with `batch.prefill_rows = ""` (each prompt prefills in a pass of its own:
+  kvstash before packed prefill);
 - `interleaved`: the same Engine with `batch.buckets = "1"` (each session decodes alone: kvstash before
   batching);
 - `hf`: transformers' `ContinuousBatchingManager` (`model.init_continuous_batching`) on the same model
@@ -91,7 +93,7 @@ def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
             "seconds": seconds}
 
 
-def _kvstash_mode(args, buckets: str, redis_url: str, ns: int):
+def _kvstash_mode(args, buckets: str, redis_url: str, ns: int, prefill_rows: str | None = None):
     from services.config import KvstashConfig
     from services.wire import DoneEvent, GenerateCall, TokensEvent, is_terminal
     from services.worker.engine import Engine
@@ -106,6 +108,8 @@ def _kvstash_mode(args, buckets: str, redis_url: str, ns: int):
         d["batch"] = {"buckets": buckets}
     if args.prefill_budget:
         d.setdefault("batch", {})["prefill_tokens_per_step"] = args.prefill_budget
+    if prefill_rows is not None:
+        d.setdefault("batch", {})["prefill_rows"] = prefill_rows
     eng = Engine(KvstashConfig.from_dict(d))
     vocab, lengths = eng.runner.vocab_size, answer_lengths(args.new_tokens)
 
@@ -173,10 +177,11 @@ def run_batch(args) -> int:
         for i, mode in enumerate(modes):
             if mode == "hf":
                 handle, one_call = _hf_mode(args)
-            elif mode in ("batched", "interleaved"):
-                handle, one_call = _kvstash_mode(args, args.buckets if mode == "batched" else "1", redis.url, i)
+            elif mode in ("batched", "unpacked", "interleaved"):
+                handle, one_call = _kvstash_mode(args, "1" if mode == "interleaved" else args.buckets, redis.url, i,
+                                                 "" if mode == "unpacked" else None)
             else:
-                raise SystemExit(f"unknown mode {mode!r}: batched, interleaved or hf")
+                raise SystemExit(f"unknown mode {mode!r}: batched, unpacked, interleaved or hf")
             try:
                 one_call(random.Random(-1))  # warm-up: first-call costs (JIT, allocations) stay out of the rows
                 for n in levels:

@@ -44,7 +44,8 @@ def _resume(kinds) -> None:
 
 
 def _batch(kinds) -> None:
-    p = kinds.add_parser("batch", help="decode throughput/latency vs concurrency: kvstash batched, interleaved, "
+    p = kinds.add_parser("batch", help="decode throughput/latency vs concurrency: kvstash batched, unpacked (no "
+                                       "packed prefill), interleaved, "
                                        "and transformers' continuous batching (in process)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--kv", default="", help="kvstash KV spec (default: the service default)")

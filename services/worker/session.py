@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from kvstore.device import QuantizedKVCache
@@ -46,6 +47,9 @@ class Session:
     dirty: bool = False  # the last Redis write of its history failed (it is in the journal): write it again
     base: tuple[int, list[int]] | None = None  # while a call runs (busy): (len(tokens), schedule) when it began
     referenced: bool = True  # a Redis record of this session references `blocks` (False: a fork not yet written)
+    # (weak ref to the cache, its tokens, bytes) measured while idle: an idle session's cache does not change, and the worker
+    # sums every active session's bytes at each call's end (an O(sessions x layers x tensors) walk otherwise)
+    _bytes_seen: tuple[object, int, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -106,7 +110,16 @@ class Session:
         return schedule_tokens(self.schedule)
 
     def device_bytes(self) -> int:
-        return self.cache.device_bytes() if self.cache is not None else 0
+        """Device bytes of the cache (decode views included), measured; remembered while the session is idle."""
+        c, seen = self.cache, self._bytes_seen
+        if c is None:
+            self._bytes_seen = None
+            return 0
+        if not self.busy and seen is not None and seen[0]() is c and seen[1] == c.get_seq_length():
+            return seen[2]
+        n = c.device_bytes()
+        self._bytes_seen = None if self.busy else (weakref.ref(c), c.get_seq_length(), n)
+        return n
 
     def manifest(self, fingerprint: str, quant_spec: str, blocks: list[BlockRef] | None = None,
                  kv_tokens: int | None = None) -> SessionManifest:

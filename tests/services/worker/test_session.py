@@ -28,3 +28,32 @@ def test_rollback_returns_the_session_to_where_the_call_began():
     assert (s.tokens, s.schedule) == ([1, 2, 3], [2])
     s.end()
     assert (s.manifest("fp", "int4").tokens, s.durable_tokens) == ([1, 2, 3], 3)
+
+
+class CountingCache:
+    """What Session.device_bytes reads of a cache: its length and its measured bytes (counted)."""
+
+    def __init__(self, n):
+        self.n, self.walks = n, 0
+
+    def get_seq_length(self):
+        return self.n
+
+    def device_bytes(self):
+        self.walks += 1
+        return 100 * self.n
+
+
+def test_an_idle_sessions_device_bytes_are_measured_once_until_its_cache_changes():
+    c = CountingCache(3)
+    s = Session("acme", "s", tokens=[1, 2, 3], schedule=[3], cache=c)
+    assert s.device_bytes() == s.device_bytes() == 300 and c.walks == 1  # idle: remembered
+    c.n = 4  # the cache grew (a call fed it)
+    assert s.device_bytes() == 400 and c.walks == 2
+    s.begin()  # a running call changes the cache at every step: measured each time
+    assert s.device_bytes() == s.device_bytes() == 400 and c.walks == 4
+    s.end()
+    s.cache = other = CountingCache(4)  # another cache of the same length (e.g. restored)
+    assert s.device_bytes() == 400 and other.walks == 1
+    s.cache = None
+    assert s.device_bytes() == 0 and s._bytes_seen is None
