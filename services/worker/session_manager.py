@@ -41,6 +41,7 @@ from services.worker.session import Session
 from services.worker.session_store import AdoptedPrefix, CacheStore, RestoredCache
 
 log = logging.getLogger(__name__)
+GAUGE_INTERVAL_S = 1.0  # the end of a call updates the KV byte gauges at most this often (housekeeping always does)
 
 
 
@@ -58,6 +59,7 @@ class SessionManager:
     def __init__(self, runner: ModelRunner, tier: RedisTier, cfg: KvstashConfig, metrics: WorkerMetrics,
                  worker_id: str = "w0"):
         self.runner, self.tier, self.metrics = runner, tier, metrics
+        self._gauges_at = 0.0  # when the end of a call last updated the gauges (monotonic)
         self.quant = cfg.quant
         self.store = CacheStore(runner, tier, cfg, metrics)
         self.prefill_chunk, self.block_tokens = self.store.prefill_chunk, self.store.block_tokens
@@ -165,7 +167,8 @@ class SessionManager:
             self.active[s.key] = s
         elif s.dirty and s.tokens:
             self.unsaved[s.key] = s
-        self._update_gauges()
+        if time.monotonic() - self._gauges_at >= GAUGE_INTERVAL_S:  # not at every call's end: the sum walks the
+            self._update_gauges()                                     # running sessions' tensors
 
     # ---- bringing KV to the device ----------------------------------------------------------------
     def ensure_kv(self, s: Session) -> Generator[None, None, KvOrigin]:
@@ -276,6 +279,7 @@ class SessionManager:
                 n += 1
             except Unavailable as e:
                 log.warning("offload skipped: %s", e.message)
+        self._update_gauges()
         return n
 
     def register_prefix(self, s: Session) -> None:
@@ -322,6 +326,7 @@ class SessionManager:
         return stored or s is not None
 
     def _update_gauges(self) -> None:
+        self._gauges_at = time.monotonic()
         self.metrics.kv_bytes.labels(Tier.DEVICE).set(self.device_bytes())
         self.metrics.kv_bytes.labels(Tier.HOST).set(self.store.host_bytes)
         self.metrics.kv_bytes.labels("prefix_trie").set(self.store.trie_bytes)
