@@ -149,32 +149,21 @@ def check_invariance(runner, quant, sizes: tuple[int, ...], trials: int = 3, see
     must be bit-identical across the trials. Deterministic for a given `seed`."""
     rng = random.Random(seed)
     vocab = runner.vocab_size
-    subject0 = runner.new_cache(quant)
-    runner.forward(subject0, [rng.randrange(vocab) for _ in range(40)])
-    state = subject0.export_state()
+    state = _subject(runner, quant, rng)
     mates = []
     for n in (3, 17, 29):
         mates.append(runner.new_cache(quant))
         runner.forward(mates[-1], [rng.randrange(vocab) for _ in range(n)])
-    failed = []
-    for size in sizes:
-        if size < 2:
-            continue
-        seen = None
-        for _ in range(trials):
-            subject = runner.restore_cache(state)
-            rows = [(m, rng.randrange(vocab)) for m in rng.sample(mates, rng.randrange(min(size, len(mates) + 1)))]
-            rows.insert(rng.randrange(len(rows) + 1), (subject, 7))
-            rows += [(None, rng.randrange(vocab)) for _ in range(rng.randrange(size - len(rows) + 1))]
-            slot = next(i for i, r in enumerate(rows) if r[0] is subject)
-            logits = runner.forward_rows(rows, size)[slot]
-            got = (logits.numpy().tobytes(), [(n, a.tobytes()) for n, a in subject.export_state().tensors])
-            if seen is None:
-                seen = got
-            elif got != seen:
-                failed.append(size)
-                break
-    return failed
+
+    def trial(size: int, _: int) -> tuple:
+        subject = runner.restore_cache(state)
+        rows = [(m, rng.randrange(vocab)) for m in rng.sample(mates, rng.randrange(min(size, len(mates) + 1)))]
+        rows.insert(rng.randrange(len(rows) + 1), (subject, 7))
+        rows += [(None, rng.randrange(vocab)) for _ in range(rng.randrange(size - len(rows) + 1))]
+        slot = next(i for i, r in enumerate(rows) if r[0] is subject)
+        return _outcome(runner.forward_rows(rows, size)[slot], subject)
+
+    return _unstable([s for s in sizes if s >= 2], trials, trial)
 
 
 def check_packed_invariance(runner, quant, sizes: tuple[int, ...], trials: int = 2, seed: int = 0) -> list[int]:
@@ -186,52 +175,62 @@ def check_packed_invariance(runner, quant, sizes: tuple[int, ...], trials: int =
     its cache afterwards must be bit-identical."""
     rng = random.Random(seed)
     vocab = runner.vocab_size
-    subject0 = runner.new_cache(quant)
-    runner.forward(subject0, [rng.randrange(vocab) for _ in range(40)])
-    state, chunk = subject0.export_state(), [rng.randrange(vocab) for _ in range(25)]
+    state = _subject(runner, quant, rng)
+    chunk = [rng.randrange(vocab) for _ in range(25)]
+
+    def trial(size: int, t: int) -> tuple:
+        subject, segments, room = runner.restore_cache(state), [], size - len(chunk)
+        for _ in range(0 if t == 0 else rng.randrange(1, 4)):
+            n = rng.randrange(1, max(2, min(room, 3 * size // 8)))
+            mate = runner.new_cache(quant)
+            runner.forward(mate, [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))])
+            segments.append((mate, [rng.randrange(vocab) for _ in range(n)]))
+            room -= n
+        slot = rng.randrange(1, len(segments) + 1) if segments else 0
+        segments.insert(slot, (subject, chunk))
+        return _outcome(runner.forward_segments(segments, size)[slot], subject)
+
+    return _unstable(list(sizes), trials + 1, trial)
+
+
+def _subject(runner, quant, rng: random.Random):
+    """The exported state of a 40-token session of random tokens: every trial's subject starts from it."""
+    cache = runner.new_cache(quant)
+    runner.forward(cache, [rng.randrange(runner.vocab_size) for _ in range(40)])
+    return cache.export_state()
+
+
+def _outcome(logits: torch.Tensor, cache) -> tuple:
+    return logits.numpy().tobytes(), [(n, a.tobytes()) for n, a in cache.export_state().tensors]
+
+
+def _unstable(sizes: list[int], trials: int, trial: Callable[[int, int], tuple]) -> list[int]:
+    """The sizes whose `trial(size, t)` outcomes are not all the same over t < trials."""
     failed = []
     for size in sizes:
-        seen = None
-        for trial in range(trials + 1):
-            subject = runner.restore_cache(state)
-            segments, room = [], size - len(chunk)
-            for _ in range(0 if trial == 0 else rng.randrange(1, 4)):
-                n = rng.randrange(1, max(2, min(room, 3 * size // 8)))
-                mate = runner.new_cache(quant)
-                runner.forward(mate, [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))])
-                segments.append((mate, [rng.randrange(vocab) for _ in range(n)]))
-                room -= n
-            slot = rng.randrange(1, len(segments) + 1) if segments else 0
-            segments.insert(slot, (subject, chunk))
-            logits = runner.forward_segments(segments, size)[slot]
-            got = (logits.numpy().tobytes(), [(n, a.tobytes()) for n, a in subject.export_state().tensors])
-            if seen is None:
-                seen = got
-            elif got != seen:
-                failed.append(size)
-                break
+        first = trial(size, 0)
+        if any(trial(size, t) != first for t in range(1, trials)):
+            failed.append(size)
     return failed
 
 
 def verified_sizes(runner, quant, sizes: tuple[int, ...], on_failure=None) -> tuple[int, ...]:
     """`sizes` without those `check_invariance` refuses (logged loudly; `on_failure(size)` per refused size)."""
-    bad = check_invariance(runner, quant, sizes)
-    for size in bad:
-        log.error("batched decode at %d rows is NOT batch-invariant on this torch build and model: a session's "
-                  "KV would depend on its batch-mates, so that bucket is refused (exact resume is kept)", size)
-        if on_failure is not None:
-            on_failure(size)
-    ok = tuple(s for s in sizes if s not in bad)
+    ok = _refuse(check_invariance(runner, quant, sizes), sizes, "batched decode", "its batch-mates", on_failure)
     return ok if ok else (1,)
 
 
 def verified_prefill_sizes(runner, quant, sizes: tuple[int, ...], on_failure=None) -> tuple[int, ...]:
     """Packed prefill `sizes` without those `check_packed_invariance` refuses (logged loudly; `on_failure(size)`
     per refused size). Empty when none passes: every prompt then prefills in a pass of its own."""
-    bad = check_packed_invariance(runner, quant, sizes)
+    return _refuse(check_packed_invariance(runner, quant, sizes), sizes, "packed prefill",
+                   "the prompts packed with it", on_failure)
+
+
+def _refuse(bad: list[int], sizes: tuple[int, ...], what: str, mates: str, on_failure) -> tuple[int, ...]:
     for size in bad:
-        log.error("packed prefill at %d rows is NOT batch-invariant on this torch build and model: a session's "
-                  "KV would depend on the prompts packed with it, so that size is refused (exact resume is kept)", size)
+        log.error("%s at %d rows is NOT batch-invariant on this torch build and model: a session's KV would depend "
+                  "on %s, so that size is refused (exact resume is kept)", what, size, mates)
         if on_failure is not None:
             on_failure(size)
     return tuple(s for s in sizes if s not in bad)
