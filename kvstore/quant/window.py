@@ -42,14 +42,19 @@ class FloatWindow:
     bits = 16
 
     def __init__(self, x: torch.Tensor, later: tuple[FloatWindow, ...] = (), n: int | None = None):
-        self._x, self._later = x, later  # entries: _x, then each window of `later` (joined when read)
+        # entries: x, then each window of `later` (joined when first read). One attribute holds both, replaced
+        # in one store, so a join is atomic: a reader on another thread (a size query) sees the parts before
+        # or after it, never the joined tensor with the parts still pending (which it would append again).
+        self._parts = (x, later)
         self._n = x.shape[-2] if n is None else n
 
     @property
     def x(self) -> torch.Tensor:
-        if self._later:
-            self._x, self._later = torch.cat([self._x, *(w.x for w in self._later)], dim=-2), ()
-        return self._x
+        x, later = self._parts
+        if later:
+            x = torch.cat([x, *(w.x for w in later)], dim=-2)
+            self._parts = (x, ())
+        return x
 
     @classmethod
     def quantize(cls, x: torch.Tensor) -> FloatWindow:
@@ -64,7 +69,7 @@ class FloatWindow:
 
     @property
     def device(self) -> torch.device:
-        return self._x.device
+        return self._parts[0].device
 
     def read(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Entries [start, stop) (default: to the end) as [B, H, stop - start, D] in `dtype` (a token's
@@ -72,7 +77,8 @@ class FloatWindow:
         return self.x[..., start:stop, :].to(dtype)
 
     def cat(self, other: FloatWindow) -> FloatWindow:
-        return FloatWindow(self._x, (*self._later, other), len(self) + len(other))
+        x, later = self._parts
+        return FloatWindow(x, (*later, other), len(self) + len(other))
 
     def rows(self) -> list[FloatWindow]:
         """Every batch row alone, [1, H, n, D] each (views)."""
@@ -100,24 +106,24 @@ class Int8Window:
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, later: tuple[Int8Window, ...] = (),
                  n: int | None = None):
-        self._codes, self._scale, self._later = codes, scale, later  # as FloatWindow's
+        self._parts = (codes, scale, later)  # as FloatWindow's: joined when first read, in one store
         self._n = codes.shape[-2] if n is None else n
 
-    def _join(self) -> None:
-        if self._later:
-            self._codes = torch.cat([self._codes, *(w.codes for w in self._later)], dim=-2)
-            self._scale = torch.cat([self._scale, *(w.scale for w in self._later)], dim=-2)
-            self._later = ()
+    def _joined(self) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, scale, later = self._parts
+        if later:
+            codes = torch.cat([codes, *(w.codes for w in later)], dim=-2)
+            scale = torch.cat([scale, *(w.scale for w in later)], dim=-2)
+            self._parts = (codes, scale, ())
+        return codes, scale
 
     @property
     def codes(self) -> torch.Tensor:
-        self._join()
-        return self._codes
+        return self._joined()[0]
 
     @property
     def scale(self) -> torch.Tensor:
-        self._join()
-        return self._scale
+        return self._joined()[1]
 
     @classmethod
     def quantize(cls, x: torch.Tensor) -> Int8Window:
@@ -146,13 +152,14 @@ class Int8Window:
 
     @property
     def device(self) -> torch.device:
-        return self._codes.device
+        return self._parts[0].device
 
     def read(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return (self.codes[..., start:stop, :].float() * self.scale[..., start:stop, :].float()).to(dtype)
 
     def cat(self, other: Int8Window) -> Int8Window:
-        return Int8Window(self._codes, self._scale, (*self._later, other), len(self) + len(other))
+        codes, scale, later = self._parts
+        return Int8Window(codes, scale, (*later, other), len(self) + len(other))
 
     def rows(self) -> list[Int8Window]:
         return [Int8Window(c, s) for c, s in zip(self.codes.split(1), self.scale.split(1))]

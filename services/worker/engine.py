@@ -358,8 +358,10 @@ class Engine:
         return self.sessions.holding(tenant, session_id) is not None
 
     def occupancy(self) -> WorkerLoad:
-        """How busy this worker is (the router's load signal): queue depth, device bytes, active sessions."""
-        return WorkerLoad(queue_depth=self.scheduler.depth, device_bytes=self.sessions.device_bytes(),
+        """How busy this worker is (the router's load signal): queue depth, device bytes, active sessions. Any
+        thread may ask: the device bytes are those the engine thread last summed (at most a second old under
+        load), never read from the caches here — their windows join lazily on the engine thread."""
+        return WorkerLoad(queue_depth=self.scheduler.depth, device_bytes=self.sessions.device_total,
                           active_sessions=len(self.sessions.active))
 
     def metrics_snapshot(self) -> list[dict]:

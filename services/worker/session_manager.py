@@ -60,6 +60,9 @@ class SessionManager:
                  worker_id: str = "w0"):
         self.runner, self.tier, self.metrics = runner, tier, metrics
         self._gauges_at = 0.0  # when the end of a call last updated the gauges (monotonic)
+        # device bytes of every active session as last summed on the engine thread: what other threads read (a
+        # cache is only ever touched by the engine thread; reading its tensors elsewhere would race its updates)
+        self.device_total = 0
         self.quant = cfg.quant
         self.store = CacheStore(runner, tier, cfg, metrics)
         self.prefill_chunk, self.block_tokens = self.store.prefill_chunk, self.store.block_tokens
@@ -327,7 +330,8 @@ class SessionManager:
 
     def _update_gauges(self) -> None:
         self._gauges_at = time.monotonic()
-        self.metrics.kv_bytes.labels(Tier.DEVICE).set(self.device_bytes())
+        self.device_total = self.device_bytes()
+        self.metrics.kv_bytes.labels(Tier.DEVICE).set(self.device_total)
         self.metrics.kv_bytes.labels(Tier.HOST).set(self.store.host_bytes)
         self.metrics.kv_bytes.labels("prefix_trie").set(self.store.trie_bytes)
         self.metrics.sessions.labels("active").set(len(self.active))

@@ -1,6 +1,8 @@
 """The INT8 recent window (`w8`, kvstore/quant/window.py): the stated error bound, a state that is a function of
 the tokens alone (chunking, sinks, sealing), and a lossless export -> encode -> decode -> import."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -226,3 +228,31 @@ def test_smollm2_w8_perplexity_is_within_the_stated_bound_of_fp(smollm2):
     assert w8.kl > 0 and w8.ppl != w16.ppl  # the window is quantized: the run differs
     bf16 = w8.session["bf16_2048"], w16.session["bf16_2048"]
     assert bf16[0]["window"] < 0.6 * bf16[1]["window"] and bf16[0]["sealed"] == bf16[1]["sealed"]
+
+
+@pytest.mark.parametrize("kind", [FloatWindow, Int8Window])
+def test_a_lazy_join_read_from_two_threads_at_once_never_appends_twice(kind):
+    """A window's parts join on first read. Another thread reading it at the same moment (a size query) must see
+    them before or after the join, never half-joined: appending the pending parts again would give codes and
+    scales of different lengths (seen once in the service: a stored window of 122 codes and 91 scales)."""
+    rng = torch.Generator().manual_seed(0)
+    bad = []
+
+    def read(w, go):
+        go.wait()
+        t = w.x if kind is FloatWindow else w.codes
+        s = t if kind is FloatWindow else w.scale
+        if t.shape[-2] != len(w) or s.shape[-2] != len(w):
+            bad.append((t.shape[-2], s.shape[-2], len(w)))
+
+    for _ in range(300):
+        w = kind.quantize(torch.randn(1, 3, 40, 64, generator=rng))
+        for _ in range(24):
+            w = w.cat(kind.quantize(torch.randn(1, 3, 1, 64, generator=rng)))
+        go = threading.Barrier(2)
+        threads = [threading.Thread(target=read, args=(w, go)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not bad, bad[:3]

@@ -184,3 +184,13 @@ def test_every_model_pass_runs_on_the_engine_thread(tiny_model_dir, redis_server
         assert threads == {"kvstash-engine"}
     finally:
         eng.close()
+
+
+def test_the_load_signal_reports_the_device_bytes_the_engine_thread_summed(engine):
+    """`occupancy` is asked from other threads (the actor's); it never reads a cache there (a window's lazy join
+    raced with the engine thread's, tests/kvstore/quant/test_window.py), but the sum the engine thread made."""
+    before = engine.scheduler.call(lambda: (engine.sessions.offload_idle(), engine.sessions.device_bytes())[1]).result(60)
+    assert engine.occupancy().device_bytes == before
+    run(engine, "acme", "load", list(range(1000, 1040)), n=4)
+    summed = engine.scheduler.call(lambda: (engine.sessions.offload_idle(), engine.sessions.device_bytes())[1]).result(60)
+    assert summed > before and engine.occupancy().device_bytes == summed
