@@ -28,8 +28,8 @@ def _f(default, doc: str):
 class ModelConfig:
     name: str = _f("smollm2-135m-instruct", "Model: the built-in default's name, an HF model folder, or a hub id.")
     dtype: str = _f("float32", "Weights and activations dtype: float32, bfloat16 or float16. (On CPUs with "
-                               "AMX-BF16, bfloat16 serves ~1.25x the tokens/s at 16 sessions for +0.003 PPL: "
-                               "docs/BENCHMARKS.md, \"One OpenMP team\".)")
+                               "AMX-BF16, bfloat16 serves ~1.35x the tokens/s at 16 sessions for +0.003 PPL: "
+                               "docs/BENCHMARKS.md, \"Packed prefill\".)")
     device: str = _f("auto", "Device: auto (cuda when present, else cpu), cpu, cuda, cuda:N.")
     cache_dir: str = _f("", "Where pulled models are kept; empty means $KVSTASH_HOME/models (~/.kvstash/models).")
 
