@@ -2,6 +2,7 @@
 
     kvstash bench resume [--history 512,2048] [--kv fp,int8:r128,int4:r128] [--json]  (services/bench/resume.py)
     kvstash bench batch [--concurrency 1,2,4,8,16,32] [--modes batched,interleaved,hf]  (services/bench/batch.py)
+    kvstash bench bound [--sessions 16] [--prompt-tokens 64] [--new-tokens 32] [--dtype D] (services/bench/bound.py)
     kvstash bench chat [--users 8] [--rounds 5] [--modes default,no-tier,fp]           (services/bench/chat.py)
     kvstash bench http [--http URL] [--grpc TARGET] [--turns 6]                       (services/bench/http.py)
     kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]            (services/bench/codec.py)
@@ -23,7 +24,7 @@ from services.eval.corpus import DEFAULT_TEXT
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (speed, memory) against in-process baselines")
     kinds = bench.add_subparsers(dest="bench_cmd", required=True)
-    for add in (_resume, _batch, _chat, _http, _codec, _decode, _dedup, _load, _soak, _timing, _gateway):
+    for add in (_resume, _batch, _bound, _chat, _http, _codec, _decode, _dedup, _load, _soak, _timing, _gateway):
         add(kinds)
 
 
@@ -105,6 +106,20 @@ def _codec(kinds) -> None:
     p.add_argument("--blocks", default="32,64,128", help="block sizes in tokens (multiples of the key group)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=runs("services.bench.codec", "run_codec"))
+
+
+def _bound(kinds) -> None:
+    p = kinds.add_parser("bound", help="the most any server gains from concurrent sessions on this machine, from "
+                                       "plain transformers passes (what `bench batch`'s ratio is weighed against)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--sessions", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--pack", type=int, default=512, help="rows of a packed prefill pass")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=runs("services.bench.bound", "run_bound"))
 
 
 def _decode(kinds) -> None:
