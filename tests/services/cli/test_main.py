@@ -12,6 +12,7 @@ from tests.services.stack import REPO
 COMMANDS = {
     ("bench", "resume"): "services.bench.resume.run_resume",
     ("bench", "batch"): "services.bench.batch.run_batch",
+    ("bench", "bound"): "services.bench.bound.run_bound",
     ("bench", "chat"): "services.bench.chat.run_chat",
     ("bench", "decode"): "services.bench.decode.run_decode",
     ("bench", "codec"): "services.bench.codec.run_codec",
