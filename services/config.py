@@ -97,6 +97,14 @@ class SessionConfig:
         64, "Generate/Resume calls a worker runs at once; more get RESOURCE_EXHAUSTED with a retry-after-ms hint.")
 
 
+def _row_counts(key: str, value: str) -> list[int]:
+    """A comma-separated list of row counts, sorted, without repeats; ValueError naming `key` if it does not parse."""
+    try:
+        return sorted({int(x) for x in value.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"{key}={value!r} must be comma-separated integers") from None
+
+
 @dataclass
 class BatchConfig:
     buckets: str = _f("1,2,4,8,16,32", "Row counts a batched decode pass may have (comma-separated): the sessions "
@@ -114,10 +122,7 @@ class BatchConfig:
     @property
     def sizes(self) -> tuple[int, ...]:
         """The buckets, sorted; ValueError when they do not parse or are out of range."""
-        try:
-            sizes = sorted({int(x) for x in self.buckets.split(",") if x.strip()})
-        except ValueError:
-            raise ValueError(f"batch.buckets={self.buckets!r} must be comma-separated integers") from None
+        sizes = _row_counts("batch.buckets", self.buckets)
         if not sizes or sizes[0] < 1 or sizes[-1] > 256:
             raise ValueError(f"batch.buckets={self.buckets!r} must list row counts in [1, 256]")
         return tuple(sizes)
@@ -126,10 +131,7 @@ class BatchConfig:
     def prefill_sizes(self) -> tuple[int, ...]:
         """The packed prefill sizes, sorted (empty: off, and when `buckets` is one size); ValueError when they
         do not parse or are not multiples of 16 in [16, 4096]."""
-        try:
-            sizes = sorted({int(x) for x in self.prefill_rows.split(",") if x.strip()})
-        except ValueError:
-            raise ValueError(f"batch.prefill_rows={self.prefill_rows!r} must be comma-separated integers") from None
+        sizes = _row_counts("batch.prefill_rows", self.prefill_rows)
         if any(s < 16 or s > 4096 or s % 16 for s in sizes):
             raise ValueError(f"batch.prefill_rows={self.prefill_rows!r} must list multiples of 16 in [16, 4096]")
         return tuple(sizes) if len(self.sizes) > 1 else ()
