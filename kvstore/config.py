@@ -22,6 +22,9 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "ev" FRACTION         token eviction rate at the window's edge (off by default), e.g. ev0.4
              | "lb" (K V)+           per-layer bits, two characters per layer (2, 3, 4, 8, or f for 16),
                                      e.g. lb848442 for three layers; overrides k/v bits layer by layer
+             | "cw" K V              cold specs only: bits a stored INT8 window keeps per side, 2-8 each
+                                     (kvstore/quant/cold.py `cold_window`), e.g. cw53; cw88 (the default)
+                                     keeps the window as it is
 
 Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had:out0.01`, `int4:k8v4:g32:r128:w8`. `QuantConfig.from_spec_or_file` also takes a
 file holding a spec (plain text, or TOML with `spec = "..."`), e.g. one written by `kvstash eval alloc`.
@@ -103,6 +106,11 @@ class QuantConfig:
         metadata={"doc": "How the recent window is held: 16 = the model dtype; 8 = INT8 codes with an fp16 "
                          "absmax scale per token and head (kvstore/quant/window.py)."},
     )
+    cold_window_bits: tuple[int, int] = field(
+        default=(8, 8),
+        metadata={"doc": "Cold specs only: (key, value) bits an INT8 window's codes keep when a session is stored "
+                         "cold; 8 keeps them as they are (kvstore/quant/cold.py `cold_window`)."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
@@ -134,6 +142,8 @@ class QuantConfig:
             raise QuantConfigError(f"evict={self.evict} must be a fraction in [0, 1)")
         if self.evict and self.pre_rope:
             raise QuantConfigError("token eviction (ev) and pre-RoPE keys (prerope) cannot be combined")
+        if len(self.cold_window_bits) != 2 or any(not 2 <= b <= 8 for b in self.cold_window_bits):
+            raise QuantConfigError(f"cold_window_bits={self.cold_window_bits} must be two bit counts in [2, 8]")
         for i, pair in enumerate(self.layer_bits):
             if len(pair) != 2 or any(b not in SUPPORTED_BITS for b in pair):
                 raise QuantConfigError(f"layer_bits[{i}]={pair} must be two of {SUPPORTED_BITS}")
@@ -157,7 +167,8 @@ class QuantConfig:
             return ":".join(["fp"] + [f"{c}{v}" for c, v, d in (("g", self.key_group, defaults.key_group),
                                                                ("gv", self.value_group, defaults.value_group),
                                                                ("r", self.residual, defaults.residual),
-                                                               ("s", self.sinks, 0)) if v != d])
+                                                               ("s", self.sinks, 0)) if v != d]
+                            + ([f"cw{self.cold_window_bits[0]}{self.cold_window_bits[1]}"] if self.cold_window_bits != (8, 8) else []))
         parts = [f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"]
         parts += [f"w{self.window_bits}"] if self.window_bits != 16 else []  # w16 names stay as they were
         parts += [f"s{self.sinks}"] if self.sinks else []
@@ -168,6 +179,7 @@ class QuantConfig:
         parts += ["prerope"] if self.pre_rope else []
         parts += [f"ev{self.evict:g}"] if self.evict else []
         parts += ["lb" + "".join(_BIT_CHAR[b] for pair in self.layer_bits for b in pair)] if self.layer_bits else []
+        parts += [f"cw{self.cold_window_bits[0]}{self.cold_window_bits[1]}"] if self.cold_window_bits != (8, 8) else []
         return ":".join(parts)
 
     @classmethod
@@ -213,6 +225,8 @@ class QuantConfig:
             elif m := re.fullmatch(r"lb([2348f]{2})+", knob):
                 chars = knob[2:]
                 kw["layer_bits"] = tuple((_CHAR_BIT[chars[i]], _CHAR_BIT[chars[i + 1]]) for i in range(0, len(chars), 2))
+            elif m := re.fullmatch(r"cw([2-8])([2-8])", knob):
+                kw["cold_window_bits"] = (int(m[1]), int(m[2]))
             else:
                 raise QuantConfigError(f"unknown KV spec knob {knob!r} in {spec!r}")
         return cls(**kw)

@@ -80,9 +80,10 @@ class TiersConfig:
     journal_dir: str = _f("", "Journal directory, shared by the workers of a host (or a shared volume); empty means "
                               "$KVSTASH_HOME/journal.")
     cold_spec: str = _f("", "Opt-in lossy cold mode: a spec (grammar in kvstore/quant/cold.py), e.g. "
-                            "int:k3v2:g128:gv64:s1:hadv, that an offloaded session's own blocks are re-quantized to "
-                            "(2.5 bits per element as stored, delta PPL +0.19 on SmolLM2). A resume is exact "
-                            "with respect to the decoded cache, not the original. Empty: lossless.")
+                            "int:k3v2:g128:gv64:s1:hadv:clipv:cw43, that an offloaded session's own blocks are "
+                            "re-quantized to (its `cw` keeps the stored INT8 window at 4 bits for keys, 3 for values; "
+                            "docs/BENCHMARKS.md gives bits and quality per spec). A resume is exact with respect "
+                            "to the decoded cache, not the original. Empty: lossless.")
 
 
 @dataclass
@@ -252,6 +253,8 @@ class KvstashConfig:
 
     def validate(self) -> None:
         quant = self.quant  # raises QuantConfigError on a bad spec
+        if quant.cold_window_bits != (8, 8):
+            raise ValueError(f"kv.spec={self.kv.spec!r}: cw (cold window bits) belongs in tiers.cold_spec")
         if self.block_tokens % quant.key_group or self.block_tokens <= 0:
             raise ValueError(f"prefix.block_tokens={self.prefix.block_tokens} must be a multiple of the key group "
                              f"({quant.key_group})")

@@ -13,11 +13,17 @@ Invariants (beside `kvstore.codec.block_codec`'s):
 - Lossy with respect to `p`: the error bound is `kvstore.quant.cold`'s (cold step / 2 + device step / 2,
   element-wise). Recomputing the session from its token history gives the original, lossless KV.
 - Each block goes through the cold format on its own (cold key groups start at the block's start), so
-  `block_tokens` must be a multiple of the cold key group. Sink tensors (block 0) are kept as they are.
+  `block_tokens` must be a multiple of the cold key group. Sink tensors (block 0) go through
+  `kvstore.quant.cold.cold_sinks` (fp32 rounded to bf16; idempotent, so a warm block encodes to itself).
+- `warm_tail(tail)` is the session's tail as it is stored next to cold blocks (and so resumed): its sinks
+  through `cold_sinks`, its INT8 window codes through `cold_window` at the spec's `cw` bits. Idempotent.
 
 Container: a KV container (kvstore.codec.kv, zstd over stream-transformed tensors) of kind COLD_BLOCK whose
-state meta holds `v` (COLD_VERSION), `cold_spec`, `shape`, `block_tokens`, `index0` and `content` (hex of
-the warm block's content hash); its tensors are the cold tensors named "<layer>.<name>" plus block 0's sinks.
+state meta holds `v` (COLD_VERSION; READ_COLD_VERSIONS are read), `cold_spec`, `shape`, `block_tokens`, `index0` and `content` (hex of
+the warm block's content hash); its tensors are the cold tensors plus block 0's sinks, family by family
+(all layers' key codes, then ...: zstd codes that ~3% smaller than layer after layer). A cold family every
+layer holds at one shape is one tensor "all.<name>" [layers, ...] (v2: a header of ~10 shapes instead of
+~200, 7 KB less per block); any other is "<layer>.<name>". Decoding takes either form, in any order.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from kvstore.codec.container import Codec, ContainerError, Kind
 from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.config import QuantConfig
 from kvstore.layout import SINK_FIELDS, ModelShape, Tensors
-from kvstore.quant.cold import ColdSpecError, check_specs, cold_state, warm_state
+from kvstore.quant.cold import ColdSpecError, check_specs, cold_sinks, cold_state, cold_window, warm_state
 from kvstore.quant.state import KVState
 
-COLD_VERSION = 1
+COLD_VERSION = 2  # 2: families stacked over layers, sinks through cold_sinks; 1: layer by layer, sinks as is
+READ_COLD_VERSIONS = (1, 2)  # decoding does not depend on either difference
+STACKED = "all"  # the layer part of a stacked family's name (v2)
 COLD_LEVEL = 19  # idle blocks are written once and read rarely: zstd's strongest level pays
 
 
@@ -49,16 +57,45 @@ def check_cold(quant: QuantConfig, cold: QuantConfig, block_tokens: int, layers:
         raise ColdSpecError(f"the cold spec sets bits for {len(cold.layer_bits)} layers; the model has {layers}")
 
 
-def _layers(part: Tensors) -> dict[int, dict[str, np.ndarray]]:
+def _stackable(field: str) -> bool:
+    return field.startswith(("kc_", "vc_")) or field in ("k_keep", "v_keep")  # cold families, not device names
+
+
+def _stack(cold_layers: dict[int, dict[str, np.ndarray]]) -> Tensors:
+    """The container's tensors, family by family: a cold family that every layer holds at one shape and dtype
+    is one tensor "all.<field>" [layers, ...]; any other tensor is "<layer>.<field>", in layer order."""
+    layers = sorted(cold_layers)
+    out: Tensors = []
+    for f in sorted({f for fields in cold_layers.values() for f in fields}):
+        arrs = [cold_layers[i].get(f) for i in layers]
+        if _stackable(f) and all(a is not None for a in arrs) and len({(a.dtype.str, a.shape) for a in arrs}) == 1:
+            out.append((f"{STACKED}.{f}", np.stack(arrs)))
+        else:
+            out += [(f"{i}.{f}", a) for i, a in zip(layers, arrs) if a is not None]
+    return out
+
+
+def _layers(part: Tensors, layers: int | None = None) -> dict[int, dict[str, np.ndarray]]:
+    """Tensors "<layer>.<field>" (and, with `layers`, stacked "all.<field>") by layer and field."""
     out: dict[int, dict[str, np.ndarray]] = {}
     for name, a in part:
         layer, _, field = name.partition(".")
-        out.setdefault(int(layer), {})[field] = a
+        if layer == STACKED and layers is not None and _stackable(field) and a.ndim and a.shape[0] == layers:
+            for i in range(layers):
+                out.setdefault(i, {})[field] = a[i]
+        elif layer.isdigit():
+            out.setdefault(int(layer), {})[field] = a
+        else:
+            raise ContainerError(f"cold block holds an unexpected tensor {name!r} {list(a.shape)}")
     return out
 
 
 def _torch(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _sinks(a: np.ndarray) -> np.ndarray:
+    return cold_sinks(_torch(a)).numpy()
 
 
 def _warm(cold_layers: dict[int, dict[str, np.ndarray]], order: list[tuple[str, np.dtype, tuple]],
@@ -106,22 +143,39 @@ class ColdCodec(BlockCodec):
             cl = cold_state(region, quant, self.cold, layer, c.shape.head_dim, start=start,
                             position=quant.sinks + start)
             cold_layers[layer] = {f: t.contiguous().numpy() for f, t in cl.items()}
-            cold_layers[layer].update({f: a for f, a in fields.items() if f in SINK_FIELDS})
+            cold_layers[layer].update({f: _sinks(a) for f, a in fields.items() if f in SINK_FIELDS})
         warm = _warm(cold_layers, c.layout(index), quant, self.cold, c.shape, start)
         content = content_hash(warm)
         meta = {"v": COLD_VERSION, "cold_spec": self.cold.spec(), "shape": c.shape.to_json(),
                 "block_tokens": c.block_tokens, "index0": index == 0, "content": content.hex()}
-        tensors = [(f"{layer}.{f}", a) for layer, fields in cold_layers.items() for f, a in fields.items()]
-        state = KVState(num_tokens=c.block_tokens, quant_spec=quant.spec(), meta=meta, tensors=tensors)
+        state = KVState(num_tokens=c.block_tokens, quant_spec=quant.spec(), meta=meta, tensors=_stack(cold_layers))
         data = encode_kv(state, model_fingerprint=c.model_fingerprint, level=COLD_LEVEL, codec=self.container[1],
                          kind=self.container[0])
         return EncodedBlock(data, content, warm)
+
+    def warm_tail(self, tail: KVState) -> KVState:
+        """The session's tail as stored beside its cold blocks: sinks through `cold_sinks`, INT8 window codes
+        through `cold_window` at the spec's `cw` bits, everything else as it is (same names, shapes, dtypes)."""
+        if self.cold is None:
+            raise ValueError("the cold codec warms tails only with a cold spec (tiers.cold_spec)")
+        bits = dict(zip(("k_win", "v_win"), self.cold.cold_window_bits))
+        out = []
+        for name, a in tail.tensors:
+            field = name.partition(".")[2]
+            if field in SINK_FIELDS:
+                a = _sinks(a)
+            elif field in bits and a.dtype == np.int8 and bits[field] < 8:
+                a = cold_window(_torch(a), bits[field]).numpy()
+            out.append((name, a))
+        return KVState(num_tokens=tail.num_tokens, quant_spec=tail.quant_spec, meta=tail.meta, tensors=out)
 
     def decode(self, data: bytes, index: int, content: bytes | None = None) -> Tensors:
         c = self.ctx
         state = decode_kv(data, model_fingerprint=c.model_fingerprint, kind=Kind.COLD_BLOCK)
         meta = state.meta
-        want = {"v": COLD_VERSION, "shape": c.shape.to_json(), "block_tokens": c.block_tokens, "index0": index == 0}
+        if meta.get("v") not in READ_COLD_VERSIONS:
+            raise ContainerError(f"stored cold block has v={meta.get('v')!r}, expected one of {READ_COLD_VERSIONS}")
+        want = {"shape": c.shape.to_json(), "block_tokens": c.block_tokens, "index0": index == 0}
         for key, value in want.items():
             if meta.get(key) != value:
                 raise ContainerError(f"stored cold block has {key}={meta.get(key)!r}, expected {value!r}")
@@ -134,7 +188,7 @@ class ColdCodec(BlockCodec):
             check_cold(c.quant, cold, c.block_tokens, c.shape.layers)
         except ValueError as e:
             raise ContainerError(f"stored cold block has an unusable cold spec: {e}") from None
-        cold_layers = _layers(state.tensors)
+        cold_layers = _layers(state.tensors, c.shape.layers)
         if set(cold_layers) != set(range(c.shape.layers)):
             raise ContainerError("stored cold block does not hold every layer")
         try:

@@ -1,9 +1,13 @@
 """Lossy cold mode: an idle session's sealed region re-quantized to a lower "cold" spec (pure functions).
 
 Opt-in. When a session goes idle its sealed region (the quantized part, see `QuantizedKVLayer`) can be
-stored in a cheaper, lossy cold format; on resume it is brought back to the device format. Sinks and the
-full-precision window are never touched. Quality is what a resumed session holds, `warm(cold(x))`
-(`apply_cold` rewrites a cache to exactly that; `services/eval/cold.py` measures it).
+stored in a cheaper, lossy cold format; on resume it is brought back to the device format. Quality is what
+a resumed session holds, `warm(cold(x))` (`apply_cold` rewrites a cache to exactly that;
+`services/eval/cold.py` measures it). Two more lossy steps keep the device format as it is and are
+idempotent, so storing a resumed session again changes nothing they already changed:
+- `cold_sinks`: fp32 attention sinks rounded to bf16 (16-bit sinks stay as they are);
+- `cold_window`: an INT8 window's codes kept at the spec's `cw` bits per side (rounded to multiples of
+  2**(8 - bits), the ±127 ends kept); a 16-bit window stays as it is.
 
     cold_state(device tensors, device, cold, layer_idx, head_dim)  -> cold tensors (the stored format)
     warm_state(cold tensors,   device, cold, layer_idx, head_dim)  -> device tensors (same names, shapes,
@@ -25,7 +29,8 @@ The cold spec is a `QuantConfig` (grammar in kvstore/config.py), read as follows
                    shared grid, are never clipped (clipk is ignored)
     prerope        cold keys are quantized before RoPE (un-rotated at their positions, RoPE re-applied on
                    warm-up); needs the model's `Rope`
-    r N            ignored (the window is never touched)
+    r N            ignored
+    cw K V         bits the INT8 window codes keep per side (`cold_window`; cw88, the default, keeps them)
     out, ev, hadattn: refused. Device specs with prerope, out or ev are refused too (ColdSpecError, a
     ValueError). Device specs with had*/hadattn are accepted: a device side is read back to the original
     basis (`side.read`) and re-sealed by `side.seal`, which rotates it again, so the cold path sees plain
@@ -78,6 +83,7 @@ from kvstore.quant.layer import QuantizedKVLayer
 from kvstore.quant.pack import pack, unpack
 from kvstore.quant.rope import Rope
 from kvstore.quant.rotation import hadamard
+from kvstore.quant.window import Int8Window
 
 CONTAINER_BITS = {2: 2, 3: 4, 4: 4, 8: 8}  # value code bits -> bits each code takes in the cold format
 FP16_MAX = 65504.0
@@ -89,6 +95,8 @@ class ColdSpecError(ValueError):
 
 def check_specs(device: QuantConfig, cold: QuantConfig) -> None:
     """Raise ColdSpecError when `device` or `cold` is outside what cold mode supports."""
+    if device.cold_window_bits != (8, 8):
+        raise ColdSpecError(f"cw (cold window bits) is a cold-spec knob, not a device one: {device.spec()}")
     for what, bad in (("prerope", device.pre_rope), ("outliers (out)", bool(device.outliers)),
                       ("token eviction (ev)", bool(device.evict))):
         if bad and not device.is_full_precision:
@@ -286,10 +294,29 @@ def warm_state(cold_tensors: dict[str, torch.Tensor], device: QuantConfig, cold:
     return out
 
 
+def cold_window(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """INT8 window codes as a cold session keeps them: rounded to the nearest multiple of 2**(8 - bits)
+    (ties to even), clamped to ±127 so the absmax element keeps its end code; `bits` 8 returns `codes`.
+
+    Idempotent: `cold_window(cold_window(c, b), b) == cold_window(c, b)` (a multiple of the step rounds to
+    itself; ±127 rounds to ±128 and clamps back). Error: at most 2**(7 - bits) codes, times the token's scale."""
+    if bits >= 8:
+        return codes
+    step = float(1 << (8 - bits))
+    return (torch.round(codes.float() / step) * step).clamp_(-127, 127).to(torch.int8)
+
+
+def cold_sinks(x: torch.Tensor) -> torch.Tensor:
+    """Attention sinks as a cold session keeps them: fp32 rounded to bf16 (and held as fp32 again); 16-bit
+    sinks as they are. Idempotent; relative error at most 2**-8 (bf16 keeps 8 significant bits)."""
+    return x.to(torch.bfloat16).to(torch.float32) if x.dtype == torch.float32 else x
+
+
 def apply_cold(cache, cold: QuantConfig, rope: Rope | None = None) -> None:
-    """Rewrite every layer's sealed region of `cache` (a `QuantizedKVCache`) in place as
-    `warm_state(cold_state(region))`: what a session resumed from the cold format holds. Sinks, the
-    window and every count stay as they are. `rope` (default: the cache's) is needed for cold prerope."""
+    """Rewrite every layer of `cache` (a `QuantizedKVCache`) in place as a session resumed from the cold format
+    holds it: the sealed region as `warm_state(cold_state(region))`, the sinks through `cold_sinks` and an
+    INT8 window through `cold_window`. Every count stays as it is. `rope` (default: the cache's) is needed
+    for cold prerope."""
     device = cache.quant
     check_specs(device, cold)
     rope = rope if rope is not None else cache.rope
@@ -307,6 +334,14 @@ def apply_cold(cache, cold: QuantConfig, rope: Rope | None = None) -> None:
         c = cold_state(region, device, cold, i, layer.head_dim, position=layer.n_sink, rope=rope)
         new.append(warm_state(c, device, cold, i, layer.head_dim, position=layer.n_sink, rope=rope))
     for layer, tensors in zip(cache.layers, new):  # only once every layer went through
-        if tensors is not None:
-            layer.sealed.update(tensors)
-            layer.drop_view()  # the decode view showed the replaced tensors
+        if not layer.is_initialized:
+            continue
+        layer.sealed.update(tensors or {})
+        for name in ("k_sink", "v_sink"):
+            if name in layer.sealed:
+                layer.sealed[name] = cold_sinks(layer.sealed[name])
+        for side, bits in zip(("keys", "values"), cold.cold_window_bits):
+            window = getattr(layer, side)
+            if isinstance(window, Int8Window) and bits < 8:
+                setattr(layer, side, Int8Window(cold_window(window.codes, bits), window.scale))
+        layer.drop_view()  # the decode view showed the replaced tensors

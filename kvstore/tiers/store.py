@@ -19,6 +19,8 @@ Invariants:
 - Cold mode (`StoreSettings.cold`, lossy, opt-in): a session's blocks that Redis does not hold yet, public
   ones excepted, are stored in the cold format under content keys of their *warm* content, and `restore`
   returns the warm state: exact with respect to what was stored, not to the session's original codes.
+  The tail is stored as `ColdCodec.warm_tail` keeps it (sinks at bf16, window codes at the spec's `cw`
+  bits), losslessly; that step is idempotent, so storing a resumed session again changes nothing more.
   Blocks held cold and unchanged keep their cold copy, so offloading again never re-quantizes twice.
   Chain-named (adoptable) blocks stay lossless.
 """
@@ -99,6 +101,8 @@ class SessionStore:
         contents = [content_hash(p) for p in parts]
         refs = [BlockRef(named[i][0].digest, c, named[i][1]) if i < len(named)
                 else self.names.by_content(tenant, c) for i, c in enumerate(contents)]
+        if self.coder.cold is not None:  # stored (and so resumed) as cold mode keeps a tail: idempotent
+            tail = self.coder.cold.warm_tail(tail)
         tail_blob = self.coder.encode_tail(tail)
         if self.settings.cold is not None:  # blocks held cold and unchanged since (a resumed session) keep their copy
             for i, prev in enumerate(held[:min(n, len(held) - 1)]):

@@ -9,7 +9,8 @@ windows of history + continuation + 1 tokens. In each window the history is pref
 spec in passes of `--prefill-chunk` tokens; then the same cache is resumed twice from bit-identical copies:
 - baseline: the copy as is (what a lossless offload gives back);
 - cold: the copy after `kvstore.quant.cold.apply_cold(copy, cold)` (what a session resumed from the
-  cold format holds: its sealed region became warm(cold(region)); sinks and window untouched).
+  cold format holds: its sealed region became warm(cold(region)), fp32 sinks bf16, and an INT8 window's
+  codes kept at the spec's `cw` bits).
 Both are fed the continuation in chunks of `--chunk` tokens (as decoding would: the continuation is
 sealed at device precision as it leaves the window) and every continuation position's next token is
 scored (`continuation` targets per window, all predicted by the resumed cache). Reported per cold spec:
@@ -24,8 +25,9 @@ scored (`continuation` targets per window, all predicted by the resumed cache). 
   of the sealed region as cold blocks (kvstore.codec.cold_block, one zstd-19 container per block, headers
   included); `stored_device_bits_per_element`: the same blocks stored losslessly (rANS-ctx). A session
   resumed from those cold blocks holds the cache scored here in every whole block (blockwise cold ==
-  region-wide cold, tests/kvstore/codec/test_cold_block.py); the few sealed tokens past the last whole
-  block stay lossless in the service (in the tail), so the score here is, if anything, pessimistic.
+  region-wide cold, tests/kvstore/codec/test_cold_block.py) and its tail as `ColdCodec.warm_tail` stores it;
+  sealed tokens past the last whole block (none when a block is one device key group, the default) stay
+  lossless in the service, so the score here is, if anything, pessimistic.
 Note: the continuation is itself quantized as it is sealed, so any change to the history, however small,
 flips some of its rounding decisions and the two runs drift apart: on SmolLM2, quantizing layer 0's
 sealed region once more at device precision (dequantize, re-seal) already gives a KL of about 1e-3 on the

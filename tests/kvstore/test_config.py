@@ -27,7 +27,7 @@ def test_parse(spec, expect):
     ("", "empty"), ("int5", "unknown KV scheme"), ("int4:x9", "unknown KV spec knob"),
     ("int4:k5v4", "key_bits=5"), ("int4:g0", "key_group"), ("int4:hadattn", "needs a rotation"),
     ("int4:out0.5", "outliers"), ("int4:lb845", "unknown KV spec knob"), ("fp:w8", "needs a quantized spec"),
-    ("int4:w4", "unknown KV spec knob"), ("fp:clip", "clip needs a quantized spec"),
+    ("int4:w4", "unknown KV spec knob"), ("int4:cw91", "unknown KV spec knob"), ("int4:cw4", "unknown KV spec knob"), ("fp:clip", "clip needs a quantized spec"),
 ])
 def test_parse_rejects(spec, needle):
     with pytest.raises(QuantConfigError, match=needle):
@@ -40,11 +40,11 @@ BITS = st.sampled_from([2, 3, 4, 8, 16])
 @given(k=BITS, v=BITS, g=st.integers(1, 4096), gv=st.integers(1, 4096), r=st.integers(0, 10000),
        rot=st.sampled_from(["", "k", "v", "kv"]), out=st.sampled_from([0.0, 0.005, 0.01, 1e-4, 0.25]),
        pre=st.booleans(), lb=st.lists(st.tuples(BITS, BITS), max_size=5), w=st.sampled_from([8, 16]),
-       clip=st.sampled_from(["", "k", "v", "kv"]))
-def test_spec_roundtrip(k, v, g, gv, r, rot, out, pre, lb, w, clip):
+       clip=st.sampled_from(["", "k", "v", "kv"]), cw=st.tuples(st.integers(2, 8), st.integers(2, 8)))
+def test_spec_roundtrip(k, v, g, gv, r, rot, out, pre, lb, w, clip, cw):
     fp = QuantConfig(k, v, layer_bits=tuple(lb)).is_full_precision
     c = QuantConfig(k, v, g, gv, r, rotate=rot, rotated_attention=bool(rot), outliers=out, pre_rope=pre,
-                    layer_bits=tuple(lb), window_bits=16 if fp else w, clip="" if fp else clip)
+                    layer_bits=tuple(lb), window_bits=16 if fp else w, clip="" if fp else clip, cold_window_bits=cw)
     assert QuantConfig.parse(c.spec()) == c or c.is_full_precision
 
 
@@ -55,6 +55,8 @@ def test_window_bits_name_only_w8():
     assert QuantConfig.parse("int2:clip:g64").spec() == "int:k2v2:g64:gv32:r128:clip"  # clip adds one knob too
     assert QuantConfig.parse("int2:clipv").spec() == "int:k2v2:g32:gv32:r128:clipv"
     assert QuantConfig.parse("int4:k8v4:g32:r128:s4:w8").window_bits == 8
+    assert QuantConfig.parse("int4:k8v4:g32:r128:cw88").spec() == "int:k8v4:g32:gv32:r128"  # cw88: the default
+    assert QuantConfig.parse("int:k16v16:cw43").spec() == "fp:cw43"  # a cold spec keeping every sealed side
     with pytest.raises(QuantConfigError, match="window_bits"):
         QuantConfig(window_bits=4)
 

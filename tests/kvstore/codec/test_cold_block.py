@@ -131,3 +131,41 @@ def test_a_well_formed_container_with_foreign_tensors_is_refused_not_crashed(cac
     except ContainerError:
         return
     assert [(n, a.tobytes()) for n, a in got] == [(n, a.tobytes()) for n, a in warm]
+
+
+def test_cold_container_holds_each_tensor_family_together_and_block_0_sinks_at_bf16(cache):
+    from kvstore.codec.container import Kind
+    from kvstore.codec.kv import decode_kv
+
+    state = cache.export_state()
+    cold, _ = codecs(state)
+    parts, _ = blk.split(state, BT, blk.whole_blocks(state, BT))
+    cb = cold.encode(parts[0], 0)
+    names = [n for n, _ in decode_kv(cb.data, kind=Kind.COLD_BLOCK).tensors]
+    fields = [n.partition(".")[2] for n in names]
+    assert fields == sorted(fields)  # family by family
+    stacked = {n.partition(".")[2] for n in names if n.startswith("all.")}
+    assert {"kc_codes", "kc_base", "kc_step", "vc_codes", "vc_scale", "vc_zero"} <= stacked  # one tensor each
+    assert [n for n in names if not n.startswith("all.")] == ["0.k_sink", "1.k_sink", "0.v_sink", "1.v_sink"]
+    warm, device = dict(cb.tensors), dict(parts[0])
+    for layer in range(2):
+        sink, orig = torch.from_numpy(warm[f"{layer}.k_sink"]), torch.from_numpy(device[f"{layer}.k_sink"])
+        assert torch.equal(sink, orig.bfloat16().float())
+
+
+def test_a_version_1_cold_block_still_decodes_and_an_unknown_version_is_refused(cache):
+    from kvstore.codec.container import pack_container, unpack_container
+
+    state = cache.export_state()
+    cold, _ = codecs(state)
+    part = blk.split(state, BT, blk.whole_blocks(state, BT))[0][1]
+    cb = cold.encode(part, 1)
+    kind, codec, meta, payload = unpack_container(cb.data)
+    for v, ok in ((1, True), (2, True), (3, False)):
+        data = pack_container(kind, codec, {**meta, "meta": {**meta["meta"], "v": v}}, payload)
+        if ok:
+            assert [(n, a.tobytes()) for n, a in cold.decode(data, 1, cb.content)] == \
+                [(n, a.tobytes()) for n, a in cb.tensors]
+        else:
+            with pytest.raises(ContainerError, match="v=3"):
+                cold.decode(data, 1, cb.content)

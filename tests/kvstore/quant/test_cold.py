@@ -19,7 +19,9 @@ from kvstore.quant.cold import (
     ColdSpecError,
     apply_cold,
     check_specs,
+    cold_sinks,
     cold_state,
+    cold_window,
     concat_cold,
     grid_dequantize,
     grid_quantize,
@@ -114,7 +116,7 @@ def test_device_sides_at_16_bits_pass_through():
     assert _equal(c, region) and _equal(warm_state(c, device, cold, 1, D), region)
 
 
-def test_apply_cold_touches_only_the_sealed_region():
+def test_apply_cold_rewrites_the_sealed_region_and_rounds_the_sinks():
     device = QuantConfig.parse("int4:k8v4:g32:gv16:r24:s4")
     cache = _cache(device, n=230)
     before = [{n: t.clone() for n, t in layer.tensors().items()} for layer in cache.layers]
@@ -124,8 +126,12 @@ def test_apply_cold_touches_only_the_sealed_region():
     for i, layer in enumerate(cache.layers):
         assert (layer.num_tokens, layer.n_sealed, layer.n_sink) == counts[i] == (230, 192, 4)
         after = layer.tensors()
-        for name in ("k_sink", "v_sink", "k_win", "v_win"):
+        for name in ("k_win", "v_win"):  # a 16-bit window stays as it is
             assert torch.equal(after[name], before[i][name])
+        for name in ("k_sink", "v_sink"):  # fp32 sinks at bf16
+            assert after[name].dtype == torch.float32
+            assert torch.equal(after[name], before[i][name].to(torch.bfloat16).float())
+            assert not torch.equal(after[name], before[i][name])
         region = {n: t for n, t in before[i].items() if n not in ("k_win", "v_win", "k_sink", "v_sink")}
         expected = warm_state(cold_state(region, device, cold, i, D, position=4), device, cold, i, D, position=4)
         assert _equal({n: after[n] for n in expected}, expected)
@@ -317,3 +323,44 @@ def test_cold_coding_is_smaller_than_the_device_region():
     cold_bits = encoded_bits([(f"0.{n}", t.numpy()) for n, t in c.items()], DEVICE.spec())
     dev_bits = encoded_bits([(f"0.{n}", t.numpy()) for n, t in region.items()], DEVICE.spec())
     assert cold_bits < 0.7 * dev_bits
+
+
+def test_cold_window_rounds_to_its_step_keeps_the_ends_and_is_idempotent():
+    codes = torch.arange(-127, 128, dtype=torch.int8)
+    assert torch.equal(cold_window(codes, 8), codes)
+    for bits in range(2, 8):
+        step = 1 << (8 - bits)
+        once = cold_window(codes, bits)
+        assert once.dtype == torch.int8
+        assert torch.equal(cold_window(once, bits), once)  # stored again after a resume: nothing changes
+        assert int((once.int() - codes.int()).abs().max()) <= step // 2  # at most half a step
+        inner = once[(once.abs() < 127)]
+        assert torch.equal(inner % step, torch.zeros_like(inner))  # on the grid, but for the ±127 ends
+        assert int(once[0]) == -127 and int(once[-1]) == 127  # the absmax element keeps its end code
+
+
+def test_cold_sinks_round_fp32_to_bf16_once_and_keep_16_bit_sinks():
+    x = torch.randn(1, 3, 4, 16) * 40
+    once = cold_sinks(x)
+    assert once.dtype == torch.float32 and torch.equal(cold_sinks(once), once)
+    assert float(((once - x).abs() / x.abs()).max()) <= 2 ** -8
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(cold_sinks(x.to(dtype)), x.to(dtype))
+
+
+def test_apply_cold_keeps_an_int8_window_at_the_cw_bits_per_side():
+    device = QuantConfig.parse("int4:k8v4:g32:gv16:r24:w8:s4")
+    cache = _cache(device, n=230)
+    before = [{n: t.clone() for n, t in layer.tensors().items()} for layer in cache.layers]
+    cold = QuantConfig.parse("int:k3v2:g64:gv16:s1:cw53")
+    assert cold.cold_window_bits == (5, 3) and QuantConfig.parse(cold.spec()) == cold
+    apply_cold(cache, cold)
+    for i, layer in enumerate(cache.layers):
+        after = layer.tensors()
+        assert torch.equal(after["k_win"], cold_window(before[i]["k_win"], 5))
+        assert torch.equal(after["v_win"], cold_window(before[i]["v_win"], 3))
+        assert not torch.equal(after["k_win"], before[i]["k_win"])
+        for name in ("k_win_scale", "v_win_scale"):
+            assert torch.equal(after[name], before[i][name])
+    with pytest.raises(ColdSpecError, match="cold-spec knob"):
+        apply_cold(_cache(QuantConfig.parse("int4:k8v4:g32:gv16:r24:w8:s4:cw53"), n=64), cold)

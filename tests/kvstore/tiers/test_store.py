@@ -32,10 +32,10 @@ PREFIX = list(range(1000, 1128))  # two whole prefill chunks: four canonical blo
 K, V = (torch.randn(1, SHAPE.kv_heads, 400, SHAPE.head_dim, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
 
 
-def kv_state(n: int, tail_seed: int = 0):
-    """The state of a cache fed positions [0, n): the first len(PREFIX) are shared by every session, the
-    rest differ with `tail_seed`."""
-    cache = QuantizedKVCache(QuantConfig.parse(SPEC), SHAPE.layers)
+def kv_state(n: int, tail_seed: int = 0, spec: str = SPEC):
+    """The state of a cache (of `spec`) fed positions [0, n): the first len(PREFIX) are shared by every
+    session, the rest differ with `tail_seed`."""
+    cache = QuantizedKVCache(QuantConfig.parse(spec), SHAPE.layers)
     k, v = K[:, :, :n].clone(), V[:, :, :n].clone()
     g = torch.Generator().manual_seed(100 + tail_seed)
     k[:, :, len(PREFIX):] = torch.randn(k[:, :, len(PREFIX):].shape, generator=g)
@@ -45,9 +45,9 @@ def kv_state(n: int, tail_seed: int = 0):
     return cache.export_state()
 
 
-def manifest(sid: str, tokens: list[int], schedule: list[int], tenant: str = "acme") -> SessionManifest:
+def manifest(sid: str, tokens: list[int], schedule: list[int], tenant: str = "acme", spec: str = SPEC) -> SessionManifest:
     return SessionManifest(tenant=tenant, session_id=sid, tokens=tokens, schedule=schedule, kv_tokens=0,
-                           model_fingerprint="f" * 64, quant_spec=QuantConfig.parse(SPEC).spec(), created_at=1.0,
+                           model_fingerprint="f" * 64, quant_spec=QuantConfig.parse(spec).spec(), created_at=1.0,
                            updated_at=2.0)
 
 
@@ -56,8 +56,8 @@ def tier(redis_server):
     return RedisTier(redis.Redis.from_url(redis_server.url), namespace="st" + uuid.uuid4().hex[:8])
 
 
-def make_store(tier, events=None, **settings) -> SessionStore:
-    model = ModelIdentity("f" * 64, SHAPE, QuantConfig.parse(SPEC), "cpu")
+def make_store(tier, events=None, spec: str = SPEC, **settings) -> SessionStore:
+    model = ModelIdentity("f" * 64, SHAPE, QuantConfig.parse(spec), "cpu")
     kw = dict(block_tokens=BLOCK, prefill_chunk=CHUNK, codec_threads=2) | settings
     return SessionStore(tier, model, StoreSettings(**kw), events.append if events is not None else (lambda e: None))
 
@@ -183,3 +183,28 @@ def test_cold_mode_restores_the_decoded_state_the_same_every_time_and_keeps_cold
         "acme", saved.blocks, saved.kv_tokens).state.equals(first)
     again = store.save(manifest("a", tokens, schedule), first, saved.blocks, saved.manifest_sha)
     assert again.blocks[:-1] == saved.blocks[:-1]  # resumed cold blocks are kept, never re-quantized
+
+
+def test_cold_mode_stores_the_tail_with_bf16_sinks_and_cw_window_codes_and_again_unchanged(tier):
+    spec, cold = "int4:g32:gv16:r32:w8:s4", QuantConfig.parse("int2:g64:gv16:s1:cw43")
+    store = make_store(tier, spec=spec, block_tokens=64, sharing=False, cold=cold)
+    tokens, schedule, _ = session(80, 1)
+    state = kv_state(len(tokens), 1, spec)
+    saved = store.save(manifest("w", tokens, schedule, spec=spec), state, [], None)
+    first = store.restore("acme", saved.blocks, saved.kv_tokens).state
+    n = len(saved.blocks) - 1
+    (block0, *_), tail = blk.split(state, 64, n)
+    (got0, *_), got_tail = blk.split(first, 64, n)
+    assert got_tail.equals(store.coder.cold.warm_tail(tail)) and not got_tail.equals(tail)
+    win = dict(got_tail.tensors)
+    for layer in range(SHAPE.layers):
+        for name, step in (("k_win", 16), ("v_win", 32)):  # cw43: keys keep 4 bits, values 3
+            codes = torch.from_numpy(win[f"{layer}.{name}"]).int()
+            inner = codes[codes.abs() < 127]
+            assert inner.numel() and bool((inner % step == 0).all())
+        sink = dict(got0)[f"{layer}.k_sink"]  # block 0's sinks: fp32 held at bf16
+        assert torch.equal(torch.from_numpy(sink), torch.from_numpy(sink).bfloat16().float())
+        assert not torch.equal(torch.from_numpy(sink), torch.from_numpy(dict(block0)[f"{layer}.k_sink"]))
+    again = store.save(manifest("w", tokens, schedule, spec=spec), first, saved.blocks, saved.manifest_sha)
+    assert again.blocks == saved.blocks  # the resumed session stores to the same blocks and tail: no drift
+    assert store.restore("acme", again.blocks, again.kv_tokens).state.equals(first)
