@@ -15,10 +15,11 @@ from services.eval.corpus import DEFAULT_TEXT
 
 # `eval cold`'s defaults (kept here, not in services/eval/cold.py, so that building the tree imports no numpy)
 DEFAULT_DEVICE = DEFAULT_KV_SPEC
-# SmolLM2-135M-Instruct (30 layers): keys 2-4 bits and values 2-3 bits per layer, allocated greedily from
-# per-layer KL sensitivities (about 2.1 bits per sealed element, delta PPL about +0.2 to +0.3). The flat
-# `int:k3v2:g128:gv64:s1:hadv` (about 2.3 bits, delta PPL about +0.2) fits any model.
-DEFAULT_COLD = "int:g128:gv64:s1:hadv:lb222222322232223232323222222232322232422243323233332232222222"
+# SmolLM2-135M-Instruct (30 layers) on the default device spec: keys 2-4 bits and values 2-3 bits per layer,
+# allocated from `eval cold --sensitivity`, clipped rotated values, the stored window at 5/4 bits: delta PPL
+# +0.37 over 3 windows, a whole 2,048-token session 0.170x of 16-bit (docs/BENCHMARKS.md, "Cold mode v2").
+# The flat `int:k3v2:g128:gv64:s1:hadv:clipv:cw43` fits any model (+0.72, 0.163x).
+DEFAULT_COLD = "int:g128:gv64:s1:hadv:clipv:lb222232323222224243324222222232323243423243323243332232222222:cw54"
 
 
 def add_eval_parser(sub) -> None:
@@ -52,6 +53,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill pass")
     p.add_argument("--offset", type=int, default=0, help="tokens of the text skipped before the first window "
                                                         "(e.g. to score windows held out from a calibration)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="scan KL per layer, side and bits with only that side cold (for allocating lb)")
     p.set_defaults(fn=runs("services.eval.cold", "run_cold"))
 
     p = kinds.add_parser("plot", help="SVG line plot of `eval ppl --json` result files")

@@ -33,6 +33,12 @@ flips some of its rounding decisions and the two runs drift apart: on SmolLM2, q
 sealed region once more at device precision (dequantize, re-seal) already gives a KL of about 1e-3 on the
 continuation. KL and delta PPL differences at that level are noise of this kind, not cold-mode loss.
 `--tokens` and `--window` of the common options are not used here (windows are history + continuation).
+
+`--sensitivity` scans instead: for every layer and side, the first `--cold` spec's knobs with only that side of
+that layer cold (keys at 2, 3, 4 bits, values at 2, 3; everything else passed through), and `floor`: every
+side passed through (what the sinks and window knobs alone cost). One JSON line per row with the mean KL
+over the continuations; use a continuation that stays in the window (e.g. 64 tokens with r64 and g128), so
+that no re-sealing drift blurs the differences. Per-layer bits (`lb`) are allocated from these rows.
 """
 
 from __future__ import annotations
@@ -150,6 +156,8 @@ def run_cold(args) -> int:
         windows.append((state, cont, targets, base))
         log(f"window {w + 1}/{args.windows}: history prefilled, baseline scored")
 
+    if args.sensitivity:
+        return _sensitivity(runner, colds[0], windows, args.chunk, rope)
     results = []
     for cold in colds:
         nll_b = nll_c = kl = agree = 0.0
@@ -200,3 +208,39 @@ def run_cold(args) -> int:
         print(f"| `{r['spec']}` | {r['bits_per_element']:.3f} | {r['stored_bits_per_element']:.3f} "
               f"| {r['ratio_vs_fp16']:.2f} | {r['delta_ppl']:+.3f} | {r['kl']:.5f} | {r['top1_agreement']:.4f} |")
     return 0
+
+
+def _sensitivity(runner, base, windows, chunk: int, rope) -> int:
+    """`--sensitivity`: one JSON line per (layer, side, bits) cold alone, and the all-pass-through floor."""
+    import torch
+
+    from kvstore.quant.cold import apply_cold
+
+    def mean_kl(lb: list[str]) -> float:
+        bits = tuple((_bits(k), _bits(v)) for k, v in lb)
+        passed = all(b == 16 for pair in bits for b in pair)
+        cold = base.replace(layer_bits=bits, clip="" if passed else base.clip)  # clip needs a quantized side
+        total = count = 0.0
+        for state, cont, _, lp_b in windows:
+            cache = runner.restore_cache(state)
+            apply_cold(cache, cold, rope=rope)
+            lp_c = continuation_logprobs(runner, cache, cont, chunk)
+            total += float((lp_b.exp() * (lp_b - lp_c)).sum(-1).clamp_min(0).sum())
+            count += len(cont)
+        return total / count
+
+    with torch.no_grad():
+        layers = runner.num_layers
+        print(json.dumps({"spec": base.spec(), "row": "floor", "kl": mean_kl(["ff"] * layers)}), flush=True)
+        for layer in range(layers):
+            for side, choices in (("k", (2, 3, 4)), ("v", (2, 3))):
+                for bits in choices:
+                    lb = ["ff"] * layers
+                    lb[layer] = f"{bits}f" if side == "k" else f"f{bits}"
+                    print(json.dumps({"spec": base.spec(), "layer": layer, "side": side, "bits": bits,
+                                      "kl": mean_kl(lb)}), flush=True)
+    return 0
+
+
+def _bits(c: str) -> int:
+    return 16 if c == "f" else int(c)
