@@ -162,13 +162,14 @@ class QuantConfig:
 
     def spec(self) -> str:
         """Canonical spec string; stable across releases because it is hashed into fingerprints."""
+        k, v = self.cold_window_bits
+        cw = [f"cw{k}{v}"] if self.cold_window_bits != (8, 8) else []  # cold specs only
         if self.is_full_precision and not self.evict:  # only the knobs that shape a full-precision cache
             defaults = QuantConfig()
             return ":".join(["fp"] + [f"{c}{v}" for c, v, d in (("g", self.key_group, defaults.key_group),
                                                                ("gv", self.value_group, defaults.value_group),
                                                                ("r", self.residual, defaults.residual),
-                                                               ("s", self.sinks, 0)) if v != d]
-                            + ([f"cw{self.cold_window_bits[0]}{self.cold_window_bits[1]}"] if self.cold_window_bits != (8, 8) else []))
+                                                               ("s", self.sinks, 0)) if v != d] + cw)
         parts = [f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"]
         parts += [f"w{self.window_bits}"] if self.window_bits != 16 else []  # w16 names stay as they were
         parts += [f"s{self.sinks}"] if self.sinks else []
@@ -179,7 +180,7 @@ class QuantConfig:
         parts += ["prerope"] if self.pre_rope else []
         parts += [f"ev{self.evict:g}"] if self.evict else []
         parts += ["lb" + "".join(_BIT_CHAR[b] for pair in self.layer_bits for b in pair)] if self.layer_bits else []
-        parts += [f"cw{self.cold_window_bits[0]}{self.cold_window_bits[1]}"] if self.cold_window_bits != (8, 8) else []
+        parts += cw
         return ":".join(parts)
 
     @classmethod

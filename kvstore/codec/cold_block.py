@@ -36,7 +36,7 @@ from kvstore.codec.container import Codec, ContainerError, Kind
 from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.config import QuantConfig
 from kvstore.layout import SINK_FIELDS, ModelShape, Tensors
-from kvstore.quant.cold import ColdSpecError, check_specs, cold_sinks, cold_state, cold_window, warm_state
+from kvstore.quant.cold import COLD_KEPT_FIELDS, ColdSpecError, check_specs, cold_kept, cold_state, warm_state
 from kvstore.quant.state import KVState
 
 COLD_VERSION = 2  # 2: families stacked over layers, sinks through cold_sinks; 1: layer by layer, sinks as is
@@ -94,8 +94,9 @@ def _torch(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _sinks(a: np.ndarray) -> np.ndarray:
-    return cold_sinks(_torch(a)).numpy()
+def _kept(field: str, a: np.ndarray, cold: QuantConfig) -> np.ndarray:
+    """`a` as a cold session keeps it (`cold_kept`): sinks and window codes change, nothing else."""
+    return cold_kept(field, _torch(a), cold).numpy() if field in COLD_KEPT_FIELDS else a
 
 
 def _warm(cold_layers: dict[int, dict[str, np.ndarray]], order: list[tuple[str, np.dtype, tuple]],
@@ -143,7 +144,7 @@ class ColdCodec(BlockCodec):
             cl = cold_state(region, quant, self.cold, layer, c.shape.head_dim, start=start,
                             position=quant.sinks + start)
             cold_layers[layer] = {f: t.contiguous().numpy() for f, t in cl.items()}
-            cold_layers[layer].update({f: _sinks(a) for f, a in fields.items() if f in SINK_FIELDS})
+            cold_layers[layer].update({f: _kept(f, a, self.cold) for f, a in fields.items() if f in SINK_FIELDS})
         warm = _warm(cold_layers, c.layout(index), quant, self.cold, c.shape, start)
         content = content_hash(warm)
         meta = {"v": COLD_VERSION, "cold_spec": self.cold.spec(), "shape": c.shape.to_json(),
@@ -154,19 +155,11 @@ class ColdCodec(BlockCodec):
         return EncodedBlock(data, content, warm)
 
     def warm_tail(self, tail: KVState) -> KVState:
-        """The session's tail as stored beside its cold blocks: sinks through `cold_sinks`, INT8 window codes
-        through `cold_window` at the spec's `cw` bits, everything else as it is (same names, shapes, dtypes)."""
+        """The session's tail as stored beside its cold blocks: its sinks and window through `cold_kept`,
+        everything else as it is (same names, shapes, dtypes)."""
         if self.cold is None:
             raise ValueError("the cold codec warms tails only with a cold spec (tiers.cold_spec)")
-        bits = dict(zip(("k_win", "v_win"), self.cold.cold_window_bits))
-        out = []
-        for name, a in tail.tensors:
-            field = name.partition(".")[2]
-            if field in SINK_FIELDS:
-                a = _sinks(a)
-            elif field in bits and a.dtype == np.int8 and bits[field] < 8:
-                a = cold_window(_torch(a), bits[field]).numpy()
-            out.append((name, a))
+        out = [(name, _kept(name.partition(".")[2], a, self.cold)) for name, a in tail.tensors]
         return KVState(num_tokens=tail.num_tokens, quant_spec=tail.quant_spec, meta=tail.meta, tensors=out)
 
     def decode(self, data: bytes, index: int, content: bytes | None = None) -> Tensors:

@@ -312,10 +312,23 @@ def cold_sinks(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).to(torch.float32) if x.dtype == torch.float32 else x
 
 
+COLD_KEPT_FIELDS = ("k_sink", "v_sink", "k_win", "v_win")  # the tensors `cold_kept` may change
+
+
+def cold_kept(field: str, t: torch.Tensor, cold: QuantConfig) -> torch.Tensor:
+    """A sink or window tensor (`field` of COLD_KEPT_FIELDS) as a cold session keeps it: sinks through
+    `cold_sinks`, INT8 window codes through `cold_window` at the spec's `cw` bits for their side; anything
+    else (a 16-bit window, another field) as it is."""
+    if field in ("k_sink", "v_sink"):
+        return cold_sinks(t)
+    if field in ("k_win", "v_win") and t.dtype == torch.int8:
+        return cold_window(t, cold.cold_window_bits[field == "v_win"])
+    return t
+
+
 def apply_cold(cache, cold: QuantConfig, rope: Rope | None = None) -> None:
     """Rewrite every layer of `cache` (a `QuantizedKVCache`) in place as a session resumed from the cold format
-    holds it: the sealed region as `warm_state(cold_state(region))`, the sinks through `cold_sinks` and an
-    INT8 window through `cold_window`. Every count stays as it is. `rope` (default: the cache's) is needed
+    holds it: the sealed region as `warm_state(cold_state(region))`, its sinks and window through `cold_kept`. Every count stays as it is. `rope` (default: the cache's) is needed
     for cold prerope."""
     device = cache.quant
     check_specs(device, cold)
@@ -339,9 +352,9 @@ def apply_cold(cache, cold: QuantConfig, rope: Rope | None = None) -> None:
         layer.sealed.update(tensors or {})
         for name in ("k_sink", "v_sink"):
             if name in layer.sealed:
-                layer.sealed[name] = cold_sinks(layer.sealed[name])
-        for side, bits in zip(("keys", "values"), cold.cold_window_bits):
+                layer.sealed[name] = cold_kept(name, layer.sealed[name], cold)
+        for side in ("keys", "values"):
             window = getattr(layer, side)
-            if isinstance(window, Int8Window) and bits < 8:
-                setattr(layer, side, Int8Window(cold_window(window.codes, bits), window.scale))
+            if isinstance(window, Int8Window):
+                setattr(layer, side, Int8Window(cold_kept(f"{side[0]}_win", window.codes, cold), window.scale))
         layer.drop_view()  # the decode view showed the replaced tensors

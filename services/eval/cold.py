@@ -119,7 +119,7 @@ def run_cold(args) -> int:
     from kvstore.quant.cold import apply_cold, check_specs
     from kvstore.quant.rope import Rope, RopeUnavailable
     from services.eval.corpus import load_ids
-    from services.eval.ppl import load_runner
+    from services.eval.ppl import kl_sum, load_runner
 
     torch.set_num_threads(1)
     device = QuantConfig.from_spec_or_file(args.kv)
@@ -174,7 +174,7 @@ def run_cold(args) -> int:
             rows = torch.arange(len(targets), device=runner.device)
             nll_b -= float(lp_b[rows, targets].sum())
             nll_c -= float(lp_c[rows, targets].sum())
-            kl += float((lp_b.exp() * (lp_b - lp_c)).sum(-1).clamp_min(0).sum())
+            kl += kl_sum(lp_b, lp_c)
             agree += float((lp_b.argmax(-1) == lp_c.argmax(-1)).sum())
             count += len(targets)
         ppl_b, ppl_c = math.exp(nll_b / count), math.exp(nll_c / count)
@@ -215,32 +215,27 @@ def _sensitivity(runner, base, windows, chunk: int, rope) -> int:
     import torch
 
     from kvstore.quant.cold import apply_cold
+    from services.eval.ppl import kl_sum
 
-    def mean_kl(lb: list[str]) -> float:
-        bits = tuple((_bits(k), _bits(v)) for k, v in lb)
+    def mean_kl(bits: list[tuple[int, int]]) -> float:
         passed = all(b == 16 for pair in bits for b in pair)
-        cold = base.replace(layer_bits=bits, clip="" if passed else base.clip)  # clip needs a quantized side
+        cold = base.replace(layer_bits=tuple(bits), clip="" if passed else base.clip)  # clip needs a quantized side
         total = count = 0.0
         for state, cont, _, lp_b in windows:
             cache = runner.restore_cache(state)
             apply_cold(cache, cold, rope=rope)
-            lp_c = continuation_logprobs(runner, cache, cont, chunk)
-            total += float((lp_b.exp() * (lp_b - lp_c)).sum(-1).clamp_min(0).sum())
+            total += kl_sum(lp_b, continuation_logprobs(runner, cache, cont, chunk))
             count += len(cont)
         return total / count
 
     with torch.no_grad():
         layers = runner.num_layers
-        print(json.dumps({"spec": base.spec(), "row": "floor", "kl": mean_kl(["ff"] * layers)}), flush=True)
+        print(json.dumps({"spec": base.spec(), "row": "floor", "kl": mean_kl([(16, 16)] * layers)}), flush=True)
         for layer in range(layers):
             for side, choices in (("k", (2, 3, 4)), ("v", (2, 3))):
-                for bits in choices:
-                    lb = ["ff"] * layers
-                    lb[layer] = f"{bits}f" if side == "k" else f"f{bits}"
-                    print(json.dumps({"spec": base.spec(), "layer": layer, "side": side, "bits": bits,
-                                      "kl": mean_kl(lb)}), flush=True)
+                for b in choices:
+                    bits = [(16, 16)] * layers
+                    bits[layer] = (b, 16) if side == "k" else (16, b)
+                    print(json.dumps({"spec": base.spec(), "layer": layer, "side": side, "bits": b,
+                                      "kl": mean_kl(bits)}), flush=True)
     return 0
-
-
-def _bits(c: str) -> int:
-    return 16 if c == "f" else int(c)

@@ -76,6 +76,11 @@ def cache_bits(cache) -> tuple[float, float]:
     return (q_bits / q_elems if q_elems else 0.0), (all_bits / all_elems if all_elems else 0.0)
 
 
+def kl_sum(lp_ref, lp) -> float:
+    """Summed KL(p_ref || p) over the rows of two [rows, vocab] log-prob tensors (negative float error clamped)."""
+    return float((lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp_min(0).sum())
+
+
 def window_logprobs(runner, ids: list[int], cache, chunk: int):
     """Next-token log-probs [len(ids) - 1, vocab] of one window fed through `cache` in chunks."""
     import torch
@@ -129,7 +134,7 @@ class Evaluator:
             rows = torch.arange(len(targets), device=self.runner.device)
             nll_ref -= float(lp_ref[rows, targets].sum())
             nll -= float(lp[rows, targets].sum())
-            kl += float((lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp_min(0).sum())
+            kl += kl_sum(lp_ref, lp)
             agree += float((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
             count += len(targets)
             q, t = (bits or cache_bits)(cache)
