@@ -25,6 +25,8 @@ into fingerprints and stored in container headers. `QuantConfig.parse(spec)` is 
              | "cw" K V              cold specs only: bits a stored INT8 window keeps per side, 2-8 each
                                      (kvstore/quant/cold.py `cold_window`), e.g. cw53; cw88 (the default)
                                      keeps the window as it is
+             | "qk"                  cold specs only: key channels weighted by the model's query energy
+                                     (kvstore/quant/key_weights.py), finer steps where queries look
 
 Examples: `fp`, `int4`, `int8:r64`, `int4:k4v2:g64:r128:had:out0.01`, `int4:k8v4:g32:r128:w8`. `QuantConfig.from_spec_or_file` also takes a
 file holding a spec (plain text, or TOML with `spec = "..."`), e.g. one written by `kvstash eval alloc`.
@@ -112,6 +114,12 @@ class QuantConfig:
                          "cold; 8 keeps them as they are (kvstore/quant/cold.py `cold_window`)."},
     )
 
+    query_keys: bool = field(
+        default=False,
+        metadata={"doc": "Cold specs only: weight each key channel by the model's query energy before the cold "
+                         "key grid (kvstore/quant/key_weights.py)."},
+    )
+
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
             if getattr(self, name) not in SUPPORTED_BITS:
@@ -160,16 +168,21 @@ class QuantConfig:
             raise QuantConfigError(f"layer_bits covers {len(self.layer_bits)} layers; layer {layer} has none")
         return self.layer_bits[layer]
 
+    def cold_only_knobs(self) -> list[str]:
+        """The knobs of cold specs only that this config uses ("cw", "qk"): a device spec must use none."""
+        return ["cw"] * (self.cold_window_bits != (8, 8)) + ["qk"] * self.query_keys
+
     def spec(self) -> str:
         """Canonical spec string; stable across releases because it is hashed into fingerprints."""
         k, v = self.cold_window_bits
-        cw = [f"cw{k}{v}"] if self.cold_window_bits != (8, 8) else []  # cold specs only
+        cold_only = ["qk"] if self.query_keys else []  # knobs of cold specs only
+        cold_only += [f"cw{k}{v}"] if self.cold_window_bits != (8, 8) else []
         if self.is_full_precision and not self.evict:  # only the knobs that shape a full-precision cache
             defaults = QuantConfig()
             return ":".join(["fp"] + [f"{c}{v}" for c, v, d in (("g", self.key_group, defaults.key_group),
                                                                ("gv", self.value_group, defaults.value_group),
                                                                ("r", self.residual, defaults.residual),
-                                                               ("s", self.sinks, 0)) if v != d] + cw)
+                                                               ("s", self.sinks, 0)) if v != d] + cold_only)
         parts = [f"int:k{self.key_bits}v{self.value_bits}:g{self.key_group}:gv{self.value_group}:r{self.residual}"]
         parts += [f"w{self.window_bits}"] if self.window_bits != 16 else []  # w16 names stay as they were
         parts += [f"s{self.sinks}"] if self.sinks else []
@@ -180,7 +193,7 @@ class QuantConfig:
         parts += ["prerope"] if self.pre_rope else []
         parts += [f"ev{self.evict:g}"] if self.evict else []
         parts += ["lb" + "".join(_BIT_CHAR[b] for pair in self.layer_bits for b in pair)] if self.layer_bits else []
-        parts += cw
+        parts += cold_only
         return ":".join(parts)
 
     @classmethod
@@ -226,6 +239,8 @@ class QuantConfig:
             elif m := re.fullmatch(r"lb([2348f]{2})+", knob):
                 chars = knob[2:]
                 kw["layer_bits"] = tuple((_CHAR_BIT[chars[i]], _CHAR_BIT[chars[i + 1]]) for i in range(0, len(chars), 2))
+            elif knob == "qk":
+                kw["query_keys"] = True
             elif m := re.fullmatch(r"cw([2-8])([2-8])", knob):
                 kw["cold_window_bits"] = (int(m[1]), int(m[2]))
             else:

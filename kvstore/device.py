@@ -10,7 +10,8 @@ Re-exports, one name each, of:
   token runs side by side;
 - `attention` (the module kvstore/quant/attention.py): `install` the attention that reads kvstash caches
   into a model, `active(cache)` around its forward passes;
-- `ModelShape` (kvstore/layout.py): a model's KV geometry.
+- `ModelShape` (kvstore/layout.py): a model's KV geometry;
+- `key_weights` (kvstore/quant/key_weights.py): a model's cold key weight exponents (cold specs with qk).
 Nothing is defined here; the invariants are the modules'.
 """
 
@@ -19,9 +20,10 @@ from __future__ import annotations
 from kvstore.layout import ModelShape
 from kvstore.quant import attention
 from kvstore.quant.cache import QuantizedKVCache, check_model_supported, check_spec_supported, rope_for
+from kvstore.quant.key_weights import key_weights
 from kvstore.quant.rows import forward_rows
 from kvstore.quant.segments import LOGIT_ROWS, forward_segments
 from kvstore.quant.state import KVState
 
 __all__ = ["LOGIT_ROWS", "KVState", "ModelShape", "QuantizedKVCache", "attention", "check_model_supported",
-           "check_spec_supported", "forward_rows", "forward_segments", "rope_for"]
+           "check_spec_supported", "forward_rows", "forward_segments", "key_weights", "rope_for"]

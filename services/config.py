@@ -253,8 +253,9 @@ class KvstashConfig:
 
     def validate(self) -> None:
         quant = self.quant  # raises QuantConfigError on a bad spec
-        if quant.cold_window_bits != (8, 8):
-            raise ValueError(f"kv.spec={self.kv.spec!r}: cw (cold window bits) belongs in tiers.cold_spec")
+        if quant.cold_only_knobs():
+            raise ValueError(f"kv.spec={self.kv.spec!r}: {', '.join(quant.cold_only_knobs())} belong in "
+                             "tiers.cold_spec")
         if self.block_tokens % quant.key_group or self.block_tokens <= 0:
             raise ValueError(f"prefix.block_tokens={self.prefix.block_tokens} must be a multiple of the key group "
                              f"({quant.key_group})")

@@ -16,7 +16,7 @@ Invariants (every codec, checked for every registered one by tests/kvstore/codec
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -44,6 +44,8 @@ class BlockContext:
     shape: ModelShape
     block_tokens: int
     model_fingerprint: str
+    key_exps: np.ndarray | None = field(default=None, compare=False)  # [layers, kv heads, head_dim] int8: the
+    # model's cold key weight exponents (kvstore.quant.key_weights), what cold specs with qk encode with
 
     def layout(self, index: int) -> list[tuple[str, np.dtype, tuple]]:
         return layout(self.quant, self.shape, self.block_tokens, index)

@@ -18,8 +18,11 @@ Invariants (beside `kvstore.codec.block_codec`'s):
 - `warm_tail(tail)` is the session's tail as it is stored next to cold blocks (and so resumed): its sinks
   through `cold_sinks`, its INT8 window codes through `cold_window` at the spec's `cw` bits. Idempotent.
 
+- With `qk` in the cold spec, encoding needs the model's key weight exponents (`BlockContext.key_exps`,
+  `kvstore.quant.key_weights`); each block stores its own (`kc_wexp`), so decoding never needs them.
+
 Container: a KV container (kvstore.codec.kv, zstd over stream-transformed tensors) of kind COLD_BLOCK whose
-state meta holds `v` (COLD_VERSION; READ_COLD_VERSIONS are read), `cold_spec`, `shape`, `block_tokens`, `index0` and `content` (hex of
+state meta holds `v` (COLD_VERSION, or QK_VERSION for blocks with `kc_wexp`; READ_COLD_VERSIONS are read), `cold_spec`, `shape`, `block_tokens`, `index0` and `content` (hex of
 the warm block's content hash); its tensors are the cold tensors plus block 0's sinks, family by family
 (all layers' key codes, then ...: zstd codes that ~3% smaller than layer after layer). A cold family every
 layer holds at one shape is one tensor "all.<name>" [layers, ...] (v2: a header of ~10 shapes instead of
@@ -40,7 +43,8 @@ from kvstore.quant.cold import COLD_KEPT_FIELDS, ColdSpecError, check_specs, col
 from kvstore.quant.state import KVState
 
 COLD_VERSION = 2  # 2: families stacked over layers, sinks through cold_sinks; 1: layer by layer, sinks as is
-READ_COLD_VERSIONS = (1, 2)  # decoding does not depend on either difference
+QK_VERSION = 3  # what blocks with query-weighted keys (kc_wexp) are written as: readers of v2 refuse them
+READ_COLD_VERSIONS = (1, 2, 3)  # decoding does not depend on the differences
 STACKED = "all"  # the layer part of a stacked family's name (v2)
 COLD_LEVEL = 19  # idle blocks are written once and read rarely: zstd's strongest level pays
 
@@ -131,6 +135,10 @@ class ColdCodec(BlockCodec):
         if spec is not None:
             self.cold = QuantConfig.parse(spec)
             check_cold(ctx.quant, self.cold, ctx.block_tokens, ctx.shape.layers)
+            want = (ctx.shape.layers, ctx.shape.kv_heads, ctx.shape.head_dim)
+            if self.cold.query_keys and (ctx.key_exps is None or tuple(ctx.key_exps.shape) != want):
+                raise ColdSpecError(f"cold spec {spec} (qk) needs the model's key weight exponents {list(want)} "
+                                    "(kvstore.quant.key_weights)")
 
     def encode(self, part: Tensors, index: int) -> EncodedBlock:
         if self.cold is None:
@@ -141,13 +149,14 @@ class ColdCodec(BlockCodec):
         cold_layers: dict[int, dict[str, np.ndarray]] = {}
         for layer, fields in _layers(part).items():
             region = {f: _torch(a) for f, a in fields.items() if f not in SINK_FIELDS}
+            exps = torch.from_numpy(c.key_exps[layer]) if self.cold.query_keys else None
             cl = cold_state(region, quant, self.cold, layer, c.shape.head_dim, start=start,
-                            position=quant.sinks + start)
+                            position=quant.sinks + start, key_exps=exps)
             cold_layers[layer] = {f: t.contiguous().numpy() for f, t in cl.items()}
             cold_layers[layer].update({f: _kept(f, a, self.cold) for f, a in fields.items() if f in SINK_FIELDS})
         warm = _warm(cold_layers, c.layout(index), quant, self.cold, c.shape, start)
         content = content_hash(warm)
-        meta = {"v": COLD_VERSION, "cold_spec": self.cold.spec(), "shape": c.shape.to_json(),
+        meta = {"v": QK_VERSION if self.cold.query_keys else COLD_VERSION, "cold_spec": self.cold.spec(), "shape": c.shape.to_json(),
                 "block_tokens": c.block_tokens, "index0": index == 0, "content": content.hex()}
         state = KVState(num_tokens=c.block_tokens, quant_spec=quant.spec(), meta=meta, tensors=_stack(cold_layers))
         data = encode_kv(state, model_fingerprint=c.model_fingerprint, level=COLD_LEVEL, codec=self.container[1],

@@ -31,6 +31,8 @@ The cold spec is a `QuantConfig` (grammar in kvstore/config.py), read as follows
                    warm-up); needs the model's `Rope`
     r N            ignored
     cw K V         bits the INT8 window codes keep per side (`cold_window`; cw88, the default, keeps them)
+    qk             keys weighted per channel by the model's query energy before the grid (power-of-two
+                   weights, `kvstore.quant.key_weights`; stored as `kc_wexp`); needs the weights
     out, ev, hadattn: refused. Device specs with prerope, out or ev are refused too (ColdSpecError, a
     ValueError). Device specs with had*/hadattn are accepted: a device side is read back to the original
     basis (`side.read`) and re-sealed by `side.seal`, which rotates it again, so the cold path sees plain
@@ -49,6 +51,8 @@ tensor is laid out for the byte-oriented lossless coder that stores it):
     kc_codes  [B, H, D, n] uint8         key grid codes, channel-major (a channel's codes over time together)
     kc_base   [B, H, D, n_g] int16       per channel and cold group: the grid index of the channel's minimum
     kc_step   [B, H, 1, n_g] fp16        per head and cold group: the grid step
+    kc_wexp   [B, H, D, n_g] int8        (qk) per channel and cold group: the key weight's exponent; the grid
+                                         holds keys * 2**kc_wexp
     vc_codes  [B, H, n, D * c / 8] uint8 values, `side.seal` codes (2, 4 or 8 bits; 3-bit codes in nibbles,
                                          c = 4, which byte-oriented coders handle far better than 3-bit packing)
     vc_scale, vc_zero [B, H, n, D / gv] fp16   per token and value group
@@ -66,7 +70,8 @@ Invariants:
 - Error bound (element-wise; x = the device region dequantized, w = dequantized `warm_state` output,
   s_c = the element's cold group scale, s_d = its new device group scale):
       |x - w| <= s_c / 2 + s_d / 2 + (|x| + s_c) * 2**-9 + 1e-6      (plain cold sides; s_c is the
-                                                                      key grid step or the value scale)
+                                                                      key grid step (/ 2**kc_wexp with
+                                                                      qk) or the value scale)
       |x - w| <= s_d / 2 + |x| * 2**-9 + 1e-6                         (kept first tokens)
   With a Hadamard-rotated cold side the cold term holds in the rotated basis (so per token in L2 norm:
   ||x - w|| <= ||cold term|| + ||device term||), and with prerope per RoPE pair of channels (i, i + D/2)
@@ -79,6 +84,7 @@ import torch
 
 from kvstore.config import QuantConfig
 from kvstore.quant import side as sides
+from kvstore.quant.key_weights import pow2
 from kvstore.quant.layer import QuantizedKVLayer
 from kvstore.quant.pack import pack, unpack
 from kvstore.quant.rope import Rope
@@ -95,8 +101,11 @@ class ColdSpecError(ValueError):
 
 def check_specs(device: QuantConfig, cold: QuantConfig) -> None:
     """Raise ColdSpecError when `device` or `cold` is outside what cold mode supports."""
-    if device.cold_window_bits != (8, 8):
-        raise ColdSpecError(f"cw (cold window bits) is a cold-spec knob, not a device one: {device.spec()}")
+    if device.cold_only_knobs():
+        raise ColdSpecError(f"{', '.join(device.cold_only_knobs())}: cold-spec knobs (tiers.cold_spec), not device "
+                            f"ones: {device.spec()}")
+    if cold.query_keys and "k" in cold.rotate:
+        raise ColdSpecError(f"qk weighs key channels, which a key rotation (had, hadk) mixes: {cold.spec()}")
     for what, bad in (("prerope", device.pre_rope), ("outliers (out)", bool(device.outliers)),
                       ("token eviction (ev)", bool(device.evict))):
         if bad and not device.is_full_precision:
@@ -182,18 +191,21 @@ def grid_dequantize(codes: torch.Tensor, step: torch.Tensor, base: torch.Tensor)
 
 def cold_state(layer_tensors: dict[str, torch.Tensor], device: QuantConfig, cold: QuantConfig, layer_idx: int,
                head_dim: int, *, start: int = 0, position: int | None = None,
-               rope: Rope | None = None) -> dict[str, torch.Tensor]:
+               rope: Rope | None = None, key_exps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The sealed region `layer_tensors` (device format, names as in `QuantizedKVLayer.sealed`, sinks
     ignored) in the cold format.
 
     `start`: offset of these tokens in the layer's sealed region (a multiple of the cold key group; the
     kept first tokens exist only at 0). `position`: the position of their first token (default `start`,
-    i.e. no device sinks), used with `prerope` and `rope`."""
+    i.e. no device sinks), used with `prerope` and `rope`. `key_exps` [H, D] int8: this layer's key weight
+    exponents (`kvstore.quant.key_weights`), needed with `qk`."""
     check_specs(device, cold)
     if start % cold.key_group:
         raise ColdSpecError(f"start={start} must be a multiple of the cold key group {cold.key_group}")
     if cold.pre_rope and rope is None:
         raise ColdSpecError("cold prerope needs the model's RoPE (pass rope=Rope.from_model(model))")
+    if cold.query_keys and key_exps is None:
+        raise ColdSpecError("cold qk needs the model's key weights (kvstore.quant.key_weights.key_weights)")
     position = start if position is None else position
     dplans = _device_plans(device, layer_idx, head_dim)
     out: dict[str, torch.Tensor] = {}
@@ -221,9 +233,15 @@ def cold_state(layer_tensors: dict[str, torch.Tensor], device: QuantConfig, cold
                 xg = torch.cat([fill.expand(*xg.shape[:-2], keep, xg.shape[-1]), xg[..., keep:, :]], -2)
             plan = _cold_plan(cold, side, layer_idx, head_dim, b - a)
             if side == "k":
+                wexp = None
+                if cold.query_keys:
+                    wexp = key_exps.to(torch.int8).reshape(1, -1, 1, xg.shape[-1]).expand(xg.shape[0], -1, 1, -1)
+                    xg = xg * pow2(wexp)
                 codes, step, base = grid_quantize(hadamard(xg) if plan.rotate else xg, plan.bits)
                 pieces.append({"kc_codes": codes.transpose(-1, -2).contiguous(), "kc_step": step.transpose(-1, -2),
                                "kc_base": base.transpose(-1, -2).contiguous()})
+                if wexp is not None:
+                    pieces[-1]["kc_wexp"] = wexp.transpose(-1, -2).contiguous()
             else:
                 pieces.append(_value_layout(sides.seal(xg, plan), plan.bits, head_dim))
         out.update(concat_cold(pieces))
@@ -282,6 +300,8 @@ def warm_state(cold_tensors: dict[str, torch.Tensor], device: QuantConfig, cold:
                                     cold_tensors["kc_step"][..., j:j + 1].transpose(-1, -2),
                                     cold_tensors["kc_base"][..., j:j + 1].transpose(-1, -2))
                 y = hadamard(y) if plan.rotate else y
+                if "kc_wexp" in cold_tensors:
+                    y = y * pow2(-cold_tensors["kc_wexp"][..., j:j + 1].transpose(-1, -2).to(torch.int32))
                 if cold.pre_rope:
                     y = rope.apply(y, position + a, layer_idx)
             else:
@@ -326,10 +346,11 @@ def cold_kept(field: str, t: torch.Tensor, cold: QuantConfig) -> torch.Tensor:
     return t
 
 
-def apply_cold(cache, cold: QuantConfig, rope: Rope | None = None) -> None:
+def apply_cold(cache, cold: QuantConfig, rope: Rope | None = None, key_exps: torch.Tensor | None = None) -> None:
     """Rewrite every layer of `cache` (a `QuantizedKVCache`) in place as a session resumed from the cold format
-    holds it: the sealed region as `warm_state(cold_state(region))`, its sinks and window through `cold_kept`. Every count stays as it is. `rope` (default: the cache's) is needed
-    for cold prerope."""
+    holds it: the sealed region as `warm_state(cold_state(region))`, its sinks and window through `cold_kept`.
+    Every count stays as it is. `rope` (default: the cache's) is needed for cold prerope, `key_exps`
+    [L, H, D] (`kvstore.quant.key_weights.key_weights`) for cold qk."""
     device = cache.quant
     check_specs(device, cold)
     rope = rope if rope is not None else cache.rope
@@ -344,7 +365,8 @@ def apply_cold(cache, cold: QuantConfig, rope: Rope | None = None) -> None:
             new.append(None)
             continue
         region = {n: t for n, t in layer.sealed.items() if not n.endswith("_sink")}
-        c = cold_state(region, device, cold, i, layer.head_dim, position=layer.n_sink, rope=rope)
+        c = cold_state(region, device, cold, i, layer.head_dim, position=layer.n_sink, rope=rope,
+                       key_exps=None if key_exps is None else key_exps[i])
         new.append(warm_state(c, device, cold, i, layer.head_dim, position=layer.n_sink, rope=rope))
     for layer, tensors in zip(cache.layers, new):  # only once every layer went through
         if not layer.is_initialized:

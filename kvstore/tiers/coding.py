@@ -44,7 +44,7 @@ class BlockCoder:
     def __init__(self, model: ModelIdentity, settings: StoreSettings):
         self.model, self.quant, self.shape = model, model.quant, model.shape
         self.block_tokens, self.level = settings.block_tokens, settings.codec_level
-        self.ctx = BlockContext(self.quant, self.shape, self.block_tokens, model.fingerprint)
+        self.ctx = BlockContext(self.quant, self.shape, self.block_tokens, model.fingerprint, model.key_exps)
         self.warm = codec_named(DEFAULT)(self.ctx)
         self.cold = codec_named("cold")(self.ctx, settings.cold.spec()) if settings.cold is not None else None
         self.decoder = BlockDecoder(self.ctx)

@@ -11,7 +11,9 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from kvstore.config import QuantConfig
 from kvstore.prefix.blocks import ModelShape
@@ -28,6 +30,8 @@ class ModelIdentity:
     shape: ModelShape
     quant: QuantConfig  # the on-device KV spec
     device_kind: str  # "cpu", "cuda", ...: kernels differ in their rounding, so it is part of the domain
+    key_exps: np.ndarray | None = field(default=None, compare=False)  # cold key weight exponents [L, H, D]
+    # int8 (kvstore.quant.key_weights), needed only by a cold spec with qk; a function of the weights
 
 
 @dataclass(frozen=True)

@@ -69,13 +69,14 @@ def sealed_regions(cache) -> list[tuple[int, object, dict]]:
             for i, layer in enumerate(cache.layers) if layer.is_initialized and layer.n_sealed]
 
 
-def region_bits(cache, cold, rope) -> tuple[int, int, int]:
+def region_bits(cache, cold, rope, key_exps=None) -> tuple[int, int, int]:
     """(cold bits, device bits, sealed K/V elements) of a cache's sealed region."""
     from kvstore.quant.cold import cold_state
 
     cold_named, dev_named, elems = [], [], 0
     for i, layer, region in sealed_regions(cache):
-        c = cold_state(region, cache.quant, cold, i, layer.head_dim, position=layer.n_sink, rope=rope)
+        c = cold_state(region, cache.quant, cold, i, layer.head_dim, position=layer.n_sink, rope=rope,
+                       key_exps=None if key_exps is None else key_exps[i])
         cold_named += [(f"{i}.{n}", t.detach().contiguous().cpu().numpy()) for n, t in c.items()]
         dev_named += [(f"{i}.{n}", t.detach().contiguous().cpu().numpy()) for n, t in region.items()]
         b, h, _, d = layer.keys.shape
@@ -84,7 +85,7 @@ def region_bits(cache, cold, rope) -> tuple[int, int, int]:
     return encoded_bits(cold_named, spec), encoded_bits(dev_named, spec), elems
 
 
-def stored_bits(state, runner, device, cold, prefill_chunk: int) -> tuple[int, int, int]:
+def stored_bits(state, runner, device, cold, prefill_chunk: int, key_exps=None) -> tuple[int, int, int]:
     """(bits as cold blocks, bits as lossless blocks, elements) of the whole blocks of `state`, cut as the
     service cuts them (its default `prefix.block_tokens` for these specs and prefill chunk)."""
     from kvstore.codec.block_codec import BlockContext
@@ -97,7 +98,7 @@ def stored_bits(state, runner, device, cold, prefill_chunk: int) -> tuple[int, i
     shape = ModelShape.of_state(state)
     n = blk.whole_blocks(state, bt)
     parts, _ = blk.split(state, bt, n)
-    ctx = BlockContext(device, shape, bt, runner.fingerprint)
+    ctx = BlockContext(device, shape, bt, runner.fingerprint, None if key_exps is None else key_exps.numpy())
     cold_codec, lossless = codec_named("cold")(ctx, cold.spec()), codec_named(DEFAULT)(ctx)
     cbits = sum(len(cold_codec.encode(p, i).data) for i, p in enumerate(parts)) * 8
     dbits = sum(len(lossless.encode(p, i).data) for i, p in enumerate(parts)) * 8
@@ -139,6 +140,7 @@ def run_cold(args) -> int:
             rope = Rope.from_model(runner.model)
         except RopeUnavailable as e:
             raise SystemExit(f"cold prerope: {e}") from None
+    key_exps = torch.from_numpy(runner.key_exps()) if any(c.query_keys for c in colds) else None
     span = args.history + args.continuation + 1
     ids = load_ids(runner, args.text, args.offset + span * args.windows)[args.offset:]
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -157,19 +159,19 @@ def run_cold(args) -> int:
         log(f"window {w + 1}/{args.windows}: history prefilled, baseline scored")
 
     if args.sensitivity:
-        return _sensitivity(runner, colds[0], windows, args.chunk, rope)
+        return _sensitivity(runner, colds[0], windows, args.chunk, rope, key_exps)
     results = []
     for cold in colds:
         nll_b = nll_c = kl = agree = 0.0
         count = bits = dev_bits = elems = st_bits = st_dev = st_elems = 0
         for state, cont, targets, lp_b in windows:
             cache = runner.restore_cache(state)
-            cb, db, n = region_bits(cache, cold, rope)
+            cb, db, n = region_bits(cache, cold, rope, key_exps)
             bits, dev_bits, elems = bits + cb, dev_bits + db, elems + n
             if not cold.pre_rope:
-                sb, sd, se = stored_bits(state, runner, device, cold, args.prefill_chunk)
+                sb, sd, se = stored_bits(state, runner, device, cold, args.prefill_chunk, key_exps)
                 st_bits, st_dev, st_elems = st_bits + sb, st_dev + sd, st_elems + se
-            apply_cold(cache, cold, rope=rope)
+            apply_cold(cache, cold, rope=rope, key_exps=key_exps)
             lp_c = continuation_logprobs(runner, cache, cont, args.chunk)
             rows = torch.arange(len(targets), device=runner.device)
             nll_b -= float(lp_b[rows, targets].sum())
@@ -210,7 +212,7 @@ def run_cold(args) -> int:
     return 0
 
 
-def _sensitivity(runner, base, windows, chunk: int, rope) -> int:
+def _sensitivity(runner, base, windows, chunk: int, rope, key_exps) -> int:
     """`--sensitivity`: one JSON line per (layer, side, bits) cold alone, and the all-pass-through floor."""
     import torch
 
@@ -223,7 +225,7 @@ def _sensitivity(runner, base, windows, chunk: int, rope) -> int:
         total = count = 0.0
         for state, cont, _, lp_b in windows:
             cache = runner.restore_cache(state)
-            apply_cold(cache, cold, rope=rope)
+            apply_cold(cache, cold, rope=rope, key_exps=key_exps)
             total += kl_sum(lp_b, continuation_logprobs(runner, cache, cont, chunk))
             count += len(cont)
         return total / count

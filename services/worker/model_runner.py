@@ -74,6 +74,7 @@ class ModelRunner:
         self.num_layers = check_model_supported(self.model.config)
         attention.install(self.model)  # SDPA that also serves caches handing it rotated K/V
         self._rope_obj = None
+        self._key_exps = None
         self.fingerprint = self._fingerprint()
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
@@ -126,6 +127,16 @@ class ModelRunner:
         if self._rope_obj is None:
             self._rope_obj = rope_for(self.model, quant)
         return self._rope_obj
+
+    def key_exps(self):
+        """The model's cold key weight exponents [layers, kv heads, head_dim] int8 numpy (cold specs with qk;
+        `kvstore.quant.key_weights`), computed once (a pass over 512 calibration ids). Raises
+        KeyWeightsUnavailable (a ValueError) for a model without q projections."""
+        if self._key_exps is None:
+            from kvstore.device import key_weights
+
+            self._key_exps = key_weights(self.model, self.shape.kv_heads, self.shape.head_dim).numpy()
+        return self._key_exps
 
     @torch.inference_mode()
     def forward(self, cache: QuantizedKVCache, ids: list[int]) -> torch.Tensor:

@@ -88,7 +88,8 @@ def store_settings(cfg: KvstashConfig) -> StoreSettings:
 class CacheStore:
     def __init__(self, runner: ModelRunner, tier: RedisTier, cfg: KvstashConfig, metrics: WorkerMetrics):
         self.runner, self.metrics, self.quant = runner, metrics, cfg.quant
-        model = ModelIdentity(runner.fingerprint, runner.shape, self.quant, runner.device.type)
+        model = ModelIdentity(runner.fingerprint, runner.shape, self.quant, runner.device.type,
+                              runner.key_exps() if cfg.cold is not None and cfg.cold.query_keys else None)
         self.store = SessionStore(tier, model, store_settings(cfg), MetricsEvents(metrics))
         self.store.coder.warm_up(new_cache=lambda: runner.new_cache(self.quant))
         self.prefill_chunk, self.block_tokens = self.store.chunk, self.store.block_tokens

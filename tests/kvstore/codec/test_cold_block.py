@@ -161,11 +161,39 @@ def test_a_version_1_cold_block_still_decodes_and_an_unknown_version_is_refused(
     part = blk.split(state, BT, blk.whole_blocks(state, BT))[0][1]
     cb = cold.encode(part, 1)
     kind, codec, meta, payload = unpack_container(cb.data)
-    for v, ok in ((1, True), (2, True), (3, False)):
+    for v, ok in ((1, True), (2, True), (3, True), (4, False)):
         data = pack_container(kind, codec, {**meta, "meta": {**meta["meta"], "v": v}}, payload)
         if ok:
             assert [(n, a.tobytes()) for n, a in cold.decode(data, 1, cb.content)] == \
                 [(n, a.tobytes()) for n, a in cb.tensors]
         else:
-            with pytest.raises(ContainerError, match="v=3"):
+            with pytest.raises(ContainerError, match="v=4"):
                 cold.decode(data, 1, cb.content)
+
+
+def test_qk_blocks_carry_their_key_weights_and_decode_without_the_model(cache):
+    from kvstore.codec.container import Kind
+    from kvstore.codec.kv import decode_kv
+
+    state = cache.export_state()
+    shape = shape_of(state)
+    qk = COLD.replace(query_keys=True).spec()
+    exps = np.random.default_rng(0).integers(-3, 4, (shape.layers, shape.kv_heads, shape.head_dim)).astype(np.int8)
+    with pytest.raises(ColdSpecError, match="key weight"):  # qk without the model's weights: refused up front
+        ColdCodec(BlockContext(DEVICE, shape, BT, "m"), qk)
+    with pytest.raises(ColdSpecError, match="key weight"):
+        ColdCodec(BlockContext(DEVICE, shape, BT, "m", exps[:1]), qk)
+    cold = ColdCodec(BlockContext(DEVICE, shape, BT, "m", exps), qk)
+    reader = ColdCodec(BlockContext(DEVICE, shape, BT, "m"))  # decoding needs no weights: the block has them
+    plain, _ = codecs(state)
+    parts, _ = blk.split(state, BT, blk.whole_blocks(state, BT))
+    for i, part in enumerate(parts):
+        cb = cold.encode(part, i)
+        stored = decode_kv(cb.data, kind=Kind.COLD_BLOCK)
+        assert stored.meta["v"] == 3
+        wexp = dict(stored.tensors)["all.kc_wexp"]
+        assert wexp.shape == (shape.layers, 1, shape.kv_heads, shape.head_dim, BT // COLD.key_group)
+        assert np.array_equal(wexp[..., 0], exps[:, None])
+        got = reader.decode(cb.data, i, cb.content)
+        assert [(n, a.tobytes()) for n, a in got] == [(n, a.tobytes()) for n, a in cb.tensors]
+        assert cb.content != plain.encode(part, i).content  # the weights changed the warm keys

@@ -3,6 +3,7 @@ through a QuantizedKVCache of a tiny shape."""
 
 import uuid
 
+import numpy as np
 import pytest
 import redis
 import torch
@@ -56,8 +57,8 @@ def tier(redis_server):
     return RedisTier(redis.Redis.from_url(redis_server.url), namespace="st" + uuid.uuid4().hex[:8])
 
 
-def make_store(tier, events=None, spec: str = SPEC, **settings) -> SessionStore:
-    model = ModelIdentity("f" * 64, SHAPE, QuantConfig.parse(spec), "cpu")
+def make_store(tier, events=None, spec: str = SPEC, key_exps=None, **settings) -> SessionStore:
+    model = ModelIdentity("f" * 64, SHAPE, QuantConfig.parse(spec), "cpu", key_exps)
     kw = dict(block_tokens=BLOCK, prefill_chunk=CHUNK, codec_threads=2) | settings
     return SessionStore(tier, model, StoreSettings(**kw), events.append if events is not None else (lambda e: None))
 
@@ -169,17 +170,21 @@ def test_public_prefix_is_shared_across_tenants(tier):
         store.public_tokens(CHUNK - 2)
 
 
-def test_cold_mode_restores_the_decoded_state_the_same_every_time_and_keeps_cold_blocks(tier):
+@pytest.mark.parametrize("qk", [False, True])
+def test_cold_mode_restores_the_decoded_state_the_same_every_time_and_keeps_cold_blocks(tier, qk):
     from kvstore.codec.registry import codec_of
 
-    store = make_store(tier, block_tokens=64, sharing=False, cold=QuantConfig.parse("int2:g64:gv16:s1"))
+    cold = QuantConfig.parse("int2:g64:gv16:s1" + ":qk" * qk)
+    exps = np.arange(SHAPE.layers * SHAPE.kv_heads * SHAPE.head_dim).reshape(
+        SHAPE.layers, SHAPE.kv_heads, SHAPE.head_dim).astype(np.int8) % 5 - 2 if qk else None
+    store = make_store(tier, block_tokens=64, sharing=False, cold=cold, key_exps=exps)
     tokens, schedule, state = session(80, 1)
     saved = store.save(manifest("a", tokens, schedule), state, [], None)
     assert len(saved.blocks) == 3 and all(codec_of(tier.client.hget(tier.block_key("acme", r), "d")).name == "cold"
                                           for r in saved.blocks[:-1])
     first = store.restore("acme", saved.blocks, saved.kv_tokens).state
     assert first.num_tokens == state.num_tokens and not first.equals(state)  # lossy: the warm decoded cache
-    assert make_store(tier, block_tokens=64, sharing=False, cold=QuantConfig.parse("int2:g64:gv16:s1")).restore(
+    assert make_store(tier, block_tokens=64, sharing=False).restore(  # a worker without cold mode reads them too
         "acme", saved.blocks, saved.kv_tokens).state.equals(first)
     again = store.save(manifest("a", tokens, schedule), first, saved.blocks, saved.manifest_sha)
     assert again.blocks[:-1] == saved.blocks[:-1]  # resumed cold blocks are kept, never re-quantized

@@ -248,12 +248,13 @@ def test_redis_maxmemory_eviction_of_blocks_leads_to_exact_recomputation(tiny_mo
             eng.close()
 
 
+@pytest.mark.parametrize("cold_spec", ["int2:g64:gv16:s1", "int2:g64:gv16:s1:qk"])  # qk: the model's key weights
 def test_cold_mode_stores_fewer_bytes_dedupes_and_resumes_exactly_from_the_decoded_cache(tiny_model_dir,
-                                                                                         redis_server):
+                                                                                         redis_server, cold_spec):
     from kvstore.codec.registry import codec_of
 
     # no prefix adoption: both sessions take one path, so their histories and caches are equal
-    cold = make_engine(tiny_model_dir, redis_server.url, tiers={"cold_spec": "int2:g64:gv16:s1"},
+    cold = make_engine(tiny_model_dir, redis_server.url, tiers={"cold_spec": cold_spec},
                        prefix={"enabled": False})
     plain = make_engine(tiny_model_dir, redis_server.url, prefix={"enabled": False})
     try:
