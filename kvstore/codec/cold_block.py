@@ -22,11 +22,16 @@ Invariants (beside `kvstore.codec.block_codec`'s):
   `kvstore.quant.key_weights`); each block stores its own (`kc_wexp`), so decoding never needs them.
 
 Container: a KV container (kvstore.codec.kv, zstd over stream-transformed tensors) of kind COLD_BLOCK whose
-state meta holds `v` (COLD_VERSION, or QK_VERSION for blocks with `kc_wexp`; READ_COLD_VERSIONS are read), `cold_spec`, `shape`, `block_tokens`, `index0` and `content` (hex of
-the warm block's content hash); its tensors are the cold tensors plus block 0's sinks, family by family
-(all layers' key codes, then ...: zstd codes that ~3% smaller than layer after layer). A cold family every
-layer holds at one shape is one tensor "all.<name>" [layers, ...] (v2: a header of ~10 shapes instead of
-~200, 7 KB less per block); any other is "<layer>.<name>". Decoding takes either form, in any order.
+state meta holds `v` (COLD_VERSION; READ_COLD_VERSIONS are read), `cold_spec`, `shape`, `block_tokens`,
+`index0` and `content` (hex of the warm block's content hash). Its tensors, family by family (all layers'
+key codes, then ...: zstd codes that ~3% smaller than layer after layer):
+- a cold family every layer holds at one shape is one tensor "all.<name>" [layers, ...] (v2: a header of
+  ~10 shapes instead of ~200, 7 KB less per block); any other is "<layer>.<name>";
+- v3: the value families (vc_codes, vc_scale, vc_zero of every layer whose values go cold) are one byte
+  tensor VALUES, a payload of the lossless block coder (kvstore.codec.entropy: rANS with contexts, scales
+  and zeros predicted from the codes), whose layout follows from the specs and shape (`_value_layout`);
+  it codes them ~4% smaller than zstd. v1/v2 blocks hold those families as tensors.
+Decoding takes any of these forms, in any order.
 """
 
 from __future__ import annotations
@@ -34,17 +39,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvstore.codec import entropy
 from kvstore.codec.block_codec import BlockCodec, BlockContext, EncodedBlock, content_hash
 from kvstore.codec.container import Codec, ContainerError, Kind
 from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.config import QuantConfig
 from kvstore.layout import SINK_FIELDS, ModelShape, Tensors
-from kvstore.quant.cold import COLD_KEPT_FIELDS, ColdSpecError, check_specs, cold_kept, cold_state, warm_state
+from kvstore.quant.cold import (
+    COLD_KEPT_FIELDS,
+    CONTAINER_BITS,
+    ColdSpecError,
+    check_specs,
+    cold_kept,
+    cold_state,
+    passes_through,
+    warm_state,
+)
 from kvstore.quant.state import KVState
 
-COLD_VERSION = 2  # 2: families stacked over layers, sinks through cold_sinks; 1: layer by layer, sinks as is
-QK_VERSION = 3  # what blocks with query-weighted keys (kc_wexp) are written as: readers of v2 refuse them
-READ_COLD_VERSIONS = (1, 2, 3)  # decoding does not depend on the differences
+COLD_VERSION = 3  # 3: values in one rANS payload (VALUES), keys may carry kc_wexp (qk); 2: families stacked
+READ_COLD_VERSIONS = (1, 2, 3)  # over layers, sinks through cold_sinks; 1: layer by layer, sinks as is
+VALUES = "all.vc_rans"  # v3: every layer's vc_codes, vc_scale, vc_zero coded by kvstore.codec.entropy
 STACKED = "all"  # the layer part of a stacked family's name (v2)
 COLD_LEVEL = 19  # idle blocks are written once and read rarely: zstd's strongest level pays
 
@@ -92,6 +107,40 @@ def _layers(part: Tensors, layers: int | None = None) -> dict[int, dict[str, np.
         else:
             raise ContainerError(f"cold block holds an unexpected tensor {name!r} {list(a.shape)}")
     return out
+
+
+def _value_layout(quant: QuantConfig, cold: QuantConfig, shape: ModelShape, block_tokens: int):
+    """(layout, code bits) of the VALUES payload: the cold value tensors of every layer whose values go cold,
+    named as the block coder pairs codes with their scales and zeros ("<layer>.v_codes", ...)."""
+    h, d, out, bits = shape.kv_heads, shape.head_dim, [], {}
+    gv = min(cold.value_group, d)
+    for layer in range(shape.layers):
+        if passes_through(quant, cold, "v", layer):
+            continue
+        c = CONTAINER_BITS[cold.bits_for(layer)[1]]
+        out += [(f"{layer}.v_codes", np.dtype(np.uint8), (1, h, block_tokens, d * c // 8)),
+                (f"{layer}.v_scale", np.dtype(np.float16), (1, h, block_tokens, d // gv)),
+                (f"{layer}.v_zero", np.dtype(np.float16), (1, h, block_tokens, d // gv))]
+        bits[f"{layer}.v_codes"] = c
+    return out, bits
+
+
+def _code_values(cold_layers: dict[int, dict[str, np.ndarray]], layout, bits) -> np.ndarray:
+    """Take every layer's cold value tensors out of `cold_layers`; their VALUES payload."""
+    named = []
+    for name, _, _ in layout:
+        layer, _, field = name.partition(".")
+        named.append((name, cold_layers[int(layer)].pop("vc_" + field[2:])))
+    return np.frombuffer(entropy.encode_block(named, bits), np.uint8)
+
+
+def _decode_values(cold_layers: dict[int, dict[str, np.ndarray]], payload: np.ndarray, layout, bits) -> None:
+    """Put the cold value tensors of a VALUES payload (of this `layout`) back into `cold_layers`."""
+    if payload.dtype != np.uint8 or payload.ndim != 1:
+        raise ContainerError(f"cold block values are {payload.dtype} {list(payload.shape)}, not a byte payload")
+    for name, a in entropy.decode_block(payload.tobytes(), layout, bits):
+        layer, _, field = name.partition(".")
+        cold_layers[int(layer)]["vc_" + field[2:]] = a
 
 
 def _torch(a: np.ndarray) -> torch.Tensor:
@@ -156,9 +205,11 @@ class ColdCodec(BlockCodec):
             cold_layers[layer].update({f: _kept(f, a, self.cold) for f, a in fields.items() if f in SINK_FIELDS})
         warm = _warm(cold_layers, c.layout(index), quant, self.cold, c.shape, start)
         content = content_hash(warm)
-        meta = {"v": QK_VERSION if self.cold.query_keys else COLD_VERSION, "cold_spec": self.cold.spec(), "shape": c.shape.to_json(),
+        values = _code_values(cold_layers, *_value_layout(quant, self.cold, c.shape, c.block_tokens))
+        tensors = _stack(cold_layers) + [(VALUES, values)]
+        meta = {"v": COLD_VERSION, "cold_spec": self.cold.spec(), "shape": c.shape.to_json(),
                 "block_tokens": c.block_tokens, "index0": index == 0, "content": content.hex()}
-        state = KVState(num_tokens=c.block_tokens, quant_spec=quant.spec(), meta=meta, tensors=_stack(cold_layers))
+        state = KVState(num_tokens=c.block_tokens, quant_spec=quant.spec(), meta=meta, tensors=tensors)
         data = encode_kv(state, model_fingerprint=c.model_fingerprint, level=COLD_LEVEL, codec=self.container[1],
                          kind=self.container[0])
         return EncodedBlock(data, content, warm)
@@ -190,10 +241,13 @@ class ColdCodec(BlockCodec):
             check_cold(c.quant, cold, c.block_tokens, c.shape.layers)
         except ValueError as e:
             raise ContainerError(f"stored cold block has an unusable cold spec: {e}") from None
-        cold_layers = _layers(state.tensors, c.shape.layers)
+        values = [a for name, a in state.tensors if name == VALUES]
+        cold_layers = _layers([(name, a) for name, a in state.tensors if name != VALUES], c.shape.layers)
         if set(cold_layers) != set(range(c.shape.layers)):
             raise ContainerError("stored cold block does not hold every layer")
         try:
+            if values:  # v3
+                _decode_values(cold_layers, values[0], *_value_layout(c.quant, cold, c.shape, c.block_tokens))
             warm = _warm(cold_layers, c.layout(index), c.quant, cold, c.shape, index * c.block_tokens)
         except ContainerError:
             raise

@@ -138,7 +138,8 @@ def _cold_plan(cold: QuantConfig, side: str, layer_idx: int, head_dim: int, n: i
                           clip="v" in cold.clip)
 
 
-def _passes_through(device: QuantConfig, cold: QuantConfig, side: str, layer_idx: int) -> bool:
+def passes_through(device: QuantConfig, cold: QuantConfig, side: str, layer_idx: int) -> bool:
+    """Whether a layer's side keeps its device tensors in the cold format (either spec holds it at 16 bits)."""
     i = side == "v"
     return device.bits_for(layer_idx)[i] == 16 or cold.bits_for(layer_idx)[i] == 16
 
@@ -213,7 +214,7 @@ def cold_state(layer_tensors: dict[str, torch.Tensor], device: QuantConfig, cold
         t = _side_tensors(layer_tensors, side)
         if not t:
             continue
-        if _passes_through(device, cold, side, layer_idx):
+        if passes_through(device, cold, side, layer_idx):
             out.update({f"{side}_{n}": v for n, v in t.items()})
             continue
         x = sides.read(t, dplans[side], head_dim)  # element-wise: bit-identical however it is sliced
@@ -284,7 +285,7 @@ def warm_state(cold_tensors: dict[str, torch.Tensor], device: QuantConfig, cold:
     n = cold_tokens(cold_tensors, cold, layer_idx)
     out: dict[str, torch.Tensor] = {}
     for side in "kv":
-        if _passes_through(device, cold, side, layer_idx):
+        if passes_through(device, cold, side, layer_idx):
             out.update({f"{side}_{k}": v for k, v in _side_tensors(cold_tensors, side).items()})
             continue
         if f"{side}c_codes" not in cold_tensors:

@@ -145,7 +145,7 @@ def test_cold_container_holds_each_tensor_family_together_and_block_0_sinks_at_b
     fields = [n.partition(".")[2] for n in names]
     assert fields == sorted(fields)  # family by family
     stacked = {n.partition(".")[2] for n in names if n.startswith("all.")}
-    assert {"kc_codes", "kc_base", "kc_step", "vc_codes", "vc_scale", "vc_zero"} <= stacked  # one tensor each
+    assert {"kc_codes", "kc_base", "kc_step", "vc_rans"} <= stacked  # one tensor each; values in one rANS payload
     assert [n for n in names if not n.startswith("all.")] == ["0.k_sink", "1.k_sink", "0.v_sink", "1.v_sink"]
     warm, device = dict(cb.tensors), dict(parts[0])
     for layer in range(2):
@@ -197,3 +197,36 @@ def test_qk_blocks_carry_their_key_weights_and_decode_without_the_model(cache):
         got = reader.decode(cb.data, i, cb.content)
         assert [(n, a.tobytes()) for n, a in got] == [(n, a.tobytes()) for n, a in cb.tensors]
         assert cb.content != plain.encode(part, i).content  # the weights changed the warm keys
+
+
+def test_a_version_2_block_with_zstd_coded_values_still_decodes(cache):
+    """v2 blocks hold the value families as stacked tensors (zstd), v3 as one rANS payload: both decode."""
+    from kvstore.codec.cold_block import VALUES, _decode_values, _layers, _stack, _value_layout
+    from kvstore.codec.container import Kind
+    from kvstore.codec.kv import decode_kv, encode_kv
+
+    state = cache.export_state()
+    cold, _ = codecs(state)
+    part = blk.split(state, BT, blk.whole_blocks(state, BT))[0][1]
+    cb = cold.encode(part, 1)
+    v3 = decode_kv(cb.data, kind=Kind.COLD_BLOCK)
+    layers = _layers([(n, a) for n, a in v3.tensors if n != VALUES], 2)
+    _decode_values(layers, dict(v3.tensors)[VALUES], *_value_layout(DEVICE, COLD, shape_of(state), BT))
+    assert all({"vc_codes", "vc_scale", "vc_zero"} <= set(f) for f in layers.values())
+    v2 = type(v3)(num_tokens=v3.num_tokens, quant_spec=v3.quant_spec, meta={**v3.meta, "v": 2},
+                  tensors=_stack(layers))
+    data = encode_kv(v2, model_fingerprint="m", codec=cold.container[1], kind=cold.container[0])
+    assert len(data) > len(cb.data)  # zstd codes the values larger than the rANS payload
+    assert [(n, a.tobytes()) for n, a in cold.decode(data, 1, cb.content)] == \
+        [(n, a.tobytes()) for n, a in cb.tensors]
+
+
+@pytest.mark.parametrize("spec", ["int:k3v16:g64:gv16:s1", "int:k16v2:g64:gv16", "int:g64:gv16:lb2f32",
+                                  "int:k4v3:g64:gv8:clipv"])
+def test_value_payload_round_trips_with_passed_through_and_mixed_value_bits(cache, spec):
+    state = cache.export_state()
+    codec = ColdCodec(BlockContext(DEVICE, shape_of(state), BT, "m"), spec)
+    for i, part in enumerate(blk.split(state, BT, blk.whole_blocks(state, BT))[0]):
+        cb = codec.encode(part, i)
+        assert [(n, a.tobytes()) for n, a in codec.decode(cb.data, i, cb.content)] == \
+            [(n, a.tobytes()) for n, a in cb.tensors]
