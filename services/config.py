@@ -80,8 +80,9 @@ class TiersConfig:
     journal_dir: str = _f("", "Journal directory, shared by the workers of a host (or a shared volume); empty means "
                               "$KVSTASH_HOME/journal.")
     cold_spec: str = _f("", "Opt-in lossy cold mode: a spec (grammar in kvstore/quant/cold.py), e.g. "
-                            "int:k3v2:g128:gv64:s1:hadv:clipv:cw43, that an offloaded session's own blocks are "
-                            "re-quantized to (its `cw` keeps the stored INT8 window at 4 bits for keys, 3 for values; "
+                            "int:k3v2:g128:gv64:s1:hadv:clipv:qk:cw43, that an offloaded session's own blocks are "
+                            "re-quantized to (its `qk` weights key channels by the model's query energy, its `cw` "
+                            "keeps the stored INT8 window at 4 bits for keys, 3 for values; "
                             "docs/BENCHMARKS.md gives bits and quality per spec). A resume is exact with respect "
                             "to the decoded cache, not the original. Empty: lossless.")
 

@@ -16,10 +16,11 @@ from services.eval.corpus import DEFAULT_TEXT
 # `eval cold`'s defaults (kept here, not in services/eval/cold.py, so that building the tree imports no numpy)
 DEFAULT_DEVICE = DEFAULT_KV_SPEC
 # SmolLM2-135M-Instruct (30 layers) on the default device spec: keys 2-4 bits and values 2-3 bits per layer,
-# allocated from `eval cold --sensitivity`, clipped rotated values, the stored window at 5/4 bits: delta PPL
-# +0.37 over 3 windows, a whole 2,048-token session 0.170x of 16-bit (docs/BENCHMARKS.md, "Cold mode v2").
-# The flat `int:k3v2:g128:gv64:s1:hadv:clipv:cw43` fits any model (+0.72, 0.163x).
-DEFAULT_COLD = "int:g128:gv64:s1:hadv:clipv:lb222232323222224243324222222232323243423243323243332232222222:cw54"
+# allocated from `eval cold --sensitivity`, keys weighted by the model's query energy (qk), clipped rotated
+# values, the stored window at 5/4 bits: delta PPL +0.43 over 3 windows, a whole 2,048-token session 0.148x of
+# 16-bit (docs/BENCHMARKS.md, "Cold mode v3"). The flat `int:k3v2:g128:gv64:s1:hadv:clipv:qk:cw43` fits any
+# model with q projections (+0.68).
+DEFAULT_COLD = "int:g128:gv64:s1:hadv:clipv:lb222222323232224232322222222232322243422243323243332232222222:qk:cw54"
 
 
 def add_eval_parser(sub) -> None:
