@@ -36,86 +36,85 @@ from kvstore.quant.rotation import hadamard_rows
 INT8_LEVELS = 127  # symmetric: codes in [-127, 127]
 
 
-class FloatWindow:
-    """A side's window held as is, in the model dtype (w16)."""
+class _Window:
+    """What both kinds share: entries held as tensors [B, H, n, *] that grow along dim -2, and the lazy `cat`
+    (module docstring). Subclasses name the tensors and say how rows are quantized and read."""
 
-    bits = 16
+    SUFFIXES: tuple[str, ...]  # the stored tensors, in order, are exported as `<side>_win<suffix>`
+    bits: int
 
-    def __init__(self, x: torch.Tensor, later: tuple[FloatWindow, ...] = (), n: int | None = None):
-        # entries: x, then each window of `later` (joined when first read). One attribute holds both, replaced
-        # in one store, so a join is atomic: a reader on another thread (a size query) sees the parts before
-        # or after it, never the joined tensor with the parts still pending (which it would append again).
-        self._parts = (x, later)
-        self._n = x.shape[-2] if n is None else n
+    def __init__(self, *tensors: torch.Tensor, later: tuple = (), n: int | None = None):
+        # entries: tensors, then each window of `later` (joined when first read). One attribute holds both,
+        # replaced in one store, so a join is atomic: a reader on another thread (a size query) sees the parts
+        # before or after it, never the joined tensors with the parts still pending (which it would append again).
+        self._parts = (tensors, later)
+        self._n = tensors[0].shape[-2] if n is None else n
 
-    @property
-    def x(self) -> torch.Tensor:
-        x, later = self._parts
+    def _joined(self) -> tuple[torch.Tensor, ...]:
+        tensors, later = self._parts
         if later:
-            x = torch.cat([x, *(w.x for w in later)], dim=-2)
-            self._parts = (x, ())
-        return x
-
-    @classmethod
-    def quantize(cls, x: torch.Tensor) -> FloatWindow:
-        return cls(x)
+            rest = [w._joined() for w in later]
+            tensors = tuple(torch.cat([t, *(r[i] for r in rest)], dim=-2) for i, t in enumerate(tensors))
+            self._parts = (tensors, ())
+        return tensors
 
     def __len__(self) -> int:
         return self._n
 
     @property
     def shape(self) -> torch.Size:
-        return self.x.shape
+        return self._joined()[0].shape
 
     @property
     def device(self) -> torch.device:
-        return self._parts[0].device
+        return self._parts[0][0].device
+
+    def cat(self, other):
+        tensors, later = self._parts
+        return type(self)(*tensors, later=(*later, other), n=len(self) + len(other))
+
+    def rows(self) -> list:
+        """Every batch row alone, [1, H, n, *] each (views)."""
+        return [type(self)(*ts) for ts in zip(*(t.split(1) for t in self._joined()))]
+
+    def slice(self, start: int, stop: int | None = None):
+        """Entries [start, stop) as a window with storage of its own (the old storage is not kept alive)."""
+        return type(self)(*(t[..., start:stop, :].clone() for t in self._joined()))
+
+    def select(self, idx: torch.Tensor):
+        return type(self)(*(t.index_select(-2, idx) for t in self._joined()))
+
+    def tensors(self, side: str) -> dict[str, torch.Tensor]:
+        return {f"{side}_win{suffix}": t for suffix, t in zip(self.SUFFIXES, self._joined())}
+
+    @classmethod
+    def from_tensors(cls, side: str, t: dict[str, torch.Tensor]):
+        return cls(*(t[f"{side}_win{suffix}"] for suffix in cls.SUFFIXES))
+
+
+class FloatWindow(_Window):
+    """A side's window held as is, in the model dtype (w16)."""
+
+    SUFFIXES, bits = ("",), 16  # x
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self._joined()[0]
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor) -> FloatWindow:
+        return cls(x)
 
     def read(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Entries [start, stop) (default: to the end) as [B, H, stop - start, D] in `dtype` (a token's
         reading is its own: elementwise)."""
         return self.x[..., start:stop, :].to(dtype)
 
-    def cat(self, other: FloatWindow) -> FloatWindow:
-        x, later = self._parts
-        return FloatWindow(x, (*later, other), len(self) + len(other))
 
-    def rows(self) -> list[FloatWindow]:
-        """Every batch row alone, [1, H, n, D] each (views)."""
-        return [FloatWindow(x) for x in self.x.split(1)]
-
-    def slice(self, start: int, stop: int | None = None) -> FloatWindow:
-        """Entries [start, stop) as a window with storage of its own (the old storage is not kept alive)."""
-        return FloatWindow(self.x[..., start:stop, :].clone())
-
-    def select(self, idx: torch.Tensor) -> FloatWindow:
-        return FloatWindow(self.x.index_select(-2, idx))
-
-    def tensors(self, side: str) -> dict[str, torch.Tensor]:
-        return {f"{side}_win": self.x}
-
-    @classmethod
-    def from_tensors(cls, side: str, t: dict[str, torch.Tensor]) -> FloatWindow:
-        return cls(t[f"{side}_win"])
-
-
-class Int8Window:
+class Int8Window(_Window):
     """A side's window held as INT8 codes with an fp16 absmax scale per token and head (w8)."""
 
-    bits = 8
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, later: tuple[Int8Window, ...] = (),
-                 n: int | None = None):
-        self._parts = (codes, scale, later)  # as FloatWindow's: joined when first read, in one store
-        self._n = codes.shape[-2] if n is None else n
-
-    def _joined(self) -> tuple[torch.Tensor, torch.Tensor]:
-        codes, scale, later = self._parts
-        if later:
-            codes = torch.cat([codes, *(w.codes for w in later)], dim=-2)
-            scale = torch.cat([scale, *(w.scale for w in later)], dim=-2)
-            self._parts = (codes, scale, ())
-        return codes, scale
+    SUFFIXES, bits = ("", "_scale"), 8  # codes, scale
 
     @property
     def codes(self) -> torch.Tensor:
@@ -143,35 +142,9 @@ class Int8Window:
         codes = codes.round_().clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
         return cls(codes.contiguous(), scale.contiguous())
 
-    def __len__(self) -> int:
-        return self._n
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self._parts[0].device
-
     def read(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return (self.codes[..., start:stop, :].float() * self.scale[..., start:stop, :].float()).to(dtype)
-
-    def cat(self, other: Int8Window) -> Int8Window:
-        codes, scale, later = self._parts
-        return Int8Window(codes, scale, (*later, other), len(self) + len(other))
-
-    def rows(self) -> list[Int8Window]:
-        return [Int8Window(c, s) for c, s in zip(self.codes.split(1), self.scale.split(1))]
-
-    def slice(self, start: int, stop: int | None = None) -> Int8Window:
-        return Int8Window(self.codes[..., start:stop, :].clone(), self.scale[..., start:stop, :].clone())
-
-    def select(self, idx: torch.Tensor) -> Int8Window:
-        return Int8Window(self.codes.index_select(-2, idx), self.scale.index_select(-2, idx))
-
-    def tensors(self, side: str) -> dict[str, torch.Tensor]:
-        return {f"{side}_win": self.codes, f"{side}_win_scale": self.scale}
+        codes, scale = self._joined()
+        return (codes[..., start:stop, :].float() * scale[..., start:stop, :].float()).to(dtype)
 
     @classmethod
     def from_tensors(cls, side: str, t: dict[str, torch.Tensor]) -> Int8Window:
