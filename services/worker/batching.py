@@ -82,6 +82,11 @@ class PrefillResult:
     fed: Pass
 
 
+def smallest_fitting(sizes: tuple[int, ...], n: int) -> int | None:
+    """The smallest of the ascending `sizes` that holds `n` rows or tokens; None when none does."""
+    return next((size for size in sizes if size >= n), None)
+
+
 class Batcher:
     """Runs the scheduler's decode and packed prefill passes; `on_pass(rows, sessions)` is told the shape of
     each decode pass, `on_packed(chunks)` the chunk count of each packed one."""
@@ -109,7 +114,7 @@ class Batcher:
             s = steps[0]
             return [PrefillResult(self.runner.forward(s.cache, s.ids), Pass(len(s.ids)))]
         total = sum(len(s.ids) for s in steps)
-        rows = next((r for r in self.prefill_sizes if r >= total), None)
+        rows = smallest_fitting(self.prefill_sizes, total)
         if rows is None or len(steps) > LOGIT_ROWS:
             raise ValueError(f"{len(steps)} chunks of {total} tokens fit no packed prefill size {self.prefill_sizes}")
         logits = self.runner.forward_segments([(s.cache, s.ids) for s in steps], rows)
@@ -123,7 +128,8 @@ class Batcher:
 
     def bucket(self, n: int) -> int:
         """The smallest bucket holding `n` rows (the largest bucket when none does)."""
-        return next((b for b in self.sizes if b >= n), self.sizes[-1])
+        fit = smallest_fitting(self.sizes, n)
+        return self.sizes[-1] if fit is None else fit
 
     def run(self, steps: list[DecodeStep]) -> list[DecodeResult]:
         """Decode up to `max_rows` steps in one pass (callers pass at most that many)."""

@@ -63,15 +63,16 @@ class Task:
 
 
 class Scheduler:
-    def __init__(self, on_idle: Callable[[], None] | None = None, idle_interval_s: float = 5.0, batcher=None,
+    def __init__(self, on_idle: Callable[[], None] | None = None, idle_interval_s: float = 5.0,
                  prefill_tokens_per_step: int = 512, start: Callable[[], object] | None = None):
         """`start()`, when given, runs first on the engine thread (loading the model, checking batch invariance)
-        and returns the batcher; the constructor waits for it and raises what it raised."""
+        and returns the batcher (None: no batched passes); the constructor waits for it and raises what it
+        raised."""
         self._inbox: queue.Queue = queue.Queue()
         self._running: collections.deque[Task] = collections.deque()  # the solo queue
         self._decoding: list[Task] = []  # waiting for a decode step, oldest first
         self._prefilling: list[Task] = []  # waiting for a packed prefill chunk, oldest first
-        self._batcher, self._budget = batcher, prefill_tokens_per_step
+        self._batcher, self._budget = None, prefill_tokens_per_step
         self._tasks: dict[int, Task] = {}
         self._ids = itertools.count(1)
         self._on_idle, self._idle_interval = on_idle, idle_interval_s

@@ -63,7 +63,7 @@ def _wait(pred, timeout=30):
 def test_waiting_decode_steps_share_one_pass_and_get_their_own_results():
     rec = Recorder(max_rows=4)
     gate = threading.Event()
-    sched = Scheduler(batcher=rec)
+    sched = Scheduler(start=lambda: rec)
     got: dict[int, list] = {}
 
     def task(i):
@@ -93,7 +93,7 @@ def test_waiting_decode_steps_share_one_pass_and_get_their_own_results():
 def test_solo_steps_spend_the_token_budget_then_a_decode_pass_runs():
     rec = Recorder(max_rows=2)
     gate = threading.Event()
-    sched = Scheduler(batcher=rec, prefill_tokens_per_step=100)
+    sched = Scheduler(start=lambda: rec, prefill_tokens_per_step=100)
 
     def prefill(sink):
         for _ in range(6):  # six passes of 60 tokens
@@ -123,7 +123,7 @@ def test_solo_steps_spend_the_token_budget_then_a_decode_pass_runs():
 def test_waiting_prompt_chunks_share_a_packed_pass_before_the_decode_pass():
     rec = Recorder(max_rows=4)
     gate = threading.Event()
-    sched = Scheduler(batcher=rec)
+    sched = Scheduler(start=lambda: rec)
     got: dict[int, list] = {}
 
     def task(i, n):
@@ -152,7 +152,7 @@ def test_waiting_prompt_chunks_share_a_packed_pass_before_the_decode_pass():
 def test_a_failed_pass_fails_its_calls_and_a_cancelled_task_leaves_the_queue():
     rec = Recorder(fail=True)
     closed = []
-    sched = Scheduler(batcher=rec)
+    sched = Scheduler(start=lambda: rec)
 
     def gen(sink):
         try:
