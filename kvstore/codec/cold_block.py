@@ -17,7 +17,6 @@ Invariants (beside `kvstore.codec.block_codec`'s):
   `kvstore.quant.cold.cold_sinks` (fp32 rounded to bf16; idempotent, so a warm block encodes to itself).
 - `warm_tail(tail)` is the session's tail as it is stored next to cold blocks (and so resumed): its sinks
   through `cold_sinks`, its INT8 window codes through `cold_window` at the spec's `cw` bits. Idempotent.
-
 - With `qk` in the cold spec, encoding needs the model's key weight exponents (`BlockContext.key_exps`,
   `kvstore.quant.key_weights`); each block stores its own (`kc_wexp`), so decoding never needs them.
 
