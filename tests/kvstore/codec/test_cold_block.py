@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvstore.codec.block import RansCtxCodec
 from kvstore.codec.block_codec import BlockContext, content_hash
-from kvstore.codec.cold_block import ColdCodec, check_cold
+from kvstore.codec.cold_block import VALUES, ColdCodec, check_cold
 from kvstore.codec.container import ContainerError
 from kvstore.config import QuantConfig
 from kvstore.layout import ModelShape
@@ -109,6 +109,7 @@ def test_a_well_formed_container_with_foreign_tensors_is_refused_not_crashed(cac
     cb = cold.encode(part, 1)
     warm = cb.tensors
     good = decode_kv(cb.data, kind=Kind.COLD_BLOCK)
+    other = dict(decode_kv(cold.encode(blk.split(state, BT, 2)[0][0], 0).data, kind=Kind.COLD_BLOCK).tensors)
     rng = np.random.default_rng(0)
     variants = [
         [(n, a[..., :1]) for n, a in good.tensors],  # shapes cut short
@@ -116,6 +117,9 @@ def test_a_well_formed_container_with_foreign_tensors_is_refused_not_crashed(cac
          for n, a in good.tensors],  # codes replaced: warms up to other bytes
         [(n, np.full_like(a, np.inf)) if a.dtype == np.float16 else (n, a) for n, a in good.tensors],  # steps
         good.tensors[:3],  # layers missing
+        [(n, a[: a.size // 2]) if n == VALUES else (n, a) for n, a in good.tensors],  # value payload cut
+        [(n, other[VALUES]) if n == VALUES else (n, a) for n, a in good.tensors],  # another block's values
+        [(n, a) for n, a in good.tensors if n != VALUES],  # values missing
     ]
     for tensors in variants:
         forged = encode_kv(KVState(good.num_tokens, good.quant_spec, good.meta, tensors), model_fingerprint="m",
@@ -201,7 +205,7 @@ def test_qk_blocks_carry_their_key_weights_and_decode_without_the_model(cache):
 
 def test_a_version_2_block_with_zstd_coded_values_still_decodes(cache):
     """v2 blocks hold the value families as stacked tensors (zstd), v3 as one rANS payload: both decode."""
-    from kvstore.codec.cold_block import VALUES, _decode_values, _layers, _stack, _value_layout
+    from kvstore.codec.cold_block import _decode_values, _layers, _stack, _value_layout
     from kvstore.codec.container import Kind
     from kvstore.codec.kv import decode_kv, encode_kv
 
