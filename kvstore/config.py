@@ -169,14 +169,14 @@ class QuantConfig:
         return self.layer_bits[layer]
 
     def cold_only_knobs(self) -> list[str]:
-        """The knobs of cold specs only that this config uses ("cw", "qk"): a device spec must use none."""
-        return ["cw"] * (self.cold_window_bits != (8, 8)) + ["qk"] * self.query_keys
+        """The knobs of cold specs only that this config uses, as `spec()` writes them (e.g. ["qk", "cw43"]):
+        a device spec must use none."""
+        k, v = self.cold_window_bits
+        return ["qk"] * self.query_keys + [f"cw{k}{v}"] * (self.cold_window_bits != (8, 8))
 
     def spec(self) -> str:
         """Canonical spec string; stable across releases because it is hashed into fingerprints."""
-        k, v = self.cold_window_bits
-        cold_only = ["qk"] if self.query_keys else []  # knobs of cold specs only
-        cold_only += [f"cw{k}{v}"] if self.cold_window_bits != (8, 8) else []
+        cold_only = self.cold_only_knobs()
         if self.is_full_precision and not self.evict:  # only the knobs that shape a full-precision cache
             defaults = QuantConfig()
             return ":".join(["fp"] + [f"{c}{v}" for c, v, d in (("g", self.key_group, defaults.key_group),

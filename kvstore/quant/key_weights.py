@@ -20,7 +20,7 @@ weights and RoPE more than from the text. Measured (C1, three windows of WikiTex
 from these ids at ALPHA 0.5 gave KL 0.0211 at -2.5% bits; unrounded weights from 2,048 tokens of another
 text (debian-faq) 0.0220 at -3.2%: real text buys nothing measurable.
 
-Invariant: `key_weights(model, shape)` is a function of the model's weights and this module (same build,
+Invariant: `key_weights(model, kv_heads, head_dim)` is a function of the model's weights and this module (same build,
 same bits); a changed calibration changes the blocks written later, never how stored ones decode.
 """
 

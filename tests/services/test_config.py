@@ -26,7 +26,7 @@ def test_toml_then_env_override(tmp_path):
     ({"ray": {"num_workers": "many"}}, "not a valid int"),
     ({"kv": {"spec": "int7"}}, "unknown KV scheme"),
     ({"ray": {"num_workers": 0}}, "num_workers"),
-    ({"kv": {"spec": "int:k4v3:g128:gv64:r64:w8:cw43"}}, "cw belong in tiers.cold_spec"),
+    ({"kv": {"spec": "int:k4v3:g128:gv64:r64:w8:cw43"}}, "cw43 belong in tiers.cold_spec"),
     ({"kv": {"spec": "int:k4v3:g128:gv64:r64:w8:qk"}}, "qk belong in tiers.cold_spec"),
     ({"tiers": {"cold_spec": "int:k3v2:g128:gv64:s1:cw91"}}, "unknown KV spec knob"),
 ])
