@@ -19,6 +19,7 @@ ERROR_BUCKETS = (1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class WorkerMetrics:
@@ -94,6 +95,10 @@ class WorkerMetrics:
         self.prefill_invariance_failures = Counter(
             "kvstash_prefill_invariance_failures_total", "Packed prefill sizes refused at start because a pass of "
             "that row count was not batch-invariant on this build.", ["rows"], registry=r)
+        self.gc_pause_seconds = Histogram(
+            "kvstash_worker_gc_pause_seconds", "Pauses of Python's cyclic garbage collector in the worker process "
+            "(every thread stops), by generation (2: a full collection).", ["generation"], buckets=GC_BUCKETS,
+            registry=r)
         for kv in ("kept", "dropped"):
             self.rolled_back.labels(kv)
         for reason in ("missing", "corrupt"):

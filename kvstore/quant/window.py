@@ -20,8 +20,10 @@ Invariants:
 - `cat` is lazy: the appended windows are kept as parts and joined into one tensor when the entries are
   first read (`x`, `codes`, `scale` and everything built on them). A decoding layer appends one token per
   side and step and reads its window only when a group seals (its attention reads the decode view), so
-  one copy per seal replaces one per step. Joining is a copy: the bits are those of step-by-step
-  concatenation. Windows are values: `a.cat(b)` changes neither `a` nor `b`.
+  one copy per seal replaces one per step, and at most `JOIN_EVERY` parts wait (a part is a few Python
+  objects that the garbage collector walks while they live: unbounded, a long answer's window would hold one
+  per token). Joining is a copy: the bits are those of step-by-step concatenation. Windows are values:
+  `a.cat(b)` changes neither `a`'s entries nor `b`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from kvstore.quant.quantize import FP16_MAX
 from kvstore.quant.rotation import hadamard_rows
 
 INT8_LEVELS = 127  # symmetric: codes in [-127, 127]
+JOIN_EVERY = 16  # appended parts a window keeps unjoined at most (module docstring)
 
 
 class _Window:
@@ -70,6 +73,8 @@ class _Window:
         return self._parts[0][0].device
 
     def cat(self, other):
+        if len(self._parts[1]) >= JOIN_EVERY:
+            self._joined()
         tensors, later = self._parts
         return type(self)(*tensors, later=(*later, other), n=len(self) + len(other))
 

@@ -2,7 +2,7 @@
 side with transformers' own continuous batching.
 
     kvstash bench batch [--model M] [--kv SPEC] [--dtype D] [--concurrency 1,2,4,8,16,32] [--seconds 20]
-                        [--prompt-tokens 64] [--new-tokens 32|LO-HI] [--modes batched,unpacked,interleaved,hf]
+                        [--prompt-tokens 64] [--new-tokens 32|LO-HI] [--modes batched,unpacked,interleaved,unfrozen,hf]
                         [--buckets 1,2,4,8,16,32] [--json]
 
 For each mode and each concurrency N, N client threads run a closed loop for `--seconds`: each call sends a
@@ -15,12 +15,15 @@ Modes:
   kvstash before packed prefill);
 - `interleaved`: the same Engine with `batch.buckets = "1"` (each session decodes alone: kvstash before
   batching);
+- `unfrozen`: the batched Engine with `batch.gc_freeze = false` (its start-up heap stays in the garbage
+  collector's walks: kvstash before services/worker/gc_pauses.py);
 - `hf`: transformers' `ContinuousBatchingManager` (`model.init_continuous_batching`) on the same model
   weights, dtype and machine, with its own paged fp KV cache and no kvstash in the way. `--dtype` sets every
   mode's model dtype (default: the service default).
 Measured from the clients: generated tokens/s, time to first token p50/p99, per-token latency (gaps
 between streamed tokens after the first) p50/p99. `vs 1` is tokens/s over the same mode's N=1 row; `vs hf`
-over the `hf` row at the same N. Each mode first runs one call alone (warm-up); each level then measures the
+over the `hf` row at the same N. `gc_pause_s`, `gc_pause_max_s` and `gc_full_collections`: the
+garbage collector's pauses inside the window (every thread of the process stops for them). Each mode first runs one call alone (warm-up); each level then measures the
 `--seconds` after its first `--warmup` seconds (all N clients start at once; the warm-up lets the first
 burst of prompts drain): tokens streamed inside that window, and the latencies of the calls started in it.
 """
@@ -71,9 +74,31 @@ def answer_lengths(spec: str) -> tuple[int, int]:
     return pair
 
 
+class _GcWindow:
+    """The garbage collector's pauses that end inside [start, stop), fed by `GcPauses` (as a histogram would be)."""
+
+    def __init__(self, start: float, stop: float):
+        self.start, self.stop, self._generation = start, stop, ""
+        self.total, self.longest, self.full = 0.0, 0.0, 0
+
+    def labels(self, generation: str) -> _GcWindow:
+        self._generation = generation
+        return self
+
+    def observe(self, seconds: float) -> None:
+        if self.start <= time.monotonic() < self.stop:
+            self.total += seconds
+            self.longest = max(self.longest, seconds)
+            self.full += self._generation == "2"
+
+
 def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
+    from services.worker.gc_pauses import GcPauses
+
     t0 = time.monotonic()
     stats = _Stats(t0 + warmup, t0 + warmup + seconds)
+    window = _GcWindow(stats.start, stats.stop)
+    pauses = GcPauses(window).install()
 
     def client(i: int) -> None:
         rng = random.Random(1000 * n + i)
@@ -87,13 +112,16 @@ def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
         t.start()
     for t in threads:
         t.join()
+    pauses.remove()
     return {"concurrency": n, "tokens_per_s": stats.tokens / seconds, "ttft_p50_s": percentile(stats.ttft, 0.5),
             "ttft_p99_s": percentile(stats.ttft, 0.99), "tpot_p50_s": percentile(stats.gaps, 0.5),
             "tpot_p99_s": percentile(stats.gaps, 0.99), "calls": stats.calls, "errors": stats.errors,
-            "seconds": seconds}
+            "seconds": seconds, "gc_pause_s": window.total, "gc_pause_max_s": window.longest,
+            "gc_full_collections": window.full}
 
 
-def _kvstash_mode(args, buckets: str, redis_url: str, ns: int, prefill_rows: str | None = None):
+def _kvstash_mode(args, buckets: str, redis_url: str, ns: int, prefill_rows: str | None = None,
+                  gc_freeze: bool = True):
     from services.config import KvstashConfig
     from services.wire import DoneEvent, GenerateCall, TokensEvent, is_terminal
     from services.worker.engine import Engine
@@ -110,6 +138,7 @@ def _kvstash_mode(args, buckets: str, redis_url: str, ns: int, prefill_rows: str
         d.setdefault("batch", {})["prefill_tokens_per_step"] = args.prefill_budget
     if prefill_rows is not None:
         d.setdefault("batch", {})["prefill_rows"] = prefill_rows
+    d.setdefault("batch", {})["gc_freeze"] = gc_freeze
     eng = Engine(KvstashConfig.from_dict(d))
     vocab, lengths = eng.runner.vocab_size, answer_lengths(args.new_tokens)
 
@@ -177,11 +206,11 @@ def run_batch(args) -> int:
         for i, mode in enumerate(modes):
             if mode == "hf":
                 handle, one_call = _hf_mode(args)
-            elif mode in ("batched", "unpacked", "interleaved"):
+            elif mode in ("batched", "unpacked", "interleaved", "unfrozen"):
                 handle, one_call = _kvstash_mode(args, "1" if mode == "interleaved" else args.buckets, redis.url, i,
-                                                 "" if mode == "unpacked" else None)
+                                                 "" if mode == "unpacked" else None, gc_freeze=mode != "unfrozen")
             else:
-                raise SystemExit(f"unknown mode {mode!r}: batched, unpacked, interleaved or hf")
+                raise SystemExit(f"unknown mode {mode!r}: batched, unpacked, interleaved, unfrozen or hf")
             try:
                 one_call(random.Random(-1))  # warm-up: first-call costs (JIT, allocations) stay out of the rows
                 for n in levels:

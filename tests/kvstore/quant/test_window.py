@@ -10,7 +10,7 @@ import torch
 from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.config import QuantConfig
 from kvstore.quant.cache import QuantizedKVCache
-from kvstore.quant.window import FloatWindow, Int8Window
+from kvstore.quant.window import JOIN_EVERY, FloatWindow, Int8Window
 
 B, H, D = 1, 2, 16
 
@@ -59,24 +59,26 @@ def test_slice_select_and_cat_act_on_codes():
 
 
 @pytest.mark.parametrize("kind", [FloatWindow, Int8Window])
-def test_a_lazy_cat_is_a_value_whose_join_equals_step_by_step_concatenation(kind):
-    x = torch.randn(1, 2, 12, 8)
+@pytest.mark.parametrize("n", [12, 3 + 2 * JOIN_EVERY + 5])  # past JOIN_EVERY: joined on the way, bits unchanged
+def test_a_lazy_cat_is_a_value_whose_join_equals_step_by_step_concatenation(kind, n):
+    x = torch.randn(1, 2, n, 8)
     tensors = lambda w: list(w.tensors("k").values())  # noqa: E731 - the stored form of either kind
     eager = [kind.quantize(x[..., :3, :])]
-    for i in range(3, 12):  # the windows a decode appends, one token each, joined at every step
+    for i in range(3, n):  # the windows a decode appends, one token each, joined at every step
         step = kind.quantize(x[..., i:i + 1, :])
         eager.append(kind(*[torch.cat([a, b], -2) for a, b in zip(tensors(eager[-1]), tensors(step), strict=True)]))
     lazy = kind.quantize(x[..., :3, :])
-    for i in range(3, 12):
+    for i in range(3, n):
         lazy = lazy.cat(kind.quantize(x[..., i:i + 1, :]))
         assert len(lazy) == i + 1
+        assert len(lazy._parts[1]) <= JOIN_EVERY  # a bounded number of parts waits
     branch = lazy.cat(kind.quantize(x[..., :2, :]))  # another window built on the same one
     other = lazy.cat(kind.quantize(x[..., 5:6, :]))
     assert all(torch.equal(a, b) for a, b in zip(tensors(lazy), tensors(eager[-1]), strict=True))
-    assert (len(branch), len(other), len(lazy)) == (14, 13, 12)  # appending changed neither
-    assert torch.equal(branch.read(torch.float32)[..., 12:, :], kind.quantize(x[..., :2, :]).read(torch.float32))
-    assert torch.equal(other.read(torch.float32)[..., :12, :], lazy.read(torch.float32))
-    assert torch.equal(other.read(torch.float32)[..., 12:, :], kind.quantize(x[..., 5:6, :]).read(torch.float32))
+    assert (len(branch), len(other), len(lazy)) == (n + 2, n + 1, n)  # appending changed neither
+    assert torch.equal(branch.read(torch.float32)[..., n:, :], kind.quantize(x[..., :2, :]).read(torch.float32))
+    assert torch.equal(other.read(torch.float32)[..., :n, :], lazy.read(torch.float32))
+    assert torch.equal(other.read(torch.float32)[..., n:, :], kind.quantize(x[..., 5:6, :]).read(torch.float32))
 
 
 @pytest.mark.parametrize("spec", ["int4:g32:gv16:r40:w8", "int4:k8v4:g32:gv8:r0:w8", "int2:g16:gv16:r33:s4:w8",
