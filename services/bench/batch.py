@@ -2,7 +2,7 @@
 side with transformers' own continuous batching.
 
     kvstash bench batch [--model M] [--kv SPEC] [--dtype D] [--concurrency 1,2,4,8,16,32] [--seconds 20]
-                        [--prompt-tokens 64] [--new-tokens 32|LO-HI] [--modes batched,unpacked,interleaved,unfrozen,hf]
+                        [--prompt-tokens 64] [--new-tokens 32|LO-HI] [--modes batched,unpacked,interleaved,untuned,hf]
                         [--buckets 1,2,4,8,16,32] [--json]
 
 For each mode and each concurrency N, N client threads run a closed loop for `--seconds`: each call sends a
@@ -15,8 +15,8 @@ Modes:
   kvstash before packed prefill);
 - `interleaved`: the same Engine with `batch.buckets = "1"` (each session decodes alone: kvstash before
   batching);
-- `unfrozen`: the batched Engine with `batch.gc_freeze = false` (its start-up heap stays in the garbage
-  collector's walks: kvstash before services/worker/gc_pauses.py);
+- `untuned`: the batched Engine with `batch.tune_gc = false` (Python's garbage collector as CPython sets it:
+  kvstash before services/worker/gc_tuning.py);
 - `hf`: transformers' `ContinuousBatchingManager` (`model.init_continuous_batching`) on the same model
   weights, dtype and machine, with its own paged fp KV cache and no kvstash in the way. `--dtype` sets every
   mode's model dtype (default: the service default).
@@ -93,7 +93,7 @@ class _GcWindow:
 
 
 def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
-    from services.worker.gc_pauses import GcPauses
+    from services.worker.gc_tuning import GcPauses
 
     t0 = time.monotonic()
     stats = _Stats(t0 + warmup, t0 + warmup + seconds)
@@ -121,7 +121,7 @@ def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
 
 
 def _kvstash_mode(args, buckets: str, redis_url: str, ns: int, prefill_rows: str | None = None,
-                  gc_freeze: bool = True):
+                  tune_gc: bool = True):
     from services.config import KvstashConfig
     from services.wire import DoneEvent, GenerateCall, TokensEvent, is_terminal
     from services.worker.engine import Engine
@@ -138,7 +138,7 @@ def _kvstash_mode(args, buckets: str, redis_url: str, ns: int, prefill_rows: str
         d.setdefault("batch", {})["prefill_tokens_per_step"] = args.prefill_budget
     if prefill_rows is not None:
         d.setdefault("batch", {})["prefill_rows"] = prefill_rows
-    d.setdefault("batch", {})["gc_freeze"] = gc_freeze
+    d.setdefault("batch", {})["tune_gc"] = tune_gc
     eng = Engine(KvstashConfig.from_dict(d))
     vocab, lengths = eng.runner.vocab_size, answer_lengths(args.new_tokens)
 
@@ -206,11 +206,11 @@ def run_batch(args) -> int:
         for i, mode in enumerate(modes):
             if mode == "hf":
                 handle, one_call = _hf_mode(args)
-            elif mode in ("batched", "unpacked", "interleaved", "unfrozen"):
+            elif mode in ("batched", "unpacked", "interleaved", "untuned"):
                 handle, one_call = _kvstash_mode(args, "1" if mode == "interleaved" else args.buckets, redis.url, i,
-                                                 "" if mode == "unpacked" else None, gc_freeze=mode != "unfrozen")
+                                                 "" if mode == "unpacked" else None, tune_gc=mode != "untuned")
             else:
-                raise SystemExit(f"unknown mode {mode!r}: batched, unpacked, interleaved, unfrozen or hf")
+                raise SystemExit(f"unknown mode {mode!r}: batched, unpacked, interleaved, untuned or hf")
             try:
                 one_call(random.Random(-1))  # warm-up: first-call costs (JIT, allocations) stay out of the rows
                 for n in levels:

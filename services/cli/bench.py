@@ -1,7 +1,7 @@
 """The `kvstash bench` argparse tree: benchmarks (services/bench), each command a `run_*(args)` there.
 
     kvstash bench resume [--history 512,2048] [--kv fp,int8:r128,int4:r128] [--json]  (services/bench/resume.py)
-    kvstash bench batch [--concurrency 1,2,4,8,16,32] [--modes batched,interleaved,unfrozen,hf]  (services/bench/batch.py)
+    kvstash bench batch [--concurrency 1,2,4,8,16,32] [--modes batched,interleaved,untuned,hf]  (services/bench/batch.py)
     kvstash bench bound [--sessions 16] [--prompt-tokens 64] [--new-tokens 32] [--dtype D] (services/bench/bound.py)
     kvstash bench chat [--users 8] [--rounds 5] [--modes default,no-tier,fp]           (services/bench/chat.py)
     kvstash bench http [--http URL] [--grpc TARGET] [--turns 6]                       (services/bench/http.py)

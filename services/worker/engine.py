@@ -48,7 +48,7 @@ from services.worker.batching import (
     verified_prefill_sizes,
     verified_sizes,
 )
-from services.worker.gc_pauses import GcPauses, freeze_startup_heap, thaw
+from services.worker.gc_tuning import GcPauses, GcTuning
 from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
 from services.worker.scheduler import Scheduler, Sink
 from services.worker.session_manager import SessionManager
@@ -68,7 +68,7 @@ class Engine:
         self.metrics = WorkerMetrics()
         self._next_collect = time.monotonic() + cfg.tiers.collect_interval_s
         self._probe_rng = random.Random(f"kvstash-probe-{worker_id}")  # which decode steps get probed
-        self._frozen = False  # whether start-up froze the heap (services/worker/gc_pauses.py)
+        self._gc_tuning = GcTuning()  # the collector tuned for serving once started (services/worker/gc_tuning.py)
         # Everything that runs the model, loading and start-up checks included, runs on the engine thread
         # (services/worker/scheduler.py says why)
         self.scheduler = Scheduler(on_idle=self._housekeeping, idle_interval_s=cfg.session.idle_check_interval_s,
@@ -103,9 +103,8 @@ class Engine:
         self.batcher = Batcher(self.runner, sizes, on_pass=self._observe_pass, prefill_sizes=packed,
                                on_packed=self.metrics.prefill_packed.observe)
         self.metrics.batch_max_rows.set(self.batcher.max_rows)
-        if cfg.batch.gc_freeze:  # the start-up heap out of the collector's walks (services/worker/gc_pauses.py)
-            log.info("froze %d start-up objects out of the garbage collector's walks", freeze_startup_heap())
-            self._frozen = True
+        if cfg.batch.tune_gc:
+            log.info("garbage collector tuned for serving: %d start-up objects frozen", self._gc_tuning.apply())
         return self.batcher
 
     def _packable(self, cache, ids: list[int]) -> bool:
@@ -381,7 +380,5 @@ class Engine:
     def close(self) -> None:
         self.scheduler.stop()
         self._gc.remove()
-        if self._frozen:
-            thaw()  # a closed engine's objects must not stay frozen (gc_pauses.py)
-            self._frozen = False
+        self._gc_tuning.undo()  # a closed engine's objects must not stay frozen (gc_tuning.py)
 

@@ -19,7 +19,7 @@ def test_bad_lengths_are_refused(bad):
 
 def test_the_garbage_collectors_pauses_inside_the_window_are_reported():
     """A row says how long the collector stood the process still inside its window, and how many full
-    collections it ran there (services/worker/gc_pauses.py feeds it)."""
+    collections it ran there (services/worker/gc_tuning.py feeds it)."""
     import gc
     import time
 
