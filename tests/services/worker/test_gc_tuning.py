@@ -66,10 +66,10 @@ def test_an_engine_tunes_the_collector_observes_pauses_and_undoes_the_tuning_whe
 
 
 def test_an_engine_told_not_to_tune_leaves_the_collector_alone(tiny_model_dir, redis_server):
-    before = gc.get_threshold()
+    before = gc.get_threshold(), gc.get_freeze_count()
     eng = make_engine(tiny_model_dir, redis_server.url, batch={"tune_gc": False})
     try:
-        assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+        assert (gc.get_threshold(), gc.get_freeze_count()) == before
         assert run(eng, "acme", "gc2", list(range(1000, 1030)), n=4)[0]
     finally:
         eng.close()
