@@ -106,10 +106,7 @@ class RowBatch(Cache):
                 pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted
                 mask = (pos > layer.num_tokens - 1 - window).view(1, 1, 1, -1)
             q = rotated_q[r] if forms[r]["k"] else queries[r]
-            if cache.evictor is None and cache.probe is None:  # nothing observes: `attend` would only call SDPA
-                outs[r], _ = row_sdpa(module, q, k, v, mask, **kwargs)
-            else:
-                outs[r], _ = attend(cache, module, q, k, v, mask, sdpa=row_sdpa, rotate=False, **kwargs)
+            outs[r], _ = attend(cache, module, q, k, v, mask, sdpa=row_sdpa, rotate=False, **kwargs)
         out = torch.cat(outs)
         rotated_out = [bool(f and f["v"]) for f in forms]
         if any(rotated_out):  # outputs of rows whose values come rotated go back, all rows at once (row by row)

@@ -42,11 +42,9 @@ class DecodeView:
             k[..., :self.n, :], v[..., :self.n, :] = self.k[..., :self.n, :], self.v[..., :self.n, :]
         self.k, self.v = k, v
 
+    @torch.inference_mode()
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Rows [start, start + len) := k, v; n grows to cover them. Needs start <= n."""
-        if not torch.is_inference_mode_enabled():  # (a decode step's write is in one already: no second entry)
-            with torch.inference_mode():
-                return self.write(start, k, v)
         if start > self.n:
             raise ValueError(f"a decode view of {self.n} rows cannot take rows from {start}")
         stop = start + k.shape[-2]

@@ -22,10 +22,11 @@ Modes:
   mode's model dtype (default: the service default).
 Measured from the clients: generated tokens/s, time to first token p50/p99, per-token latency (gaps
 between streamed tokens after the first) p50/p99. `vs 1` is tokens/s over the same mode's N=1 row; `vs hf`
-over the `hf` row at the same N. `gc_pause_s`, `gc_pause_max_s` and `gc_full_collections`: the
-garbage collector's pauses inside the window (every thread of the process stops for them). Each mode first runs one call alone (warm-up); each level then measures the
+over the `hf` row at the same N. Each mode first runs one call alone (warm-up); each level then measures the
 `--seconds` after its first `--warmup` seconds (all N clients start at once; the warm-up lets the first
 burst of prompts drain): tokens streamed inside that window, and the latencies of the calls started in it.
+`gc_pause_s`, `gc_pause_max_s` and `gc_full_collections`: the garbage collector's pauses that end inside the
+window (every thread of the process stops for them).
 """
 
 from __future__ import annotations
