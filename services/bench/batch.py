@@ -2,7 +2,8 @@
 side with transformers' own continuous batching.
 
     kvstash bench batch [--model M] [--kv SPEC] [--dtype D] [--concurrency 1,2,4,8,16,32] [--seconds 20]
-                        [--prompt-tokens 64] [--new-tokens 32|LO-HI] [--modes batched,unpacked,interleaved,untuned,hf]
+                        [--prompt-tokens 64] [--new-tokens 32|LO-HI] [--modes batched,unpacked,interleaved,untuned,
+                        plain_linears,hf]
                         [--buckets 1,2,4,8,16,32] [--json]
 
 For each mode and each concurrency N, N client threads run a closed loop for `--seconds`: each call sends a
@@ -17,6 +18,8 @@ Modes:
   batching);
 - `untuned`: the batched Engine with `batch.tune_gc = false` (Python's garbage collector as CPython sets it:
   kvstash before services/worker/gc_tuning.py);
+- `plain_linears`: the batched Engine with `model.prepack_weights = false` (bf16 linear layers through
+  torch's `F.linear`: kvstash before services/worker/prepacked_linear.py; with fp32 the same as `batched`);
 - `hf`: transformers' `ContinuousBatchingManager` (`model.init_continuous_batching`) on the same model
   weights, dtype and machine, with its own paged fp KV cache and no kvstash in the way. `--dtype` sets every
   mode's model dtype (default: the service default).
@@ -122,12 +125,12 @@ def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
 
 
 def _kvstash_mode(args, buckets: str, redis_url: str, ns: int, prefill_rows: str | None = None,
-                  tune_gc: bool = True):
+                  tune_gc: bool = True, prepack: bool = True):
     from services.config import KvstashConfig
     from services.wire import DoneEvent, GenerateCall, TokensEvent, is_terminal
     from services.worker.engine import Engine
 
-    d = {"model": {"name": args.model}, "redis": {"url": redis_url, "namespace": f"bench{ns}"},
+    d = {"model": {"name": args.model, "prepack_weights": prepack}, "redis": {"url": redis_url, "namespace": f"bench{ns}"},
          "kv": {"quality_sample_rate": 0}, "session": {"max_requests_per_worker": 4096}}
     if args.dtype:
         d["model"]["dtype"] = args.dtype
@@ -207,11 +210,12 @@ def run_batch(args) -> int:
         for i, mode in enumerate(modes):
             if mode == "hf":
                 handle, one_call = _hf_mode(args)
-            elif mode in ("batched", "unpacked", "interleaved", "untuned"):
+            elif mode in ("batched", "unpacked", "interleaved", "untuned", "plain_linears"):
                 handle, one_call = _kvstash_mode(args, "1" if mode == "interleaved" else args.buckets, redis.url, i,
-                                                 "" if mode == "unpacked" else None, tune_gc=mode != "untuned")
+                                                 "" if mode == "unpacked" else None, tune_gc=mode != "untuned",
+                                                 prepack=mode != "plain_linears")
             else:
-                raise SystemExit(f"unknown mode {mode!r}: batched, unpacked, interleaved, untuned or hf")
+                raise SystemExit(f"unknown mode {mode!r}: batched, unpacked, interleaved, untuned, plain_linears or hf")
             try:
                 one_call(random.Random(-1))  # warm-up: first-call costs (JIT, allocations) stay out of the rows
                 for n in levels:

@@ -4,8 +4,8 @@ Invariants:
 - `forward(cache, ids)` appends exactly `len(ids)` positions to `cache` and returns the float32 logits
   of the last position. Given the same cache state and ids it returns bit-identical logits (no
   dropout, fixed thread count), which is what makes offload/resume and schedule replay exact.
-- `fingerprint` changes whenever weights, config, dtype or kvstash's pass numerics (`attention.NUMERICS`)
-  change; KV stored under one fingerprint is never loaded into a model with another (it is rebuilt from
+- `fingerprint` changes whenever weights, config, dtype, the linear layers' kernel (`linears`:
+  services/worker/prepacked_linear.py) or kvstash's pass numerics (`attention.NUMERICS`) change; KV stored under one fingerprint is never loaded into a model with another (it is rebuilt from
   the session's history).
 """
 
@@ -32,6 +32,7 @@ from kvstore.device import (
 from kvstore.schedule import Pass
 from services.config import ModelConfig
 from services.errors import FailedPrecondition, InvalidArgument
+from services.worker import prepacked_linear
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,11 @@ class ModelRunner:
         attention.install(self.model)  # SDPA that also serves caches handing it rotated K/V
         self._rope_obj = None
         self._key_exps = None
-        self.fingerprint = self._fingerprint()
+        prepacking = prepacked_linear.prepacking_for(self.model) if cfg.prepack_weights else None
+        self.linears = prepacking.kernel if prepacking else "torch"
+        self.fingerprint = self._fingerprint()  # from the plain weights, before any prepacking
+        if prepacking:
+            prepacked_linear.prepack_linears(self.model, prepacking.plain_rows)
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
@@ -85,8 +90,8 @@ class ModelRunner:
         self.shape = ModelShape(layers=self.num_layers, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
                                 head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
                                 dtype=str(self.dtype))
-        log.info("loaded %s on %s (%s, %d torch threads), fingerprint %s", cfg.name, self.device, cfg.dtype,
-                 torch.get_num_threads(), self.fingerprint[:12])
+        log.info("loaded %s on %s (%s, linears: %s, %d torch threads), fingerprint %s", cfg.name, self.device,
+                 cfg.dtype, self.linears, torch.get_num_threads(), self.fingerprint[:12])
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> ModelRunner:
@@ -100,6 +105,8 @@ class ModelRunner:
         h.update(self.model.config.to_json_string(use_diff=False).encode())
         h.update(str(self.dtype).encode())
         h.update(f"numerics {attention.NUMERICS}".encode())  # how kvstash computes a pass (kvstore/quant/attention.py)
+        if self.linears != "torch":  # the linear layers' kernel (services/worker/prepacked_linear.py)
+            h.update(f"linears {self.linears}".encode())
         for name, p in sorted(self.model.state_dict().items()):
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())
