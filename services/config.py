@@ -31,11 +31,10 @@ class ModelConfig:
                                "AMX-BF16, bfloat16 serves ~1.35x the tokens/s at 16 sessions for +0.003 PPL: "
                                "docs/BENCHMARKS.md, \"Packed prefill\".)")
     device: str = _f("auto", "Device: auto (cuda when present, else cpu), cpu, cuda, cuda:N.")
-    prepack_weights: bool = _f(True, "On CPUs, run linear layers on weights prepacked once for oneDNN instead of "
-                                     "packing them per call: bf16 (on CPUs with native bf16) ~1.3x the "
-                                     "one-session tokens/s and ~1.2x at 16 sessions; fp32 ~1.07x at 16 sessions "
-                                     "and faster prefill, for ~0.5 GB more weights (one-row products keep "
-                                     "F.linear). services/worker/prepacked_linear.py.")
+    prepack_weights: bool = _f(True, "bfloat16 on a CPU with native bf16 products: run linear layers on weights "
+                                     "prepacked once for oneDNN instead of repacked per call (~1.3x the "
+                                     "one-session tokens/s, ~1.2x at 16 sessions; "
+                                     "services/worker/prepacked_linear.py). Elsewhere ignored.")
     cache_dir: str = _f("", "Where pulled models are kept; empty means $KVSTASH_HOME/models (~/.kvstash/models).")
 
 

@@ -2,10 +2,11 @@
 own dense passes — what a throughput ratio target should be weighed against.
 
     kvstash bench bound [--model M] [--dtype D] [--sessions 16] [--prompt-tokens 64] [--new-tokens 32]
-                        [--pack 512] [--reps 3] [--json]
+                        [--pack 512] [--linears torch|prepacked] [--reps 3] [--json]
 
 Times plain transformers forward passes with no KV cache and no kvstash code (median of `--reps` after one
-warm-up each): one decode row `[1, 1]`, a batched decode pass `[S, 1]`, one prompt `[1, P]`, and a packed
+warm-up each; `--linears prepacked`: the linear layers prepacked as a worker runs them,
+services/worker/prepacked_linear.py): one decode row `[1, 1]`, a batched decode pass `[S, 1]`, one prompt `[1, P]`, and a packed
 prefill pass `[1, pack]`. Then takes the lockstep workload of `kvstash bench batch` (each session sends a
 P-token prompt and takes N tokens, all S sessions at once) and computes:
 - one session, the best any server does: N tokens per `t[1,P] + N * t[1,1]`;
@@ -54,10 +55,16 @@ def run_bound(args) -> int:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(store_for().resolve(args.model), dtype=getattr(torch, args.dtype))
     model.eval()
+    if args.linears == "prepacked":  # as a worker runs them (services/worker/prepacked_linear.py)
+        from services.worker.prepacked_linear import can_prepack, prepack_linears
+
+        if not can_prepack(model):
+            raise SystemExit(f"{args.dtype} linear layers are not prepacked on this machine")
+        prepack_linears(model)
     s, p, n, pack = args.sessions, args.prompt_tokens, args.new_tokens, args.pack
     t = {"decode1": pass_seconds(model, 1, 1, args.reps), "decodeS": pass_seconds(model, s, 1, args.reps),
          "prompt": pass_seconds(model, 1, p, args.reps), "packed": pass_seconds(model, 1, pack, args.reps)}
-    row = {"dtype": args.dtype, "sessions": s, "prompt_tokens": p, "new_tokens": n, "pack": pack,
+    row = {"dtype": args.dtype, "linears": args.linears, "sessions": s, "prompt_tokens": p, "new_tokens": n, "pack": pack,
            **{f"t_{k}_s": v for k, v in t.items()}, **bound(t, s, p, n, pack)}
     if args.json:
         print(json.dumps(row, indent=1))

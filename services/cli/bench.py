@@ -2,7 +2,7 @@
 
     kvstash bench resume [--history 512,2048] [--kv fp,int8:r128,int4:r128] [--json]  (services/bench/resume.py)
     kvstash bench batch [--concurrency 1,2,4,8,16,32] [--modes batched,interleaved,untuned,hf]  (services/bench/batch.py)
-    kvstash bench bound [--sessions 16] [--prompt-tokens 64] [--new-tokens 32] [--dtype D] (services/bench/bound.py)
+    kvstash bench bound [--sessions 16] [--prompt-tokens 64] [--new-tokens 32] [--dtype D] [--linears L]  (bound.py)
     kvstash bench chat [--users 8] [--rounds 5] [--modes default,no-tier,fp]           (services/bench/chat.py)
     kvstash bench http [--http URL] [--grpc TARGET] [--turns 6]                       (services/bench/http.py)
     kvstash bench codec [--tokens 2048] [--kv int4:g32:gv32:r128] [--json]            (services/bench/codec.py)
@@ -117,6 +117,8 @@ def _bound(kinds) -> None:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--pack", type=int, default=512, help="rows of a packed prefill pass")
+    p.add_argument("--linears", choices=("torch", "prepacked"), default="torch",
+                   help="the linear layers' kernels: transformers' own, or prepacked as a worker runs them")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=runs("services.bench.bound", "run_bound"))

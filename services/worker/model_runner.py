@@ -76,11 +76,11 @@ class ModelRunner:
         attention.install(self.model)  # SDPA that also serves caches handing it rotated K/V
         self._rope_obj = None
         self._key_exps = None
-        prepacking = prepacked_linear.prepacking_for(self.model) if cfg.prepack_weights else None
-        self.linears = prepacking.kernel if prepacking else "torch"
+        prepack = cfg.prepack_weights and prepacked_linear.can_prepack(self.model)
+        self.linears = prepacked_linear.KERNEL if prepack else "torch"
         self.fingerprint = self._fingerprint()  # from the plain weights, before any prepacking
-        if prepacking:
-            prepacked_linear.prepack_linears(self.model, prepacking.plain_rows)
+        if prepack:
+            prepacked_linear.prepack_linears(self.model)
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))

@@ -1,13 +1,12 @@
-"""Prepacked linear layers (services/worker/prepacked_linear.py) on the real SmolLM2 weights.
+"""Prepacked bf16 linear layers (services/worker/prepacked_linear.py) on the real SmolLM2 weights.
 
-- Prepacking replaces every plain linear layer; bf16 keeps a tied lm_head's weight and drops the others'
-  plain weights, fp32 keeps them all for its one-row products (`F.linear`, bit for bit); hooks on a
-  projection still fire.
+- Prepacking replaces every plain linear layer, keeps a tied lm_head's weight and drops the others' plain
+  weights; hooks on a projection still fire.
 - A prepacked layer is deterministic and computes the product of its weight (within bf16 rounding of
   `F.linear`'s).
-- The runner names the kernel in its fingerprint, and the worker's bucket shapes and packed prefill sizes
-  stay batch-invariant through the prepacked kernels (bf16 and fp32), so batched decode and exact resume
-  keep working on them.
+- The runner names the kernel in its fingerprint (bf16 only: an fp32 runner, and its fingerprint, are
+  untouched by the setting), and the worker's bucket shapes and packed prefill sizes stay batch-invariant
+  through the prepacked kernels, so batched decode and exact resume keep working on them.
 """
 
 import pytest
@@ -19,7 +18,7 @@ from kvstore.config import QuantConfig
 from services.config import DEFAULT_KV_SPEC, ModelConfig
 from services.worker.batching import check_invariance, check_packed_invariance
 from services.worker.model_runner import ModelRunner
-from services.worker.prepacked_linear import BF16, FP32, PrepackedLinear, prepack_linears, prepacking_for
+from services.worker.prepacked_linear import KERNEL, PrepackedLinear, can_prepack, prepack_linears
 from tests.services.stack import smollm2_path
 
 pytestmark = pytest.mark.model
@@ -31,11 +30,10 @@ def runners():
     return {k: ModelRunner(ModelConfig(dtype="bfloat16", prepack_weights=k), path) for k in (True, False)}
 
 
-def test_this_machine_prepacks_both_dtypes():
-    """The CI machine has oneDNN and native bf16 products (AVX512-BF16 / AMX): both paths are the ones tested."""
-    assert prepacking_for(nn.Linear(8, 8)) == FP32
-    assert prepacking_for(nn.Linear(8, 8).to(torch.bfloat16)) == BF16
-    assert prepacking_for(nn.Linear(8, 8).to(torch.float16)) is None
+def test_this_machine_prepacks_bf16_only():
+    """The CI machine has oneDNN and native bf16 products (AVX512-BF16 / AMX): the prepacked path is tested."""
+    assert can_prepack(nn.Linear(8, 8).to(torch.bfloat16))
+    assert not can_prepack(nn.Linear(8, 8)) and not can_prepack(nn.Linear(8, 8).to(torch.float16))
 
 
 def test_prepacking_replaces_the_linears_and_keeps_only_shared_weights():
@@ -60,28 +58,15 @@ def test_prepacking_replaces_the_linears_and_keeps_only_shared_weights():
     assert seen == [torch.Size([5, 24])] * 2 + [torch.Size([1, 5, 24])]
 
 
-def test_fp32_keeps_the_plain_product_for_one_row():
-    torch.manual_seed(0)
-    model = nn.ModuleDict({"proj": nn.Linear(16, 24)})
-    x1, x4 = torch.randn(1, 16), torch.randn(4, 16)
-    want1, want4 = F.linear(x1, model["proj"].weight, model["proj"].bias), F.linear(x4, model["proj"].weight,
-                                                                                     model["proj"].bias)
-    prepack_linears(model, FP32.plain_rows)
-    with torch.inference_mode():
-        assert torch.equal(model["proj"](x1), want1)  # one row: F.linear itself
-        got4 = model["proj"](x4)
-        assert torch.equal(got4, model["proj"](x4)) and torch.allclose(got4, want4, atol=1e-5)
-
-
 def test_the_runner_names_the_kernel_in_its_fingerprint(runners):
     packed, plain = runners[True], runners[False]
-    assert packed.linears == BF16.kernel and plain.linears == "torch"
+    assert packed.linears == KERNEL and plain.linears == "torch"
     assert packed.fingerprint != plain.fingerprint  # KV of one kernel is never loaded under the other
     assert isinstance(packed.model.model.layers[0].mlp.down_proj, PrepackedLinear)
     assert packed.vocab_size == plain.vocab_size
     path = str(smollm2_path())
     fp32 = [ModelRunner(ModelConfig(prepack_weights=k), path) for k in (True, False)]
-    assert [r.linears for r in fp32] == [FP32.kernel, "torch"] and fp32[0].fingerprint != fp32[1].fingerprint
+    assert [r.linears for r in fp32] == ["torch", "torch"] and fp32[0].fingerprint == fp32[1].fingerprint
 
 
 def test_prepacked_passes_are_deterministic_and_close_to_plain_ones(runners):
@@ -99,8 +84,6 @@ def test_prepacked_passes_are_deterministic_and_close_to_plain_ones(runners):
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_buckets_and_packed_prefill_stay_batch_invariant_through_prepacked_kernels(runners, seed):
-    """bf16 here; fp32's prepacked kernels are the default runner's, which tests/services/worker/test_batching.py
-    probes at every bucket and packed size."""
     quant = QuantConfig.parse(DEFAULT_KV_SPEC)
     runner = runners[True]
     assert check_invariance(runner, quant, (2, 4, 8, 16, 32), trials=4, seed=seed) == []
