@@ -11,7 +11,8 @@ every `--resume-every`-th call instead evicts one of its sessions and resumes it
 Measured from the client side: generated tokens per second (all clients), p50/p99 time to first token,
 calls by status code (only OK and the intended RESOURCE_EXHAUSTED backpressure are expected), and from
 the service's own counters (its /metrics, or `--metrics-url` with `--target`) the offloads, restores from
-Redis and recomputations each phase caused.
+Redis and recomputations each phase caused; and the cores each role used during the phase (`cpu_cores`:
+worker, gateway, clients, redis, ray, other; services/bench/cpu.py), since all of them share the machine.
 The N=1 row is the baseline the others are compared against (`speedup` = tokens/s over N=1's).
 """
 
@@ -97,8 +98,12 @@ def _counters(url: str) -> dict[str, float]:
 
 
 def _counted_phase(target, api_key, n, args, metrics_url: str, settle_s: float) -> dict:
+    from services.bench.cpu import CpuShare
+
     before = _counters(metrics_url) if metrics_url else {}
+    cpu = CpuShare()
     row = asyncio.run(_phase(target, api_key, n, args))
+    row["cpu_cores"] = cpu.cores()
     if metrics_url:
         time.sleep(settle_s)  # the gateway collects worker metrics periodically
         after = _counters(metrics_url)
@@ -132,10 +137,13 @@ def run_load(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print("| sessions | tokens/s | vs 1 | TTFT p50 s | TTFT p99 s | calls | status codes | offloads | restores | recomputes |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
+    print("| sessions | tokens/s | vs 1 | TTFT p50 s | TTFT p99 s | calls | status codes | offloads | restores | recomputes "
+          "| cores: worker / gateway / clients / redis / ray / other |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
     for r in rows:
+        cores = " / ".join(f"{r['cpu_cores'][k]:.2f}" for k in ("worker", "gateway", "clients", "redis", "ray", "other")
+                           if k in r["cpu_cores"])
         print(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['ttft_p50_s']:.3f} "
               f"| {r['ttft_p99_s']:.3f} | {r['calls']} | {r['codes']} | {r.get('offloads', '')} "
-              f"| {r.get('restores', '')} | {r.get('recomputes', '')} |")
+              f"| {r.get('restores', '')} | {r.get('recomputes', '')} | {cores} |")
     return 0
