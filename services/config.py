@@ -32,9 +32,9 @@ class ModelConfig:
                                "docs/BENCHMARKS.md, \"Packed prefill\".)")
     device: str = _f("auto", "Device: auto (cuda when present, else cpu), cpu, cuda, cuda:N.")
     prepack_weights: bool = _f(True, "bfloat16 on a CPU with native bf16 products: run linear layers on weights "
-                                     "prepacked once for oneDNN instead of repacked per call (~1.3x the "
-                                     "one-session tokens/s, ~1.2x at 16 sessions; "
-                                     "services/worker/prepacked_linear.py). Elsewhere ignored.")
+                                     "prepacked once for oneDNN instead of repacked per call (the engine: "
+                                     "~1.3x the one-session tokens/s, ~1.2x at 16 sessions; over gRPC ~1.2x "
+                                     "and ~1.03x; services/worker/prepacked_linear.py). Elsewhere ignored.")
     cache_dir: str = _f("", "Where pulled models are kept; empty means $KVSTASH_HOME/models (~/.kvstash/models).")
 
 
