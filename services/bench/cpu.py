@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 
-ROLES = ("worker", "gateway", "redis", "clients", "ray", "other")
+ROLES = ("worker", "gateway", "clients", "redis", "ray", "other")  # in the order reports print them
 
 
 def role_of(cmdline: str, pid: int, own_pid: int) -> str:

@@ -113,6 +113,7 @@ def _counted_phase(target, api_key, n, args, metrics_url: str, settle_s: float) 
 
 
 def run_load(args) -> int:
+    from services.bench.cpu import ROLES
     from services.runtime.process import ServiceProcess
 
     svc = None
@@ -138,11 +139,10 @@ def run_load(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print("| sessions | tokens/s | vs 1 | TTFT p50 s | TTFT p99 s | calls | status codes | offloads | restores | recomputes "
-          "| cores: worker / gateway / clients / redis / ray / other |")
+          f"| cores: {' / '.join(ROLES)} |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
     for r in rows:
-        cores = " / ".join(f"{r['cpu_cores'][k]:.2f}" for k in ("worker", "gateway", "clients", "redis", "ray", "other")
-                           if k in r["cpu_cores"])
+        cores = " / ".join(f"{r['cpu_cores'][k]:.2f}" for k in ROLES if k in r["cpu_cores"])
         print(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['ttft_p50_s']:.3f} "
               f"| {r['ttft_p99_s']:.3f} | {r['calls']} | {r['codes']} | {r.get('offloads', '')} "
               f"| {r.get('restores', '')} | {r.get('recomputes', '')} | {cores} |")
