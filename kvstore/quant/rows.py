@@ -106,10 +106,16 @@ class RowBatch(Cache):
                 pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted
                 mask = (pos > layer.num_tokens - 1 - window).view(1, 1, 1, -1)
             q = rotated_q[r] if forms[r]["k"] else queries[r]
-            outs[r], _ = attend(cache, module, q, k, v, mask, sdpa=row_sdpa, rotate=False, **kwargs)
+            if cache.evictor is None and cache.probe is None:  # nothing observes attention: just compute it
+                outs[r], _ = row_sdpa(module, q, k, v, mask, **kwargs)
+            else:
+                outs[r], _ = attend(cache, module, q, k, v, mask, sdpa=row_sdpa, rotate=False, **kwargs)
         out = torch.cat(outs)
         rotated_out = [bool(f and f["v"]) for f in forms]
-        if any(rotated_out):  # outputs of rows whose values come rotated go back, all rows at once (row by row)
+        held = [r for r, f in zip(rotated_out, forms) if f is not None]
+        if held and all(held):  # the usual case: one spec. A padding row's zeros rotate to zeros
+            out = hadamard_rows(out)
+        elif any(rotated_out):  # outputs of rows whose values come rotated go back, all rows at once (row by row)
             out = torch.where(torch.tensor(rotated_out, device=out.device).view(-1, 1, 1, 1), hadamard_rows(out), out)
         return out, None
 

@@ -42,9 +42,11 @@ class DecodeView:
             k[..., :self.n, :], v[..., :self.n, :] = self.k[..., :self.n, :], self.v[..., :self.n, :]
         self.k, self.v = k, v
 
-    @torch.inference_mode()
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Rows [start, start + len) := k, v; n grows to cover them. Needs start <= n."""
+        if not torch.is_inference_mode_enabled():  # (a pass's writes are; entering the mode per write costs)
+            with torch.inference_mode():
+                return self.write(start, k, v)
         if start > self.n:
             raise ValueError(f"a decode view of {self.n} rows cannot take rows from {start}")
         stop = start + k.shape[-2]
@@ -53,6 +55,17 @@ class DecodeView:
         self.k.narrow(-2, start, stop - start).copy_(k)
         self.v.narrow(-2, start, stop - start).copy_(v)
         self.n = max(self.n, stop)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write(n, k, v)` then `read()`, the short way for a decode step (inside a pass: inference mode)."""
+        n, stop = self.n, self.n + k.shape[-2]
+        if stop > self.k.shape[-2] or not torch.is_inference_mode_enabled():
+            self.write(n, k, v)
+            return self.read()
+        self.k.narrow(-2, n, stop - n).copy_(k)
+        self.v.narrow(-2, n, stop - n).copy_(v)
+        self.n = stop
+        return self.k.narrow(-2, 0, stop), self.v.narrow(-2, 0, stop)
 
     def truncate(self, m: int) -> None:
         """Forget rows from `m` on (they no longer hold what attention would read)."""

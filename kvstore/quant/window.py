@@ -53,6 +53,14 @@ class _Window:
         self._parts = (tensors, later)
         self._n = tensors[0].shape[-2] if n is None else n
 
+    @classmethod
+    def _made(cls, parts: tuple, n: int):
+        """A window of `parts` (as `_parts`) holding `n` entries, without `__init__`'s checks: the hot paths
+        (`cat` once per token and side, `rows` once per row) make thousands a pass."""
+        w = object.__new__(cls)
+        w._parts, w._n = parts, n
+        return w
+
     def _joined(self) -> tuple[torch.Tensor, ...]:
         tensors, later = self._parts
         if later:
@@ -76,11 +84,12 @@ class _Window:
         if len(self._parts[1]) >= JOIN_EVERY:
             self._joined()
         tensors, later = self._parts
-        return type(self)(*tensors, later=(*later, other), n=len(self) + len(other))
+        return self._made((tensors, (*later, other)), self._n + other._n)
 
     def rows(self) -> list:
         """Every batch row alone, [1, H, n, *] each (views)."""
-        return [type(self)(*ts) for ts in zip(*(t.split(1) for t in self._joined()))]
+        made, n = self._made, self._n
+        return [made((ts, ()), n) for ts in zip(*(t.split(1) for t in self._joined()))]
 
     def slice(self, start: int, stop: int | None = None):
         """Entries [start, stop) as a window with storage of its own (the old storage is not kept alive)."""

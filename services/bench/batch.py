@@ -41,29 +41,7 @@ import threading
 import time
 import uuid
 
-from services.bench.common import percentile
-
-
-class _Stats:
-    """Throughput counts the tokens streamed inside the measured window [start, stop) (calls still running at
-    its edges count their tokens inside it); latencies are those of every call started inside the window,
-    followed to its end."""
-
-    def __init__(self, start: float, stop: float):
-        self.lock = threading.Lock()
-        self.start, self.stop = start, stop
-        self.tokens, self.ttft, self.gaps, self.calls, self.errors = 0, [], [], 0, 0
-
-    def call(self, started: float, stamps: list[float], ok: bool) -> None:
-        with self.lock:
-            if not ok:
-                self.errors += 1
-            self.tokens += sum(self.start <= s < self.stop for s in stamps)
-            if not self.start <= started < self.stop or not stamps:
-                return
-            self.calls += 1
-            self.ttft.append(stamps[0] - started)
-            self.gaps.extend(b - a for a, b in zip(stamps, stamps[1:]))
+from services.bench.common import WindowStats
 
 
 def answer_lengths(spec: str) -> tuple[int, int]:
@@ -100,7 +78,7 @@ def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
     from services.worker.gc_tuning import GcPauses
 
     t0 = time.monotonic()
-    stats = _Stats(t0 + warmup, t0 + warmup + seconds)
+    stats = WindowStats(t0 + warmup, t0 + warmup + seconds)
     window = _GcWindow(stats.start, stats.stop)
     pauses = GcPauses(window).install()
 
@@ -117,10 +95,7 @@ def _closed_loop(n: int, seconds: float, warmup: float, one_call) -> dict:
     for t in threads:
         t.join()
     pauses.remove()
-    return {"concurrency": n, "tokens_per_s": stats.tokens / seconds, "ttft_p50_s": percentile(stats.ttft, 0.5),
-            "ttft_p99_s": percentile(stats.ttft, 0.99), "tpot_p50_s": percentile(stats.gaps, 0.5),
-            "tpot_p99_s": percentile(stats.gaps, 0.99), "calls": stats.calls, "errors": stats.errors,
-            "seconds": seconds, "gc_pause_s": window.total, "gc_pause_max_s": window.longest,
+    return {"concurrency": n, **stats.row(), "seconds": seconds, "gc_pause_s": window.total, "gc_pause_max_s": window.longest,
             "gc_full_collections": window.full}
 
 

@@ -1,4 +1,5 @@
-"""What several benchmarks share: the model cache, a worker's store and its prefill, percentiles.
+"""What several benchmarks share: the model cache, a worker's store and its prefill, percentiles, and the
+measured window of a closed-loop phase (`WindowStats`).
 
 Imports no benchmark module: benchmarks import it.
 """
@@ -56,3 +57,33 @@ def percentile(xs: list[float], q: float) -> float:
         return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+class WindowStats:
+    """Throughput counts the tokens streamed inside the measured window [start, stop) (calls still running at
+    its edges count their tokens inside it); latencies are those of every call started inside the window,
+    followed to its end."""
+
+    def __init__(self, start: float, stop: float):
+        import threading
+
+        self.lock = threading.Lock()
+        self.start, self.stop = start, stop
+        self.tokens, self.ttft, self.gaps, self.calls, self.errors = 0, [], [], 0, 0
+
+    def call(self, started: float, stamps: list[float], ok: bool) -> None:
+        with self.lock:
+            if not ok:
+                self.errors += 1
+            self.tokens += sum(self.start <= s < self.stop for s in stamps)
+            if not self.start <= started < self.stop or not stamps:
+                return
+            self.calls += 1
+            self.ttft.append(stamps[0] - started)
+            self.gaps.extend(b - a for a, b in zip(stamps, stamps[1:]))
+
+    def row(self) -> dict:
+        """tokens/s over the window, TTFT and time-per-output-token (gap between tokens) p50/p99, calls."""
+        return {"tokens_per_s": self.tokens / (self.stop - self.start), "ttft_p50_s": percentile(self.ttft, 0.5),
+                "ttft_p99_s": percentile(self.ttft, 0.99), "tpot_p50_s": percentile(self.gaps, 0.5),
+                "tpot_p99_s": percentile(self.gaps, 0.99), "calls": self.calls, "errors": self.errors}

@@ -1,15 +1,19 @@
 """`kvstash bench load`: tokens per second and time to first token against the number of concurrent sessions.
 
     kvstash bench load [--target HOST:PORT] [--model M] [--workers 1] [--concurrency 1,2,4,8]
-                       [--seconds 20] [--new-tokens 32] [--prompt-tokens 64] [--resume-every 4]
+                       [--seconds 20] [--warmup 5] [--new-tokens 32] [--prompt-tokens 64] [--resume-every 4]
                        [--metrics-url URL] [--json]
 
 Without `--target` it starts the service itself (`kvstash up` as a child process: its own redis-server,
 local Ray, the model) and stops it afterwards. For each concurrency N, N asyncio clients stream calls over
-real gRPC for `--seconds`: each client opens a session with a prompt of `--prompt-tokens` tokens, and
-every `--resume-every`-th call instead evicts one of its sessions and resumes it (restore from Redis).
-Measured from the client side: generated tokens per second (all clients), p50/p99 time to first token,
-calls by status code (only OK and the intended RESOURCE_EXHAUSTED backpressure are expected), and from
+real gRPC for `--warmup` then `--seconds`: each client opens a session with a prompt of `--prompt-tokens`
+tokens, and every `--resume-every`-th call instead evicts one of its sessions and resumes it (restore from
+Redis; its time to first token counts from before the evict). Measured from the client side, in the window
+after the warm-up as `kvstash bench batch` measures (services/bench/common.py, `WindowStats`): tokens
+per second (the tokens that arrived in the window, all clients), p50/p99 time to first token and time per
+output token of the calls started in it; also the whole phase's tokens/s (first call to last answer: the
+start-up burst and the tail where fewer than N calls still run included, as this bench measured before
+it had a window), calls by status code (only OK and the intended RESOURCE_EXHAUSTED backpressure are expected), and from
 the service's own counters (its /metrics, or `--metrics-url` with `--target`) the offloads, restores from
 Redis and recomputations each phase caused; and the cores each role used during the phase (`cpu_cores`:
 worker, gateway, clients, redis, ray, other; services/bench/cpu.py), since all of them share the machine.
@@ -24,10 +28,10 @@ import random
 import tempfile
 import time
 
-from services.bench.common import percentile
+from services.bench.common import WindowStats
 
 
-async def _client(target, api_key, seed, stop_at, args, out) -> None:
+async def _client(target, api_key, seed, stats, args, out) -> None:
     import grpc
 
     from services.client import AsyncKvstashClient
@@ -37,10 +41,10 @@ async def _client(target, api_key, seed, stop_at, args, out) -> None:
     client = AsyncKvstashClient(target, api_key=api_key, timeout=300)
     try:
         calls = 0
-        while time.monotonic() < stop_at:
+        while time.monotonic() < stats.stop:
             calls += 1
             resume = args.resume_every and sessions and calls % args.resume_every == 0
-            t0, first, n = time.perf_counter(), None, 0
+            started, stamps, ok = time.monotonic(), [], False
             try:
                 if resume:
                     sid = rng.choice(sessions)
@@ -50,32 +54,31 @@ async def _client(target, api_key, seed, stop_at, args, out) -> None:
                     ids = [rng.randrange(1000, 20000) for _ in range(args.prompt_tokens)]
                     stream = client.generate_stream(token_ids=ids, max_new_tokens=args.new_tokens)
                 async for msg in stream:
-                    if msg.token_ids and first is None:
-                        first = time.perf_counter() - t0
-                    n += len(msg.token_ids)
+                    stamps.extend([time.monotonic()] * len(msg.token_ids))
                     if msg.session_id and not resume and msg.session_id not in sessions:
                         sessions.append(msg.session_id)
                 out["codes"]["OK"] = out["codes"].get("OK", 0) + 1
+                ok = True
             except grpc.aio.AioRpcError as e:
                 out["codes"][e.code().name] = out["codes"].get(e.code().name, 0) + 1
                 if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     await asyncio.sleep(0.2)
-            out["tokens"] += n
-            if first is not None:
-                out["ttft"].append(first)
+            out["tokens"] += len(stamps)
+            stats.call(started, stamps, ok)
     finally:
         await client.close()
 
 
 async def _phase(target, api_key, n, args) -> dict:
-    out = {"tokens": 0, "ttft": [], "codes": {}}
+    """One concurrency: n clients for `--warmup` then `--seconds`, measured in that window (`WindowStats`); also
+    the whole phase's tokens/s, from its start to its last call's end (the figure before the window existed)."""
+    out = {"tokens": 0, "codes": {}}
     t0 = time.monotonic()
-    stop_at = t0 + args.seconds
-    await asyncio.gather(*(_client(target, api_key, 1000 * n + i, stop_at, args, out) for i in range(n)))
+    stats = WindowStats(t0 + args.warmup, t0 + args.warmup + args.seconds)
+    await asyncio.gather(*(_client(target, api_key, 1000 * n + i, stats, args, out) for i in range(n)))
     wall = time.monotonic() - t0
-    return {"concurrency": n, "tokens_per_s": out["tokens"] / wall, "ttft_p50_s": percentile(out["ttft"], 0.5),
-            "ttft_p99_s": percentile(out["ttft"], 0.99), "calls": sum(out["codes"].values()), "codes": out["codes"],
-            "seconds": wall}
+    return {"concurrency": n, **stats.row(), "tokens_per_s_whole": out["tokens"] / wall, "codes": out["codes"],
+            "seconds": args.seconds, "warmup_s": args.warmup, "whole_seconds": wall}
 
 
 COUNTERS = ("kvstash_offloads_total", "kvstash_restores_total", "kvstash_recomputes_total")
@@ -132,18 +135,19 @@ def run_load(args) -> int:
     finally:
         if svc is not None:
             svc.stop()
-    base = rows[0]["tokens_per_s"] or float("nan")
+    base, whole = rows[0]["tokens_per_s"] or float("nan"), rows[0]["tokens_per_s_whole"] or float("nan")
     for r in rows:
-        r["speedup"] = r["tokens_per_s"] / base
+        r["speedup"], r["speedup_whole"] = r["tokens_per_s"] / base, r["tokens_per_s_whole"] / whole
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print("| sessions | tokens/s | vs 1 | TTFT p50 s | TTFT p99 s | calls | status codes | offloads | restores | recomputes "
-          f"| cores: {' / '.join(ROLES)} |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
+    print("| sessions | tokens/s | vs 1 | TTFT p50 s | TTFT p99 s | TPOT p50 s | TPOT p99 s | whole phase: tokens/s, vs 1 "
+          f"| calls | status codes | offloads | restores | recomputes | cores: {' / '.join(ROLES)} |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
     for r in rows:
         cores = " / ".join(f"{r['cpu_cores'][k]:.2f}" for k in ROLES if k in r["cpu_cores"])
         print(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['ttft_p50_s']:.3f} "
-              f"| {r['ttft_p99_s']:.3f} | {r['calls']} | {r['codes']} | {r.get('offloads', '')} "
+              f"| {r['ttft_p99_s']:.3f} | {r['tpot_p50_s']:.3f} | {r['tpot_p99_s']:.3f} "
+              f"| {r['tokens_per_s_whole']:.1f}, {r['speedup_whole']:.2f}x | {r['calls']} | {r['codes']} | {r.get('offloads', '')} "
               f"| {r.get('restores', '')} | {r.get('recomputes', '')} | {cores} |")
     return 0

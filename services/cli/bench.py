@@ -164,7 +164,9 @@ def _load(kinds) -> None:
     p.add_argument("--kv", default="")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--concurrency", default="1,2,4,8")
-    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=20.0, help="the measured window of each concurrency")
+    p.add_argument("--warmup", type=float, default=5.0,
+                   help="seconds each concurrency runs before its measured window (0: from the first call)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--resume-every", type=int, default=4, help="every k-th call evicts and resumes a session (0: never)")

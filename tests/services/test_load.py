@@ -44,7 +44,7 @@ def stack(redis_server, tiny_model_dir, tmp_path_factory):
 
 
 def test_32_concurrent_sessions_with_resumes_and_no_memory_growth(stack):
-    args = argparse.Namespace(seconds=SECONDS, new_tokens=12, prompt_tokens=48, resume_every=3)
+    args = argparse.Namespace(seconds=SECONDS, warmup=0.0, new_tokens=12, prompt_tokens=48, resume_every=3)
     asyncio.run(_phase(stack.target, None, SESSIONS, argparse.Namespace(**{**vars(args), "seconds": 5.0})))  # warm up
     phases, rss = [], []
     for _ in range(2):
