@@ -182,6 +182,8 @@ class ModelRunner:
     @staticmethod
     def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
         if s.temperature <= 0 or gen is None:
+            if logits.device.type == "cpu":  # numpy's argmax: the same index (the first maximum; a NaN wins as
+                return int(logits.numpy().argmax())  # in torch), ~20x faster than torch's on a vocabulary row
             return int(torch.argmax(logits))
         probs = torch.softmax(logits / s.temperature, dim=-1)
         if 0 < s.top_p < 1:

@@ -69,6 +69,16 @@ def test_sampling_is_seeded_and_top_p_keeps_the_argmax(runner):
     assert a == b and len(set(a)) > 1
 
 
+def test_greedy_picks_torchs_argmax_ties_and_nans_included():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(8, 49152, generator=g)
+    rows[1, 7] = rows[1, 40000] = rows[1].max() + 1  # a tie: the first maximum wins
+    rows[2, 123] = rows[2, 5] = float("nan")  # a NaN wins, the first one
+    rows[3] = 0.0
+    for row in [*rows, rows[:, 9], torch.randn(16, 49152, generator=g)[5]]:  # strided and row views too
+        assert ModelRunner.sample(row, Sampling(), None) == int(torch.argmax(row))
+
+
 def test_detokenizer_streams_whole_characters(runner):
     ids = runner.tokenizer("héllo wörld ✓ done", add_special_tokens=False)["input_ids"]
     d = Detokenizer(runner)
