@@ -24,12 +24,16 @@ def _f(default, doc: str):
     return field(default=default, metadata={"doc": doc})
 
 
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # model.dtype's values (services/worker/model_runner.py)
+
+
 @dataclass
 class ModelConfig:
     name: str = _f("smollm2-135m-instruct", "Model: the built-in default's name, an HF model folder, or a hub id.")
-    dtype: str = _f("float32", "Weights and activations dtype: float32, bfloat16 or float16. (On CPUs with "
-                               "AMX-BF16, bfloat16 serves ~1.35x the tokens/s at 16 sessions for +0.003 PPL: "
-                               "docs/BENCHMARKS.md, \"Packed prefill\".)")
+    dtype: str = _f("auto", "Weights and activations dtype: auto, float32, bfloat16 or float16. auto is bfloat16 "
+                            "where products run natively in it (a CPU with AVX512-BF16 or AMX; a CUDA device that "
+                            "supports it), else float32: on this 2-core AMX machine bf16 serves ~1.35x fp32's "
+                            "tokens/s at 16 sessions for +0.003 PPL (docs/BENCHMARKS.md, \"Default dtype\").")
     device: str = _f("auto", "Device: auto (cuda when present, else cpu), cpu, cuda, cuda:N.")
     prepack_weights: bool = _f(True, "bfloat16 on a CPU with native bf16 products: run linear layers on weights "
                                      "prepacked once for oneDNN instead of repacked per call (the engine: "
@@ -277,6 +281,8 @@ class KvstashConfig:
             check_cold(quant, self.cold, self.block_tokens)  # raises ColdSpecError (a ValueError)
         if not 0.0 <= self.kv.quality_sample_rate <= 1.0:
             raise ValueError("kv.quality_sample_rate must be in [0, 1]")
+        if self.model.dtype not in MODEL_DTYPES:
+            raise ValueError(f"model.dtype={self.model.dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
         if bool(self.gateway.tls_cert_file) != bool(self.gateway.tls_key_file):
             raise ValueError("gateway.tls_cert_file and gateway.tls_key_file must be set together")
         if self.session.max_requests_per_worker < 1:

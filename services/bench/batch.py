@@ -149,7 +149,9 @@ def _hf_mode(args):
     from services.worker.model_store import store_for
 
     path = store_for().resolve(args.model)
-    dtype = getattr(torch, args.dtype or ModelConfig().dtype)  # the kvstash modes' dtype: the same weights
+    from services.worker.model_runner import pick_dtype
+
+    dtype = pick_dtype(args.dtype or ModelConfig().dtype, torch.device("cpu"))  # the kvstash modes' dtype
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     lengths = answer_lengths(args.new_tokens)
     gen = GenerationConfig(max_new_tokens=lengths[1], do_sample=False, eos_token_id=-1)

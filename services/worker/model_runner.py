@@ -30,7 +30,7 @@ from kvstore.device import (
     rope_for,
 )
 from kvstore.schedule import Pass
-from services.config import ModelConfig
+from services.config import MODEL_DTYPES, ModelConfig
 from services.errors import FailedPrecondition, InvalidArgument
 from services.worker import prepacked_linear
 
@@ -55,6 +55,19 @@ class Sampling:
         return g
 
 
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`model.dtype` on `device`: "auto" is bfloat16 where products run natively in it (a CPU with AVX512-BF16 or
+    AMX, then on prepacked weights; a CUDA device that supports it), else float32. docs/BENCHMARKS.md, "Default
+    dtype", measures what bf16 costs (PPL) and gains (tokens/s, TTFT) on this machine."""
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of {', '.join(MODEL_DTYPES)}")
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and prepacked_linear.native_bf16_cpu() else torch.float32
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,10 +78,8 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, path: str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if cfg.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype={cfg.dtype!r} is not one of {sorted(_DTYPES)}")
         self.device = pick_device(cfg.device)
-        self.dtype = _DTYPES[cfg.dtype]
+        self.dtype = pick_dtype(cfg.dtype, self.device)
         self.name = cfg.name
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
@@ -91,7 +102,7 @@ class ModelRunner:
                                 head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
                                 dtype=str(self.dtype))
         log.info("loaded %s on %s (%s, linears: %s, %d torch threads), fingerprint %s", cfg.name, self.device,
-                 cfg.dtype, self.linears, torch.get_num_threads(), self.fingerprint[:12])
+                 str(self.dtype).removeprefix("torch."), self.linears, torch.get_num_threads(), self.fingerprint[:12])
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> ModelRunner:

@@ -32,12 +32,17 @@ import torch.nn as nn
 KERNEL = "onednn-prepacked"  # what the model fingerprint records for prepacked linear layers
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX) and torch has oneDNN to use it."""
+    return torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported()
+                                                      or torch.cpu._is_amx_tile_supported())
+
+
 def can_prepack(model: nn.Module) -> bool:
     """Whether `prepack_linears` applies: a bfloat16 model on the CPU, a torch build with oneDNN, and a CPU with
     native bf16 products (AVX512-BF16 or AMX); elsewhere `F.linear` stays."""
     p = next(model.parameters())
-    return (p.dtype == torch.bfloat16 and p.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+    return p.dtype == torch.bfloat16 and p.device.type == "cpu" and native_bf16_cpu()
 
 
 class PrepackedLinear(nn.Module):

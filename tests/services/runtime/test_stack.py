@@ -13,7 +13,7 @@ from services.runtime.stack import local_cpus_per_worker
 from tests.services.conftest import TINY_SPEC
 from tests.services.stack import ServiceProcess
 
-THREADS_RE = re.compile(r"loaded \S+ on cpu \(float32, linears: \S+, (\d+) torch threads\)")
+THREADS_RE = re.compile(r"loaded \S+ on cpu \((?:float32|bfloat16), linears: \S+, (\d+) torch threads\)")
 
 
 @pytest.mark.parametrize(("cpus", "workers", "share"), [(2, 1, 2.0), (2, 2, 1.0), (2, 3, 1.0), (8, 3, 2.0),

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from services.config import ModelConfig
+from services.config import KvstashConfig, ModelConfig
 from services.errors import FailedPrecondition
-from services.worker.model_runner import Detokenizer, ModelRunner, Sampling
+from services.worker.model_runner import Detokenizer, ModelRunner, Sampling, pick_dtype
+from services.worker.prepacked_linear import native_bf16_cpu
 from tests.services.stack import smollm2_path
 
 pytestmark = pytest.mark.model
@@ -69,6 +70,18 @@ def test_sampling_is_seeded_and_top_p_keeps_the_argmax(runner):
     assert a == b and len(set(a)) > 1
 
 
+def test_auto_dtype_is_bf16_where_products_run_natively_in_it():
+    cpu = torch.device("cpu")
+    assert pick_dtype("auto", cpu) == (torch.bfloat16 if native_bf16_cpu() else torch.float32)
+    assert native_bf16_cpu()  # this machine (AMX): the default serves in bf16, on prepacked weights
+    assert [pick_dtype(n, cpu) for n in ("float32", "bfloat16", "float16")] == [torch.float32, torch.bfloat16,
+                                                                                torch.float16]
+    with pytest.raises(ValueError, match="model.dtype='fp8'"):
+        pick_dtype("fp8", cpu)
+    with pytest.raises(ValueError, match="model.dtype"):
+        KvstashConfig.from_dict({"model": {"dtype": "float64"}}).validate()
+
+
 def test_greedy_picks_torchs_argmax_ties_and_nans_included():
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(8, 49152, generator=g)
@@ -85,7 +98,8 @@ def test_detokenizer_streams_whole_characters(runner):
     assert "".join(d.push(i) for i in ids) == runner.decode(ids)
 
 
-def test_fingerprint_is_stable_and_weight_sensitive(runner):
+def test_fingerprint_is_stable_and_weight_sensitive():
+    runner = ModelRunner(ModelConfig(dtype="float32"), str(smollm2_path()))  # plain weights: it can hash them again
     fp = runner.fingerprint
     assert fp == runner._fingerprint() and len(fp) == 64
     with torch.no_grad():

@@ -65,7 +65,7 @@ def test_the_runner_names_the_kernel_in_its_fingerprint(runners):
     assert isinstance(packed.model.model.layers[0].mlp.down_proj, PrepackedLinear)
     assert packed.vocab_size == plain.vocab_size
     path = str(smollm2_path())
-    fp32 = [ModelRunner(ModelConfig(prepack_weights=k), path) for k in (True, False)]
+    fp32 = [ModelRunner(ModelConfig(dtype="float32", prepack_weights=k), path) for k in (True, False)]
     assert [r.linears for r in fp32] == ["torch", "torch"] and fp32[0].fingerprint == fp32[1].fingerprint
 
 
