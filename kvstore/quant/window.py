@@ -193,11 +193,16 @@ class NewRows(NamedTuple):
     @classmethod
     def of(cls, kind: type[FloatWindow] | type[Int8Window], key: torch.Tensor, value: torch.Tensor,
            dtype: torch.dtype, rotated: tuple[bool, bool] = (False, False)) -> NewRows:
-        """Entries of `key`/`value` [R, H, q, D]; readings rotated row by row for the sides in `rotated`."""
-        k, v = kind.quantize(key), kind.quantize(value)
-        k_read, v_read = k.read(dtype), v.read(dtype)
+        """Entries of `key`/`value` [R, H, q, D]; readings rotated row by row for the sides in `rotated`.
+
+        Both sides are quantized and read in one call, stacked ([2, R, H, q, D]): every entry and reading is a
+        function of its own token and head, so the bits are those of two calls."""
+        both = kind.quantize(torch.stack((key, value)))
+        reads = both.read(dtype)
+        k, v = (kind._made((tuple(t[i] for t in both._joined()), ()), len(both)) for i in (0, 1))
+        k_read, v_read = reads[0], reads[1]
         return cls(k, v, hadamard_rows(k_read) if rotated[0] else k_read, hadamard_rows(v_read) if rotated[1] else v_read)
 
     def rows(self) -> list[NewRows]:
         """Each batch row's entries and readings alone, in row order (views)."""
-        return [NewRows(*r) for r in zip(self.keys.rows(), self.values.rows(), self.k_read.split(1), self.v_read.split(1))]
+        return list(map(NewRows, self.keys.rows(), self.values.rows(), self.k_read.split(1), self.v_read.split(1)))

@@ -10,7 +10,8 @@ import torch
 from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.config import QuantConfig
 from kvstore.quant.cache import QuantizedKVCache
-from kvstore.quant.window import JOIN_EVERY, FloatWindow, Int8Window
+from kvstore.quant.rotation import hadamard_rows
+from kvstore.quant.window import JOIN_EVERY, FloatWindow, Int8Window, NewRows
 
 B, H, D = 1, 2, 16
 
@@ -43,6 +44,22 @@ def test_int8_codes_are_within_half_a_step_and_never_clip():
     err = (w.read(torch.float32) - x).abs()
     assert bool((err <= s / 2 * (1 + 1e-6) + x.abs() * 2**-20).all())  # stated bound: half a step
     assert bool((w.read(torch.float32)[0, 0, 7] == 0).all()) and float(w.scale[0, 0, 7]) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", [FloatWindow, Int8Window])
+def test_new_rows_of_a_batch_are_each_rows_own_entries_and_readings(kind, dtype):
+    g = torch.Generator().manual_seed(9)
+    key, value = torch.randn(6, H, 1, D, generator=g) * 3, torch.randn(6, H, 1, D, generator=g)
+    key[1], value[2, 0] = 0.0, 1e6  # an all-zero row; a head past the fp16 range
+    key, value = key.to(dtype), value.to(dtype)
+    rows = NewRows.of(kind, key, value, dtype, rotated=(False, True)).rows()
+    assert len(rows) == 6
+    for r, new in enumerate(rows):  # what the layer computes for the row alone: both sides, one call each
+        k, v = kind.quantize(key[r:r + 1]), kind.quantize(value[r:r + 1])
+        for got, want in ((new.keys, k), (new.values, v)):
+            assert len(got) == 1 and all(torch.equal(a, b) for a, b in zip(got._joined(), want._joined()))
+        assert torch.equal(new.k_read, k.read(dtype)) and torch.equal(new.v_read, hadamard_rows(v.read(dtype)))
 
 
 def test_slice_select_and_cat_act_on_codes():

@@ -18,7 +18,7 @@ WIKI = REPO.parent / "shared" / "data" / "wiki.test.raw"
 
 @pytest.fixture(scope="module")
 def tiny_runner(tiny_model_dir):
-    return ModelRunner(ModelConfig(name=str(tiny_model_dir)), str(tiny_model_dir))
+    return ModelRunner(ModelConfig(name=str(tiny_model_dir), dtype="float32"), str(tiny_model_dir))  # eval ppl's --dtype
 
 
 def _ids(runner, n):
