@@ -13,10 +13,12 @@ after the warm-up as `kvstash bench batch` measures (services/bench/common.py, `
 per second (the tokens that arrived in the window, all clients), p50/p99 time to first token and time per
 output token of the calls started in it; also the whole phase's tokens/s (first call to last answer: the
 start-up burst and the tail where fewer than N calls still run included, as this bench measured before
-it had a window), calls by status code (only OK and the intended RESOURCE_EXHAUSTED backpressure are expected), and from
-the service's own counters (its /metrics, or `--metrics-url` with `--target`) the offloads, restores from
-Redis and recomputations each phase caused; and the cores each role used during the phase (`cpu_cores`:
-worker, gateway, clients, redis, ray, other; services/bench/cpu.py), since all of them share the machine.
+it had a window), and calls by status code (only OK and the intended RESOURCE_EXHAUSTED backpressure are
+expected). From the service's own counters (its /metrics, or `--metrics-url` with `--target`): the
+offloads, restores from Redis and recomputations each phase caused, and the mean sessions a decode pass
+carried (`sessions_per_pass`: below N while calls wait for their prompt's prefill, a restore or the
+client's next call). And the cores each role used during the phase (`cpu_cores`: worker, gateway,
+clients, redis, ray, other; services/bench/cpu.py), since all of them share the machine.
 The N=1 row is the baseline the others are compared against (`speedup` = tokens/s over N=1's).
 """
 
@@ -81,11 +83,13 @@ async def _phase(target, api_key, n, args) -> dict:
             "seconds": args.seconds, "warmup_s": args.warmup, "whole_seconds": wall}
 
 
-COUNTERS = ("kvstash_offloads_total", "kvstash_restores_total", "kvstash_recomputes_total")
+COUNTERS = ("kvstash_offloads_total", "kvstash_restores_total", "kvstash_recomputes_total",
+            "kvstash_batch_sessions_sum", "kvstash_batch_sessions_count")  # the last two: sessions per decode pass
 
 
 def _counters(url: str) -> dict[str, float]:
-    """The service's offload, restore and recompute counters (summed over labels) from its /metrics."""
+    """The service's offload, restore and recompute counters and its decode passes' session count histogram
+    (sum and count; summed over labels and workers) from its /metrics."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -110,8 +114,11 @@ def _counted_phase(target, api_key, n, args, metrics_url: str, settle_s: float) 
     if metrics_url:
         time.sleep(settle_s)  # the gateway collects worker metrics periodically
         after = _counters(metrics_url)
-        for name in COUNTERS:
+        for name in COUNTERS[:3]:
             row[name.removeprefix("kvstash_").removesuffix("_total")] = int(after[name] - before[name])
+        passes = after["kvstash_batch_sessions_count"] - before["kvstash_batch_sessions_count"]
+        row["decode_passes"] = int(passes)  # the mean sessions a decode pass carried (of N at most):
+        row["sessions_per_pass"] = (after["kvstash_batch_sessions_sum"] - before["kvstash_batch_sessions_sum"]) / max(passes, 1)
     return row
 
 
@@ -142,12 +149,12 @@ def run_load(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print("| sessions | tokens/s | vs 1 | TTFT p50 s | TTFT p99 s | TPOT p50 s | TPOT p99 s | whole phase: tokens/s, vs 1 "
-          f"| calls | status codes | offloads | restores | recomputes | cores: {' / '.join(ROLES)} |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
+          f"| sessions per pass | calls | status codes | offloads | restores | recomputes | cores: {' / '.join(ROLES)} |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
     for r in rows:
         cores = " / ".join(f"{r['cpu_cores'][k]:.2f}" for k in ROLES if k in r["cpu_cores"])
         print(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['ttft_p50_s']:.3f} "
               f"| {r['ttft_p99_s']:.3f} | {r['tpot_p50_s']:.3f} | {r['tpot_p99_s']:.3f} "
-              f"| {r['tokens_per_s_whole']:.1f}, {r['speedup_whole']:.2f}x | {r['calls']} | {r['codes']} | {r.get('offloads', '')} "
+              f"| {r['tokens_per_s_whole']:.1f}, {r['speedup_whole']:.2f}x | {r.get('sessions_per_pass', float('nan')):.1f} | {r['calls']} | {r['codes']} | {r.get('offloads', '')} "
               f"| {r.get('restores', '')} | {r.get('recomputes', '')} | {cores} |")
     return 0
