@@ -68,19 +68,24 @@ def attend(cache, module, query, key, value, attention_mask, sdpa=sdpa_attention
     out, weights = sdpa(module, query, key, value, attention_mask, **kwargs)
     if rotate and rot and rot["v"]:
         out = hadamard_rows(out)
-    evictor, probing = getattr(cache, "evictor", None), getattr(cache, "probe", None) is not None
-    if rot is None or (evictor is None and not probing):  # no observer: attention is all there is
+    if rot is None or not observed(cache):  # no observer: attention is all there is
         return out, weights
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    evictor = getattr(cache, "evictor", None)
     if evictor is not None:
         evictor.observe(evict.attention_probs(query, key, scaling))
         if idx == len(cache.layers) - 1:
             cache.end_step()
-    if probing:
+    if getattr(cache, "probe", None) is not None:
         res = probe.measure(cache.layers[idx], query, key, value, scaling, attention_mask)
         if res is not None:
             cache.probe.append((idx, *res))
     return out, weights
+
+
+def observed(cache) -> bool:
+    """Whether something reads `cache`'s attention besides the pass: its evictor, or a quality probe."""
+    return getattr(cache, "evictor", None) is not None or getattr(cache, "probe", None) is not None
 
 
 def install(model) -> None:

@@ -56,6 +56,12 @@ from kvstore.quant.view import DecodeView
 from kvstore.quant.window import WINDOW_FIELDS, NewRows, Window, window_kind
 
 
+def sealed_by_rule(config: QuantConfig, num_tokens: int, n_sink: int) -> int:
+    """Tokens the window rule seals (without eviction) once a layer holds `num_tokens`, `n_sink` of them sinks:
+    whole key groups outside the recent `residual` tokens."""
+    return max(0, num_tokens - n_sink - config.residual) // config.key_group * config.key_group
+
+
 class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
@@ -157,7 +163,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             return False
         if view.n != cfg.sinks + self.n_sealed + len(self.keys):  # the sinks are full: n_sink == sinks
             return False
-        return max(0, self.num_tokens + 1 - cfg.sinks - cfg.residual) // cfg.key_group * cfg.key_group <= self.n_sealed
+        return sealed_by_rule(cfg, self.num_tokens + 1, cfg.sinks) <= self.n_sealed
 
     @property
     def reading_form(self) -> tuple:
@@ -280,7 +286,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         if self.evictor is not None:  # staged (judged and kept) entries are sealed by whole blocks
             target = self.n_sealed + self.n_staged // cfg.key_group * cfg.key_group
         else:
-            target = max(0, self.num_tokens - self.n_sink - cfg.residual) // cfg.key_group * cfg.key_group
+            target = sealed_by_rule(cfg, self.num_tokens, self.n_sink)
         if target <= self.n_sealed:
             return
         self._seal_tokens(target - self.n_sealed)
@@ -411,7 +417,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             ok = layer.n_sealed % config.key_group == 0 and 0 <= n_staged < config.key_group
             expected = layer.n_sealed if ok else -1
         else:
-            expected = max(0, num_tokens - n_sink - config.residual) // config.key_group * config.key_group
+            expected = sealed_by_rule(config, num_tokens, n_sink)
             expected = max(expected, forced)
         if n_sink != min(num_tokens, config.sinks) or layer.n_sealed != expected:
             raise ValueError(f"layer state holds {n_sink} sink and {layer.n_sealed} sealed tokens; "

@@ -106,7 +106,7 @@ class RowBatch(Cache):
                 pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted
                 mask = (pos > layer.num_tokens - 1 - window).view(1, 1, 1, -1)
             q = rotated_q[r] if forms[r]["k"] else queries[r]
-            if cache.evictor is None and cache.probe is None:  # nothing observes attention: just compute it
+            if not attention.observed(cache):  # nothing observes attention: just compute it
                 outs[r], _ = row_sdpa(module, q, k, v, mask, **kwargs)
             else:
                 outs[r], _ = attend(cache, module, q, k, v, mask, sdpa=row_sdpa, rotate=False, **kwargs)

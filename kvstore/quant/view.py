@@ -57,15 +57,9 @@ class DecodeView:
         self.n = max(self.n, stop)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`write(n, k, v)` then `read()`, the short way for a decode step (inside a pass: inference mode)."""
-        n, stop = self.n, self.n + k.shape[-2]
-        if stop > self.k.shape[-2] or not torch.is_inference_mode_enabled():
-            self.write(n, k, v)
-            return self.read()
-        self.k.narrow(-2, n, stop - n).copy_(k)
-        self.v.narrow(-2, n, stop - n).copy_(v)
-        self.n = stop
-        return self.k.narrow(-2, 0, stop), self.v.narrow(-2, 0, stop)
+        """`write(n, k, v)` then `read()`: a decode step's new rows, and every row for attention."""
+        self.write(self.n, k, v)
+        return self.read()
 
     def truncate(self, m: int) -> None:
         """Forget rows from `m` on (they no longer hold what attention would read)."""

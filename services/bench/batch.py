@@ -146,11 +146,10 @@ def _hf_mode(args):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from services.config import ModelConfig
+    from services.worker.model_runner import pick_dtype
     from services.worker.model_store import store_for
 
     path = store_for().resolve(args.model)
-    from services.worker.model_runner import pick_dtype
-
     dtype = pick_dtype(args.dtype or ModelConfig().dtype, torch.device("cpu"))  # the kvstash modes' dtype
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     lengths = answer_lengths(args.new_tokens)

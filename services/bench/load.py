@@ -83,8 +83,8 @@ async def _phase(target, api_key, n, args) -> dict:
             "seconds": args.seconds, "warmup_s": args.warmup, "whole_seconds": wall}
 
 
-COUNTERS = ("kvstash_offloads_total", "kvstash_restores_total", "kvstash_recomputes_total",
-            "kvstash_batch_sessions_sum", "kvstash_batch_sessions_count")  # the last two: sessions per decode pass
+COUNTERS = ("kvstash_offloads_total", "kvstash_restores_total", "kvstash_recomputes_total")
+PASS_SESSIONS = ("kvstash_batch_sessions_sum", "kvstash_batch_sessions_count")  # sessions per decode pass
 
 
 def _counters(url: str) -> dict[str, float]:
@@ -96,7 +96,7 @@ def _counters(url: str) -> dict[str, float]:
 
     with urllib.request.urlopen(url, timeout=30) as r:
         text = r.read().decode()
-    out = dict.fromkeys(COUNTERS, 0.0)
+    out = dict.fromkeys(COUNTERS + PASS_SESSIONS, 0.0)
     for fam in text_string_to_metric_families(text):
         for sample in fam.samples:
             if sample.name in out:
@@ -114,11 +114,11 @@ def _counted_phase(target, api_key, n, args, metrics_url: str, settle_s: float) 
     if metrics_url:
         time.sleep(settle_s)  # the gateway collects worker metrics periodically
         after = _counters(metrics_url)
-        for name in COUNTERS[:3]:
+        for name in COUNTERS:
             row[name.removeprefix("kvstash_").removesuffix("_total")] = int(after[name] - before[name])
-        passes = after["kvstash_batch_sessions_count"] - before["kvstash_batch_sessions_count"]
-        row["decode_passes"] = int(passes)  # the mean sessions a decode pass carried (of N at most):
-        row["sessions_per_pass"] = (after["kvstash_batch_sessions_sum"] - before["kvstash_batch_sessions_sum"]) / max(passes, 1)
+        carried, passes = (after[name] - before[name] for name in PASS_SESSIONS)
+        row["decode_passes"] = int(passes)
+        row["sessions_per_pass"] = carried / max(passes, 1)  # of N at most
     return row
 
 
