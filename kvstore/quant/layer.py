@@ -127,10 +127,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         `new`, when given, holds the new tokens already in this layer's window form with their readings (a
         batched pass computes them for all its rows at once; they are per token, so the bits are the same);
         it is used when none of the new tokens goes to the sinks."""
-        if new is not None and self._appends_one(new):  # a decode step's common case, the short way
-            self.keys, self.values = self.keys.cat(new.keys), self.values.cat(new.values)
-            self.num_tokens += 1
-            return self.view.append(new.k_read, new.v_read)
+        if new is not None and self.appends_one(new):  # a decode step's common case, the short way
+            return self.append_one(new)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
@@ -154,16 +152,24 @@ class QuantizedKVLayer(CacheLayerMixin):
         k_old, v_old = self.dequantized_sealed(rotated=True)
         return torch.cat([k_old, k_win], dim=-2), torch.cat([v_old, v_win], dim=-2)
 
-    def _appends_one(self, new: NewRows) -> bool:
+    def appends_one(self, new: NewRows) -> bool:
         """Whether `update(new=new)` is one token that only appends: the sinks are full, no eviction, the
-        decode view holds every entry, and no key group seals after it. The short way then does exactly what
-        the general one would (append to the window, write the new readings into the view, read it)."""
+        decode view holds every entry, and no key group seals after it. The short way (`append_one`) then
+        does exactly what the general one would (append to the window, write the new readings into the view,
+        read it)."""
         view, cfg = self.view, self.config
         if view is None or self.evictor is not None or new.k_read.shape[-2] != 1 or self.num_tokens < cfg.sinks:
             return False
         if view.n != cfg.sinks + self.n_sealed + len(self.keys):  # the sinks are full: n_sink == sinks
             return False
         return sealed_by_rule(cfg, self.num_tokens + 1, cfg.sinks) <= self.n_sealed
+
+    def append_one(self, new: NewRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update(k, v, new=new)` for a step `appends_one` admits, without the keys and values themselves
+        (`new` holds all that is kept of them): every key and value for attention, from the decode view."""
+        self.keys, self.values = self.keys.cat(new.keys), self.values.cat(new.values)
+        self.num_tokens += 1
+        return self.view.append(new.k_read, new.v_read)
 
     @property
     def reading_form(self) -> tuple:

@@ -91,7 +91,6 @@ class RowBatch(Cache):
         forms = [None if c is None else c.layers[idx].returns_rotated for c in self.caches]
         queries = query.split(1)  # row by row, as views (one call instead of one slice per row)
         rotated_q = hadamard_rows(query).split(1) if any(f and f["k"] for f in forms) else None  # row by row: same bits
-        keys, values = key.split(1), value.split(1)
         new = {}  # reading form -> every row's window entries and readings, computed at once (per token: same bits)
         for r, cache in enumerate(self.caches):
             if cache is None:
@@ -100,7 +99,11 @@ class RowBatch(Cache):
             form = layer.reading_form
             if form not in new:
                 new[form] = layer.new_rows(key, value).rows()
-            k, v = layer.update(keys[r], values[r], new=new[form][r])
+            mine = new[form][r]
+            if layer.appends_one(mine):  # a decode step's common case: no need of the row's own key and value
+                k, v = layer.append_one(mine)
+            else:
+                k, v = layer.update(key[r:r + 1], value[r:r + 1], new=mine)
             mask = None
             if window and k.shape[-2] > window:
                 pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted

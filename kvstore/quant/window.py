@@ -56,7 +56,7 @@ class _Window:
     @classmethod
     def _made(cls, parts: tuple, n: int):
         """A window of `parts` (as `_parts`) holding `n` entries, without `__init__`'s checks: the hot paths
-        (`cat` once per token and side, `rows` once per row) make thousands a pass."""
+        (`cat`, once per token and side) make thousands a pass."""
         w = object.__new__(cls)
         w._parts, w._n = parts, n
         return w
@@ -86,10 +86,9 @@ class _Window:
         tensors, later = self._parts
         return self._made((tensors, (*later, other)), self._n + other._n)
 
-    def rows(self) -> list:
-        """Every batch row alone, [1, H, n, *] each (views)."""
-        made, n = self._made, self._n
-        return [made((ts, ()), n) for ts in zip(*(t.split(1) for t in self._joined()))]
+    def rows(self) -> list[BatchRow]:
+        """Every batch row alone, [1, H, n, *] each, as parts for another window's `cat` (`BatchRow`)."""
+        return [BatchRow(self, r) for r in range(self._joined()[0].shape[0])]
 
     def slice(self, start: int, stop: int | None = None):
         """Entries [start, stop) as a window with storage of its own (the old storage is not kept alive)."""
@@ -104,6 +103,26 @@ class _Window:
     @classmethod
     def from_tensors(cls, side: str, t: dict[str, torch.Tensor]):
         return cls(*(t[f"{side}_win{suffix}"] for suffix in cls.SUFFIXES))
+
+
+class BatchRow:
+    """Row `row` of a window of a batch ([R, H, n, *]) as a part of another window's lazy `cat`: it holds the
+    batch and takes the row's views only when that window joins. A batched pass appends one row to each of
+    its sessions' windows per layer and side; a window object (and a view per tensor) for each of them, made
+    at once, cost more than the pass's attention for short sessions. Reading a part gives what a window of
+    the row's views would: `_joined()` is the same tensors, so joining gives the same bits."""
+
+    __slots__ = ("batch", "row", "_n")
+
+    def __init__(self, batch: _Window, row: int):
+        self.batch, self.row, self._n = batch, row, batch._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _joined(self) -> tuple[torch.Tensor, ...]:
+        r = self.row
+        return tuple(t[r:r + 1] for t in self.batch._joined())
 
 
 class FloatWindow(_Window):
@@ -185,8 +204,8 @@ class NewRows(NamedTuple):
     Window entries and their readings are per token, so a batched pass computes them for all its rows at
     once and hands each row its slice (`rows`): the bits are those the layer would compute for the row alone."""
 
-    keys: Window
-    values: Window
+    keys: Window | BatchRow
+    values: Window | BatchRow
     k_read: torch.Tensor
     v_read: torch.Tensor
 

@@ -11,7 +11,7 @@ from kvstore.codec.kv import decode_kv, encode_kv
 from kvstore.config import QuantConfig
 from kvstore.quant.cache import QuantizedKVCache
 from kvstore.quant.rotation import hadamard_rows
-from kvstore.quant.window import JOIN_EVERY, FloatWindow, Int8Window, NewRows
+from kvstore.quant.window import JOIN_EVERY, BatchRow, FloatWindow, Int8Window, NewRows
 
 B, H, D = 1, 2, 16
 
@@ -60,6 +60,25 @@ def test_new_rows_of_a_batch_are_each_rows_own_entries_and_readings(kind, dtype)
         for got, want in ((new.keys, k), (new.values, v)):
             assert len(got) == 1 and all(torch.equal(a, b) for a, b in zip(got._joined(), want._joined()))
         assert torch.equal(new.k_read, k.read(dtype)) and torch.equal(new.v_read, hadamard_rows(v.read(dtype)))
+
+
+@pytest.mark.parametrize("kind", [FloatWindow, Int8Window])
+def test_rows_of_batches_appended_lazily_join_to_each_rows_own_entries(kind):
+    """A batched pass appends `BatchRow` parts (row r of the pass's batch window) to each session's window:
+    joined, past JOIN_EVERY too, the window holds exactly the entries of that row's tokens quantized alone."""
+    rows, steps = 5, JOIN_EVERY + 7
+    x = torch.randn(steps, rows, 2, 1, 8) * torch.logspace(-2, 2, rows).view(1, rows, 1, 1, 1)
+    windows = [kind.quantize(x[0, r:r + 1]) for r in range(rows)]
+    for i in range(1, steps):
+        batch = kind.quantize(x[i])
+        parts = batch.rows()
+        assert len(parts) == rows and all(isinstance(p, BatchRow) and len(p) == 1 for p in parts)
+        windows = [w.cat(p) for w, p in zip(windows, parts, strict=True)]
+    for r, w in enumerate(windows):
+        alone = [kind.quantize(x[i, r:r + 1]) for i in range(steps)]
+        for j, t in enumerate(w._joined()):
+            assert torch.equal(t, torch.cat([a._joined()[j] for a in alone], dim=-2))
+        assert len(w) == steps
 
 
 def test_slice_select_and_cat_act_on_codes():
