@@ -32,10 +32,11 @@ from typing import NamedTuple
 
 import torch
 
+from kvstore.quant import int8_rows
 from kvstore.quant.quantize import FP16_MAX
 from kvstore.quant.rotation import hadamard_rows
 
-INT8_LEVELS = 127  # symmetric: codes in [-127, 127]
+INT8_LEVELS = int8_rows.LEVELS  # symmetric: codes in [-127, 127]
 JOIN_EVERY = 16  # appended parts a window keeps unjoined at most (module docstring)
 
 
@@ -85,6 +86,15 @@ class _Window:
             self._joined()
         tensors, later = self._parts
         return self._made((tensors, (*later, other)), self._n + other._n)
+
+    @classmethod
+    def entries_and_readings(cls, x: torch.Tensor, dtype: torch.dtype, rotated: tuple[bool, ...]
+                             ) -> tuple[_Window, torch.Tensor]:
+        """The window entries of `x` [S, ..., D] (S sides stacked) and their readings in `dtype`, side s rotated
+        row by row where `rotated[s]`: `quantize`, `read`, `hadamard_rows`."""
+        w = cls.quantize(x)
+        reads = w.read(dtype)
+        return w, torch.stack([hadamard_rows(r) if turn else r for r, turn in zip(reads, rotated, strict=True)])
 
     def rows(self) -> list[BatchRow]:
         """Every batch row alone, [1, H, n, *] each, as parts for another window's `cat` (`BatchRow`)."""
@@ -175,6 +185,16 @@ class Int8Window(_Window):
         codes = codes.round_().clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
         return cls(codes.contiguous(), scale.contiguous())
 
+    @classmethod
+    def entries_and_readings(cls, x: torch.Tensor, dtype: torch.dtype, rotated: tuple[bool, ...]
+                             ) -> tuple[Int8Window, torch.Tensor]:
+        """`_Window.entries_and_readings`, in one numba call where it gives the same bits (kvstore/quant/int8_rows.py)."""
+        got = int8_rows.entries_and_readings(x, dtype, rotated) if int8_rows.applies(x, dtype) else None
+        if got is None:
+            return super().entries_and_readings(x, dtype, rotated)
+        codes, scale, reads = got
+        return cls._made(((codes, scale), ()), codes.shape[-2]), reads
+
     def read(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
         codes, scale = self._joined()
         return (codes[..., start:stop, :].float() * scale[..., start:stop, :].float()).to(dtype)
@@ -216,11 +236,9 @@ class NewRows(NamedTuple):
 
         Both sides are quantized and read in one call, stacked ([2, R, H, q, D]): every entry and reading is a
         function of its own token and head, so the bits are those of two calls."""
-        both = kind.quantize(torch.stack((key, value)))
-        reads = both.read(dtype)
+        both, reads = kind.entries_and_readings(torch.stack((key, value)), dtype, rotated)
         k, v = (kind._made((tuple(t[i] for t in both._joined()), ()), len(both)) for i in (0, 1))
-        k_read, v_read = reads[0], reads[1]
-        return cls(k, v, hadamard_rows(k_read) if rotated[0] else k_read, hadamard_rows(v_read) if rotated[1] else v_read)
+        return cls(k, v, reads[0], reads[1])
 
     def rows(self) -> list[NewRows]:
         """Each batch row's entries and readings alone, in row order (views)."""
