@@ -169,7 +169,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         (`new` holds all that is kept of them): every key and value for attention, from the decode view."""
         self.keys, self.values = self.keys.cat(new.keys), self.values.cat(new.values)
         self.num_tokens += 1
-        return self.view.append(new.k_read, new.v_read)
+        return self.view.append(new.reads)
 
     @property
     def reading_form(self) -> tuple:
@@ -198,7 +198,7 @@ class QuantizedKVLayer(CacheLayerMixin):
                 k, v = torch.cat([k_old, k], dim=-2), torch.cat([v_old, v], dim=-2)
             self.view = DecodeView(k, v)
         elif new is not None and self.view.n == prefix + len(self.keys) - new.k_read.shape[-2]:
-            self.view.write(self.view.n, new.k_read, new.v_read)
+            self.view.write_both(self.view.n, new.reads)
         elif self.view.n < prefix + len(self.keys):
             start = self.view.n - prefix
             self.view.write(self.view.n, self._window_reading("k", start), self._window_reading("v", start))

@@ -1,4 +1,4 @@
-"""`DecodeView`: a layer's held K/V as attention reads them, dequantized, in one growing buffer per side.
+"""`DecodeView`: a layer's held K/V as attention reads them, dequantized, in one growing buffer (keys and values stacked).
 
 A session that decodes reads its whole history every step. Dequantizing the sealed region again, reading
 the window again and concatenating the two would cost a copy of the history per layer and step; the view
@@ -25,40 +25,51 @@ SPARE_MIN = 64  # rows of spare capacity at least, when the buffer grows
 
 
 class DecodeView:
-    """Rows [0, n) of a layer's keys and values as attention receives them, [B, H, capacity, D] buffers."""
+    """Rows [0, n) of a layer's keys and values as attention receives them: one buffer [2, B, H, capacity, D],
+    keys at index 0 and values at 1, so a step writes and reads both sides with one op each."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k = self.v = None
+        self.kv = None
         self.n = 0
         self._grow(k, k.shape[-2])
         self.write(0, k, v)
 
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[1]
+
     @torch.inference_mode()
     def _grow(self, like: torch.Tensor, need: int) -> None:
         cap = need + max(SPARE_MIN, need // 8)
-        shape = (*like.shape[:-2], cap, like.shape[-1])
-        k, v = like.new_empty(shape), like.new_empty(shape)
+        kv = like.new_empty((2, *like.shape[-4:-2], cap, like.shape[-1]))
         if self.n:
-            k[..., :self.n, :], v[..., :self.n, :] = self.k[..., :self.n, :], self.v[..., :self.n, :]
-        self.k, self.v = k, v
+            kv[..., :self.n, :] = self.kv[..., :self.n, :]
+        self.kv = kv
 
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Rows [start, start + len) := k, v; n grows to cover them. Needs start <= n."""
+        self.write_both(start, torch.stack((k, v)))
+
+    def write_both(self, start: int, kv: torch.Tensor) -> None:
+        """`write(start, kv[0], kv[1])` for keys and values stacked [2, B, H, q, D]."""
         if not torch.is_inference_mode_enabled():  # (a pass's writes are; entering the mode per write costs)
             with torch.inference_mode():
-                return self.write(start, k, v)
+                return self.write_both(start, kv)
         if start > self.n:
             raise ValueError(f"a decode view of {self.n} rows cannot take rows from {start}")
-        stop = start + k.shape[-2]
-        if stop > self.k.shape[-2]:
-            self._grow(k, stop)
-        self.k.narrow(-2, start, stop - start).copy_(k)
-        self.v.narrow(-2, start, stop - start).copy_(v)
+        stop = start + kv.shape[-2]
+        if stop > self.kv.shape[-2]:
+            self._grow(kv[0], stop)
+        self.kv.narrow(-2, start, stop - start).copy_(kv)
         self.n = max(self.n, stop)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`write(n, k, v)` then `read()`: a decode step's new rows, and every row for attention."""
-        self.write(self.n, k, v)
+    def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write_both(n, kv)` then `read()`: a decode step's new rows (stacked), and every row for attention."""
+        self.write_both(self.n, kv)
         return self.read()
 
     def truncate(self, m: int) -> None:
@@ -66,9 +77,8 @@ class DecodeView:
         self.n = min(self.n, m)
 
     def read(self, m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [0, m) (default: all n), views into the buffers."""
-        m = self.n if m is None else m
-        return self.k.narrow(-2, 0, m), self.v.narrow(-2, 0, m)
+        """Rows [0, m) (default: all n) of keys and values, views into the buffer."""
+        return self.kv.narrow(-2, 0, self.n if m is None else m).unbind(0)
 
     def nbytes(self) -> int:
-        return self.k.untyped_storage().nbytes() + self.v.untyped_storage().nbytes()
+        return self.kv.untyped_storage().nbytes()

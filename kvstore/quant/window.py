@@ -226,8 +226,15 @@ class NewRows(NamedTuple):
 
     keys: Window | BatchRow
     values: Window | BatchRow
-    k_read: torch.Tensor
-    v_read: torch.Tensor
+    reads: torch.Tensor  # [2, R, H, q, D]: the keys' readings, then the values'
+
+    @property
+    def k_read(self) -> torch.Tensor:
+        return self.reads[0]
+
+    @property
+    def v_read(self) -> torch.Tensor:
+        return self.reads[1]
 
     @classmethod
     def of(cls, kind: type[FloatWindow] | type[Int8Window], key: torch.Tensor, value: torch.Tensor,
@@ -238,8 +245,8 @@ class NewRows(NamedTuple):
         function of its own token and head, so the bits are those of two calls."""
         both, reads = kind.entries_and_readings(torch.stack((key, value)), dtype, rotated)
         k, v = (kind._made((tuple(t[i] for t in both._joined()), ()), len(both)) for i in (0, 1))
-        return cls(k, v, reads[0], reads[1])
+        return cls(k, v, reads)
 
     def rows(self) -> list[NewRows]:
         """Each batch row's entries and readings alone, in row order (views)."""
-        return list(map(NewRows, self.keys.rows(), self.values.rows(), self.k_read.split(1), self.v_read.split(1)))
+        return list(map(NewRows, self.keys.rows(), self.values.rows(), self.reads.split(1, dim=1)))

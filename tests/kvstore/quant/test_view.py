@@ -93,3 +93,24 @@ def test_a_view_built_in_a_forward_pass_takes_writes_outside_one():
         b.view = None
         assert all(torch.equal(x, y) for x, y in zip(a.update(k2.clone(), v2.clone()), b.update(k2.clone(), v2.clone())))
     assert cache.export_state().equals(plain.export_state())
+
+
+def test_keys_and_values_written_stacked_or_apart_read_back_the_same_across_growth():
+    """One buffer holds both sides: `write_both` of [k; v] stacked is `write(k, v)`, growing keeps every row."""
+    from kvstore.quant.view import SPARE_MIN, DecodeView
+
+    g = torch.Generator().manual_seed(3)
+    k0, v0 = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+    apart, stacked = DecodeView(k0, v0), DecodeView(k0, v0)
+    keys, values = [k0], [v0]
+    for _ in range(SPARE_MIN + 20):  # past the first capacity
+        k, v = torch.randn(1, 2, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g)
+        apart.write(apart.n, k, v)
+        got_k, got_v = stacked.append(torch.stack((k, v)))
+        keys.append(k)
+        values.append(v)
+        assert torch.equal(got_k, torch.cat(keys, -2)) and torch.equal(got_v, torch.cat(values, -2))
+    assert all(torch.equal(a, b) for a, b in zip(apart.read(), stacked.read(), strict=True))
+    stacked.write_both(3, torch.stack((torch.zeros(1, 2, 2, 8), torch.ones(1, 2, 2, 8))))  # an overwrite
+    k, v = stacked.read()
+    assert bool((k[..., 3:5, :] == 0).all()) and bool((v[..., 3:5, :] == 1).all()) and stacked.n == len(keys) + 4
