@@ -34,14 +34,6 @@ class DecodeView:
         self._grow(k, k.shape[-2])
         self.write(0, k, v)
 
-    @property
-    def k(self) -> torch.Tensor:
-        return self.kv[0]
-
-    @property
-    def v(self) -> torch.Tensor:
-        return self.kv[1]
-
     @torch.inference_mode()
     def _grow(self, like: torch.Tensor, need: int) -> None:
         cap = need + max(SPARE_MIN, need // 8)
