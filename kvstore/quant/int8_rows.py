@@ -13,7 +13,7 @@ bits with numpy on the per-row scales and one numba kernel:
   rotated side, `hadamard_rows`' butterflies on that reading's float32 value, then rounded by torch.
 
 It serves only where that is what the torch way computes: CPU tensors, bf16 or float32 model dtype, every
-value finite (`applies`). A NaN or inf goes the torch way, whose NaN payloads are torch's own.
+value finite. A NaN or inf goes the torch way, whose NaN payloads are torch's own.
 tests/kvstore/quant/test_int8_rows.py compares the two on random and extreme inputs.
 """
 
@@ -27,19 +27,17 @@ from kvstore.quant.quantize import FP16_MAX
 from kvstore.quant.rotation import _fwht_rows
 
 LEVELS = 127  # as window.INT8_LEVELS (symmetric codes in [-127, 127])
-
-
-def applies(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether `entries_and_readings` may serve `x` for the model dtype `dtype` (its values are checked there)."""
-    return x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and x.dtype in (torch.bfloat16, torch.float32)
+SERVED = (torch.bfloat16, torch.float32)  # input and model dtypes served
 
 
 def entries_and_readings(x: torch.Tensor, dtype: torch.dtype, rotated: tuple[bool, ...]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """For `x` [S, ...rows, D] (S sides stacked, `rotated[s]` for each): the INT8 codes [S, ..., D], the fp16
     scales [S, ..., 1] and the readings in `dtype` [S, ..., D], bit-identical to `Int8Window.quantize(x)`, its
-    `read(dtype)` and `hadamard_rows` of the sides in `rotated`. Needs `applies(x, dtype)`; None when a value
-    of `x` is not finite (the torch way then)."""
+    `read(dtype)` and `hadamard_rows` of the sides in `rotated`. None where it does not serve (not a CPU tensor,
+    a dtype other than bf16 or float32, a value that is not finite): the torch way then."""
+    if not (x.device.type == "cpu" and x.dtype in SERVED and dtype in SERVED):
+        return None
     d = x.shape[-1]
     a = x.float().contiguous().numpy().reshape(-1, d)
     amax = np.empty(a.shape[0], np.float32)
@@ -74,6 +72,12 @@ def _absmax_rows(a, amax, cap) -> bool:
 
 
 @nb.njit(cache=True, nogil=True)
+def _bf16_rounded(b):
+    """float32 bits `b` (finite) with their upper 16 bits rounded to nearest even: those are the bf16 (as torch)."""
+    return b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
+
+
+@nb.njit(cache=True, nogil=True)
 def _codes_and_readings(a, s, codes, reads, bf16, per_side, rotated, rot_scale) -> None:
     """Row by row: codes of `a` at scales `s` and their float32 readings; with `bf16` rows, the readings
     rounded to bf16 (as the bits of `bf16`), then for rows of a side in `rotated` the butterflies on their
@@ -82,7 +86,7 @@ def _codes_and_readings(a, s, codes, reads, bf16, per_side, rotated, rot_scale) 
     bits = reads.view(np.uint32)
     to_bf16 = bf16.shape[0] > 0
     for r in range(n):
-        sc = s[r]
+        sc, turn = s[r], rotated[r // per_side]
         for j in range(d):
             c = np.float32(0.0)
             if sc > 0:
@@ -91,14 +95,10 @@ def _codes_and_readings(a, s, codes, reads, bf16, per_side, rotated, rot_scale) 
             codes[r, j] = np.int8(c)
             reads[r, j] = np.float32(codes[r, j]) * sc  # from the int8 code: a -0.0 code reads +0.0, as torch's
             if to_bf16:
-                b = bits[r, j]
-                b = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-                bits[r, j] = b
-        if rotated[r // per_side]:
+                bits[r, j] = _bf16_rounded(bits[r, j]) & np.uint32(0xFFFF0000)
+        if turn:
             _fwht_rows(reads[r:r + 1], rot_scale)
         if to_bf16:
             for j in range(d):
-                b = bits[r, j]
-                if rotated[r // per_side]:
-                    b = b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
+                b = _bf16_rounded(bits[r, j]) if turn else bits[r, j]
                 bf16[r, j] = np.uint16(b >> np.uint32(16))

@@ -44,19 +44,28 @@ class DecodeView:
 
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Rows [start, start + len) := k, v; n grows to cover them. Needs start <= n."""
-        self.write_both(start, torch.stack((k, v)))
+        self._write(start, k, v)
 
     def write_both(self, start: int, kv: torch.Tensor) -> None:
-        """`write(start, kv[0], kv[1])` for keys and values stacked [2, B, H, q, D]."""
+        """`write(start, kv[0], kv[1])` for keys and values stacked [2, B, H, q, D], in one copy."""
+        self._write(start, kv)
+
+    def _write(self, start: int, *sides: torch.Tensor) -> None:
+        """`sides`: keys and values, or both stacked (one tensor)."""
         if not torch.is_inference_mode_enabled():  # (a pass's writes are; entering the mode per write costs)
             with torch.inference_mode():
-                return self.write_both(start, kv)
+                return self._write(start, *sides)
         if start > self.n:
             raise ValueError(f"a decode view of {self.n} rows cannot take rows from {start}")
-        stop = start + kv.shape[-2]
+        stop = start + sides[0].shape[-2]
         if stop > self.kv.shape[-2]:
-            self._grow(kv[0], stop)
-        self.kv.narrow(-2, start, stop - start).copy_(kv)
+            self._grow(sides[0], stop)
+        rows = self.kv.narrow(-2, start, stop - start)
+        if len(sides) == 1:
+            rows.copy_(sides[0])
+        else:
+            rows[0].copy_(sides[0])
+            rows[1].copy_(sides[1])
         self.n = max(self.n, stop)
 
     def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,7 +94,9 @@ class _Window:
         row by row where `rotated[s]`: `quantize`, `read`, `hadamard_rows`."""
         w = cls.quantize(x)
         reads = w.read(dtype)
-        return w, torch.stack([hadamard_rows(r) if turn else r for r, turn in zip(reads, rotated, strict=True)])
+        if any(rotated):
+            reads = torch.stack([hadamard_rows(r) if turn else r for r, turn in zip(reads, rotated, strict=True)])
+        return w, reads
 
     def rows(self) -> list[BatchRow]:
         """Every batch row alone, [1, H, n, *] each, as parts for another window's `cat` (`BatchRow`)."""
@@ -189,7 +191,7 @@ class Int8Window(_Window):
     def entries_and_readings(cls, x: torch.Tensor, dtype: torch.dtype, rotated: tuple[bool, ...]
                              ) -> tuple[Int8Window, torch.Tensor]:
         """`_Window.entries_and_readings`, in one numba call where it gives the same bits (kvstore/quant/int8_rows.py)."""
-        got = int8_rows.entries_and_readings(x, dtype, rotated) if int8_rows.applies(x, dtype) else None
+        got = int8_rows.entries_and_readings(x, dtype, rotated)
         if got is None:
             return super().entries_and_readings(x, dtype, rotated)
         codes, scale, reads = got

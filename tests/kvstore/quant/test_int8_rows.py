@@ -6,7 +6,7 @@ import torch
 
 from kvstore.quant import int8_rows
 from kvstore.quant.rotation import hadamard_rows
-from kvstore.quant.window import FloatWindow, Int8Window, NewRows
+from kvstore.quant.window import Int8Window
 
 
 def _torch_way(x, dtype, rotated):
@@ -55,17 +55,8 @@ def test_a_value_that_is_not_finite_goes_the_torch_way(bad):
 
 def test_it_serves_cpu_tensors_of_the_model_dtypes_it_knows():
     x = torch.randn(2, 1, 1, 1, 8)
-    assert int8_rows.applies(x, torch.float32) and int8_rows.applies(x.bfloat16(), torch.bfloat16)
-    assert not int8_rows.applies(x.half(), torch.float16) and not int8_rows.applies(x, torch.float16)
-
-
-@pytest.mark.parametrize("kind", [FloatWindow, Int8Window])
-def test_new_rows_of_a_batch_are_each_rows_own_entries_and_readings(kind):
-    key, value = (torch.randn(5, 3, 1, 64) * 4).bfloat16(), torch.randn(5, 3, 1, 64).bfloat16()
-    new = NewRows.of(kind, key, value, torch.bfloat16, rotated=(True, True))
-    for r, row in enumerate(new.rows()):
-        k, v = kind.quantize(key[r:r + 1]), kind.quantize(value[r:r + 1])
-        for got, want in ((row.keys, k), (row.values, v)):
-            assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got._joined(), want._joined(), strict=True))
-        assert torch.equal(_bits(row.k_read), _bits(hadamard_rows(k.read(torch.bfloat16))))
-        assert torch.equal(_bits(row.v_read), _bits(hadamard_rows(v.read(torch.bfloat16))))
+    rot = (True, True)
+    assert int8_rows.entries_and_readings(x, torch.float32, rot) is not None
+    assert int8_rows.entries_and_readings(x.bfloat16(), torch.bfloat16, rot) is not None
+    assert int8_rows.entries_and_readings(x.half(), torch.float16, rot) is None
+    assert int8_rows.entries_and_readings(x, torch.float16, rot) is None

@@ -46,20 +46,28 @@ def test_int8_codes_are_within_half_a_step_and_never_clip():
     assert bool((w.read(torch.float32)[0, 0, 7] == 0).all()) and float(w.scale[0, 0, 7]) == 0.0
 
 
+def _bits(t):
+    """A tensor's bits (so -0.0 and 0.0 differ), as integers of its element size."""
+    return t.contiguous().view(-1).view({1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("rotated", [(False, True), (True, True), (False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", [FloatWindow, Int8Window])
-def test_new_rows_of_a_batch_are_each_rows_own_entries_and_readings(kind, dtype):
+def test_new_rows_of_a_batch_are_each_rows_own_entries_and_readings(kind, dtype, rotated):
     g = torch.Generator().manual_seed(9)
     key, value = torch.randn(6, H, 1, D, generator=g) * 3, torch.randn(6, H, 1, D, generator=g)
     key[1], value[2, 0] = 0.0, 1e6  # an all-zero row; a head past the fp16 range
     key, value = key.to(dtype), value.to(dtype)
-    rows = NewRows.of(kind, key, value, dtype, rotated=(False, True)).rows()
+    rows = NewRows.of(kind, key, value, dtype, rotated=rotated).rows()
     assert len(rows) == 6
+    turn = [hadamard_rows if side else (lambda x: x) for side in rotated]
     for r, new in enumerate(rows):  # what the layer computes for the row alone: both sides, one call each
         k, v = kind.quantize(key[r:r + 1]), kind.quantize(value[r:r + 1])
         for got, want in ((new.keys, k), (new.values, v)):
-            assert len(got) == 1 and all(torch.equal(a, b) for a, b in zip(got._joined(), want._joined()))
-        assert torch.equal(new.k_read, k.read(dtype)) and torch.equal(new.v_read, hadamard_rows(v.read(dtype)))
+            assert len(got) == 1 and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got._joined(), want._joined()))
+        assert torch.equal(_bits(new.k_read), _bits(turn[0](k.read(dtype))))
+        assert torch.equal(_bits(new.v_read), _bits(turn[1](v.read(dtype))))
 
 
 @pytest.mark.parametrize("kind", [FloatWindow, Int8Window])
