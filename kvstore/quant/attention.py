@@ -33,7 +33,8 @@ NAME = "kvstash"
 # alters the bits a pass leaves in a cache. Workers put it in the model fingerprint, so KV stored by a build
 # that computed differently is rebuilt from the history, never restored next to KV computed the new way.
 # 2: rotations at attention time (window readings, queries, outputs) are row by row (`hadamard_rows`).
-NUMERICS = 2
+# 3: a batched pass's rows attend in float32 through one call (`RowAttention`, kvstore/quant/row_attention.py).
+NUMERICS = 3
 _ACTIVE: ContextVar = ContextVar("kvstash_active_cache", default=None)
 
 

@@ -171,6 +171,14 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.num_tokens += 1
         return self.view.append(new.reads)
 
+    def append_one_unread(self, keys, values) -> int:
+        """`append_one` for a step `appends_one` admits, its readings written by the caller: the window entries
+        `keys`/`values` are appended and the decode view's next row reserved for the readings (the view must
+        have room: `view.make_room()`). Returns the number of rows the view then holds."""
+        self.keys, self.values = self.keys.cat(keys), self.values.cat(values)
+        self.num_tokens += 1
+        return self.view.reserve()
+
     @property
     def reading_form(self) -> tuple:
         """Layers of one form compute the same `new_rows` for the same keys and values."""

@@ -2,13 +2,17 @@
 
 A pass of shape [R, 1]: row r feeds one token, at the next position of its cache `caches[r]`, or is
 padding (`None`: any token, no cache). Everything row-wise in the model — embeddings, norms, projections,
-MLP, lm_head — runs on all R rows at once; attention runs row by row, in row order, each row over its
-own cache: the row's key/value are appended to its cache's layer (`QuantizedKVLayer.update`; the window
-entries of all rows, and their readings, are computed in one call: they are per token, so bit-identical) and its
-query attends to everything that layer then holds, through the same `attention.attend` a pass of the
-cache's own uses (rotated bases, eviction, quality probe). Several rows may share a cache when they are
-that cache's consecutive next tokens in row order (replay packs a session's batched decode steps so);
-each then sees exactly the keys it saw when it ran as one row among other sessions' rows.
+MLP, lm_head — runs on all R rows at once; attention runs per row, in row order, each row over its own
+cache: the row's key/value are appended to its cache's layer (the window entries of all rows, and their
+readings, are computed in one call: they are per token, so bit-identical) and its query attends to
+everything that layer then holds. On CPU (bf16 or float32) the rows of a layer attend through one call
+(`RowAttention`, kvstore/quant/row_attention.py), which also writes each row's new readings into its
+decode view; a row attending to more than `ROW_KERNEL_KEYS` keys, a row whose step is not a plain append
+(a seal, the sinks, a view rebuild) or whose cache is observed (eviction, the quality probe, through
+`attention.attend`) is done on its own between that call's flushes. Elsewhere every row goes through
+torch's SDPA. Several rows may share a cache when they are that cache's consecutive next tokens in row
+order (replay packs a session's batched decode steps so); each then sees exactly the keys it saw when it
+ran as one row among other sessions' rows.
 
 Invariants:
 - Rows of one cache are consecutive positions in increasing row order (`RowBatch` checks the count).
@@ -22,13 +26,21 @@ Invariants:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from kvstore.quant import attention
+from kvstore.quant import attention, row_attention
 from kvstore.quant.attention import attend
 from kvstore.quant.rotation import hadamard_rows
+from kvstore.quant.row_attention import RowAttention, attend_one
+from kvstore.quant.window import BatchRow, NewRows
+
+# A row attending to more keys than this goes torch's SDPA way (its threads win on long rows); fewer, the
+# one-call way (`RowAttention`). A function of the row's own state, so the same in a pass and its replay.
+ROW_KERNEL_KEYS = 512
 
 
 @torch.inference_mode()
@@ -86,11 +98,84 @@ class RowBatch(Cache):
             raise ValueError(f"a row batch of {len(self.caches)} rows got queries of shape {tuple(query.shape)}")
         idx = module.layer_idx
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)  # as the model passes it
-        pad = torch.zeros(1, 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
-        outs = [pad] * rows
         forms = [None if c is None else c.layers[idx].returns_rotated for c in self.caches]
+        rotated_k = [bool(f and f["k"]) for f in forms]
+        q = query
+        if any(rotated_k):  # rotated row by row: the same bits as one row at a time
+            held = [turn for turn, f in zip(rotated_k, forms) if f is not None]
+            q = hadamard_rows(query) if all(held) else torch.where(
+                torch.tensor(rotated_k, device=q.device).view(-1, 1, 1, 1), hadamard_rows(query), query)
+        if row_attention.serves(query):
+            out = self._attend_in_one(module, q, key, value, window, **kwargs)
+        else:
+            out = self._attend_by_row(module, q, key, value, window, **kwargs)
+        rotated_out = [bool(f and f["v"]) for f in forms]
+        held = [r for r, f in zip(rotated_out, forms) if f is not None]
+        if held and all(held):  # the usual case: one spec. A padding row's zeros rotate to zeros
+            out = hadamard_rows(out)
+        elif any(rotated_out):  # outputs of rows whose values come rotated go back, all rows at once (row by row)
+            out = torch.where(torch.tensor(rotated_out, device=out.device).view(-1, 1, 1, 1), hadamard_rows(out), out)
+        return out, None
+
+    def _attend_in_one(self, module, query, key, value, window, **kwargs):
+        """Rows whose layer appends the short way and attends to at most `ROW_KERNEL_KEYS` keys go through one
+        `RowAttention` call, which writes their readings into their decode views; the others are done in row
+        order between its flushes (a flush before each), so every row sees what it would one at a time."""
+        scaling = kwargs.get("scaling")
+        att = RowAttention(query, query.shape[-1] ** -0.5 if scaling is None else scaling, query.dtype)
+        done = {}  # row -> [1, 1, Hq, D], for rows attended outside `att`
+        new = {}  # reading form -> every row's window entries and readings, computed at once (per token: same bits)
+        for r, cache in enumerate(self.caches):
+            if cache is None:
+                continue
+            layer = cache.layers[module.layer_idx]
+            form = layer.reading_form
+            batch = new.get(form)
+            if batch is None:
+                batch = new[form] = layer.new_rows(key, value)
+            observed = attention.observed(cache)
+            if not observed and layer.appends_one(batch):  # a decode step's common case
+                if not layer.view.room():
+                    att.flush()  # the view's rows are copied when it grows: none may be waiting
+                    layer.view.make_room()
+                n = layer.append_one_unread(BatchRow(batch.keys, r), BatchRow(batch.values, r))
+                start = first_seen(layer, n, window)
+                if n - start <= ROW_KERNEL_KEYS:
+                    att.add(r, layer.view.kv, n, start, batch.reads, r)
+                    continue
+                att.flush()
+                layer.view.write_both(n - 1, batch.reads[:, r:r + 1])
+                k, v = layer.view.read()
+            else:
+                att.flush()
+                mine = NewRows(BatchRow(batch.keys, r), BatchRow(batch.values, r), batch.reads[:, r:r + 1])
+                if layer.appends_one(mine):
+                    k, v = layer.append_one(mine)
+                else:
+                    k, v = layer.update(key[r:r + 1], value[r:r + 1], new=mine)
+                n = k.shape[-2]
+                start = first_seen(layer, n, window)
+            sdpa = partial(kernel_sdpa, start=start) if n - start <= ROW_KERNEL_KEYS else row_sdpa
+            mask = None if start == 0 else (torch.arange(n, device=k.device) >= start).view(1, 1, 1, -1)
+            if observed:
+                done[r], _ = attend(cache, module, query[r:r + 1], k, v, mask, sdpa=sdpa, rotate=False, **kwargs)
+            elif sdpa is row_sdpa:
+                done[r], _ = row_sdpa(module, query[r:r + 1], k, v, mask, **kwargs)
+            else:
+                att.add(r, torch.stack((k, v)).contiguous(), n, start)
+        att.flush()
+        out = att.output()
+        for r, o in done.items():
+            out[r:r + 1] = o
+        return out
+
+    def _attend_by_row(self, module, query, key, value, window, **kwargs):
+        """Each row appended to its cache and attended with torch's SDPA, one at a time (devices and dtypes
+        `RowAttention` does not serve)."""
+        idx = module.layer_idx
+        pad = torch.zeros(1, 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
+        outs = [pad] * query.shape[0]
         queries = query.split(1)  # row by row, as views (one call instead of one slice per row)
-        rotated_q = hadamard_rows(query).split(1) if any(f and f["k"] for f in forms) else None  # row by row: same bits
         new = {}  # reading form -> every row's window entries and readings, computed at once (per token: same bits)
         for r, cache in enumerate(self.caches):
             if cache is None:
@@ -108,19 +193,25 @@ class RowBatch(Cache):
             if window and k.shape[-2] > window:
                 pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted
                 mask = (pos > layer.num_tokens - 1 - window).view(1, 1, 1, -1)
-            q = rotated_q[r] if forms[r]["k"] else queries[r]
             if not attention.observed(cache):  # nothing observes attention: just compute it
-                outs[r], _ = row_sdpa(module, q, k, v, mask, **kwargs)
+                outs[r], _ = row_sdpa(module, queries[r], k, v, mask, **kwargs)
             else:
-                outs[r], _ = attend(cache, module, q, k, v, mask, sdpa=row_sdpa, rotate=False, **kwargs)
-        out = torch.cat(outs)
-        rotated_out = [bool(f and f["v"]) for f in forms]
-        held = [r for r, f in zip(rotated_out, forms) if f is not None]
-        if held and all(held):  # the usual case: one spec. A padding row's zeros rotate to zeros
-            out = hadamard_rows(out)
-        elif any(rotated_out):  # outputs of rows whose values come rotated go back, all rows at once (row by row)
-            out = torch.where(torch.tensor(rotated_out, device=out.device).view(-1, 1, 1, 1), hadamard_rows(out), out)
-        return out, None
+                outs[r], _ = attend(cache, module, queries[r], k, v, mask, sdpa=row_sdpa, rotate=False, **kwargs)
+        return torch.cat(outs)
+
+
+def first_seen(layer, n: int, window: int | None) -> int:
+    """The first of a layer's n held keys its newest query sees: a sliding-window layer masks keys at positions
+    at or before num_tokens - 1 - window (held key j is at position n_evicted + j); 0 otherwise."""
+    if not window or n <= window:
+        return 0
+    return max(0, layer.num_tokens - window - layer.n_evicted)
+
+
+def kernel_sdpa(module, query, key, value, attention_mask, scaling=None, start=0, **_):
+    """`row_sdpa` computed as `RowAttention` computes it (keys before `start` unseen; the mask, which says the
+    same, is not read): [1, Hq, 1, D] -> [1, 1, Hq, D]."""
+    return attend_one(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling, start), None
 
 
 def row_sdpa(module, query, key, value, attention_mask, scaling=None, **_):

@@ -12,6 +12,8 @@ Invariants (the layer, kvstore/quant/layer.py, maintains them):
 - `write(start, ...)` overwrites rows from `start <= n` (sealing replaces window rows by their sealed
   reading) and extends n past them when they reach beyond; `truncate(m)` forgets rows from m on.
 - Growing copies the rows into a larger buffer; the values read are unchanged.
+- A row `reserve` takes is written in place by the pass that reserved it, before anything reads the view
+  (the only exception to the first invariant, inside one layer of one batched pass).
 - The view is scratch: never exported, counted in the layer's `device_bytes` while it exists. Its buffers
   are inference tensors, written in inference mode, so a view built during a forward pass can be written
   by sealing outside one (adopting a prefix seals the whole window between passes).
@@ -72,6 +74,23 @@ class DecodeView:
         """`write_both(n, kv)` then `read()`: a decode step's new rows (stacked), and every row for attention."""
         self.write_both(self.n, kv)
         return self.read()
+
+    def room(self) -> bool:
+        """Whether row n fits the buffer without growing it."""
+        return self.n < self.kv.shape[-2]
+
+    def make_room(self) -> None:
+        """Grow the buffer so that row n fits (rows [0, n) are copied: none may be waiting for a write)."""
+        if not self.room():
+            self._grow(self.kv, self.n + 1)
+
+    def reserve(self) -> int:
+        """Take row n for a reading written in place later, before anything reads it (`RowAttention`, a batched
+        pass's attention, writes each row's readings, then attends); needs `room()`. Returns the new n."""
+        if not self.room():
+            raise ValueError(f"a decode view of {self.n} rows has no room to reserve one")
+        self.n += 1
+        return self.n
 
     def truncate(self, m: int) -> None:
         """Forget rows from `m` on (they no longer hold what attention would read)."""

@@ -60,3 +60,35 @@ def test_it_serves_cpu_tensors_of_the_model_dtypes_it_knows():
     assert int8_rows.entries_and_readings(x.bfloat16(), torch.bfloat16, rot) is not None
     assert int8_rows.entries_and_readings(x.half(), torch.float16, rot) is None
     assert int8_rows.entries_and_readings(x, torch.float16, rot) is None
+
+
+def test_every_scale_rounds_to_the_fp16_torch_rounds_to():
+    """The scale's fp16 rounding is the kernel's own (`_half_bits`): over float32 values spread across every
+    fp16 binade, the subnormals and the ties (a row of one value v has scale half(v / 127), raised where short)."""
+    g = torch.Generator().manual_seed(0)
+    exps = torch.randint(-40, 17, (200_000,), generator=g).float()
+    v = torch.rand(200_000, generator=g) * 2.0 ** exps
+    halves = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    ties = (halves[:-1] + halves[1:]) / 2  # halfway between neighbouring fp16s (exact in float32)
+    v = torch.cat([v, halves * 127, ties * 127, ties * 127 * (1 + 2.0 ** -23)]).clamp(max=65504.0)
+    x = v.view(1, -1, 1, 1)
+    got = int8_rows.entries_and_readings(x, torch.float32, (False,))
+    assert got is not None
+    for a, b in zip(got, _torch_way(x, torch.float32, (False,)), strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+
+
+def test_the_kernels_fp16_rounding_is_numpys():
+    """`_half_bits` and `_half_value` against numpy's float16, on every fp16 value, every tie between two
+    (exact in float32: ties go to the even one) and random float32 values down to the fp32 subnormals."""
+    import numpy as np
+
+    halves = np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)
+    ties = (halves[:-1] + halves[1:]) / np.float32(2)
+    rng = np.random.default_rng(0)
+    rand = (rng.random(50_000) * 2.0 ** rng.integers(-150, 16, 50_000)).astype(np.float32)
+    one = np.empty(1, np.float32)
+    for f in np.concatenate([halves, ties, rand, np.nextafter(ties, np.float32(0)), np.nextafter(ties, np.float32(1e9))]):
+        h = int8_rows._half_bits(f, one)
+        assert h == f.astype(np.float16).view(np.uint16), f
+        assert int8_rows._half_value(h) == np.uint16(h).view(np.float16).astype(np.float32)

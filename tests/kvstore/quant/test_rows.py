@@ -14,6 +14,7 @@ import torch
 
 from kvstore.config import QuantConfig
 from kvstore.quant import attention
+from kvstore.quant import rows as row_batches
 from kvstore.quant.cache import QuantizedKVCache
 from kvstore.quant.rows import RowBatch, forward_rows
 from tests.kvstore.quant.test_architectures import ARCHS, _model
@@ -42,7 +43,7 @@ def _session(model, spec, n, seed):
     return c
 
 
-def test_a_row_matches_the_sessions_own_pass_in_full_precision(model):
+def test_a_row_matches_the_sessions_own_pass_in_full_precision(model, kernel_keys):
     for n in (5, 30):  # 30: past the sliding windows of 12
         a, b = _session(model, "fp", n, 1), _session(model, "fp", n, 1)
         mate = _session(model, "fp", 7, 2)
@@ -54,8 +55,17 @@ def test_a_row_matches_the_sessions_own_pass_in_full_precision(model):
 ROW_SPECS = ["int4:g8:gv16:r8", "int4:k8v4:g8:r8:s2:hadv", "int4:g8:gv16:r8:w8:s2:hadv:hadattn", "int4:g8:r8:had:hadattn"]
 
 
+@pytest.fixture(params=[512, 34, 10, 0], ids=["kernel", "crossing", "mixed", "sdpa"])
+def kernel_keys(request, monkeypatch):
+    """Rows attending to at most this many keys go the one-call way, longer ones torch's SDPA way: 512 (the
+    default) every row here; 34 a session of 30 crosses within the replay test; 10 the subject of 30 one way,
+    its shorter batch-mates the other; 0 every row the SDPA way."""
+    monkeypatch.setattr(row_batches, "ROW_KERNEL_KEYS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("spec", ROW_SPECS)
-def test_a_rows_bits_do_not_depend_on_batch_mates_or_slot(model, spec):
+def test_a_rows_bits_do_not_depend_on_batch_mates_or_slot(model, spec, kernel_keys):
     rng = random.Random(3)
     seen = None
     for trial in range(4):
@@ -72,7 +82,7 @@ def test_a_rows_bits_do_not_depend_on_batch_mates_or_slot(model, spec):
 
 
 @pytest.mark.parametrize("spec", ["int4:g8:gv16:r8", "int4:g8:gv16:r8:w8:s2:hadv:hadattn"])
-def test_replaying_r_steps_as_one_pass_rebuilds_the_same_bits(model, spec):
+def test_replaying_r_steps_as_one_pass_rebuilds_the_same_bits(model, spec, kernel_keys):
     live, replayed = _session(model, spec, 30, 1), _session(model, spec, 30, 1)
     steps = [11, 12, 13, 14, 15, 16, 17, 18]
     for i, t in enumerate(steps):
