@@ -18,6 +18,8 @@ Invariants:
 - A row's output is a function of its query, its keys and values [start, n) and the scale alone: not of the
   other rows, its slot, the view's capacity or anything past n. So a session's KV stays a function of its
   tokens and schedule, and a replayed batched step gives the same bits.
+- A row whose values come rotated (`rotate`) has its output rotated back in float32 (the butterflies of
+  `hadamard_rows`), then rounded once.
 - The arithmetic is float32 throughout (no bf16 rounding of the probabilities, unlike SDPA's CPU kernel):
   within float32 error of exact attention (tests/kvstore/quant/test_row_attention.py). Its bits differ
   from SDPA's; `attention.NUMERICS` counts that.
@@ -40,6 +42,8 @@ import numpy as np
 import torch
 from numba.core import cgutils, types
 from numba.extending import intrinsic
+
+from kvstore.quant.rotation import _fwht_rows
 
 SERVED = (torch.bfloat16, torch.float32)
 
@@ -79,28 +83,33 @@ class RowAttention:
         self.bits = np.uint16 if dtype == torch.bfloat16 else np.uint32  # the buffers' elements, as bits
         self._rows: list[int] = []
         self._bufs: list[torch.Tensor] = []  # held until flushed: the addresses below point into them
-        self._meta: list[tuple[int, int, int, int, int]] = []  # (address, capacity, n, start, source row or -1)
+        # (address, capacity, n, start, source row or -1, rotate the output)
+        self._meta: list[tuple[int, int, int, int, int, int]] = []
         self._src = np.zeros((2, 0, 0, 0), self.bits)
         self._src_given: torch.Tensor | None = None
+        self._hkv = 0  # kv heads of every buffer (the first one added sets it)
 
     def add(self, r: int, buf: torch.Tensor, n: int, start: int = 0, src: torch.Tensor | None = None,
-            src_row: int = -1) -> None:
+            src_row: int = -1, rotate: bool = False) -> None:
         """Row `r` attends to rows [start, n) of `buf` [2, 1, Hkv, capacity, D] (keys, values; contiguous, the
         model dtype); with `src` ([2, R', Hkv, 1, D], the pass's new readings) row `src_row` of it is first
-        written at row n - 1 of `buf`. Rows that write share one `src` per flush."""
+        written at row n - 1 of `buf`. Rows that write share one `src` per flush. With `rotate` the row's output
+        (values read in the rotated basis) goes back by `hadamard_rows`' butterflies on its float32 value, before
+        the one rounding to the model dtype."""
         # the kernel trusts these checks: it reads and writes the buffer through its address, unchecked
-        hq, d = self.q.shape[1], self.q.shape[2]
-        if (buf.dtype != self.dtype or buf.device.type != "cpu" or not buf.is_contiguous() or buf.dim() != 5
-                or buf.shape[:2] != (2, 1) or buf.shape[-1] != d or hq % buf.shape[2]
-                or (self._bufs and buf.shape[2] != self._bufs[0].shape[2])):
+        shape, (hq, d) = buf.shape, self.q.shape[1:]
+        if (len(shape) != 5 or shape[0] != 2 or shape[1] != 1 or shape[4] != d or shape[2] != (self._hkv or shape[2])
+                or hq % shape[2] or buf.dtype != self.dtype or not buf.is_cpu or not buf.is_contiguous()):
             raise ValueError(f"row attention needs contiguous [2, 1, Hkv, capacity, {d}] {self.dtype} CPU buffers "
-                             f"(Hkv dividing {hq}, one Hkv per pass), got {buf.dtype}{list(buf.shape)}")
-        if not 0 <= r < self.q.shape[0] or not 0 <= start < n <= buf.shape[-2]:
-            raise ValueError(f"row {r} of {self.q.shape[0]}: rows [{start}, {n}) do not fit a buffer of {buf.shape[-2]}")
-        if src is not None and (src.dtype != self.dtype or src.dim() != 5 or src.shape[0] != 2
-                                or src.shape[2:] != (buf.shape[2], 1, d) or not 0 <= src_row < src.shape[1]):
-            raise ValueError(f"new readings [2, R, {buf.shape[2]}, 1, {d}] {self.dtype} with row {src_row} of them, "
-                             f"got {src.dtype}{list(src.shape)}")
+                             f"(Hkv dividing {hq}, one Hkv per pass), got {buf.dtype}{list(shape)}")
+        if not 0 <= r < len(self.q) or not 0 <= start < n <= shape[3]:
+            raise ValueError(f"row {r} of {len(self.q)}: rows [{start}, {n}) do not fit a buffer of {shape[3]}")
+        if src is not None and src is not self._src_given and (
+                src.dtype != self.dtype or src.dim() != 5 or src.shape[0] != 2 or src.shape[2:] != (shape[2], 1, d)):
+            raise ValueError(f"new readings [2, R, {shape[2]}, 1, {d}] {self.dtype}, got {src.dtype}{list(src.shape)}")
+        if src is not None and not 0 <= src_row < src.shape[1]:
+            raise ValueError(f"no row {src_row} in new readings of {src.shape[1]} rows")
+        self._hkv = shape[2]
         if src is not None and src is not self._src_given:
             self.flush()  # pending rows write from the source they were added with
             self._src_given = src
@@ -110,7 +119,7 @@ class RowAttention:
                 self.bits).reshape(2, s.shape[1], s.shape[2], s.shape[-1])
         self._rows.append(r)
         self._bufs.append(buf)
-        self._meta.append((buf.data_ptr(), buf.shape[-2], n, start, src_row if src is not None else -1))
+        self._meta.append((buf.data_ptr(), buf.shape[-2], n, start, src_row if src is not None else -1, int(rotate)))
 
     def flush(self) -> None:
         """Write and attend every pending row, in the order added."""
@@ -118,7 +127,7 @@ class RowAttention:
             return
         rows = np.asarray(self._rows, np.int64)
         meta = np.asarray(self._meta, np.int64)
-        hkv = self._bufs[0].shape[-3]
+        hkv = self._hkv
         kernel = _attend_bf16 if self.bits is np.uint16 else _attend_f32
         if PARALLEL:
             nb.set_num_threads(min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))  # torch's share of cores
@@ -265,6 +274,8 @@ def _attend_bf16_rows(q, out, rows, meta, src, hkv, scale):
             _widen(buf[1, g].ravel()[start * d:n * d], vbits[g])
         _attend_row(q, out, rows[i], kbits.view(np.float32), vbits.view(np.float32), length, hkv, scale,
                     np.empty(length, np.float32), np.empty(d, np.float32), np.empty(length, np.int32))
+        if meta[i, 5]:
+            _fwht_rows(out[rows[i]], np.float32(d ** -0.5))
 
 
 def _attend_f32_rows(q, out, rows, meta, src, hkv, scale):
@@ -282,6 +293,8 @@ def _attend_f32_rows(q, out, rows, meta, src, hkv, scale):
             _copy(buf[1, g].ravel()[start * d:n * d], vf[g])
         _attend_row(q, out, rows[i], kf, vf, length, hkv, scale, np.empty(length, np.float32), np.empty(d, np.float32),
                     np.empty(length, np.int32))
+        if meta[i, 5]:
+            _fwht_rows(out[rows[i]], np.float32(d ** -0.5))
 
 
 _attend_bf16 = nb.njit(cache=True, nogil=True, parallel=PARALLEL)(_attend_bf16_rows)

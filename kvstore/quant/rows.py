@@ -105,19 +105,18 @@ class RowBatch(Cache):
             held = [turn for turn, f in zip(rotated_k, forms) if f is not None]
             q = hadamard_rows(query) if all(held) else torch.where(
                 torch.tensor(rotated_k, device=q.device).view(-1, 1, 1, 1), hadamard_rows(query), query)
+        rotated_v = [bool(f and f["v"]) for f in forms]
         if row_attention.serves(query):
-            out = self._attend_in_one(module, q, key, value, window, **kwargs)
-        else:
-            out = self._attend_by_row(module, q, key, value, window, **kwargs)
-        rotated_out = [bool(f and f["v"]) for f in forms]
-        held = [r for r, f in zip(rotated_out, forms) if f is not None]
+            return self._attend_in_one(module, q, key, value, window, rotated_v, **kwargs), None
+        out = self._attend_by_row(module, q, key, value, window, **kwargs)
+        held = [turn for turn, f in zip(rotated_v, forms) if f is not None]
         if held and all(held):  # the usual case: one spec. A padding row's zeros rotate to zeros
             out = hadamard_rows(out)
-        elif any(rotated_out):  # outputs of rows whose values come rotated go back, all rows at once (row by row)
-            out = torch.where(torch.tensor(rotated_out, device=out.device).view(-1, 1, 1, 1), hadamard_rows(out), out)
+        elif any(rotated_v):  # outputs of rows whose values come rotated go back, all rows at once (row by row)
+            out = torch.where(torch.tensor(rotated_v, device=out.device).view(-1, 1, 1, 1), hadamard_rows(out), out)
         return out, None
 
-    def _attend_in_one(self, module, query, key, value, window, **kwargs):
+    def _attend_in_one(self, module, query, key, value, window, rotated_v, **kwargs):
         """Rows whose layer appends the short way and attends to at most `ROW_KERNEL_KEYS` keys go through one
         `RowAttention` call, which writes their readings into their decode views; the others are done in row
         order between its flushes (a flush before each), so every row sees what it would one at a time."""
@@ -141,7 +140,7 @@ class RowBatch(Cache):
                 n = layer.append_one_unread(BatchRow(batch.keys, r), BatchRow(batch.values, r))
                 start = first_seen(layer, n, window)
                 if n - start <= ROW_KERNEL_KEYS:
-                    att.add(r, layer.view.kv, n, start, batch.reads, r)
+                    att.add(r, layer.view.kv, n, start, batch.reads, r, rotated_v[r])
                     continue
                 att.flush()
                 layer.view.write_both(n - 1, batch.reads[:, r:r + 1])
@@ -162,7 +161,10 @@ class RowBatch(Cache):
             elif sdpa is row_sdpa:
                 done[r], _ = row_sdpa(module, query[r:r + 1], k, v, mask, **kwargs)
             else:
-                att.add(r, torch.stack((k, v)).contiguous(), n, start)
+                att.add(r, torch.stack((k, v)).contiguous(), n, start, rotate=rotated_v[r])
+                continue
+            if rotated_v[r]:
+                done[r] = hadamard_rows(done[r])
         att.flush()
         out = att.output()
         for r, o in done.items():

@@ -130,3 +130,23 @@ def test_bad_arguments_are_refused_before_the_kernel_runs():
         att.add(1, torch.zeros(2, 1, 4, 10, 16), 5)  # another Hkv in one pass
     att.flush()
     assert not att.out.any()
+
+
+def test_a_rotated_rows_output_goes_back_in_float32_before_its_one_rounding():
+    from kvstore.quant.rotation import _fwht_rows, hadamard_rows
+
+    g = torch.Generator().manual_seed(3)
+    hq, hkv, d, n = 9, 3, 64, 50
+    buf = _buffer(g, n, n, hkv, d, torch.bfloat16)
+    q = torch.randn(2, hq, 1, d, generator=g).bfloat16()
+    plain, rotated = RowAttention(q, 0.125, torch.bfloat16), RowAttention(q, 0.125, torch.bfloat16)
+    for att, turn in ((plain, False), (rotated, True)):
+        att.add(0, buf, n, rotate=turn)
+        att.add(1, buf, n - 3)  # not rotated
+        att.flush()
+    want = plain.out.copy()
+    _fwht_rows(want[0], np.float32(d ** -0.5))
+    assert np.array_equal(rotated.out[0].view(np.int32), want[0].view(np.int32))
+    assert np.array_equal(rotated.out[1].view(np.int32), plain.out[1].view(np.int32))
+    # close to rotating the rounded output (what the per-row way does), which rounds twice
+    assert torch.allclose(rotated.output()[0].float(), hadamard_rows(plain.output()[0]).float(), atol=1e-2)
