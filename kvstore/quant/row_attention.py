@@ -7,12 +7,13 @@ and a copy): measured at ~45 µs per row and layer, about half of a 16-row pass.
 goes through one numba call that writes each row's new readings into its decode view and attends to the
 view in place, through the view buffer's address.
 
-What a row computes (each query head h, in its kv head g = h // group):
-- key and value readings widened to float32 exactly (bf16: the bits shifted);
+What a row computes (each query head h, in its kv head g = h // group), reading its view in place:
+- keys and values widened to float32 exactly as they are read (bf16: the bits shifted up);
 - score_j = dot(q_h, k_j) * scale over keys j in [start, n): the dot's float32 sum is vectorized in a fixed
   order (the same compiled loop for every row, the order of a fixed head_dim);
-- p_j = exp(score_j - max) (float32), their sum in key order; out_h = (sum_j p_j * v_j) / sum, accumulated
-  in key order in float32, then rounded to the model dtype by torch (to nearest even).
+- p_j = exp(score_j - max) in vectorized float32 (`_exp_shifted`, within ~1 ulp of exp), their sum in key
+  order; out_h = (sum_j p_j * v_j) / sum, accumulated in key order in float32, then rounded to the model
+  dtype by torch (to nearest even).
 
 Invariants:
 - A row's output is a function of its query, its keys and values [start, n) and the scale alone: not of the
@@ -40,8 +41,9 @@ import math
 import numba as nb
 import numpy as np
 import torch
+from llvmlite import ir
 from numba.core import cgutils, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from kvstore.quant.rotation import _fwht_rows
 
@@ -159,16 +161,38 @@ def _pointer(typingctx, address):
     return types.voidptr(types.int64), codegen
 
 
+@intrinsic
+def _float_of_bits(typingctx, bits):
+    """The float32 whose bits are the uint32 `bits`."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+def _widened(x):
+    """A buffer element as float32 (exact): a bf16's bits (uint16) shifted up, or a float32 as is."""
+
+
+@overload(_widened)
+def _widened_for(x):
+    if x == types.uint16:
+        return lambda x: _float_of_bits(np.uint32(x) << np.uint32(16))
+    if x == types.float32:
+        return lambda x: x
+    return None
+
+
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _scores(qh, kg, s, length, d, scale):
-    """s[j] := (qh . kg[j * d:(j + 1) * d]) * scale for j < length; returns their max. Each dot's float32 sum
-    is vectorized (`reassoc`): its order is the compiled loop's, fixed by d, the same for every key and row."""
+    """s[j] := (qh . kg[j * d:(j + 1) * d]) * scale for j < length (keys widened to float32); returns their max.
+    Each dot's float32 sum is vectorized (`reassoc`): its order is the compiled loop's, fixed by d, the same for
+    every key and row."""
     m = np.float32(-np.inf)
     for j in range(length):
         t = np.float32(0.0)
         base = j * d
         for i in range(d):
-            t += qh[i] * kg[base + i]
+            t += qh[i] * _widened(kg[base + i])
         t = t * scale
         s[j] = t
         m = max(m, t)
@@ -186,7 +210,7 @@ _EXP_FLOOR = np.float32(-86.0)  # exp below this (< 5e-38) is taken as exp(-86):
 
 @nb.njit(cache=True, nogil=True, fastmath={"contract"})
 def _exp_shifted(s, length, m, k):
-    """s[j] := exp(s[j] - m) for j < length (s[j] <= m), in vectorized float32 (within ~2 ulps of exp; `_EXP`:
+    """s[j] := exp(s[j] - m) for j < length (s[j] <= m), in vectorized float32 (within ~1 ulp of exp; `_EXP`:
     the power of two is added to the exponent bits, so x is floored at `_EXP_FLOOR` to keep the result normal).
     Returns their sum, in key order."""
     c0, c1, c2, c3, c4, c5, c6, c7 = _EXP
@@ -207,42 +231,35 @@ def _exp_shifted(s, length, m, k):
 
 @nb.njit(cache=True, nogil=True, fastmath={"contract"})
 def _weighted_sum(p, vg, o, length, d):
-    """o := sum over j < length of p[j] * vg[j * d:(j + 1) * d], accumulated in key order."""
+    """o := sum over j < length of p[j] * vg[j * d:(j + 1) * d] (values widened to float32), in key order."""
     for i in range(d):
         o[i] = 0.0
     for j in range(length):
         pj = p[j]
         base = j * d
         for i in range(d):
-            o[i] += pj * vg[base + i]
+            o[i] += pj * _widened(vg[base + i])
 
 
 @nb.njit(cache=True, nogil=True)
-def _attend_row(q, out, r, kf, vf, length, hkv, scale, s, o, k):
-    """Row r's heads over `length` keys/values kf/vf [hkv, length * d] (float32): out[r] (float32)."""
+def _attend_row(q, out, r, buf, start, length, scale, rotate):
+    """Row r's heads over rows [start, start + length) of its buffer `buf` [2, Hkv, capacity, d] (bf16 bits or
+    float32): out[r] (float32), rotated back when `rotate`."""
     hq, d = q.shape[1], q.shape[2]
+    hkv = buf.shape[1]
     group = hq // hkv
+    s = np.empty(length, np.float32)
+    k = np.empty(length, np.int32)
+    o = np.empty(d, np.float32)
     for h in range(hq):
         g = h // group
-        m = _scores(q[r, h], kf[g], s, length, d, scale)
+        m = _scores(q[r, h], buf[0, g].ravel()[start * d:], s, length, d, scale)
         total = _exp_shifted(s, length, m, k)
-        _weighted_sum(s, vf[g], o, length, d)
+        _weighted_sum(s, buf[1, g].ravel()[start * d:], o, length, d)
         for i in range(d):
             out[r, h, i] = o[i] / total
-
-
-@nb.njit(cache=True, nogil=True)
-def _widen(bf16, out):
-    """out[:len(bf16)] := the float32 bits of bf16 bits (exact: the 16 bits shifted up)."""
-    for i in range(bf16.shape[0]):
-        out[i] = np.uint32(bf16[i]) << np.uint32(16)
-
-
-@nb.njit(cache=True, nogil=True)
-def _copy(x, out):
-    """out[:len(x)] := x."""
-    for i in range(x.shape[0]):
-        out[i] = x[i]
+    if rotate:
+        _fwht_rows(out[r], np.float32(d ** -0.5))
 
 
 @nb.njit(cache=True, nogil=True)
@@ -264,37 +281,17 @@ def _attend_bf16_rows(q, out, rows, meta, src, hkv, scale):
     d = q.shape[2]
     _write_rows(np.uint16, meta, src, hkv, d)
     for i in nb.prange(rows.shape[0]):
-        cap, n, start = meta[i, 1], meta[i, 2], meta[i, 3]
-        buf = nb.carray(_pointer(meta[i, 0]), (2, hkv, cap, d), np.uint16)
-        length = n - start
-        kbits = np.empty((hkv, length * d), np.uint32)
-        vbits = np.empty((hkv, length * d), np.uint32)
-        for g in range(hkv):
-            _widen(buf[0, g].ravel()[start * d:n * d], kbits[g])
-            _widen(buf[1, g].ravel()[start * d:n * d], vbits[g])
-        _attend_row(q, out, rows[i], kbits.view(np.float32), vbits.view(np.float32), length, hkv, scale,
-                    np.empty(length, np.float32), np.empty(d, np.float32), np.empty(length, np.int32))
-        if meta[i, 5]:
-            _fwht_rows(out[rows[i]], np.float32(d ** -0.5))
+        buf = nb.carray(_pointer(meta[i, 0]), (2, hkv, meta[i, 1], d), np.uint16)
+        _attend_row(q, out, rows[i], buf, meta[i, 3], meta[i, 2] - meta[i, 3], scale, meta[i, 5])
 
 
 def _attend_f32_rows(q, out, rows, meta, src, hkv, scale):
-    """`RowAttention.flush` for float32 buffers (their bits as uint32), as `_attend_bf16`."""
+    """`RowAttention.flush` for float32 buffers (written as their bits, uint32), as `_attend_bf16_rows`."""
     d = q.shape[2]
     _write_rows(np.uint32, meta, src, hkv, d)
     for i in nb.prange(rows.shape[0]):
-        cap, n, start = meta[i, 1], meta[i, 2], meta[i, 3]
-        buf = nb.carray(_pointer(meta[i, 0]), (2, hkv, cap, d), np.float32)
-        length = n - start
-        kf = np.empty((hkv, length * d), np.float32)
-        vf = np.empty((hkv, length * d), np.float32)
-        for g in range(hkv):
-            _copy(buf[0, g].ravel()[start * d:n * d], kf[g])
-            _copy(buf[1, g].ravel()[start * d:n * d], vf[g])
-        _attend_row(q, out, rows[i], kf, vf, length, hkv, scale, np.empty(length, np.float32), np.empty(d, np.float32),
-                    np.empty(length, np.int32))
-        if meta[i, 5]:
-            _fwht_rows(out[rows[i]], np.float32(d ** -0.5))
+        buf = nb.carray(_pointer(meta[i, 0]), (2, hkv, meta[i, 1], d), np.float32)
+        _attend_row(q, out, rows[i], buf, meta[i, 3], meta[i, 2] - meta[i, 3], scale, meta[i, 5])
 
 
 _attend_bf16 = nb.njit(cache=True, nogil=True, parallel=PARALLEL)(_attend_bf16_rows)

@@ -150,3 +150,27 @@ def test_a_rotated_rows_output_goes_back_in_float32_before_its_one_rounding():
     assert np.array_equal(rotated.out[1].view(np.int32), plain.out[1].view(np.int32))
     # close to rotating the rounded output (what the per-row way does), which rounds twice
     assert torch.allclose(rotated.output()[0].float(), hadamard_rows(plain.output()[0]).float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_bits_do_not_depend_on_running_rows_in_parallel(dtype):
+    """The rows of a flush run on numba's OpenMP threads (`PARALLEL`); the same code compiled serially gives the
+    same bits (a row is one thread's from start to end)."""
+    import numba as nb
+
+    g = torch.Generator().manual_seed(4)
+    hq, hkv, d = 9, 3, 64
+    lengths = [3, 700, 64, 1, 129, 250, 2, 31]
+    bufs = [_buffer(g, n, n + 2, hkv, d, dtype) for n in lengths]
+    q = torch.randn(len(lengths), hq, 1, d, generator=g).to(dtype)
+    att = RowAttention(q, 0.125, dtype)
+    for r, (n, b) in enumerate(zip(lengths, bufs, strict=True)):
+        att.add(r, b, n, n // 3, rotate=bool(r % 2))
+    rows, meta = np.arange(len(lengths), dtype=np.int64), np.asarray(att._meta, np.int64)
+    serial = nb.njit(parallel=False)(row_attention._attend_bf16_rows if dtype == torch.bfloat16
+                                     else row_attention._attend_f32_rows)
+    out = np.zeros_like(att.out)
+    serial(att.q, out, rows, meta, att._src, hkv, att.scale)
+    att.flush()
+    assert row_attention.PARALLEL  # numba's OpenMP layer loads on the machines we serve on
+    assert np.array_equal(out.view(np.int32), att.out.view(np.int32))
