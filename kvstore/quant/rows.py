@@ -129,10 +129,7 @@ class RowBatch(Cache):
             if cache is None:
                 continue
             layer = cache.layers[module.layer_idx]
-            form = layer.reading_form
-            batch = new.get(form)
-            if batch is None:
-                batch = new[form] = layer.new_rows(key, value)
+            batch = _new_rows(new, layer, key, value)
             observed = attention.observed(cache)
             if not observed and layer.appends_one(batch):  # a decode step's common case
                 if not layer.view.room():
@@ -148,11 +145,7 @@ class RowBatch(Cache):
                 k, v = layer.view.read()
             else:
                 att.flush()
-                mine = NewRows(BatchRow(batch.keys, r), BatchRow(batch.values, r), batch.reads[:, r:r + 1])
-                if layer.appends_one(mine):
-                    k, v = layer.append_one(mine)
-                else:
-                    k, v = layer.update(key[r:r + 1], value[r:r + 1], new=mine)
+                k, v = _append_row(layer, batch, r, key, value)
                 n = k.shape[-2]
                 start = first_seen(layer, n, window)
             sdpa = partial(kernel_sdpa, start=start) if n - start <= ROW_KERNEL_KEYS else row_sdpa
@@ -184,23 +177,36 @@ class RowBatch(Cache):
             if cache is None:
                 continue
             layer = cache.layers[idx]
-            form = layer.reading_form
-            if form not in new:
-                new[form] = layer.new_rows(key, value).rows()
-            mine = new[form][r]
-            if layer.appends_one(mine):  # a decode step's common case: no need of the row's own key and value
-                k, v = layer.append_one(mine)
-            else:
-                k, v = layer.update(key[r:r + 1], value[r:r + 1], new=mine)
+            k, v = _append_row(layer, _new_rows(new, layer, key, value), r, key, value)
             mask = None
-            if window and k.shape[-2] > window:
-                pos = torch.arange(k.shape[-2], device=k.device) + layer.n_evicted
-                mask = (pos > layer.num_tokens - 1 - window).view(1, 1, 1, -1)
+            if window and k.shape[-2] > window:  # (every held key past the window: all true when none is masked)
+                seen = torch.arange(k.shape[-2], device=k.device) >= first_seen(layer, k.shape[-2], window)
+                mask = seen.view(1, 1, 1, -1)
             if not attention.observed(cache):  # nothing observes attention: just compute it
                 outs[r], _ = row_sdpa(module, queries[r], k, v, mask, **kwargs)
             else:
                 outs[r], _ = attend(cache, module, queries[r], k, v, mask, sdpa=row_sdpa, rotate=False, **kwargs)
         return torch.cat(outs)
+
+
+def _new_rows(new: dict, layer, key: torch.Tensor, value: torch.Tensor) -> NewRows:
+    """Every row's window entries and readings in `layer`'s reading form, computed once per form and pass (they
+    are per token: the bits each row's layer would compute alone); `new` holds them by form."""
+    form = layer.reading_form
+    batch = new.get(form)
+    if batch is None:
+        batch = new[form] = layer.new_rows(key, value)
+    return batch
+
+
+def _append_row(layer, batch: NewRows, r: int, key: torch.Tensor, value: torch.Tensor):
+    """Row r's token appended to `layer` the way one pass of its own would (the short way where `appends_one`
+    admits it, else `update`, which takes the sinks, seals and rebuilds the view); every held key and value for
+    attention, [1, Hkv, n, D] each."""
+    mine = batch.row(r)
+    if layer.appends_one(mine):  # no need of the row's own key and value
+        return layer.append_one(mine)
+    return layer.update(key[r:r + 1], value[r:r + 1], new=mine)
 
 
 def first_seen(layer, n: int, window: int | None) -> int:

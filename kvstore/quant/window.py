@@ -98,10 +98,6 @@ class _Window:
             reads = torch.stack([hadamard_rows(r) if turn else r for r, turn in zip(reads, rotated, strict=True)])
         return w, reads
 
-    def rows(self) -> list[BatchRow]:
-        """Every batch row alone, [1, H, n, *] each, as parts for another window's `cat` (`BatchRow`)."""
-        return [BatchRow(self, r) for r in range(self._joined()[0].shape[0])]
-
     def slice(self, start: int, stop: int | None = None):
         """Entries [start, stop) as a window with storage of its own (the old storage is not kept alive)."""
         return type(self)(*(t[..., start:stop, :].clone() for t in self._joined()))
@@ -249,6 +245,6 @@ class NewRows(NamedTuple):
         k, v = (kind._made((tuple(t[i] for t in both._joined()), ()), len(both)) for i in (0, 1))
         return cls(k, v, reads)
 
-    def rows(self) -> list[NewRows]:
-        """Each batch row's entries and readings alone, in row order (views)."""
-        return list(map(NewRows, self.keys.rows(), self.values.rows(), self.reads.split(1, dim=1)))
+    def row(self, r: int) -> NewRows:
+        """Batch row r's entries (`BatchRow` parts) and readings ([2, 1, H, q, D], a view) alone."""
+        return NewRows(BatchRow(self.keys, r), BatchRow(self.values, r), self.reads[:, r:r + 1])

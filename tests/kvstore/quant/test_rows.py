@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kvstore.config import QuantConfig
-from kvstore.quant import attention
+from kvstore.quant import attention, row_attention
 from kvstore.quant import rows as row_batches
 from kvstore.quant.cache import QuantizedKVCache
 from kvstore.quant.rows import RowBatch, forward_rows
@@ -55,12 +55,16 @@ def test_a_row_matches_the_sessions_own_pass_in_full_precision(model, kernel_key
 ROW_SPECS = ["int4:g8:gv16:r8", "int4:k8v4:g8:r8:s2:hadv", "int4:g8:gv16:r8:w8:s2:hadv:hadattn", "int4:g8:r8:had:hadattn"]
 
 
-@pytest.fixture(params=[2048, 34, 10, 0], ids=["kernel", "crossing", "mixed", "sdpa"])
+@pytest.fixture(params=[2048, 34, 10, 0, None], ids=["kernel", "crossing", "mixed", "sdpa", "by-row"])
 def kernel_keys(request, monkeypatch):
     """Rows attending to at most this many keys go the one-call way, longer ones torch's SDPA way: 2048 (the
     default) every row here; 34 a session of 30 crosses within the replay test; 10 the subject of 30 one way,
-    its shorter batch-mates the other; 0 every row the SDPA way."""
-    monkeypatch.setattr(row_batches, "ROW_KERNEL_KEYS", request.param)
+    its shorter batch-mates the other; 0 every row the SDPA way. None: the way of devices and dtypes the
+    one-call way does not serve (`_attend_by_row`: every row appended and attended by SDPA on its own)."""
+    if request.param is None:
+        monkeypatch.setattr(row_attention, "serves", lambda x: False)
+    else:
+        monkeypatch.setattr(row_batches, "ROW_KERNEL_KEYS", request.param)
     return request.param
 
 

@@ -66,7 +66,7 @@ def _crop_and_precompute(viewed, plain, spec):
         for layer in range(2):
             k, v = torch.randn(3, 2, n, 32), torch.randn(3, 2, n, 32)  # row 1 is this cache's
             lv = viewed.layers[layer]
-            new = lv.new_rows(k, v).rows()[1] if n == 1 and lv.is_initialized else None
+            new = lv.new_rows(k, v).row(1) if n == 1 and lv.is_initialized else None
             a = lv.update(k[1:2].clone(), v[1:2].clone(), new=new)
             plain.layers[layer].view = None
             b = plain.layers[layer].update(k[1:2].clone(), v[1:2].clone())

@@ -59,7 +59,8 @@ def test_new_rows_of_a_batch_are_each_rows_own_entries_and_readings(kind, dtype,
     key, value = torch.randn(6, H, 1, D, generator=g) * 3, torch.randn(6, H, 1, D, generator=g)
     key[1], value[2, 0] = 0.0, 1e6  # an all-zero row; a head past the fp16 range
     key, value = key.to(dtype), value.to(dtype)
-    rows = NewRows.of(kind, key, value, dtype, rotated=rotated).rows()
+    batch = NewRows.of(kind, key, value, dtype, rotated=rotated)
+    rows = [batch.row(r) for r in range(batch.reads.shape[1])]
     assert len(rows) == 6
     turn = [hadamard_rows if side else (lambda x: x) for side in rotated]
     for r, new in enumerate(rows):  # what the layer computes for the row alone: both sides, one call each
@@ -79,7 +80,7 @@ def test_rows_of_batches_appended_lazily_join_to_each_rows_own_entries(kind):
     windows = [kind.quantize(x[0, r:r + 1]) for r in range(rows)]
     for i in range(1, steps):
         batch = kind.quantize(x[i])
-        parts = batch.rows()
+        parts = [BatchRow(batch, r) for r in range(rows)]
         assert len(parts) == rows and all(isinstance(p, BatchRow) and len(p) == 1 for p in parts)
         windows = [w.cat(p) for w, p in zip(windows, parts, strict=True)]
     for r, w in enumerate(windows):
